@@ -1,0 +1,77 @@
+"""Transformer blocks: self-attention with an optional key/value cache, AdaLN conditioning (VAR-style)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by heads {heads}")
+        self.heads, self.head_dim, self.dropout = heads, dim // heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.caching = False
+        self.cached_k: Optional[torch.Tensor] = None
+        self.cached_v: Optional[torch.Tensor] = None
+
+    def kv_caching(self, enable: bool):
+        self.caching, self.cached_k, self.cached_v = enable, None, None
+
+    def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        B, L, C = x_BLC.shape
+        q, k, v = self.qkv(x_BLC).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.caching:  # inference: this call holds only the newest scale; earlier scales come from the cache
+            if self.cached_k is not None:
+                k, v = torch.cat((self.cached_k, k), dim=2), torch.cat((self.cached_v, v), dim=2)
+            self.cached_k, self.cached_v = k, v
+        drop = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop)
+        return self.proj(o.transpose(1, 2).reshape(B, L, C))
+
+
+class AdaLNBlock(nn.Module):
+    """Pre-norm block whose LayerNorm scale/shift and residual gates come from the condition c."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float = 0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.attn = SelfAttention(dim, heads, dropout)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        nn.init.zeros_(self.ada[1].weight)
+        nn.init.zeros_(self.ada[1].bias)
+
+    def forward(self, x_BLC, cond_BC, attn_bias):
+        g1, g2, s1, s2, b1, b2 = self.ada(cond_BC)[:, None].chunk(6, dim=-1)
+        x_BLC = x_BLC + (1 + g1) * self.attn(self.norm(x_BLC) * (1 + s1) + b1, attn_bias)
+        x_BLC = x_BLC + (1 + g2) * self.mlp(self.norm(x_BLC) * (1 + s2) + b2)
+        return x_BLC
+
+
+class AdaLNHead(nn.Module):
+    def __init__(self, dim: int, vocab_size: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.out = nn.Linear(dim, vocab_size)
+
+    def forward(self, x_BLC, cond_BC):
+        scale, shift = self.ada(cond_BC)[:, None].chunk(2, dim=-1)
+        return self.out(self.norm(x_BLC) * (1 + scale) + shift)
+
+
+def block_causal_bias(scales, device=None) -> torch.Tensor:
+    """L x L additive mask: a token of scale k sees every token of scales <= k (its own included)."""
+    level_L = torch.cat([torch.full((s * s,), k) for k, s in enumerate(scales)])
+    allowed = level_L[:, None] >= level_L[None, :]
+    bias = torch.zeros(allowed.shape)
+    bias.masked_fill_(~allowed, float("-inf"))
+    return bias.to(device)

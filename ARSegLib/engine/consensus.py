@@ -1,0 +1,58 @@
+"""Consensus over N samples: majority mask, disagreement, per-sample IoU, consensus after each scale."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ConsensusResult:
+    """Everything the user sees for B crops. Label maps are uint8 (binary: 0/1)."""
+
+    samples_BNhw: np.ndarray  # every sample's final mask
+    consensus_Bhw: np.ndarray  # per-pixel majority of the samples
+    disagreement_Bhw: np.ndarray  # float32: fraction of samples whose label differs from the consensus
+    probability_Bhw: np.ndarray  # float32: fraction of samples voting for the consensus label's foreground
+    sample_iou_BN: np.ndarray  # float32: IoU of each sample's foreground with the consensus foreground
+    scale_consensus_BKhw: np.ndarray  # consensus after each scale (coarse to fine)
+    presence_B: np.ndarray  # float32: predicted fraction of readers marking each crop
+
+    @property
+    def n_scales(self) -> int:
+        return self.scale_consensus_BKhw.shape[1]
+
+
+def majority(samples_BNhw: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per-pixel majority label. Binary: foreground when at least half the samples say so."""
+    if n_classes <= 1:
+        return (samples_BNhw.float().mean(1) >= 0.5).to(torch.uint8)
+    votes = torch.stack([(samples_BNhw == c).sum(1) for c in range(n_classes)], 1)
+    return votes.argmax(1).to(torch.uint8)
+
+
+def iou_fg(a_BNhw: torch.Tensor, b_Bhw: torch.Tensor) -> torch.Tensor:
+    """IoU of foreground (label > 0) of each sample with a reference; IoU(empty, empty) = 1."""
+    a, b = a_BNhw > 0, (b_Bhw > 0)[:, None]
+    inter = (a & b).flatten(2).sum(-1).float()
+    union = (a | b).flatten(2).sum(-1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def aggregate(samples_BNhw: torch.Tensor, scale_samples_BKNhw: torch.Tensor, presence_B: torch.Tensor,
+              n_classes: int = 1) -> ConsensusResult:
+    consensus = majority(samples_BNhw, n_classes)
+    differs = (samples_BNhw != consensus[:, None]).float()
+    B, K = scale_samples_BKNhw.shape[:2]
+    scale_cons = majority(scale_samples_BKNhw.flatten(0, 1), n_classes).view(B, K, *consensus.shape[-2:])
+    return ConsensusResult(
+        samples_BNhw=samples_BNhw.cpu().numpy().astype(np.uint8),
+        consensus_Bhw=consensus.cpu().numpy(),
+        disagreement_Bhw=differs.mean(1).cpu().numpy().astype(np.float32),
+        probability_Bhw=(samples_BNhw > 0).float().mean(1).cpu().numpy().astype(np.float32),
+        sample_iou_BN=iou_fg(samples_BNhw, consensus).cpu().numpy().astype(np.float32),
+        scale_consensus_BKhw=scale_cons.cpu().numpy(),
+        presence_B=presence_B.float().cpu().numpy().astype(np.float32),
+    )

@@ -1,0 +1,96 @@
+"""Inference only: crops -> image encoder (once per crop) -> presence gate -> N samples as one batch ->
+every scale of every sample decoded in one batch -> consensus. Knows nothing of volumes or MRML."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .autoencoder import MaskAutoencoder
+from .config import ARSegConfig, SamplingConfig
+from .consensus import ConsensusResult, aggregate
+from .sampler import sample_tokens
+from .segmentor import NextScaleSegmentor
+
+
+class Cancelled(Exception):
+    """Raised inside a run when the caller's cancel callback returns True."""
+
+
+def presence_gate(presence_B: torch.Tensor, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Which of the N samples of each crop are drawn (True) rather than empty: a fraction close to
+    the predicted presence, by systematic sampling (offset u ~ U[0, 1), sample i kept iff (i + u) / N < p)."""
+    u_B = torch.rand(presence_B.shape[0], generator=generator, device=presence_B.device)
+    i_N = torch.arange(n, device=presence_B.device, dtype=torch.float32)
+    return (i_N[None] + u_B[:, None]) / n < presence_B[:, None]
+
+
+class ARSegPredictor:
+    def __init__(self, config: ARSegConfig, autoencoder: MaskAutoencoder, segmentor: NextScaleSegmentor,
+                 device: str = "cpu"):
+        self.config, self.device = config, torch.device(device)
+        self.autoencoder = autoencoder.to(self.device).eval()
+        self.segmentor = segmentor.to(self.device).eval()
+
+    @property
+    def n_classes(self) -> int:
+        return self.config.autoencoder.n_classes
+
+    @property
+    def crop_size(self) -> int:
+        return self.config.autoencoder.crop_size
+
+    def _images_tensor(self, images) -> torch.Tensor:
+        x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+        if x.ndim == 3:
+            x = x[:, None]
+        cin, cs = self.config.segmentor.in_channels, self.crop_size
+        if x.ndim != 4 or x.shape[1] != cin or x.shape[-2:] != (cs, cs):
+            raise ValueError(f"expected crops of shape (B, {cs}, {cs}) or (B, {cin}, {cs}, {cs}), "
+                             f"got {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("the crops contain NaN or infinite values")
+        return x.to(self.device)
+
+    @torch.inference_mode()
+    def segment(self, images, sampling: Optional[SamplingConfig] = None, use_cache: bool = True,
+                progress: Optional[Callable[[int, int], None]] = None,
+                cancel: Optional[Callable[[], bool]] = None) -> ConsensusResult:
+        """images: (B, H, W) or (B, C, H, W) float32 crops, prepared as the model card says."""
+        s = sampling or self.config.sampling
+        x_BChw = self._images_tensor(images)
+        B, N, K = x_BChw.shape[0], s.n_samples, len(self.config.autoencoder.scales)
+        if N < 1:
+            raise ValueError("n_samples must be at least 1")
+        g = torch.Generator(device=self.device).manual_seed(int(s.seed))
+        feats = self.segmentor.image_encoder(x_BChw)
+        if self.config.segmentor.presence_gate:
+            presence_B = torch.sigmoid(feats.presence_logit_B)
+            drawn_BN = presence_gate(presence_B, N, g)
+        else:
+            presence_B = torch.ones(B, device=self.device)
+            drawn_BN = torch.ones(B, N, dtype=torch.bool, device=self.device)
+        rows = drawn_BN.flatten().nonzero()[:, 0]  # which of the B*N sequences are drawn
+        hw = (self.crop_size, self.crop_size)
+        scale_masks_KRhw = torch.zeros(K, B * N, *hw, dtype=torch.uint8, device=self.device)
+
+        def on_scale(si):
+            if progress is not None:
+                progress(si + 1, K)
+            if cancel is not None and cancel():
+                raise Cancelled()
+
+        if rows.numel():
+            row_feats = feats.repeat_interleave(N)
+            row_feats = type(feats)(*(t[rows] for t in (row_feats.cond_BD, row_feats.feat_BDhw,
+                                                         row_feats.dense_logits_BChw, row_feats.presence_logit_B)))
+            _, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, row_feats,
+                                            s.temperatures(K), s.top_k, s.top_p, g, use_cache, on_scale)
+            masks = self.autoencoder.decode_masks(torch.cat(partial_sums))  # all scales in one batch
+            scale_masks_KRhw[:, rows] = masks.view(K, rows.numel(), *hw)
+        elif progress is not None:
+            progress(K, K)
+        scale_samples_BKNhw = scale_masks_KRhw.view(K, B, N, *hw).transpose(0, 1)
+        return aggregate(scale_samples_BKNhw[:, -1], scale_samples_BKNhw, presence_B, self.n_classes)

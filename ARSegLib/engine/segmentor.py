@@ -1,0 +1,84 @@
+"""Next-scale segmentor: a block-causal transformer over all scales' tokens, conditioned on the image.
+
+Sequence layout (L = sum s_k^2 tokens): scale 1's single token is a start token made from c; the
+tokens of scale k+1 are the partial sum F_hat_k area-downsampled to s_{k+1} x s_{k+1} (teacher
+forcing, as in VAR). Every token also gets a position embedding, a scale embedding and the image
+features resized to its scale's grid. Training only: `forward`. Sampling lives in `sampler.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .blocks import AdaLNBlock, AdaLNHead, block_causal_bias
+from .config import AutoencoderConfig, SegmentorConfig
+from .image_encoder import ImageFeatures, UNetImageEncoder
+
+
+class NextScaleSegmentor(nn.Module):
+    def __init__(self, cfg: SegmentorConfig, ae_cfg: AutoencoderConfig):
+        super().__init__()
+        self.cfg, self.scales = cfg, tuple(ae_cfg.scales)
+        D, self.vocab_size = cfg.embed_dim, ae_cfg.vocab_size
+        self.n_tokens = ae_cfg.n_tokens
+        self.image_encoder = UNetImageEncoder(cfg.in_channels, cfg.unet_channels, D, ae_cfg.n_classes,
+                                              ae_cfg.latent_size, ae_cfg.crop_size)
+        self.start = nn.Linear(D, D)
+        self.word_embed = nn.Linear(ae_cfg.code_dim, D)
+        self.pos_1LD = nn.Parameter(torch.randn(1, self.n_tokens, D) * 0.02)
+        self.level_embed = nn.Embedding(len(self.scales), D)
+        nn.init.normal_(self.level_embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(AdaLNBlock(D, cfg.heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.depth))
+        self.head = AdaLNHead(D, ae_cfg.vocab_size)
+        level_L = torch.cat([torch.full((s * s,), k) for k, s in enumerate(self.scales)])
+        self.register_buffer("level_L", level_L, persistent=False)
+        self.register_buffer("bias_LL", block_causal_bias(self.scales), persistent=False)
+        begin = [0]
+        for s in self.scales:
+            begin.append(begin[-1] + s * s)
+        self.begin_ends = [(begin[k], begin[k + 1]) for k in range(len(self.scales))]
+
+    # -- pieces shared by training and sampling ------------------------------------------------
+    def image_tokens(self, feats: ImageFeatures, si: int) -> torch.Tensor:
+        """Image features resized to scale si's grid, as tokens (B, s*s, D)."""
+        pn = self.scales[si]
+        f = feats.feat_BDhw
+        if f.shape[-1] != pn:
+            f = F.interpolate(f, size=(pn, pn), mode="area")
+        return f.flatten(2).transpose(1, 2)
+
+    def scale_embedding(self, si: int) -> torch.Tensor:
+        b, e = self.begin_ends[si]
+        return self.pos_1LD[:, b:e] + self.level_embed(self.level_L[b:e])[None]
+
+    def embed_scale(self, feats: ImageFeatures, si: int, x_BlC: Optional[torch.Tensor]) -> torch.Tensor:
+        """Input tokens of scale si: the start token (si = 0) or the embedded downsampled partial sum."""
+        tok = self.start(feats.cond_BD)[:, None] if si == 0 else self.word_embed(x_BlC)
+        return tok + self.scale_embedding(si) + self.image_tokens(feats, si)
+
+    def run_blocks(self, x_BLD, cond_BD, bias):
+        for block in self.blocks:
+            x_BLD = block(x_BLD, cond_BD, bias)
+        return self.head(x_BLD, cond_BD)
+
+    # -- training -----------------------------------------------------------------------------
+    def forward(self, image_BChw: torch.Tensor, x_BLC: torch.Tensor):
+        """Teacher-forced logits of every scale. x_BLC: `quantizer.idx_to_teacher_input` (L-1 tokens).
+
+        Returns (logits_BLV, image features) so the caller can add the dense and presence losses.
+        """
+        feats = self.image_encoder(image_BChw)
+        parts, b = [], 0
+        for si, pn in enumerate(self.scales):
+            parts.append(self.embed_scale(feats, si, None if si == 0 else x_BLC[:, b:b + pn * pn]))
+            b += 0 if si == 0 else pn * pn
+        x_BLD = torch.cat(parts, dim=1)
+        return self.run_blocks(x_BLD, feats.cond_BD, self.bias_LL), feats
+
+    def kv_caching(self, enable: bool):
+        for block in self.blocks:
+            block.attn.kv_caching(enable)
