@@ -142,6 +142,209 @@ def cmd_eval(args):
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
 
 
+# ------------------------------------------------------------------------------------ segment / batch
+
+class CommandError(Exception):
+    """A user-facing failure of `arseg segment` / `arseg batch`: printed as one line, exit status 2."""
+
+
+def _fail(command: str, message: str):
+    print(f"arseg {command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def parse_point(text) -> tuple:
+    """'R,A,S' (or three separate values) in millimetres -> (R, A, S)."""
+    tokens = [t for part in (text if isinstance(text, (list, tuple)) else [text]) for t in str(part).split(",") if t]
+    try:
+        values = tuple(float(t) for t in tokens)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(v == v and abs(v) != float("inf") for v in values):
+        raise CommandError(f"--point takes three numbers R,A,S in millimetres (e.g. --point=-56.4,-86.3,-116.0), "
+                           f"got {' '.join(map(str, text if isinstance(text, (list, tuple)) else [text]))!r}")
+    return values
+
+
+def _segment_settings(args):
+    from .pipeline import SegmentSettings
+
+    return SegmentSettings(n_samples=args.samples, temperature=args.temperature, seed=args.seed,
+                           half_height_mm=args.half_height)
+
+
+def _user_errors():
+    """The exceptions that mean bad input, not a bug: shown as one line."""
+    from .models import ModelError
+    from .mrml import ResultError
+    from .pipeline import VolumeError
+
+    return (CommandError, ModelError, VolumeError, ResultError, FileNotFoundError, ValueError, RuntimeError)
+
+
+def _load_predictor(model: str, device: str):
+    from .models import load_model
+    from .training.distributed import resolve_device
+
+    return load_model(model, resolve_device(device))
+
+
+def write_preview_png(result, path, title: str = ""):
+    """Image, the consensus after each scale, the consensus and the disagreement through the click's plane."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    p = result.preview
+    k = p.scale_consensus.shape[0]
+    panels = [("image", p.image, "gray", None)]
+    panels += [(f"scale {s + 1}/{k}", p.scale_consensus[s], None, p.image) for s in range(k)]
+    panels += [("consensus", p.consensus, None, p.image), ("disagreement", p.disagreement, "hot", None)]
+    cols = min(len(panels), 6)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (name, data, cmap, under) in zip(axes.flat, panels):
+        if under is not None:  # a mask drawn over the image
+            ax.imshow(under, cmap="gray", vmin=0, vmax=1)
+            ax.imshow(np.ma.masked_where(data == 0, data), cmap="autumn", alpha=0.6, vmin=0, vmax=1)
+        else:
+            ax.imshow(data, cmap=cmap, vmin=0, vmax=1)
+        ax.set_title(name, fontsize=9)
+    fig.suptitle(title or f"{result.model_name}: {p.title}", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def cmd_segment(args):
+    from tqdm import tqdm
+
+    try:
+        point = parse_point(args.point) if args.point is not None else None
+        out = Path(args.out)
+        if not out.name.lower().endswith(".seg.nrrd"):
+            raise CommandError(f"--out must end in .seg.nrrd (what Slicer reads as a segmentation), got {out.name}")
+        if not Path(args.volume).is_file():
+            raise CommandError(f"volume file not found: {args.volume}")
+        from .mrml import OutputOptions, segment_file
+
+        predictor, card = _load_predictor(args.model, args.device)
+        with tqdm(total=1, desc=f"arseg segment {Path(args.volume).name}", unit="step", leave=False) as bar:
+            def progress(done, total):
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+
+            result, nodes = segment_file(args.volume, out, predictor, card, point, _segment_settings(args),
+                                         OutputOptions(include_samples=args.include_samples),
+                                         report_path=args.report, progress=progress)
+        if args.png:
+            write_preview_png(result, args.png)
+    except _user_errors() as e:
+        _fail("segment", str(e))
+    r = nodes.report
+    print(f"{out}: consensus {r['consensus_volume_mm3']:.1f} mm3, samples {r['sample_volume_mm3']['min']:.1f}-"
+          f"{r['sample_volume_mm3']['max']:.1f} mm3 ({card.name}, {r['n_samples']} samples, "
+          f"{result.timings_s.get('total', 0):.1f} s)")
+
+
+def find_cases(input_dir: Path, pattern: str):
+    """Image files under input_dir matching pattern, segmentations excluded, in a stable order."""
+    if not input_dir.is_dir():
+        raise CommandError(f"input folder not found: {input_dir}")
+    return sorted(p for p in input_dir.glob(pattern) if p.is_file() and not p.name.lower().endswith(".seg.nrrd"))
+
+
+def _case_outputs(case: Path, input_dir: Path, output_dir: Path):
+    from .mrml import volume_stem
+
+    rel = case.relative_to(input_dir)
+    base = output_dir / rel.parent / volume_stem(case)
+    return rel, base.with_name(base.name + ".seg.nrrd"), base.with_name(base.name + ".report.json")
+
+
+def cmd_batch(args):
+    import time
+
+    import torch.distributed as dist
+    from tqdm import tqdm
+
+    from .training.distributed import init_distributed, is_main, resolve_device
+
+    input_dir, output_dir = Path(args.input_dir), Path(args.output_dir)
+    try:
+        cases = find_cases(input_dir, args.pattern)
+        if not cases:
+            raise CommandError(f"no files match {args.pattern!r} in {input_dir}")
+        points = {}
+        if args.points:
+            points = json.loads(Path(args.points).read_text())
+            if not isinstance(points, dict):
+                raise CommandError("--points must be a JSON object {\"relative/path\": [R, A, S]}")
+        device = resolve_device(args.device)
+        rank, world = init_distributed(device)
+        device = resolve_device(args.device)  # under torchrun, each rank takes its own GPU
+        from .models import load_model
+        from .mrml import OutputOptions, segment_file
+
+        predictor, card = load_model(args.model, device)
+    except _user_errors() as e:
+        _fail("batch", str(e))
+
+    mine = cases[rank::world]  # ranks take every world-th case: no scheduler, no shared state
+    records = []
+    for case in tqdm(mine, desc=f"arseg batch rank {rank}/{world}", disable=not args.progress and not is_main()):
+        rel, seg_path, report_path = _case_outputs(case, input_dir, output_dir)
+        record = {"case": str(rel), "rank": rank, "segmentation": str(seg_path), "report": str(report_path)}
+        t0 = time.perf_counter()
+        try:
+            point = parse_point(points[str(rel)]) if str(rel) in points else None
+            _, nodes = segment_file(case, seg_path, predictor, card, point, _segment_settings(args),
+                                    OutputOptions(include_samples=args.include_samples), report_path=report_path)
+            record.update(status="ok", mode=nodes.report["mode"],
+                          consensus_volume_mm3=nodes.report["consensus_volume_mm3"])
+        except _user_errors() as e:
+            record.update(status="error", error=str(e))
+            print(f"arseg batch: {rel}: error: {e}", file=sys.stderr)
+        record["seconds"] = round(time.perf_counter() - t0, 3)
+        records.append(record)
+
+    everyone = [records]
+    if dist.is_initialized():
+        everyone = [None] * world
+        dist.all_gather_object(everyone, records)
+    all_records = sorted((r for part in everyone for r in part), key=lambda r: r["case"])
+    failed = [r for r in all_records if r["status"] != "ok"]
+    if is_main():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        summary = {"model": card.name, "world_size": world, "cases": all_records, "n_ok": len(all_records) - len(failed),
+                   "n_failed": len(failed)}
+        (output_dir / "batch.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"arseg batch: {len(all_records) - len(failed)} of {len(all_records)} cases segmented "
+              f"on {world} rank(s); summary in {output_dir / 'batch.json'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if failed:
+        raise SystemExit(1)
+
+
+def _add_sampling_args(p):
+    p.add_argument("--model", default="lidc-nodule", help="model name or card path (default: the shipped lidc-nodule)")
+    p.add_argument("--samples", type=int, default=16, help="samples per crop (default 16)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model card's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same result")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--half-height", type=float, default=20.0,
+                   help="click mode: millimetres above and below the click to segment (default 20)")
+    p.add_argument("--include-samples", action="store_true", help="also write every sample as a hidden segment")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="arseg", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -165,6 +368,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("segment", help="segment a volume file at a point (or whole) into a .seg.nrrd",
+                       description="Segment VOLUME with an AR-Seg model: at --point (click mode: the 3D component "
+                                   "through the point) or, without it, every axial slice. Writes what Slicer "
+                                   "writes for a segmentation node.")
+    p.add_argument("volume", help="image file (NRRD, NIfTI, MHA, ...)")
+    p.add_argument("--point", nargs="+", default=None, metavar="R,A,S",
+                   help="RAS point in mm, as --point=R,A,S or --point R A S (negative first value: use '=')")
+    p.add_argument("--out", required=True, help="output segmentation, OUT.seg.nrrd")
+    p.add_argument("--png", default=None, help="picture: image, each scale, consensus, disagreement")
+    p.add_argument("--report", default=None, help="report JSON: volumes, per-sample IoU, settings")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("batch", help="segment every matching file of a folder; shards across torchrun ranks",
+                       description="Segment each file of INPUT_DIR matching --pattern into OUTPUT_DIR (same "
+                                   "relative paths, .seg.nrrd + .report.json, batch.json summary). Under "
+                                   "torchrun, rank r takes every world-th case.")
+    p.add_argument("input_dir")
+    p.add_argument("output_dir")
+    p.add_argument("--pattern", default="*.nrrd", help="glob under INPUT_DIR (default *.nrrd; **/ recurses)")
+    p.add_argument("--points", default=None,
+                   help="JSON {\"relative/path\": [R, A, S]}: click mode for those cases, whole volume for others")
+    p.add_argument("--progress", action="store_true", help="progress bars on every rank, not only rank 0")
+    _add_sampling_args(p)
+    p.set_defaults(func=cmd_batch)
     return ap
 
 

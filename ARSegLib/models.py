@@ -108,7 +108,7 @@ def read_card(name_or_path) -> ModelCard:
 
 def load_model(name_or_path=DEFAULT_MODEL, device: str = "cpu", verify: bool = True):
     """Returns (predictor, card). Refuses weights whose sha256 differs from the card's."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     card = read_card(name_or_path)
@@ -122,7 +122,7 @@ def load_model(name_or_path=DEFAULT_MODEL, device: str = "cpu", verify: bool = T
                              f"{card.data['sha256']}: the file is damaged or was replaced; refusing to load it")
     try:
         tensors = load_file(str(wpath))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise ModelError(f"cannot read weights {wpath}: {e}") from e
     config = card.config
     autoencoder, segmentor = build_arseg(config)

@@ -188,8 +188,8 @@ def _unwrap(m):
     return m.module if isinstance(m, DDP) else m
 
 
-def _wrap(m, world):
-    return DDP(m) if world > 1 else m
+def _wrap(m, world, find_unused=False):
+    return DDP(m, find_unused_parameters=find_unused) if world > 1 else m
 
 
 class AutoencoderTrainer(Trainer):
@@ -200,7 +200,8 @@ class AutoencoderTrainer(Trainer):
         torch.manual_seed(tc.seed)  # equal initial weights on every rank (DDP also broadcasts them)
         self.ae, _ = build_arseg(config)
         self.ae.to(self.device)
-        self.model = _wrap(self.ae, self.world)
+        # the codebook and phi sit idle during the plain warm-up steps
+        self.model = _wrap(self.ae, self.world, find_unused=True)
         self.make_optimizer(self.ae.parameters())
         self.seeded = False
         # every reader's mask is a training example, empty ones included

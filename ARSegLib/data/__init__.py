@@ -1,0 +1,1 @@
+"""Data readers (LIDC-IDRI crops, BraTS slices), augmentation and intensity preparation."""

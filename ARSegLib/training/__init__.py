@@ -1,0 +1,1 @@
+"""Trainers, checkpoints, CSV logs and the torchrun entry."""

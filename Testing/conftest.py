@@ -1,0 +1,58 @@
+"""Shared fixtures: where the real data is (tests skip, saying why, when it is absent), tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# tests share two cores with anything else on the machine: keep torch to what is needed
+torch.set_num_threads(int(os.environ.get("ARSEG_TEST_THREADS", "2")))
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = Path(os.environ.get("ARSEG_DATA", ROOT.parent / "shared" / "data"))
+LIDC_TAR = DATA / "lidc" / "lidc-idri-slices.tar"
+LUNG1 = DATA / "ct" / "lung1"
+BRATS = DATA / "brats"
+
+
+def need(path: Path):
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent (set ARSEG_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def lidc_tar():
+    return need(LIDC_TAR)
+
+
+@pytest.fixture(scope="session")
+def lung1_dir():
+    return need(LUNG1)
+
+
+@pytest.fixture(scope="session")
+def brats_dir():
+    return need(BRATS)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_card(tmp_path_factory):
+    """A tiny, untrained model at the real crop size (128) written as a card + safetensors.
+
+    Its outputs are meaningless; it checks contracts (shapes, nodes, files), never accuracy."""
+    from ARSegLib.engine import build_arseg, tiny_config
+    from ARSegLib.models import export_model
+
+    torch.manual_seed(0)
+    cfg = tiny_config(crop_size=128)
+    ae, seg = build_arseg(cfg)
+    with torch.no_grad():  # make the presence gate draw most samples, so masks are not all empty
+        seg.image_encoder.presence_head[-1].bias.fill_(2.0)
+    out = tmp_path_factory.mktemp("models") / "tiny-test"
+    return export_model(out, cfg, ae, seg, {
+        "description": "tiny untrained test model", "crop_size": 128, "pixel_spacing_mm": 0.7,
+        "intensity": {"method": "minmax_per_crop"}, "labels": {"1": "Lung nodule"}})

@@ -1,0 +1,225 @@
+"""The engine: quantizer, autoencoder, causality, cached vs reference sampling, presence gate, consensus."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from ARSegLib.engine import ARSegPredictor, aggregate, build_arseg, tiny_config
+from ARSegLib.engine.predictor import presence_gate
+from ARSegLib.engine.sampler import sample_from_logits, sample_tokens
+
+
+def disks(n, size, seed=0):
+    """Binary masks of random disks (some empty): a stand-in mask distribution for unit tests."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    out = np.zeros((n, size, size), np.uint8)
+    for i in range(n):
+        if i % 5 == 4:
+            continue
+        cy, cx = rng.uniform(0.3, 0.7, 2) * size
+        r = rng.uniform(0.1, 0.3) * size
+        out[i] = (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+    return torch.from_numpy(out)
+
+
+@pytest.fixture(scope="module")
+def trained_tiny_ae():
+    """A tiny autoencoder trained briefly on disks with the real recipe: plain warm-up, codes
+    seeded from residual vectors, then quantized training."""
+    torch.manual_seed(0)
+    cfg = tiny_config(crop_size=32)
+    ae, _ = build_arseg(cfg)
+    opt = torch.optim.Adam(ae.parameters(), lr=3e-3)
+    masks = disks(256, 32)
+    g = torch.Generator().manual_seed(0)
+    for step in range(400):
+        batch = masks[torch.randint(0, len(masks), (32,), generator=g)]
+        quantize = step >= 150
+        if step == 150:
+            with torch.no_grad():
+                ae.quantizer.reseed(ae.quantizer.residuals(ae.encoder(ae.mask_to_input(masks[:128]))),
+                                    only_dead=False, generator=g)
+        logits, vq, _ = ae(batch, quantize=quantize)
+        loss = ae.reconstruction_loss(logits, batch) + vq
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return cfg, ae.eval(), masks
+
+
+def fg_iou(a, b):
+    a, b = a.bool().flatten(1), b.bool().flatten(1)
+    inter, union = (a & b).sum(1).float(), (a | b).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def test_autoencoder_reconstructs_with_all_scales_and_coarse_scales_are_coarser(trained_tiny_ae):
+    cfg, ae, masks = trained_tiny_ae
+    test = disks(64, 32, seed=1)
+    idx = ae.mask_to_idx(test)
+    per_scale = ae.idx_to_masks(idx)
+    ious = [fg_iou(m, test).mean().item() for m in per_scale]
+    assert ious[-1] > 0.85, ious
+    assert ious[-1] > ious[0] + 0.1, ious  # the finest partial sum is clearly better than the first
+
+
+def test_token_indices_are_valid_and_shaped_by_scale(trained_tiny_ae):
+    cfg, ae, masks = trained_tiny_ae
+    idx = ae.mask_to_idx(masks[:8])
+    assert [i.shape for i in idx] == [(8, s * s) for s in cfg.autoencoder.scales]
+    for i in idx:
+        assert i.dtype == torch.int64 and int(i.min()) >= 0 and int(i.max()) < cfg.autoencoder.vocab_size
+
+
+def test_partial_sums_are_what_coarse_to_fine_decoding_and_sampling_use(trained_tiny_ae):
+    cfg, ae, masks = trained_tiny_ae
+    q = ae.quantizer
+    with torch.no_grad():
+        f = ae.encoder(ae.mask_to_input(masks[:6]))
+        f_hat_st, _, idx = q(f)
+        partial = q.idx_to_partial_sums(idx)
+        # the quantizer's forward output is the last partial sum (value of the straight-through)
+        torch.testing.assert_close(f_hat_st, partial[-1], rtol=1e-5, atol=1e-5)
+        # the sampler's incremental update builds exactly the same partial sums
+        f_hat = None
+        for si, idx_Bl in enumerate(idx):
+            f_hat, _ = q.next_scale_input(f_hat, idx_Bl, si)
+            torch.testing.assert_close(f_hat, partial[si], rtol=0, atol=0)
+        # coarse-to-fine masks are the decoded partial sums
+        masks_k = ae.idx_to_masks(idx)
+        for si in range(len(idx)):
+            assert torch.equal(masks_k[si], ae.decode_masks(partial[si]))
+        # teacher input of scale k+1 is partial sum k downsampled to s_{k+1}
+        x = q.idx_to_teacher_input(idx)
+        s2 = cfg.autoencoder.scales[1]
+        torch.testing.assert_close(x[:, : s2 * s2], q.down(partial[0], s2).flatten(2).transpose(1, 2))
+
+
+def _tiny_models(seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = tiny_config(crop_size=32)
+    if over:
+        cfg = dataclasses.replace(cfg, segmentor=dataclasses.replace(cfg.segmentor, **over))
+    ae, seg = build_arseg(cfg)
+    return cfg, ae.eval(), seg.eval()
+
+
+def test_block_causal_logits_of_scale_k_ignore_later_scales():
+    cfg, ae, seg = _tiny_models()
+    torch.manual_seed(1)
+    img = torch.rand(2, 1, 32, 32)
+    V, scales = cfg.autoencoder.vocab_size, cfg.autoencoder.scales
+    idx = [torch.randint(0, V, (2, s * s)) for s in scales]
+    with torch.no_grad():
+        base, _ = seg(img, ae.quantizer.idx_to_teacher_input(idx))
+        for k in range(len(scales) - 1):
+            changed = [i.clone() for i in idx]
+            for j in range(k + 1, len(scales)):  # every token of every later scale
+                changed[j] = torch.randint(0, V, changed[j].shape)
+            # tokens of scale k+1.. only feed the inputs of scales k+2..: logits up to scale k+1 stay
+            out, _ = seg(img, ae.quantizer.idx_to_teacher_input(changed))
+            e = seg.begin_ends[k + 1][1]
+            torch.testing.assert_close(out[:, :e], base[:, :e], rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(out[:, e:], base[:, e:]) or k + 2 == len(scales)
+
+
+def test_cached_sampler_yields_exactly_the_reference_tokens():
+    cfg, ae, seg = _tiny_models(seed=3)
+    torch.manual_seed(4)
+    feats = seg.image_encoder(torch.rand(3, 1, 32, 32)).repeat_interleave(8)
+    temps = (1.0,) * len(cfg.autoencoder.scales)
+    for top_k, top_p in ((0, 0.0), (5, 0.0), (0, 0.9)):
+        runs = []
+        for use_cache in (True, False):
+            g = torch.Generator().manual_seed(123)
+            idx, partial = sample_tokens(seg, ae.quantizer, feats, temps, top_k, top_p, g, use_cache)
+            runs.append((idx, partial))
+        for a, b in zip(runs[0][0], runs[1][0]):
+            assert torch.equal(a, b)
+        torch.testing.assert_close(runs[0][1][-1], runs[1][1][-1])
+
+
+def test_same_seed_same_result_other_seed_other_result():
+    cfg, ae, seg = _tiny_models(seed=5)
+    with torch.no_grad():
+        seg.image_encoder.presence_head[-1].bias.fill_(5.0)  # all samples drawn
+    pred = ARSegPredictor(cfg, ae, seg)
+    img = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
+    s = dataclasses.replace(cfg.sampling, n_samples=8, seed=11)
+    a, b = pred.segment(img, s), pred.segment(img, s)
+    c = pred.segment(img, dataclasses.replace(s, seed=12))
+    assert np.array_equal(a.samples_BNhw, b.samples_BNhw)
+    assert np.array_equal(a.scale_consensus_BKhw, b.scale_consensus_BKhw)
+    assert not np.array_equal(a.samples_BNhw, c.samples_BNhw)
+    ref = pred.segment(img, s, use_cache=False)
+    assert np.array_equal(a.samples_BNhw, ref.samples_BNhw)
+
+
+def test_top_k_one_is_greedy():
+    logits = torch.randn(4, 9, 17)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_from_logits(logits, 1.0, 1, 0.0, g), logits.argmax(-1))
+    assert torch.equal(sample_from_logits(logits, 0.0, 0, 0.0, g), logits.argmax(-1))
+    # top-p keeps at least the most likely token; a tiny p is greedy as well
+    assert torch.equal(sample_from_logits(logits, 1.0, 0, 1e-6, g), logits.argmax(-1))
+
+
+def test_presence_gate_draws_the_predicted_fraction():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.0, 0.25, 0.5, 1.0, 0.74])
+    drawn = presence_gate(p, 16, g)
+    counts = drawn.sum(1).tolist()
+    assert counts[:4] == [0, 4, 8, 16]
+    assert counts[4] in (11, 12)
+
+
+def test_consensus_disagreement_and_per_scale_story():
+    s = torch.zeros(1, 4, 2, 2, dtype=torch.uint8)
+    s[0, 0] = torch.tensor([[1, 1], [0, 0]])
+    s[0, 1] = torch.tensor([[1, 1], [0, 0]])
+    s[0, 2] = torch.tensor([[1, 0], [0, 0]])
+    s[0, 3] = torch.tensor([[0, 0], [1, 0]])
+    scales = torch.stack([torch.zeros_like(s), s], 1)  # K = 2: first scale empty
+    r = aggregate(s, scales, torch.tensor([1.0]))
+    assert r.consensus_Bhw[0].tolist() == [[1, 1], [0, 0]]  # 3/4 and 2/4 (ties count as foreground)
+    np.testing.assert_allclose(r.disagreement_Bhw[0], [[0.25, 0.5], [0.25, 0.0]])
+    np.testing.assert_allclose(r.sample_iou_BN[0], [1.0, 1.0, 0.5, 0.0])
+    assert r.scale_consensus_BKhw[0, 0].sum() == 0
+    assert np.array_equal(r.scale_consensus_BKhw[0, 1], r.consensus_Bhw[0])
+
+
+def test_multiclass_consensus_is_the_per_pixel_mode():
+    s = torch.tensor([[[[2]], [[2]], [[3]], [[0]], [[3]], [[2]]]], dtype=torch.uint8)  # B=1, N=6, 1x1
+    r = aggregate(s, s[:, None], torch.tensor([1.0]), n_classes=4)
+    assert r.consensus_Bhw[0, 0, 0] == 2
+    np.testing.assert_allclose(r.disagreement_Bhw[0, 0, 0], 0.5)
+
+
+def test_predictor_rejects_bad_crops():
+    cfg, ae, seg = _tiny_models()
+    pred = ARSegPredictor(cfg, ae, seg)
+    with pytest.raises(ValueError, match="shape"):
+        pred.segment(np.zeros((2, 16, 16), np.float32))
+    bad = np.zeros((1, 32, 32), np.float32)
+    bad[0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        pred.segment(bad)
+
+
+def test_multiclass_engine_runs_end_to_end():
+    torch.manual_seed(0)
+    cfg = tiny_config(crop_size=32, n_classes=4, in_channels=2)
+    ae, seg = build_arseg(cfg)
+    labels = (torch.rand(3, 32, 32) * 4).to(torch.uint8)
+    logits, vq, idx = ae(labels)
+    assert logits.shape == (3, 4, 32, 32)
+    with torch.no_grad():
+        seg.image_encoder.presence_head[-1].bias.fill_(5.0)
+    r = ARSegPredictor(cfg, ae, seg).segment(np.random.rand(2, 2, 32, 32).astype(np.float32),
+                                              dataclasses.replace(cfg.sampling, n_samples=4))
+    assert r.samples_BNhw.shape == (2, 4, 32, 32) and r.samples_BNhw.max() <= 3
