@@ -1,0 +1,677 @@
+"""Volume <-> crops: from a 3D volume and a click (or the whole volume) to the model's 2D crops and back.
+
+No MRML and no Qt here: the input is a numpy volume in slicer.util's (k, j, i) order plus its 4 x 4 IJK->RAS
+matrix, the output a `VolumeResult` on that volume's own voxel grid. The GUI, the console, the CLI and the
+tests all come through these two functions:
+
+- `segment_click(volume, ijk_to_ras, point_ras, predictor, card)`: a local axial grid around the click at
+  the model's pixel spacing, every plane of it as one batch, the 3D connected component through the click.
+- `segment_volume(volume, ijk_to_ras, predictor, card)`: every axial plane tiled into crops, in chunks.
+
+Crops are cut on a grid aligned with the RAS axes (rows run anterior -> posterior, columns right -> left):
+the radiological axial view in which the LIDC crops were cut, whatever the volume's own IJK orientation.
+Resampling goes through the inverse IJK->RAS matrix, so oblique, permuted and flipped volumes are handled
+the same way; results come back to the volume's grid by nearest neighbour.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from scipy import ndimage
+
+ProgressFn = Optional[Callable[[int, int], None]]
+CancelFn = Optional[Callable[[], bool]]
+
+MAX_SAMPLES = 64  # samples are kept as bits of one integer per voxel
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+class VolumeError(ValueError):
+    """An input the pipeline cannot segment; the message says what is wrong and what to do."""
+
+
+class NotAVolumeError(VolumeError):
+    pass
+
+
+class NonFiniteVolumeError(VolumeError):
+    pass
+
+
+class ConstantVolumeError(VolumeError):
+    pass
+
+
+class PointOutsideVolumeError(VolumeError):
+    pass
+
+
+class UnsupportedModelError(VolumeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+@dataclass
+class SegmentSettings:
+    """What the user can choose for one run. None means: the model card's own value."""
+
+    n_samples: int = 16
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: int = 0
+    # click mode: planes above and below the click, and how far from the click a component may start
+    half_height_mm: float = 20.0
+    component_tolerance_mm: float = 5.0
+    # whole-volume mode: crops per forward pass (memory: crops x samples sequences at once)
+    batch_size: int = 32
+
+    def sampling(self, base):
+        """The engine's SamplingConfig with these overrides applied to the model's defaults."""
+        over: Dict[str, Any] = {"n_samples": int(self.n_samples), "seed": int(self.seed)}
+        for name in ("temperature", "top_k", "top_p"):
+            value = getattr(self, name)
+            if value is not None:
+                over[name] = value
+        if self.temperature is not None:
+            over["temperature_per_scale"] = ()  # an explicit temperature overrides a per-scale schedule
+        return dataclasses.replace(base, **over)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- geometry
+
+@dataclass(frozen=True)
+class AxialGrid:
+    """A stack of axial planes aligned with the RAS axes, indexed (plane, row, column) like a numpy array.
+
+    RAS of index (z, r, c) = origin_ras + z * dz * (0, 0, 1) + r * drow * (0, -1, 0) + c * dcol * (-1, 0, 0):
+    rows run anterior -> posterior and columns right -> left, as an axial CT is shown and as LIDC was cut.
+    """
+
+    origin_ras: Tuple[float, float, float]
+    spacing: Tuple[float, float, float]  # (dz, drow, dcol) in mm
+    shape: Tuple[int, int, int]  # (planes, rows, columns)
+
+    @property
+    def index_to_ras(self) -> np.ndarray:
+        dz, drow, dcol = self.spacing
+        m = np.eye(4)
+        m[:3, 0] = (0.0, 0.0, dz)
+        m[:3, 1] = (0.0, -drow, 0.0)
+        m[:3, 2] = (-dcol, 0.0, 0.0)
+        m[:3, 3] = self.origin_ras
+        return m
+
+    @property
+    def ras_to_index(self) -> np.ndarray:
+        return np.linalg.inv(self.index_to_ras)
+
+
+def _as_matrix(ijk_to_ras) -> np.ndarray:
+    m = np.asarray(ijk_to_ras, dtype=np.float64)
+    if m.shape != (4, 4) or not np.all(np.isfinite(m)):
+        raise VolumeError(f"the IJK->RAS matrix must be a finite 4 x 4 matrix, got shape {m.shape}")
+    if abs(np.linalg.det(m[:3, :3])) < 1e-12:
+        raise VolumeError("the IJK->RAS matrix is singular (a zero spacing or collinear axes)")
+    return m
+
+
+def check_volume(volume, ijk_to_ras) -> Tuple[np.ndarray, np.ndarray]:
+    """The volume as a 3D numpy array and its matrix, or a VolumeError that says what is wrong."""
+    array = np.asarray(volume)
+    if array.ndim != 3:
+        raise NotAVolumeError(f"expected a 3D scalar volume (k, j, i), got an array of {array.ndim} dimensions "
+                              f"with shape {array.shape}; ARSeg segments single-channel 3D images")
+    if min(array.shape) < 1:
+        raise NotAVolumeError(f"the volume is empty (shape {array.shape})")
+    if min(array.shape) < 2:
+        raise NotAVolumeError(f"the volume has a single slice (shape {array.shape}): a 2D image, and ARSeg "
+                              f"segments 3D volumes")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == bool) or np.iscomplexobj(array):
+        raise NotAVolumeError(f"the volume must hold real numbers, got dtype {array.dtype}")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise NonFiniteVolumeError(f"the volume contains {bad} NaN or infinite voxels; fix or mask them first")
+    lo, hi = array.min(), array.max()
+    if lo == hi:
+        raise ConstantVolumeError(f"the volume is constant (every voxel is {lo}): there is nothing to segment")
+    return array, _as_matrix(ijk_to_ras)
+
+
+def _axis_nearest_s(m: np.ndarray) -> int:
+    """The IJK axis whose direction is closest to superior (the slice axis of an axial scan)."""
+    cosines = np.abs(m[2, :3]) / np.linalg.norm(m[:3, :3], axis=0)
+    return int(np.argmax(cosines))
+
+
+def point_to_ijk(point_ras, ijk_to_ras) -> np.ndarray:
+    p = np.append(np.asarray(point_ras, dtype=np.float64).reshape(3), 1.0)
+    return (np.linalg.inv(_as_matrix(ijk_to_ras)) @ p)[:3]
+
+
+def check_point(point_ras, volume_shape, ijk_to_ras) -> np.ndarray:
+    """Continuous IJK of the point, or PointOutsideVolumeError. The volume spans voxel centres +- half a voxel."""
+    p = np.asarray(point_ras, dtype=np.float64).reshape(-1)
+    if p.shape != (3,) or not np.all(np.isfinite(p)):
+        raise VolumeError(f"the point must be three finite RAS coordinates, got {point_ras!r}")
+    ijk = point_to_ijk(p, ijk_to_ras)
+    dims_ijk = np.asarray(volume_shape[::-1], dtype=np.float64)
+    if np.any(ijk < -0.5) or np.any(ijk > dims_ijk - 0.5):
+        raise PointOutsideVolumeError(
+            f"the point R={p[0]:.1f}, A={p[1]:.1f}, S={p[2]:.1f} mm lies outside the volume (voxel "
+            f"{np.round(ijk, 1).tolist()} of a {[int(d) for d in dims_ijk]} grid); click inside the image")
+    return ijk
+
+
+def click_grid(point_ras, volume_shape, ijk_to_ras, crop_size: int, pixel_spacing: float,
+               half_height_mm: float) -> Tuple[AxialGrid, int]:
+    """The local grid around a click and the index of the plane through the click.
+
+    In-plane: crop_size x crop_size at the model's pixel spacing, the click at the centre. Across planes:
+    the volume's spacing along its axis nearest S, with one plane through the voxel centres nearest the click
+    (so that an axial scan is sampled on its own slices, not between them), covering +- half_height_mm.
+    """
+    m = _as_matrix(ijk_to_ras)
+    ijk = check_point(point_ras, volume_shape, m)
+    axis = _axis_nearest_s(m)
+    dz = abs(m[2, axis])
+    snapped = ijk.copy()
+    snapped[axis] = np.clip(np.round(ijk[axis]), 0, volume_shape[::-1][axis] - 1)
+    s_click_plane = float((m @ np.append(snapped, 1.0))[2])
+    n_half = max(0, int(round(half_height_mm / dz)))
+    centre = (crop_size - 1) / 2.0
+    r, a = float(point_ras[0]), float(point_ras[1])
+    grid = AxialGrid(origin_ras=(r + centre * pixel_spacing, a + centre * pixel_spacing, s_click_plane - n_half * dz),
+                     spacing=(dz, pixel_spacing, pixel_spacing), shape=(2 * n_half + 1, crop_size, crop_size))
+    return grid, n_half
+
+
+def _volume_corners_ras(volume_shape, m: np.ndarray) -> np.ndarray:
+    dims = np.asarray(volume_shape[::-1], dtype=np.float64)
+    corners = np.array([[x, y, z] for x in (-0.5, dims[0] - 0.5) for y in (-0.5, dims[1] - 0.5)
+                        for z in (-0.5, dims[2] - 0.5)])
+    return (m[:3, :3] @ corners.T).T + m[:3, 3]
+
+
+def whole_volume_grid(volume_shape, ijk_to_ras, crop_size: int, pixel_spacing: float) -> AxialGrid:
+    """Axial planes at the volume's own slice positions, each covering the volume's R-A extent in whole tiles."""
+    m = _as_matrix(ijk_to_ras)
+    axis = _axis_nearest_s(m)
+    n_planes = int(volume_shape[::-1][axis])
+    dz = abs(m[2, axis])
+    centre_ijk = (np.asarray(volume_shape[::-1], dtype=np.float64) - 1) / 2
+    first, last = centre_ijk.copy(), centre_ijk.copy()
+    first[axis], last[axis] = 0, n_planes - 1
+    s_first, s_last = ((m @ np.append(first, 1.0))[2], (m @ np.append(last, 1.0))[2])
+    corners = _volume_corners_ras(volume_shape, m)
+    lo, hi = corners.min(0), corners.max(0)
+    tiles_col = max(1, math.ceil((hi[0] - lo[0]) / (crop_size * pixel_spacing)))
+    tiles_row = max(1, math.ceil((hi[1] - lo[1]) / (crop_size * pixel_spacing)))
+    ncol, nrow = tiles_col * crop_size, tiles_row * crop_size
+    centre_r, centre_a = (lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2
+    origin = (centre_r + (ncol - 1) / 2 * pixel_spacing, centre_a + (nrow - 1) / 2 * pixel_spacing,
+              min(s_first, s_last))
+    return AxialGrid(origin_ras=origin, spacing=(dz, pixel_spacing, pixel_spacing), shape=(n_planes, nrow, ncol))
+
+
+def resample_to_grid(volume: np.ndarray, ijk_to_ras, grid: AxialGrid, fill_value: float,
+                     planes: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Trilinear resampling of the volume on the grid's planes (float32, (planes, rows, cols)).
+
+    Points outside the volume get fill_value (the volume's minimum: air in a CT)."""
+    m = _as_matrix(ijk_to_ras)
+    index_to_ijk = np.linalg.inv(m) @ grid.index_to_ras
+    planes = range(grid.shape[0]) if planes is None else planes
+    _, nrow, ncol = grid.shape
+    rows, cols = np.meshgrid(np.arange(nrow, dtype=np.float64), np.arange(ncol, dtype=np.float64), indexing="ij")
+    out = np.empty((len(planes), nrow, ncol), dtype=np.float32)
+    for n, z in enumerate(planes):
+        ijk = (index_to_ijk[:3, 0:1] * z + index_to_ijk[:3, 1:2] * rows.reshape(1, -1)
+               + index_to_ijk[:3, 2:3] * cols.reshape(1, -1) + index_to_ijk[:3, 3:4])
+        coords_kji = ijk[::-1]
+        ndimage.map_coordinates(volume, coords_kji, output=out[n].reshape(-1), order=1, mode="constant",
+                                cval=fill_value, prefilter=False)
+    return out
+
+
+def prepare_crops(crops: np.ndarray, intensity: Dict[str, Any]) -> Tuple[np.ndarray, np.ndarray]:
+    """Intensity preparation from the model card. Returns (prepared float32 crops, which crops carry any signal).
+
+    minmax_per_crop: each crop's own min..max to [0, 1] (how the LIDC PNGs were made). A constant crop (all
+    outside the volume, or uniform) has no contrast to segment: it is marked as empty and not sent to the model.
+    """
+    method = (intensity or {}).get("method", "minmax_per_crop")
+    if method != "minmax_per_crop":
+        raise UnsupportedModelError(f"intensity preparation {method!r} of this model card is not supported by the "
+                                    f"volume pipeline (supported: 'minmax_per_crop')")
+    flat = crops.reshape(len(crops), -1)
+    lo, hi = flat.min(1), flat.max(1)
+    has_signal = hi > lo
+    scale = np.where(has_signal, hi - lo, 1.0)
+    prepared = ((crops - lo[:, None, None]) / scale[:, None, None]).astype(np.float32)
+    prepared[~has_signal] = 0.0
+    return prepared, has_signal
+
+
+# --------------------------------------------------------------------------------------------- grid -> volume
+
+def grid_box_in_volume(grid: AxialGrid, volume_shape, ijk_to_ras) -> Optional[Tuple[Tuple[int, int], ...]]:
+    """The (k, j, i) index ranges [start, stop) of the volume voxels the grid can cover, or None if none."""
+    m = _as_matrix(ijk_to_ras)
+    nz, nr, nc = grid.shape
+    corners = np.array([[z, r, c, 1.0] for z in (-0.5, nz - 0.5) for r in (-0.5, nr - 0.5) for c in (-0.5, nc - 0.5)])
+    ijk = (np.linalg.inv(m) @ grid.index_to_ras @ corners.T)[:3]
+    lo = np.floor(ijk.min(1)).astype(int)
+    hi = np.ceil(ijk.max(1)).astype(int) + 1
+    dims = np.asarray(volume_shape[::-1])
+    lo, hi = np.clip(lo, 0, dims), np.clip(hi, 0, dims)
+    if np.any(hi <= lo):
+        return None
+    return tuple((int(lo[a]), int(hi[a])) for a in (2, 1, 0))  # back to (k, j, i)
+
+
+def map_grid_to_volume(arrays: Dict[str, np.ndarray], grid: AxialGrid, ijk_to_ras,
+                       box: Tuple[Tuple[int, int], ...], slab: int = 8) -> Dict[str, np.ndarray]:
+    """Nearest-neighbour lookup of grid arrays (..., planes, rows, cols) at the centres of the box's voxels.
+
+    Voxels whose centre falls outside the grid get 0. Done slab by slab so that a whole CT stays in memory."""
+    m = _as_matrix(ijk_to_ras)
+    ijk_to_index = grid.ras_to_index @ m
+    (k0, k1), (j0, j1), (i0, i1) = box
+    shape = (k1 - k0, j1 - j0, i1 - i0)
+    out = {name: np.zeros(a.shape[:-3] + shape, dtype=a.dtype) for name, a in arrays.items()}
+    flat = {name: a.reshape(a.shape[:-3] + (-1,)) for name, a in arrays.items()}
+    nz, nr, nc = grid.shape
+    jj, ii = np.meshgrid(np.arange(j0, j1, dtype=np.float64), np.arange(i0, i1, dtype=np.float64), indexing="ij")
+    jj, ii = jj.reshape(-1), ii.reshape(-1)
+    for ks in range(k0, k1, slab):
+        ke = min(k1, ks + slab)
+        kk = np.repeat(np.arange(ks, ke, dtype=np.float64), len(ii))
+        ijk = np.stack([np.tile(ii, ke - ks), np.tile(jj, ke - ks), kk])
+        idx = np.rint(ijk_to_index[:3, :3] @ ijk + ijk_to_index[:3, 3:4]).astype(np.int64)
+        inside = ((idx[0] >= 0) & (idx[0] < nz) & (idx[1] >= 0) & (idx[1] < nr) & (idx[2] >= 0) & (idx[2] < nc))
+        lin = (idx[0] * nr + idx[1]) * nc + idx[2]
+        lin = np.where(inside, lin, 0)
+        for name, a in flat.items():
+            values = a[..., lin]
+            values[..., ~inside] = 0
+            out[name][..., ks - k0:ke - k0, :, :] = values.reshape(a.shape[:-1] + (ke - ks, j1 - j0, i1 - i0))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- bits
+
+def _bits_dtype(n: int):
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if n <= np.dtype(dtype).itemsize * 8:
+            return dtype
+    raise ValueError(f"cannot pack {n} masks into one integer (at most {MAX_SAMPLES})")
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """(X, ...) binary masks -> one unsigned integer per voxel, bit x set where mask x is."""
+    dtype = _bits_dtype(masks.shape[0])
+    packed = np.zeros(masks.shape[1:], dtype=dtype)
+    for x in range(masks.shape[0]):
+        packed |= (masks[x] > 0).astype(dtype) << dtype(x)
+    return packed
+
+
+def unpack_mask(packed: np.ndarray, bit: int) -> np.ndarray:
+    return ((packed >> packed.dtype.type(bit)) & packed.dtype.type(1)).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------- components
+
+CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26-neighbourhood: a nodule's slices touch diagonally
+
+
+def _component_near_point(mask: np.ndarray, point_index, spacing, tolerance_mm: float) -> np.ndarray:
+    """The connected component containing the point, or the one nearest to it within tolerance_mm, else empty."""
+    labels, n = ndimage.label(mask > 0, structure=CONNECTIVITY)
+    if n == 0:
+        return np.zeros(mask.shape, dtype=bool)
+    fg = np.argwhere(labels > 0)
+    d = np.sqrt((((fg - np.asarray(point_index)[None]) * np.asarray(spacing)[None]) ** 2).sum(1))
+    nearest = int(np.argmin(d))
+    if d[nearest] > tolerance_mm:
+        return np.zeros(mask.shape, dtype=bool)
+    return labels == labels[tuple(fg[nearest])]
+
+
+def _components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """The connected components of mask that overlap region."""
+    labels, n = ndimage.label(mask > 0, structure=CONNECTIVITY)
+    if n == 0:
+        return np.zeros(mask.shape, dtype=bool)
+    keep = np.unique(labels[region & (labels > 0)])
+    return np.isin(labels, keep[keep > 0])
+
+
+# --------------------------------------------------------------------------------------------- result
+
+@dataclass
+class Preview:
+    """One plane through the click (or the busiest tile of a whole volume), on the model's crop grid."""
+
+    image: np.ndarray  # (h, w) prepared crop in [0, 1]
+    scale_consensus: np.ndarray  # (K, h, w)
+    consensus: np.ndarray  # (h, w)
+    disagreement: np.ndarray  # (h, w)
+    title: str = ""
+
+
+@dataclass
+class VolumeResult:
+    """Everything one run produced, on the input volume's own voxel grid.
+
+    To keep a whole CT in memory, arrays cover `box` (index ranges [start, stop) along k, j, i) and masks of
+    several samples or scales are packed as bits of one integer per voxel; `full()`, `scale_mask()` and
+    `sample_mask()` give plain arrays. Volumes are counted on the volume's grid: what the segments contain."""
+
+    mode: str  # "click" or "volume"
+    volume_shape: Tuple[int, int, int]  # (k, j, i)
+    ijk_to_ras: np.ndarray
+    box: Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]
+    consensus: np.ndarray  # uint8 (box): 1 inside the consensus
+    disagreement: np.ndarray  # float32 (box): fraction of samples that differ from the consensus
+    scale_bits: np.ndarray  # (box): bit k is the consensus after scale k + 1
+    sample_bits: np.ndarray  # (box): bit i is sample i + 1
+    n_scales: int
+    n_samples: int
+    voxel_volume_mm3: float
+    consensus_volume_mm3: float
+    sample_volumes_mm3: np.ndarray  # (N,)
+    sample_iou: np.ndarray  # (N,) IoU of each sample with the consensus (IoU(empty, empty) = 1)
+    model_name: str
+    settings: Dict[str, Any]
+    point_ras: Optional[Tuple[float, float, float]] = None
+    grid: Optional[AxialGrid] = None
+    preview: Optional[Preview] = None
+    timings_s: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def box_slices(self) -> Tuple[slice, slice, slice]:
+        return tuple(slice(a, b) for a, b in self.box)
+
+    @property
+    def box_shape(self) -> Tuple[int, int, int]:
+        return tuple(b - a for a, b in self.box)
+
+    def full(self, array: np.ndarray) -> np.ndarray:
+        """A box array pasted into a zero array of the whole volume's shape."""
+        out = np.zeros(tuple(self.volume_shape), dtype=array.dtype)
+        out[self.box_slices] = array
+        return out
+
+    def scale_mask(self, k: int) -> np.ndarray:
+        """Consensus after scale k (1-based, coarse to fine), uint8 over the box."""
+        if not 1 <= k <= self.n_scales:
+            raise IndexError(f"scale {k} out of 1..{self.n_scales}")
+        return unpack_mask(self.scale_bits, k - 1)
+
+    def sample_mask(self, i: int) -> np.ndarray:
+        """Sample i (1-based), uint8 over the box."""
+        if not 1 <= i <= self.n_samples:
+            raise IndexError(f"sample {i} out of 1..{self.n_samples}")
+        return unpack_mask(self.sample_bits, i - 1)
+
+    def report(self, source_name: str = "") -> Dict[str, Any]:
+        """The numbers a reader checks, as a JSON-ready dict (the MRML table shows the same)."""
+        vols = self.sample_volumes_mm3
+        return {
+            "source": source_name,
+            "mode": self.mode,
+            "model": self.model_name,
+            "point_ras_mm": None if self.point_ras is None else [round(float(v), 3) for v in self.point_ras],
+            "consensus_volume_mm3": round(float(self.consensus_volume_mm3), 3),
+            "sample_volume_mm3": {"min": round(float(vols.min()), 3), "max": round(float(vols.max()), 3),
+                                  "mean": round(float(vols.mean()), 3)},
+            "sample_volumes_mm3": [round(float(v), 3) for v in vols],
+            "sample_iou_with_consensus": [round(float(v), 4) for v in self.sample_iou],
+            "n_samples": self.n_samples,
+            "n_scales": self.n_scales,
+            "voxel_volume_mm3": self.voxel_volume_mm3,
+            "settings": self.settings,
+            "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
+        }
+
+
+def _voxel_volume(m: np.ndarray) -> float:
+    return float(abs(np.linalg.det(m[:3, :3])))
+
+
+def _volume_statistics(consensus: np.ndarray, sample_bits: np.ndarray, n_samples: int, voxel_mm3: float):
+    cons = consensus > 0
+    n_cons = int(cons.sum())
+    volumes, ious = np.zeros(n_samples), np.zeros(n_samples, dtype=np.float32)
+    for i in range(n_samples):
+        s = unpack_mask(sample_bits, i).astype(bool)
+        n_s = int(s.sum())
+        inter = int((s & cons).sum())
+        union = n_s + n_cons - inter
+        volumes[i] = n_s * voxel_mm3
+        ious[i] = 1.0 if union == 0 else inter / union
+    return n_cons * voxel_mm3, volumes, ious
+
+
+# --------------------------------------------------------------------------------------------- model
+
+def _check_model(predictor, card, settings: SegmentSettings):
+    if predictor.n_classes > 1:
+        raise UnsupportedModelError(f"model {card.name!r} predicts {predictor.n_classes} classes; the volume "
+                                    f"pipeline handles binary models only so far")
+    if predictor.config.segmentor.in_channels != 1:
+        raise UnsupportedModelError(f"model {card.name!r} expects {predictor.config.segmentor.in_channels} image "
+                                    f"channels; a single scalar volume gives one")
+    if not 1 <= settings.n_samples <= MAX_SAMPLES:
+        raise ValueError(f"the number of samples must be between 1 and {MAX_SAMPLES}, got {settings.n_samples}")
+    spacing = card.pixel_spacing_mm
+    if spacing is None or not spacing > 0:
+        raise UnsupportedModelError(f"model card {card.name!r} states no pixel_spacing_mm")
+    if card.crop_size != predictor.crop_size:
+        raise UnsupportedModelError(f"model card {card.name!r} says crop {card.crop_size}, "
+                                    f"the model {predictor.crop_size}")
+    return float(spacing), int(predictor.crop_size)
+
+
+def _settings_record(card, settings: SegmentSettings, sampling, pixel_spacing: float) -> Dict[str, Any]:
+    record = settings.to_dict()
+    record.update({"temperature": float(sampling.temperature), "top_k": int(sampling.top_k),
+                   "top_p": float(sampling.top_p), "pixel_spacing_mm": pixel_spacing,
+                   "intensity": dict(card.intensity).get("method")})
+    return record
+
+
+def _run_model(predictor, crops: np.ndarray, sampling, progress: ProgressFn, cancel: CancelFn,
+               step_offset: int = 0, total_steps: Optional[int] = None):
+    """All crops through the predictor in one call; progress counted in scales across chunks."""
+    k = len(predictor.config.autoencoder.scales)
+    total = total_steps or k
+
+    def on_progress(done, _total):
+        if progress is not None:
+            progress(step_offset + done, total)
+
+    return predictor.segment(crops, sampling=sampling, progress=on_progress, cancel=cancel)
+
+
+# --------------------------------------------------------------------------------------------- click mode
+
+def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Optional[SegmentSettings] = None,
+                  progress: ProgressFn = None, cancel: CancelFn = None) -> VolumeResult:
+    """Segment the object under a RAS point: the local grid's planes as one batch, the 3D component kept."""
+    import time
+
+    t0 = time.perf_counter()
+    settings = settings or SegmentSettings()
+    array, m = check_volume(volume, ijk_to_ras)
+    pixel_spacing, crop = _check_model(predictor, card, settings)
+    sampling = settings.sampling(predictor.config.sampling)
+    grid, click_plane = click_grid(point_ras, array.shape, m, crop, pixel_spacing, settings.half_height_mm)
+    raw = resample_to_grid(array, m, grid, fill_value=float(array.min()))
+    prepared, has_signal = prepare_crops(raw, card.intensity)
+    t_prep = time.perf_counter()
+
+    nz, h, w = grid.shape
+    n, k = settings.n_samples, len(predictor.config.autoencoder.scales)
+    samples = np.zeros((n, nz, h, w), dtype=np.uint8)
+    scales = np.zeros((k, nz, h, w), dtype=np.uint8)
+    consensus = np.zeros((nz, h, w), dtype=np.uint8)
+    rows = np.flatnonzero(has_signal)
+    if len(rows):
+        res = _run_model(predictor, prepared[rows], sampling, progress, cancel)
+        samples[:, rows] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
+        scales[:, rows] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
+        consensus[rows] = res.consensus_Bhw > 0
+    elif progress is not None:
+        progress(k, k)
+    t_model = time.perf_counter()
+
+    # keep what belongs to the clicked object: the consensus component through (or nearest) the click; for
+    # samples and scales, their components that overlap it (or, if the consensus is empty, that reach the click)
+    click_index = (click_plane, (h - 1) / 2.0, (w - 1) / 2.0)
+    tol = settings.component_tolerance_mm
+
+    def keep(mask, region):
+        if region.any():
+            return _components_touching(mask, region)
+        return _component_near_point(mask, click_index, grid.spacing, tol)
+
+    kept_consensus = _component_near_point(consensus, click_index, grid.spacing, tol)
+    kept_samples = np.stack([keep(samples[i], kept_consensus) for i in range(n)])
+    kept_scales = np.stack([keep(scales[s], kept_consensus) for s in range(k)])
+    disagreement = (kept_samples != kept_consensus[None]).mean(0).astype(np.float32)
+
+    preview = Preview(image=prepared[click_plane], scale_consensus=kept_scales[:, click_plane].astype(np.uint8),
+                      consensus=kept_consensus[click_plane].astype(np.uint8),
+                      disagreement=disagreement[click_plane], title="plane through the click")
+    result = _to_volume("click", array.shape, m, grid, kept_consensus.astype(np.uint8), disagreement,
+                        pack_masks(kept_scales), pack_masks(kept_samples), k, n, card, settings, sampling,
+                        pixel_spacing, preview)
+    result.point_ras = tuple(float(v) for v in np.asarray(point_ras, dtype=np.float64).reshape(3))
+    result.timings_s = {"prepare": t_prep - t0, "model": t_model - t_prep, "total": time.perf_counter() - t0}
+    return result
+
+
+def _to_volume(mode, volume_shape, m, grid, consensus, disagreement, scale_bits, sample_bits, k, n, card,
+               settings, sampling, pixel_spacing, preview) -> VolumeResult:
+    box = grid_box_in_volume(grid, volume_shape, m)
+    if box is None:  # cannot happen for a point inside the volume; kept for a clear message
+        raise PointOutsideVolumeError("the segmentation grid does not overlap the volume")
+    mapped = map_grid_to_volume({"consensus": consensus, "disagreement": disagreement, "scales": scale_bits,
+                                 "samples": sample_bits}, grid, m, box)
+    voxel_mm3 = _voxel_volume(m)
+    cons_mm3, volumes, ious = _volume_statistics(mapped["consensus"], mapped["samples"], n, voxel_mm3)
+    return VolumeResult(
+        mode=mode, volume_shape=tuple(int(s) for s in volume_shape), ijk_to_ras=m.copy(), box=box,
+        consensus=mapped["consensus"], disagreement=mapped["disagreement"], scale_bits=mapped["scales"],
+        sample_bits=mapped["samples"], n_scales=k, n_samples=n, voxel_volume_mm3=voxel_mm3,
+        consensus_volume_mm3=cons_mm3, sample_volumes_mm3=volumes, sample_iou=ious, model_name=card.name,
+        settings=_settings_record(card, settings, sampling, pixel_spacing), grid=grid, preview=preview)
+
+
+# --------------------------------------------------------------------------------------------- whole volume
+
+def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[SegmentSettings] = None,
+                   progress: ProgressFn = None, cancel: CancelFn = None) -> VolumeResult:
+    """Segment every axial plane of the volume, tiled into crops at the model's spacing, in chunks of crops."""
+    import time
+
+    t0 = time.perf_counter()
+    settings = settings or SegmentSettings()
+    array, m = check_volume(volume, ijk_to_ras)
+    pixel_spacing, crop = _check_model(predictor, card, settings)
+    sampling = settings.sampling(predictor.config.sampling)
+    grid = whole_volume_grid(array.shape, m, crop, pixel_spacing)
+    nz, nrow, ncol = grid.shape
+    tiles_r, tiles_c = nrow // crop, ncol // crop
+    n, k = settings.n_samples, len(predictor.config.autoencoder.scales)
+    fill = float(array.min())
+
+    consensus = np.zeros(grid.shape, dtype=np.uint8)
+    disagreement = np.zeros(grid.shape, dtype=np.float32)
+    scale_bits = np.zeros(grid.shape, dtype=_bits_dtype(k))
+    sample_bits = np.zeros(grid.shape, dtype=_bits_dtype(n))
+    best = (-1, 0, 0, 0)  # (consensus pixels, plane, tile row, tile col) for the preview
+
+    # tiles are cut plane by plane and sent in chunks; only planes of the current chunk are resampled
+    tiles = [(z, tr, tc) for z in range(nz) for tr in range(tiles_r) for tc in range(tiles_c)]
+    chunks = [tiles[i:i + max(1, settings.batch_size)] for i in range(0, len(tiles), max(1, settings.batch_size))]
+    total_steps = len(chunks) * k
+    plane_cache: Dict[int, np.ndarray] = {}
+    preview_image = None
+    for ci, chunk in enumerate(chunks):
+        planes = sorted({z for z, _, _ in chunk})
+        for z in list(plane_cache):
+            if z not in planes:
+                del plane_cache[z]
+        missing = [z for z in planes if z not in plane_cache]
+        if missing:
+            for z, plane in zip(missing, resample_to_grid(array, m, grid, fill, planes=missing)):
+                plane_cache[z] = plane
+        raw = np.stack([plane_cache[z][tr * crop:(tr + 1) * crop, tc * crop:(tc + 1) * crop] for z, tr, tc in chunk])
+        prepared, has_signal = prepare_crops(raw, card.intensity)
+        rows = np.flatnonzero(has_signal)
+        if len(rows):
+            res = _run_model(predictor, prepared[rows], sampling, progress, cancel, ci * k, total_steps)
+            for r_out, r_in in enumerate(rows):
+                z, tr, tc = chunk[r_in]
+                win = (z, slice(tr * crop, (tr + 1) * crop), slice(tc * crop, (tc + 1) * crop))
+                consensus[win] = res.consensus_Bhw[r_out] > 0
+                disagreement[win] = res.disagreement_Bhw[r_out]
+                scale_bits[win] = pack_masks(res.scale_consensus_BKhw[r_out])
+                sample_bits[win] = pack_masks(res.samples_BNhw[r_out])
+                area = int((res.consensus_Bhw[r_out] > 0).sum())
+                if area > best[0]:
+                    best = (area, z, tr, tc)
+                    preview_image = prepared[r_in].copy()
+        else:
+            if progress is not None:
+                progress((ci + 1) * k, total_steps)
+            if cancel is not None and cancel():
+                from .engine import Cancelled
+
+                raise Cancelled()
+    t_model = time.perf_counter()
+
+    _, z, tr, tc = best
+    if preview_image is None:  # nothing had contrast: show the middle plane's centre tile
+        z, tr, tc = nz // 2, tiles_r // 2, tiles_c // 2
+        preview_image = np.zeros((crop, crop), dtype=np.float32)
+    win = (z, slice(tr * crop, (tr + 1) * crop), slice(tc * crop, (tc + 1) * crop))
+    preview = Preview(image=preview_image,
+                      scale_consensus=np.stack([unpack_mask(scale_bits[win], s) for s in range(k)]),
+                      consensus=consensus[win].copy(), disagreement=disagreement[win].copy(),
+                      title=f"plane {z}, tile ({tr}, {tc}): the largest consensus")
+    result = _to_volume("volume", array.shape, m, grid, consensus, disagreement, scale_bits, sample_bits, k, n,
+                        card, settings, sampling, pixel_spacing, preview)
+    result.timings_s = {"model": t_model - t0, "total": time.perf_counter() - t0}
+    return result
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two masks (Dice(empty, empty) = 1); the metrics module's definition, for volumes."""
+    from .metrics import dice as _dice
+
+    return _dice(a, b)
+
+
+__all__: List[str] = [
+    "SegmentSettings", "AxialGrid", "VolumeResult", "Preview", "VolumeError", "NotAVolumeError",
+    "NonFiniteVolumeError", "ConstantVolumeError", "PointOutsideVolumeError", "UnsupportedModelError",
+    "check_volume", "check_point", "click_grid", "whole_volume_grid", "resample_to_grid", "prepare_crops",
+    "grid_box_in_volume", "map_grid_to_volume", "pack_masks", "unpack_mask", "segment_click", "segment_volume",
+]
