@@ -132,8 +132,14 @@ def cmd_eval(args):
         over["top_k"] = args.top_k
     s = dataclasses.replace(s, **over)
     images = (data.images_Nhw[:, None] / 255.0).astype(np.float32)
-    with tqdm(total=len(data), desc=f"eval {card.name} on {args.split}") as bar:
-        res = evaluate(predictor, images, data.masks_NRhw, s, progress=bar.update)
+    if args.baseline == "unet":
+        from .evaluation import dense_baseline_masks, evaluate_deterministic
+
+        res = evaluate_deterministic(dense_baseline_masks(predictor, images), data.masks_NRhw, args.samples)
+        res["baseline"] = "unet: the model's image encoder dense head, deterministic (16 identical samples)"
+    else:
+        with tqdm(total=len(data), desc=f"eval {card.name} on {args.split}") as bar:
+            res = evaluate(predictor, images, data.masks_NRhw, s, progress=bar.update)
     res.update({"model": card.name, "split": args.split, "samples": args.samples, "seed": args.seed,
                 "temperature": s.temperature, "top_k": s.top_k, "data": str(args.data)})
     print(json.dumps({k: res[k] for k in ("ged", "hm_iou", "soft_dice", "n_images")}, indent=2))
@@ -323,8 +329,8 @@ def cmd_batch(args):
     failed = [r for r in all_records if r["status"] != "ok"]
     if is_main():
         output_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"model": card.name, "world_size": world, "cases": all_records, "n_ok": len(all_records) - len(failed),
-                   "n_failed": len(failed)}
+        summary = {"model": card.name, "world_size": world, "cases": all_records,
+                   "n_ok": len(all_records) - len(failed), "n_failed": len(failed)}
         (output_dir / "batch.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"arseg batch: {len(all_records) - len(failed)} of {len(all_records)} cases segmented "
               f"on {world} rank(s); summary in {output_dir / 'batch.json'}")
@@ -367,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
+    p.add_argument("--baseline", choices=["unet"], default=None,
+                   help="evaluate the deterministic U-Net baseline (the model's dense head) instead")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("segment", help="segment a volume file at a point (or whole) into a .seg.nrrd",

@@ -8,6 +8,8 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
+import torch
+
 from .engine import ARSegPredictor, SamplingConfig
 from .metrics import MetricAccumulator, iou, multi_reader_metrics, soft_dice
 
@@ -31,4 +33,24 @@ def evaluate(predictor: ARSegPredictor, images_NChw: np.ndarray, masks_NRhw: np.
             acc.add(row)
         if progress is not None:
             progress(res.samples_BNhw.shape[0])
+    return acc.result()
+
+
+@torch.inference_mode()
+def dense_baseline_masks(predictor: ARSegPredictor, images_NChw: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The deterministic U-Net baseline: the image encoder's dense head (trained on the readers' soft
+    consensus) thresholded at 0.5 (binary) or its argmax (multi-class)."""
+    out = []
+    for b in range(0, len(images_NChw), batch):
+        x = torch.as_tensor(np.asarray(images_NChw[b:b + batch], np.float32), device=predictor.device)
+        logits = predictor.segmentor.image_encoder(x).dense_logits_BChw
+        out.append(predictor.autoencoder.logits_to_mask(logits).cpu().numpy())
+    return np.concatenate(out)
+
+
+def evaluate_deterministic(masks_Nhw: np.ndarray, readers_NRhw: np.ndarray, n_samples: int = 16) -> Dict[str, float]:
+    """A deterministic model's N "samples" are N copies of its one output (the protocol)."""
+    acc = MetricAccumulator()
+    for m, readers in zip(masks_Nhw, readers_NRhw):
+        acc.add(multi_reader_metrics(np.repeat(m[None], n_samples, 0), readers))
     return acc.result()

@@ -27,7 +27,8 @@ def load_checkpoint(path) -> Optional[Dict[str, Any]]:
 
 
 class CSVLog:
-    """Appends rows; the header is the union of keys seen in the first row (later keys must match)."""
+    """Appends rows. A row with new columns (validation metrics appear only now and then) rewrites the
+    file once with the wider header, so no value is dropped."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -42,6 +43,17 @@ class CSVLog:
             self.fields = list(row)
             with open(self.path, "w", newline="") as f:
                 csv.writer(f).writerow(self.fields)
+        new = [k for k in row if k not in self.fields]
+        if new:
+            with open(self.path, newline="") as f:
+                old = list(csv.DictReader(f))
+            self.fields += new
+            tmp = self.path.with_suffix(".tmp")
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, self.fields)
+                w.writeheader()
+                w.writerows(old)
+            os.replace(tmp, self.path)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.fields, extrasaction="ignore").writerow(
                 {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -57,7 +57,7 @@ class TrainConfig:
     ae_plain_steps: int = 300  # steps without quantization before the codebook is seeded from data
     ae_reseed_every: int = 200  # re-seed codes unused since the last re-seed
     # segmentor
-    unet_pretrain_steps: int = 800  # dense + presence loss only, before the transformer joins
+    unet_pretrain_steps: int = 500  # dense + presence loss only, before the transformer joins
     dense_weight: float = 1.0
     presence_weight: float = 0.5
     eval_images: int = 128
@@ -76,6 +76,8 @@ class Trainer:
         self.device = resolve_device(tc.device)
         if tc.threads:
             torch.set_num_threads(tc.threads)
+        # tiny gradients late in training turn into denormal floats, which run many times slower on a CPU
+        torch.set_flush_denormal(True)
         self.out = Path(tc.out_dir)
         self.ckpt_path = self.out / f"{self.kind}.pt"
         self.log = CSVLog(self.out / f"{self.kind}.csv") if is_main() else None
