@@ -241,15 +241,22 @@ def cmd_segment(args):
         from .mrml import OutputOptions, segment_file
 
         predictor, card = _load_predictor(args.model, args.device)
-        with tqdm(total=1, desc=f"arseg segment {Path(args.volume).name}", unit="step", leave=False) as bar:
-            def progress(done, total):
-                bar.total = total
-                bar.n = done
-                bar.refresh()
+        bars = []  # made on the first progress call: input errors print their one line with no bar before it
 
+        def progress(done, total):
+            if not bars:
+                bars.append(tqdm(total=total, desc=f"arseg segment {Path(args.volume).name}", unit="scale",
+                                 leave=False))
+            bars[0].n = done
+            bars[0].refresh()
+
+        try:
             result, nodes = segment_file(args.volume, out, predictor, card, point, _segment_settings(args),
                                          OutputOptions(include_samples=args.include_samples),
                                          report_path=args.report, progress=progress)
+        finally:
+            for bar in bars:
+                bar.close()
         if args.png:
             write_preview_png(result, args.png)
     except _user_errors() as e:
