@@ -614,6 +614,31 @@ def select_scale(nodes: ResultNodes, k: int, show: bool = True):
         display.SetVisibility(bool(show))
 
 
+def find_results(scene, volume_node) -> Optional[ResultNodes]:
+    """ARSeg's current result nodes for a volume (after a run, a scene reload, or from the console), or None."""
+    by_role = {n.GetAttribute(ROLE_ATTRIBUTE): n for n in result_nodes_of(scene, volume_node)}
+    if ROLE_SEGMENTATION not in by_role:
+        return None
+    table = by_role.get(ROLE_REPORT)
+    report_json = table.GetAttribute(REPORT_ATTRIBUTE) if table is not None else None
+    colormap = next(iter(_nodes_with_attribute(scene, "vtkMRMLColorTableNode", ROLE_ATTRIBUTE, ROLE_COLORMAP)), None)
+    return ResultNodes(segmentation=by_role[ROLE_SEGMENTATION], disagreement_volume=by_role.get(ROLE_DISAGREEMENT),
+                       sequence=by_role.get(ROLE_SEQUENCE), browser=by_role.get(ROLE_BROWSER),
+                       proxy=by_role.get(ROLE_PROXY), table=table, colormap=colormap,
+                       report=json.loads(report_json) if report_json else {})
+
+
+def show_disagreement(scene, nodes: ResultNodes, show: bool = True, opacity: float = 0.5):
+    """The disagreement heat map over the image in every slice view (what the module's toggle does)."""
+    volume_id = nodes.disagreement_volume.GetID() if nodes.disagreement_volume is not None else None
+    for composite in _nodes_of_class(scene, "vtkMRMLSliceCompositeNode"):
+        if show and volume_id:
+            composite.SetForegroundVolumeID(volume_id)
+            composite.SetForegroundOpacity(opacity)
+        elif composite.GetForegroundVolumeID() == volume_id:
+            composite.SetForegroundVolumeID(None)
+
+
 # --------------------------------------------------------------------------------------------- files
 
 def save_segmentation(segmentation_node, path, crop_to_minimum_extent: bool = True) -> Path:

@@ -660,6 +660,61 @@ def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[Segme
     return result
 
 
+# --------------------------------------------------------------------------------------------- background
+
+class BackgroundRun:
+    """Runs fn(progress, cancel) on a worker thread; the caller polls it (a GUI timer) and collects the result.
+
+    No Qt here: the Slicer module polls `finished` from a QTimer and applies the result to MRML on the main
+    thread (MRML is not thread-safe; numpy and torch are fine on a worker and release the GIL)."""
+
+    def __init__(self, fn: Callable[[Callable[[int, int], None], Callable[[], bool]], Any]):
+        import threading
+
+        self._fn = fn
+        self._cancel = threading.Event()
+        self._finished = threading.Event()
+        self._thread = threading.Thread(target=self._main, name="ARSeg inference", daemon=True)
+        self.done_steps, self.total_steps = 0, 1
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+
+    def start(self) -> BackgroundRun:
+        self._thread.start()
+        return self
+
+    def _progress(self, done: int, total: int):
+        self.done_steps, self.total_steps = int(done), max(1, int(total))
+
+    def _main(self):
+        try:
+            self.result = self._fn(self._progress, self._cancel.is_set)
+        except BaseException as e:  # handed to the caller, who shows it
+            self.error = e
+        finally:
+            self._finished.set()
+
+    def cancel(self):
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        from .engine import Cancelled
+
+        return isinstance(self.error, Cancelled)
+
+    @property
+    def finished(self) -> bool:
+        return self._finished.is_set()
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done_steps / self.total_steps)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self._finished.wait(timeout)
+
+
 # --------------------------------------------------------------------------------------------- helpers
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -674,4 +729,5 @@ __all__: List[str] = [
     "NonFiniteVolumeError", "ConstantVolumeError", "PointOutsideVolumeError", "UnsupportedModelError",
     "check_volume", "check_point", "click_grid", "whole_volume_grid", "resample_to_grid", "prepare_crops",
     "grid_box_in_volume", "map_grid_to_volume", "pack_masks", "unpack_mask", "segment_click", "segment_volume",
+    "BackgroundRun",
 ]

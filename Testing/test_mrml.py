@@ -276,3 +276,20 @@ def test_parent_transform_is_followed(lung1, click_result, tiny):
     m, shape = mrml.reference_geometry_of(nodes.segmentation)
     np.testing.assert_array_equal(mrml.segment_array(nodes.segmentation, "Consensus", shape, m),
                                   click_result.full(click_result.consensus))
+
+
+def test_results_are_found_again_and_shown_in_slice_views(lung1, click_result):
+    scene, volume = _scene_with_volume(lung1)
+    composite = slicer.vtkMRMLSliceCompositeNode()
+    scene.AddNode(composite)
+    assert mrml.find_results(scene, volume) is None
+    written = mrml.write_result(scene, volume, click_result)
+    found = mrml.find_results(scene, volume)
+    assert found.segmentation is written.segmentation and found.proxy is written.proxy
+    assert found.report["consensus_volume_mm3"] == written.report["consensus_volume_mm3"]
+    mrml.show_disagreement(scene, found, True)
+    assert composite.GetForegroundVolumeID() == written.disagreement_volume.GetID()
+    mrml.show_disagreement(scene, found, False)
+    assert composite.GetForegroundVolumeID() is None
+    mrml.select_scale(found, 1)
+    assert found.browser.GetSelectedItemNumber() == 0

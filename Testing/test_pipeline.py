@@ -213,3 +213,20 @@ def test_bits_round_trip():
         masks = rng.random((n, 3, 4, 5)) > 0.5
         packed = pipeline.pack_masks(masks)
         assert all(np.array_equal(pipeline.unpack_mask(packed, i), masks[i]) for i in range(n))
+
+
+def test_background_run_reports_progress_and_can_be_cancelled(lung1, tiny):
+    predictor, card = tiny
+    settings = SegmentSettings(n_samples=2, half_height_mm=0)
+
+    def click(progress, cancel):
+        return pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card, settings,
+                                      progress=progress, cancel=cancel)
+
+    run = pipeline.BackgroundRun(click).start()
+    assert run.wait(120) and run.error is None and run.fraction == 1.0
+    assert isinstance(run.result, pipeline.VolumeResult)
+    stopped = pipeline.BackgroundRun(click)
+    stopped.cancel()
+    stopped.start()
+    assert stopped.wait(120) and stopped.cancelled and stopped.result is None
