@@ -1,0 +1,545 @@
+"""ARSeg: click-to-segment with an autoregressive next-scale model; every scale, samples, consensus, disagreement.
+
+The module is the GUI only. Everything else is ARSegLib: `pipeline` (volume <-> crops, the 3D component, the
+worker thread), `mrml` (the nodes), `models` (the model cards). The same calls serve the console:
+
+    logic = ARSegLogic()
+    nodes = logic.segment(volumeNode, point=(R, A, S))           # or point=None: the whole volume
+    reports = logic.segmentFiles(["a.nrrd", "b.nrrd"], "/tmp/out")
+"""
+
+import logging
+import os
+import sys
+from typing import Annotated, Optional
+
+import qt
+import slicer
+from slicer import vtkMRMLScalarVolumeNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+DEFAULT_MODEL = "lidc-nodule"
+PYTHON_PACKAGES = {"safetensors": "safetensors", "scipy": "scipy"}  # import name -> pip requirement
+
+
+def _ensureLibraryOnPath():
+    """ARSegLib sits beside this file in an installed extension, one level up in a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (here, os.path.dirname(here)):
+        if os.path.isdir(os.path.join(folder, "ARSegLib")) and folder not in sys.path:
+            sys.path.insert(0, folder)
+            return
+
+
+_ensureLibraryOnPath()
+
+
+#
+# ARSeg
+#
+
+
+class ARSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "ARSeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Sequences", "Markups", "Segmentations"]
+        self.parent.contributors = ["ARSeg developers"]
+        self.parent.helpText = """
+Click on a lung nodule: ARSeg segments it with an autoregressive next-scale model (AR-Seg) and shows the whole
+reasoning: the mask after every coarse-to-fine scale (scale slider), several plausible samples, their consensus
+and where they disagree (heat map). <b>Segment whole volume</b> runs every slice.
+From the Python console: <code>ARSegLogic().segment(volumeNode, point=(R, A, S))</code>,
+<code>ARSegLogic().segmentFiles(paths, outputDir)</code>.
+"""
+        self.parent.acknowledgementText = """
+AR-Seg: autoregressive medical image segmentation by next-scale mask prediction. The shipped lung-nodule model
+was trained on LIDC-IDRI (The Cancer Imaging Archive, CC BY 3.0).
+"""
+
+
+#
+# Parameters
+#
+
+
+@parameterNodeWrapper
+class ARSegParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    model: str = DEFAULT_MODEL
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    samples: Annotated[int, WithinRange(1, 64)] = 16
+    temperature: Annotated[float, WithinRange(0.05, 5.0)] = 1.0
+    seed: Annotated[int, WithinRange(0, 1000000)] = 0
+    halfHeightMm: Annotated[float, WithinRange(0.0, 200.0)] = 20.0
+    includeSamples: bool = False
+
+
+#
+# ARSegWidget
+#
+
+
+class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The GUI: inputs, click place mode, whole-volume button, progress and cancel, scale slider, heat toggle."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None  # the BackgroundRun in flight
+        self._runVolume = None
+        self._pendingPoint = None  # a point placed while a run was in flight: it runs next
+        self._clickNode = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ARSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = ARSegLogic()
+
+        self.ui.modelComboBox.addItems(self.logic.availableModels())
+        self.ui.modelComboBox.connect("currentTextChanged(QString)", self.onModelChanged)
+        place = self.ui.clickPlaceWidget
+        place.setMRMLScene(slicer.mrmlScene)
+        place.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+        place.buttonsVisible = False
+        place.placeButton().show()
+        place.placeButton().text = "Click to segment"
+
+        self.ui.segmentWholeVolumeButton.clicked.connect(self.onSegmentWholeVolume)
+        self.ui.cancelButton.clicked.connect(self.onCancel)
+        self.ui.scaleSlider.valueChanged.connect(self.onScaleChanged)
+        self.ui.disagreementCheckBox.toggled.connect(self.onDisagreementToggled)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateResultsGui)
+
+        self._pollTimer = qt.QTimer()
+        self._pollTimer.setInterval(100)
+        self._pollTimer.timeout.connect(self.onPoll)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+        self.setRunning(False)
+
+    def cleanup(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+        self._pollTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None:
+            self._run.cancel()
+        self.setParameterNode(None)
+        self._clickNode = None
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first and not first.GetAttribute("ARSeg.Role"):
+                self._parameterNode.inputVolume = first
+        self._clickNode = self.logic.clickMarkupsNode()
+        self.ui.clickPlaceWidget.setCurrentNode(self._clickNode)
+        self.removeObserver(self._clickNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointPlaced)
+        self.addObserver(self._clickNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointPlaced)
+
+    def setParameterNode(self, inputParameterNode: Optional[ARSegParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            index = self.ui.modelComboBox.findText(self._parameterNode.model)
+            if index >= 0:
+                self.ui.modelComboBox.currentIndex = index
+            self.updateResultsGui()
+
+    def onModelChanged(self, text) -> None:
+        if self._parameterNode and text:
+            self._parameterNode.model = text
+
+    # --- running
+
+    def onPointPlaced(self, caller, event) -> None:
+        n = caller.GetNumberOfControlPoints()
+        if n == 0:
+            return
+        position = [0.0, 0.0, 0.0]
+        caller.GetNthControlPointPositionWorld(n - 1, position)
+        if self._run is not None:
+            self._pendingPoint = tuple(position)  # the newest click wins; it runs when this one ends
+            return
+        self.startRun(tuple(position))
+
+    def onSegmentWholeVolume(self) -> None:
+        self.startRun(None)
+
+    def startRun(self, point) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("ARSeg could not start the segmentation.", waitCursor=True):
+            if not p.inputVolume:
+                raise ValueError("Select an input volume first.")
+            if not self.logic.setupPythonRequirements():
+                return
+            self._run = self.logic.startSegmentation(p.inputVolume, point, model=p.model, device=p.device,
+                                                     samples=p.samples, temperature=p.temperature, seed=p.seed,
+                                                     halfHeightMm=p.halfHeightMm)
+            self._runVolume = p.inputVolume
+            where = "whole volume" if point is None else "R {:.1f}, A {:.1f}, S {:.1f}".format(*point)
+            self.ui.statusLabel.text = f"Segmenting ({where})..."
+            self.setRunning(True)
+            self._pollTimer.start()
+
+    def onCancel(self) -> None:
+        self._pendingPoint = None
+        if self._run is not None:
+            self._run.cancel()
+            self.ui.statusLabel.text = "Cancelling..."
+
+    def onPoll(self) -> None:
+        run = self._run
+        if run is None:
+            self._pollTimer.stop()
+            return
+        self.ui.progressBar.value = int(100 * run.fraction)
+        if not run.finished:
+            return
+        self._pollTimer.stop()
+        self._run = None
+        self.setRunning(False)
+        if run.cancelled:
+            self.ui.statusLabel.text = "Cancelled."
+        elif run.error is not None:
+            self.ui.statusLabel.text = "Failed."
+            slicer.util.errorDisplay(f"ARSeg failed: {run.error}")
+        else:
+            with slicer.util.tryWithErrorDisplay("ARSeg could not add its results to the scene."):
+                nodes = self.logic.applyResult(self._runVolume, run.result,
+                                               includeSamples=self._parameterNode.includeSamples)
+                seconds = run.result.timings_s.get("total", 0.0)
+                self.ui.statusLabel.text = f"Done in {seconds:.1f} s."
+                self.showResults(nodes)
+        if self._pendingPoint is not None:
+            point, self._pendingPoint = self._pendingPoint, None
+            self.startRun(point)
+
+    def setRunning(self, running: bool) -> None:
+        self.ui.progressBar.visible = running
+        self.ui.progressBar.value = 0
+        self.ui.cancelButton.enabled = running
+        self.ui.segmentWholeVolumeButton.enabled = not running
+
+    # --- results
+
+    def updateResultsGui(self, *args) -> None:
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        nodes = self.logic.results(volume) if volume else None
+        self.showResults(nodes)
+
+    def showResults(self, nodes) -> None:
+        has = nodes is not None and nodes.sequence is not None
+        self.ui.resultsCollapsibleButton.enabled = has
+        if not has:
+            self.ui.reportLabel.text = "No result yet: click on the image or segment the whole volume."
+            return
+        n = nodes.sequence.GetNumberOfDataNodes()
+        wasBlocked = self.ui.scaleSlider.blockSignals(True)
+        self.ui.scaleSlider.minimum, self.ui.scaleSlider.maximum = 1, n
+        self.ui.scaleSlider.value = n
+        self.ui.scaleSlider.blockSignals(wasBlocked)
+        self.ui.scaleLabel.text = f"Scale {n}/{n}"
+        self.ui.reportLabel.text = self.logic.reportSummary(nodes.report)
+
+    def onScaleChanged(self, value) -> None:
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        if volume is None:
+            return
+        n = self.ui.scaleSlider.maximum
+        self.ui.scaleLabel.text = f"Scale {value}/{n}"
+        with slicer.util.tryWithErrorDisplay("ARSeg could not show this scale."):
+            self.logic.showScale(volume, int(value))
+
+    def onDisagreementToggled(self, checked) -> None:
+        volume = self._parameterNode.inputVolume if self._parameterNode else None
+        if volume is not None:
+            with slicer.util.tryWithErrorDisplay("ARSeg could not show the disagreement."):
+                self.logic.showDisagreement(volume, bool(checked))
+
+
+#
+# ARSegLogic
+#
+
+
+class ARSegLogic(ScriptedLoadableModuleLogic):
+    """Thin: every computation is in ARSegLib. Usable from the Python console without the GUI."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._models = {}  # (model, device) -> (predictor, card)
+
+    def getParameterNode(self):
+        return ARSegParameterNode(super().getParameterNode())
+
+    # --- Python packages
+
+    def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
+        """torch from the PyTorch extension (PyTorchUtils), other packages by pip; both only once confirmed."""
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError as e:
+                raise RuntimeError("ARSeg needs the PyTorch extension: install 'PyTorch' from the Extensions "
+                                   "Manager and restart Slicer.") from e
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=">=2.1")
+                if torch is None:
+                    logging.info("ARSeg: PyTorch was not installed")
+                    return False
+        missing = [pip for module, pip in PYTHON_PACKAGES.items() if importlib.util.find_spec(module) is None]
+        if missing:
+            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    f"ARSeg needs the Python packages {', '.join(missing)}. Install them now? "
+                    f"(needs a network connection, about a minute)", "ARSeg: install Python packages"):
+                return False
+            slicer.util.pip_install(" ".join(missing))
+        return True
+
+    # --- models
+
+    def availableModels(self):
+        """Model names for the GUI; only the default until torch is installed (ARSegLib.models imports it)."""
+        try:
+            from ARSegLib.models import available_models
+
+            return sorted(set(available_models()) | {DEFAULT_MODEL})
+        except ImportError:
+            return [DEFAULT_MODEL]
+
+    def loadModel(self, model: str = DEFAULT_MODEL, device: str = "auto"):
+        """(predictor, card), loaded once per model and device."""
+        from ARSegLib.models import load_model
+        from ARSegLib.training.distributed import resolve_device
+
+        key = (model, resolve_device(device))
+        if key not in self._models:
+            self._models[key] = load_model(model, key[1])
+        return self._models[key]
+
+    @staticmethod
+    def settings(samples=16, temperature=None, seed=0, halfHeightMm=20.0):
+        from ARSegLib.pipeline import SegmentSettings
+
+        return SegmentSettings(n_samples=int(samples), temperature=None if temperature is None else float(temperature),
+                               seed=int(seed), half_height_mm=float(halfHeightMm))
+
+    # --- segmenting
+
+    def segment(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto", samples: int = 16,
+                temperature: Optional[float] = None, seed: int = 0, halfHeightMm: float = 20.0,
+                includeSamples: bool = False, progress=None, cancel=None):
+        """Segment volumeNode at a RAS point (or the whole volume when point is None); returns ResultNodes."""
+        from ARSegLib import mrml
+
+        predictor, card = self.loadModel(model, device)
+        return mrml.segment_node(volumeNode, predictor, card, point_ras=point,
+                                 settings=self.settings(samples, temperature, seed, halfHeightMm),
+                                 options=mrml.OutputOptions(include_samples=includeSamples),
+                                 progress=progress, cancel=cancel)
+
+    def segmentFiles(self, paths, outputDir, points=None, model: str = DEFAULT_MODEL, device: str = "auto",
+                     samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
+                     includeSamples: bool = False):
+        """Each image file -> outputDir/NAME.seg.nrrd + NAME.report.json, in scenes of their own (the user's
+        scene is not touched). points: {path: (R, A, S)} for click mode; other files run whole. Returns reports."""
+        from pathlib import Path
+
+        from ARSegLib import mrml
+
+        predictor, card = self.loadModel(model, device)
+        points = {str(Path(k)): v for k, v in (points or {}).items()}
+        reports = []
+        for path in paths:
+            path = Path(path)
+            stem = mrml.volume_stem(path)
+            out = Path(outputDir) / f"{stem}.seg.nrrd"
+            _, nodes = mrml.segment_file(path, out, predictor, card, points.get(str(path)),
+                                         self.settings(samples, temperature, seed),
+                                         mrml.OutputOptions(include_samples=includeSamples),
+                                         report_path=Path(outputDir) / f"{stem}.report.json")
+            reports.append(dict(nodes.report, segmentation=str(out)))
+        return reports
+
+    def startSegmentation(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto",
+                          samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
+                          halfHeightMm: float = 20.0):
+        """Read the volume here (main thread), infer on a worker thread; returns the started BackgroundRun."""
+        from ARSegLib import mrml, pipeline
+
+        predictor, card = self.loadModel(model, device)
+        array, ijkToRas = mrml.volume_array(volumeNode), mrml.world_ijk_to_ras(volumeNode)
+        settings = self.settings(samples, temperature, seed, halfHeightMm)
+        if point is not None:
+            pipeline.check_point(point, array.shape, ijkToRas)  # a click outside says so at once
+
+        def work(progress, cancel):
+            if point is None:
+                return pipeline.segment_volume(array, ijkToRas, predictor, card, settings, progress, cancel)
+            return pipeline.segment_click(array, ijkToRas, point, predictor, card, settings, progress, cancel)
+
+        return pipeline.BackgroundRun(work).start()
+
+    def applyResult(self, volumeNode, result, includeSamples: bool = False):
+        """Main thread: the finished run's nodes into the scene (replacing ARSeg's earlier ones for the volume)."""
+        from ARSegLib import mrml
+
+        return mrml.write_result(slicer.mrmlScene, volumeNode, result,
+                                 mrml.OutputOptions(include_samples=includeSamples))
+
+    # --- showing
+
+    def results(self, volumeNode):
+        from ARSegLib import mrml
+
+        return mrml.find_results(volumeNode.GetScene(), volumeNode) if volumeNode is not None else None
+
+    def showScale(self, volumeNode, scale: int) -> None:
+        from ARSegLib import mrml
+
+        nodes = self.results(volumeNode)
+        if nodes is not None and nodes.sequence is not None:
+            mrml.select_scale(nodes, scale, show=True)
+
+    def showDisagreement(self, volumeNode, show: bool = True) -> None:
+        from ARSegLib import mrml
+
+        nodes = self.results(volumeNode)
+        if nodes is not None:
+            mrml.show_disagreement(volumeNode.GetScene(), nodes, show)
+
+    @staticmethod
+    def reportSummary(report) -> str:
+        if not report:
+            return ""
+        vols = report["sample_volume_mm3"]
+        ious = report["sample_iou_with_consensus"]
+        return (f"Consensus {report['consensus_volume_mm3']:.0f} mm\u00b3; {report['n_samples']} samples "
+                f"{vols['min']:.0f}-{vols['max']:.0f} mm\u00b3 (mean {vols['mean']:.0f}); "
+                f"IoU with consensus {min(ious):.2f}-{max(ious):.2f}")
+
+    def clickMarkupsNode(self):
+        """The point list that the place mode adds to (ARSeg's own node, reused)."""
+        for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode"):
+            if node.GetAttribute("ARSeg.Role") == "clicks":
+                return node
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "ARSeg clicks")
+        node.SetAttribute("ARSeg.Role", "clicks")
+        node.CreateDefaultDisplayNodes()
+        return node
+
+
+#
+# ARSegTest
+#
+
+
+class ARSegTest(ScriptedLoadableModuleTest):
+    """Runs in Slicer on the sample chest CT (Sample Data 'CTChest') with the shipped model."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ClickNodeContractRerunAndFiles()
+
+    def test_ClickNodeContractRerunAndFiles(self):
+        import tempfile
+
+        import SampleData
+
+        logic = ARSegLogic()
+        self.delayDisplay("Checking Python packages")
+        self.assertTrue(logic.setupPythonRequirements(askConfirmation=False))
+        from ARSegLib.models import ModelError, find_card
+
+        try:
+            find_card(DEFAULT_MODEL)
+        except ModelError:
+            self.delayDisplay(f"Skipped: the shipped model {DEFAULT_MODEL} is not installed")
+            return
+
+        self.delayDisplay("Loading CTChest")
+        volume = SampleData.downloadSample("CTChest")
+        bounds = [0.0] * 6
+        volume.GetRASBounds(bounds)
+        # a quarter of the way across from the patient's left side (R is smallest there): the left lung, mid-height
+        point = (bounds[0] + 0.25 * (bounds[1] - bounds[0]), 0.5 * (bounds[2] + bounds[3]),
+                 0.5 * (bounds[4] + bounds[5]))
+        mine = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
+        mineMTime = mine.GetMTime()
+
+        self.delayDisplay("Click to segment")
+        nodes = logic.segment(volume, point=point, samples=4)
+        names = [nodes.segmentation.GetSegmentation().GetNthSegment(i).GetName()
+                 for i in range(nodes.segmentation.GetSegmentation().GetNumberOfSegments())]
+        k = nodes.sequence.GetNumberOfDataNodes()
+        self.assertEqual(names, ["Consensus", "Disagreement"] + [f"Scale {s}/{k}" for s in range(1, k + 1)])
+        self.assertTrue(nodes.segmentation.GetDisplayNode().GetSegmentVisibility("Consensus"))
+        self.assertFalse(nodes.segmentation.GetDisplayNode().GetSegmentVisibility("Scale_1"))
+        self.assertEqual(nodes.segmentation.GetName(), f"{volume.GetName()} ARSeg")
+        self.assertGreater(nodes.table.GetNumberOfRows(), 4)
+        logic.showScale(volume, 1)
+        logic.showDisagreement(volume, True)
+
+        self.delayDisplay("Re-run replaces ARSeg's nodes only")
+        count = slicer.mrmlScene.GetNumberOfNodes()
+        again = logic.segment(volume, point=point, samples=4)
+        self.assertIsNone(nodes.segmentation.GetScene())
+        self.assertIsNotNone(again.segmentation.GetScene())
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+        self.assertEqual(mine.GetMTime(), mineMTime)
+
+        self.delayDisplay("A click outside the volume: a clear error, no change")
+        with self.assertRaises(ValueError):
+            logic.segment(volume, point=(bounds[1] + 100.0, 0.0, 0.0), samples=2)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+
+        self.delayDisplay("Batch from files")
+        folder = tempfile.mkdtemp()
+        path = os.path.join(folder, "chest.nrrd")
+        self.assertTrue(slicer.util.saveNode(volume, path))
+        reports = logic.segmentFiles([path], folder, points={path: point}, samples=4)
+        self.assertEqual(len(reports), 1)
+        loaded = slicer.util.loadSegmentation(reports[0]["segmentation"])
+        self.assertEqual(loaded.GetSegmentation().GetNthSegment(0).GetName(), "Consensus")
+        self.delayDisplay("Test passed")
