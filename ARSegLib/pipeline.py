@@ -551,12 +551,13 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
     kept_consensus = _component_near_point(consensus, click_index, grid.spacing, tol)
     kept_samples = np.stack([keep(samples[i], kept_consensus) for i in range(n)])
     kept_scales = np.stack([keep(scales[s], kept_consensus) for s in range(k)])
-    disagreement = (kept_samples != kept_consensus[None]).mean(0).astype(np.float32)
+    disagreeing = (kept_samples != kept_consensus[None]).sum(0).astype(np.uint8)
+    disagreement = disagreeing.astype(np.float32) / n
 
     preview = Preview(image=prepared[click_plane], scale_consensus=kept_scales[:, click_plane].astype(np.uint8),
                       consensus=kept_consensus[click_plane].astype(np.uint8),
                       disagreement=disagreement[click_plane], title="plane through the click")
-    result = _to_volume("click", array.shape, m, grid, kept_consensus.astype(np.uint8), disagreement,
+    result = _to_volume("click", array.shape, m, grid, kept_consensus.astype(np.uint8), disagreeing,
                         pack_masks(kept_scales), pack_masks(kept_samples), k, n, card, settings, sampling,
                         pixel_spacing, preview)
     result.point_ras = tuple(float(v) for v in np.asarray(point_ras, dtype=np.float64).reshape(3))
@@ -564,18 +565,21 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
     return result
 
 
-def _to_volume(mode, volume_shape, m, grid, consensus, disagreement, scale_bits, sample_bits, k, n, card,
+def _to_volume(mode, volume_shape, m, grid, consensus, disagreeing, scale_bits, sample_bits, k, n, card,
                settings, sampling, pixel_spacing, preview) -> VolumeResult:
+    """Grid arrays -> the volume's grid. disagreeing: how many samples differ (uint8: a quarter of float32's
+    memory for a whole CT); the result holds the fraction."""
     box = grid_box_in_volume(grid, volume_shape, m)
     if box is None:  # cannot happen for a point inside the volume; kept for a clear message
         raise PointOutsideVolumeError("the segmentation grid does not overlap the volume")
-    mapped = map_grid_to_volume({"consensus": consensus, "disagreement": disagreement, "scales": scale_bits,
+    mapped = map_grid_to_volume({"consensus": consensus, "disagreeing": disagreeing, "scales": scale_bits,
                                  "samples": sample_bits}, grid, m, box)
     voxel_mm3 = _voxel_volume(m)
     cons_mm3, volumes, ious = _volume_statistics(mapped["consensus"], mapped["samples"], n, voxel_mm3)
     return VolumeResult(
         mode=mode, volume_shape=tuple(int(s) for s in volume_shape), ijk_to_ras=m.copy(), box=box,
-        consensus=mapped["consensus"], disagreement=mapped["disagreement"], scale_bits=mapped["scales"],
+        consensus=mapped["consensus"], disagreement=mapped["disagreeing"].astype(np.float32) / n,
+        scale_bits=mapped["scales"],
         sample_bits=mapped["samples"], n_scales=k, n_samples=n, voxel_volume_mm3=voxel_mm3,
         consensus_volume_mm3=cons_mm3, sample_volumes_mm3=volumes, sample_iou=ious, model_name=card.name,
         settings=_settings_record(card, settings, sampling, pixel_spacing), grid=grid, preview=preview)
@@ -600,7 +604,7 @@ def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[Segme
     fill = float(array.min())
 
     consensus = np.zeros(grid.shape, dtype=np.uint8)
-    disagreement = np.zeros(grid.shape, dtype=np.float32)
+    disagreeing = np.zeros(grid.shape, dtype=np.uint8)  # samples differing from the consensus
     scale_bits = np.zeros(grid.shape, dtype=_bits_dtype(k))
     sample_bits = np.zeros(grid.shape, dtype=_bits_dtype(n))
     best = (-1, 0, 0, 0)  # (consensus pixels, plane, tile row, tile col) for the preview
@@ -629,7 +633,7 @@ def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[Segme
                 z, tr, tc = chunk[r_in]
                 win = (z, slice(tr * crop, (tr + 1) * crop), slice(tc * crop, (tc + 1) * crop))
                 consensus[win] = res.consensus_Bhw[r_out] > 0
-                disagreement[win] = res.disagreement_Bhw[r_out]
+                disagreeing[win] = np.rint(res.disagreement_Bhw[r_out] * n).astype(np.uint8)
                 scale_bits[win] = pack_masks(res.scale_consensus_BKhw[r_out])
                 sample_bits[win] = pack_masks(res.samples_BNhw[r_out])
                 area = int((res.consensus_Bhw[r_out] > 0).sum())
@@ -652,9 +656,9 @@ def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[Segme
     win = (z, slice(tr * crop, (tr + 1) * crop), slice(tc * crop, (tc + 1) * crop))
     preview = Preview(image=preview_image,
                       scale_consensus=np.stack([unpack_mask(scale_bits[win], s) for s in range(k)]),
-                      consensus=consensus[win].copy(), disagreement=disagreement[win].copy(),
+                      consensus=consensus[win].copy(), disagreement=disagreeing[win].astype(np.float32) / n,
                       title=f"plane {z}, tile ({tr}, {tc}): the largest consensus")
-    result = _to_volume("volume", array.shape, m, grid, consensus, disagreement, scale_bits, sample_bits, k, n,
+    result = _to_volume("volume", array.shape, m, grid, consensus, disagreeing, scale_bits, sample_bits, k, n,
                         card, settings, sampling, pixel_spacing, preview)
     result.timings_s = {"model": t_model - t0, "total": time.perf_counter() - t0}
     return result

@@ -166,6 +166,8 @@ def test_whole_volume_tiles_every_plane_and_reports_progress(lung1, tiny):
     assert progress[-1] == (2 * r.n_scales, 2 * r.n_scales)
     assert r.consensus.shape == small.shape and r.consensus.dtype == np.uint8
     assert r.consensus_volume_mm3 == pytest.approx(r.consensus.sum() * r.voxel_volume_mm3)
+    fraction = np.mean([r.sample_mask(i) != r.consensus for i in range(1, r.n_samples + 1)], axis=0)
+    np.testing.assert_allclose(r.disagreement, fraction, atol=1e-6)
 
 
 def test_cancel_stops_a_run(lung1, tiny):
