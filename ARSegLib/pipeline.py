@@ -70,7 +70,8 @@ class SegmentSettings:
     # click mode: planes above and below the click, and how far from the click a component may start
     half_height_mm: float = 20.0
     component_tolerance_mm: float = 5.0
-    # whole-volume mode: crops per forward pass (memory: crops x samples sequences at once)
+    # crops per forward pass (memory grows with crops x samples): a click's planes of an ordinary CT go in one
+    # batch, a thin-slice scan's or a whole volume's in chunks
     batch_size: int = 32
 
     def sampling(self, base):
@@ -529,12 +530,15 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
     scales = np.zeros((k, nz, h, w), dtype=np.uint8)
     consensus = np.zeros((nz, h, w), dtype=np.uint8)
     rows = np.flatnonzero(has_signal)
-    if len(rows):
-        res = _run_model(predictor, prepared[rows], sampling, progress, cancel)
-        samples[:, rows] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
-        scales[:, rows] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
-        consensus[rows] = res.consensus_Bhw > 0
-    elif progress is not None:
+    # one batch for an ordinary CT (17 planes of 2.5 mm); thin-slice scans are split so memory stays bounded
+    batch = max(1, settings.batch_size)
+    chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+    for ci, chunk in enumerate(chunks):
+        res = _run_model(predictor, prepared[chunk], sampling, progress, cancel, ci * k, len(chunks) * k)
+        samples[:, chunk] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
+        scales[:, chunk] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
+        consensus[chunk] = res.consensus_Bhw > 0
+    if not chunks and progress is not None:
         progress(k, k)
     t_model = time.perf_counter()
 

@@ -170,6 +170,17 @@ def test_whole_volume_tiles_every_plane_and_reports_progress(lung1, tiny):
     np.testing.assert_allclose(r.disagreement, fraction, atol=1e-6)
 
 
+def test_a_click_in_a_thin_slice_scan_goes_in_chunks(lung1, tiny):
+    """More planes than batch_size: several forward passes, progress over all of them, same kind of result."""
+    predictor, card = tiny
+    steps = []
+    r = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card,
+                               SegmentSettings(n_samples=2, half_height_mm=10, batch_size=3),
+                               progress=lambda d, t: steps.append((d, t)))
+    assert r.grid.shape[0] == 9 and steps[-1] == (3 * r.n_scales, 3 * r.n_scales)
+    assert r.consensus.shape == r.box_shape
+
+
 def test_cancel_stops_a_run(lung1, tiny):
     predictor, card = tiny
     with pytest.raises(Cancelled):
