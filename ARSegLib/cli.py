@@ -358,6 +358,13 @@ def _add_sampling_args(p):
     p.add_argument("--include-samples", action="store_true", help="also write every sample as a hidden segment")
 
 
+def cmd_bench(args):
+    from .bench import main_bench
+
+    main_bench(args.json, model=args.model, device=args.device, runs=args.runs, threads=args.threads,
+               volume_slices=args.volume_slices, lung1=not args.no_lung1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="arseg", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -383,6 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["unet"], default=None,
                    help="evaluate the deterministic U-Net baseline (the model's dense head) instead")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="inference speed: per crop (cached vs no-cache), split, lung1 click")
+    p.add_argument("--model", default="lidc-nodule")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per measurement (medians)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--volume-slices", type=int, default=4, help="lung1 slices timed in whole-volume mode")
+    p.add_argument("--no-lung1", action="store_true", help="skip the lung1 click and volume timings")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("segment", help="segment a volume file at a point (or whole) into a .seg.nrrd",
                        description="Segment VOLUME with an AR-Seg model: at --point (click mode: the 3D component "

@@ -77,3 +77,16 @@ def test_two_process_torchrun_step_keeps_ranks_equal(tmp_path):
         for k in w0:
             torch.testing.assert_close(w0[k], w1[k], rtol=0, atol=1e-6)
         assert any(not torch.equal(w0[k], start[k]) for k in w0)  # the step did change the weights
+
+
+def test_csv_log_keeps_validation_columns_that_appear_later(tmp_path):
+    from ARSegLib.training.checkpoint import CSVLog
+
+    log = CSVLog(tmp_path / "log.csv")
+    log.write({"step": 1, "loss": 0.5})
+    log.write({"step": 2, "loss": 0.4, "val_ged": 0.3})
+    log.write({"step": 3, "loss": 0.3})
+    again = CSVLog(tmp_path / "log.csv")  # a resumed run appends with the wide header
+    again.write({"step": 4, "loss": 0.2, "val_ged": 0.25})
+    lines = (tmp_path / "log.csv").read_text().splitlines()
+    assert lines == ["step,loss,val_ged", "1,0.5,", "2,0.4,0.3", "3,0.3,", "4,0.2,0.25"]

@@ -3,7 +3,9 @@ every scale of every sample decoded in one batch -> consensus. Knows nothing of 
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import time
+from contextlib import contextmanager
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -25,6 +27,26 @@ def presence_gate(presence_B: torch.Tensor, n: int, generator: Optional[torch.Ge
     u_B = torch.rand(presence_B.shape[0], generator=generator, device=presence_B.device)
     i_N = torch.arange(n, device=presence_B.device, dtype=torch.float32)
     return (i_N[None] + u_B[:, None]) / n < presence_B[:, None]
+
+
+class PhaseTimer:
+    """Wall time per phase into a dict (for `arseg bench`); waits for the GPU so times are real."""
+
+    def __init__(self, out: Optional[Dict[str, float]], device: torch.device):
+        self.out, self.cuda = out, device.type == "cuda"
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.out is None:
+            yield
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.out[name] = self.out.get(name, 0.0) + time.perf_counter() - t0
 
 
 class ARSegPredictor:
@@ -57,15 +79,21 @@ class ARSegPredictor:
     @torch.inference_mode()
     def segment(self, images, sampling: Optional[SamplingConfig] = None, use_cache: bool = True,
                 progress: Optional[Callable[[int, int], None]] = None,
-                cancel: Optional[Callable[[], bool]] = None) -> ConsensusResult:
-        """images: (B, H, W) or (B, C, H, W) float32 crops, prepared as the model card says."""
+                cancel: Optional[Callable[[], bool]] = None,
+                timings: Optional[Dict[str, float]] = None) -> ConsensusResult:
+        """images: (B, H, W) or (B, C, H, W) float32 crops, prepared as the model card says.
+
+        timings, when given, receives the seconds spent in each phase (image_encoder, transformer,
+        decoding, consensus)."""
+        phase = PhaseTimer(timings, self.device)
         s = sampling or self.config.sampling
         x_BChw = self._images_tensor(images)
         B, N, K = x_BChw.shape[0], s.n_samples, len(self.config.autoencoder.scales)
         if N < 1:
             raise ValueError("n_samples must be at least 1")
         g = torch.Generator(device=self.device).manual_seed(int(s.seed))
-        feats = self.segmentor.image_encoder(x_BChw)
+        with phase("image_encoder"):
+            feats = self.segmentor.image_encoder(x_BChw)
         if self.config.segmentor.presence_gate:
             presence_B = torch.sigmoid(feats.presence_logit_B)
             drawn_BN = presence_gate(presence_B, N, g)
@@ -83,14 +111,15 @@ class ARSegPredictor:
                 raise Cancelled()
 
         if rows.numel():
-            row_feats = feats.repeat_interleave(N)
-            row_feats = type(feats)(*(t[rows] for t in (row_feats.cond_BD, row_feats.feat_BDhw,
-                                                         row_feats.dense_logits_BChw, row_feats.presence_logit_B)))
-            _, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, row_feats,
-                                            s.temperatures(K), s.top_k, s.top_p, g, use_cache, on_scale)
-            masks = self.autoencoder.decode_masks(torch.cat(partial_sums))  # all scales in one batch
-            scale_masks_KRhw[:, rows] = masks.view(K, rows.numel(), *hw)
+            row_feats = feats.repeat_interleave(N).select(rows)
+            with phase("transformer"):
+                _, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, row_feats,
+                                                s.temperatures(K), s.top_k, s.top_p, g, use_cache, on_scale)
+            with phase("decoding"):
+                masks = self.autoencoder.decode_masks(torch.cat(partial_sums))  # all scales in one batch
+                scale_masks_KRhw[:, rows] = masks.view(K, rows.numel(), *hw)
         elif progress is not None:
             progress(K, K)
-        scale_samples_BKNhw = scale_masks_KRhw.view(K, B, N, *hw).transpose(0, 1)
-        return aggregate(scale_samples_BKNhw[:, -1], scale_samples_BKNhw, presence_B, self.n_classes)
+        with phase("consensus"):
+            scale_samples_BKNhw = scale_masks_KRhw.view(K, B, N, *hw).transpose(0, 1)
+            return aggregate(scale_samples_BKNhw[:, -1], scale_samples_BKNhw, presence_B, self.n_classes)

@@ -1,0 +1,202 @@
+"""`arseg bench`: where a click's time goes, with the shipped model, cached vs the no-cache reference.
+
+Every number is a median over repeated runs after a warm-up, each run producing the full output
+(consensus, disagreement, every scale decoded). Without the shipped model a tiny untrained model is
+used and the output says so."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+DATA = Path(os.environ.get("ARSEG_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+LUNG1 = DATA / "ct" / "lung1"
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median_time(fn: Callable[[], Any], runs: int, warmup: int = 2, sync: bool = False) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        if sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
+
+
+def bench_crop(predictor, crop_1hw: np.ndarray, sampling, runs: int) -> Dict[str, Any]:
+    sync = predictor.device.type == "cuda"
+    out: Dict[str, Any] = {}
+    for n in (1, 4, 16):
+        s = dataclasses.replace(sampling, n_samples=n)
+        out[str(n)] = {
+            "cached_s": median_time(lambda s=s: predictor.segment(crop_1hw, s, use_cache=True), runs, sync=sync),
+            "nocache_s": median_time(lambda s=s: predictor.segment(crop_1hw, s, use_cache=False), runs, sync=sync),
+        }
+        out[str(n)]["speedup"] = out[str(n)]["nocache_s"] / out[str(n)]["cached_s"]
+    return out
+
+
+def bench_split(predictor, crop_1hw, sampling, runs: int) -> Dict[str, float]:
+    """Median seconds per phase at N = 16 (cached)."""
+    s = dataclasses.replace(sampling, n_samples=16)
+    per_run = []
+    for i in range(runs + 2):
+        t: Dict[str, float] = {}
+        predictor.segment(crop_1hw, s, timings=t)
+        if i >= 2:
+            per_run.append(t)
+    return {k: statistics.median(r.get(k, 0.0) for r in per_run) for k in per_run[0]}
+
+
+def real_crop(crop_size: int) -> tuple:
+    """The middle LIDC crop of lung1's nodule (how the model's inputs look), else noise."""
+    path = LUNG1 / "lidc-slices" / "images" / "slice-4.png"
+    if path.exists() and crop_size == 128:
+        from PIL import Image
+
+        return (np.asarray(Image.open(path).convert("L"), np.float32) / 255.0)[None], str(path)
+    return np.random.default_rng(0).random((1, crop_size, crop_size), dtype=np.float32), "random noise"
+
+
+def bench_lung1(predictor, card, runs: int, volume_slices: int) -> Dict[str, Any]:
+    """Click at lung1's nodule through the MRML adapter, end to end (array out of the node, pipeline, nodes
+    written); and whole-volume mode on a slab of lung1's slices around the nodule."""
+    from . import mrml, pipeline
+
+    if not (LUNG1 / "image.nrrd").exists():
+        return {"lung1": f"skipped: {LUNG1 / 'image.nrrd'} not found"}
+    point = json.loads((LUNG1 / "nodule.json").read_text())["centroid_ras_mm"]
+    scene = slicer_scene()
+    volume = mrml.load_volume(scene, LUNG1 / "image.nrrd")
+    settings = pipeline.SegmentSettings(n_samples=16)
+    last = {}
+
+    def click():
+        last["nodes"] = mrml.segment_node(volume, predictor, card, point, settings)
+
+    click_s = median_time(click, runs, warmup=1, sync=predictor.device.type == "cuda")
+    res = last["nodes"].result
+    out: Dict[str, Any] = {"click_lung1_s": click_s, "click_lung1_slices": int(res.grid.shape[0]),
+                           "click_lung1_timings_s": res.timings_s,
+                           "click_lung1_consensus_mm3": last["nodes"].report.get("consensus_volume_mm3")}
+    # whole-volume mode on a slab of slices (the full 133-slice volume takes minutes on a CPU)
+    array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
+    k0 = int(json.loads((LUNG1 / "nodule.json").read_text())["centroid_ijk"][2]) - volume_slices // 2
+    slab = np.ascontiguousarray(array[k0:k0 + volume_slices])
+    m_slab = m.copy()
+    m_slab[:3, 3] = (m @ np.array([0, 0, k0, 1.0]))[:3]
+    t0 = time.perf_counter()
+    pipeline.segment_volume(slab, m_slab, predictor, card, settings)
+    out["volume_slices_per_s"] = volume_slices / (time.perf_counter() - t0)
+    out["volume_slices_measured"] = volume_slices
+    return out
+
+
+def slicer_scene():
+    import slicer
+
+    from .mrml import register_segmentation_converters
+
+    register_segmentation_converters()
+    return slicer.vtkMRMLScene()
+
+
+def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, threads: int = 0,
+              volume_slices: int = 4, lung1: bool = True) -> Dict[str, Any]:
+    from .models import ModelError, load_model
+    from .training.distributed import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    device = resolve_device(device)
+    note = ""
+    try:
+        predictor, card = load_model(model, device)
+    except ModelError as e:
+        if model != "lidc-nodule":
+            raise
+        predictor, card = tiny_stand_in(device)
+        note = f"shipped model unavailable ({e}); a tiny UNTRAINED model stands in: timings are not the product's"
+    crop, crop_source = real_crop(predictor.crop_size)
+    sampling = predictor.config.sampling
+    out: Dict[str, Any] = {
+        "model": card.name, "note": note, "device": str(predictor.device), "cpu": cpu_model(),
+        "gpu": torch.cuda.get_device_name(0) if predictor.device.type == "cuda" else None,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs, "crop_source": crop_source,
+        "n_tokens": predictor.config.autoencoder.n_tokens,
+    }
+    out["crop"] = bench_crop(predictor, crop, sampling, runs)
+    out["split_s"] = bench_split(predictor, crop, sampling, runs)
+    if lung1:
+        out.update(bench_lung1(predictor, card, max(3, runs // 3), volume_slices))
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def tiny_stand_in(device):
+    from .engine import ARSegPredictor, build_arseg, tiny_config
+    from .models import ModelCard
+
+    cfg = tiny_config(crop_size=128)
+    torch.manual_seed(0)
+    ae, seg = build_arseg(cfg)
+    card = ModelCard(Path("tiny-untrained.json"), {"name": "tiny-untrained", "config": cfg.to_dict(),
+                                                   "pixel_spacing_mm": 0.7, "crop_size": 128,
+                                                   "intensity": {"method": "minmax_per_crop"}})
+    return ARSegPredictor(cfg, ae, seg, device), card
+
+
+def format_table(r: Dict[str, Any]) -> str:
+    lines = [f"arseg bench — model {r['model']} on {r['device']} ({r['cpu']}"
+             + (f", {r['gpu']}" if r.get("gpu") else "") + f"), torch {r['torch']}, {r['threads']} threads"]
+    if r.get("note"):
+        lines.append(f"NOTE: {r['note']}")
+    lines.append(f"{'samples':>8} {'cached s':>10} {'no-cache s':>11} {'speed-up':>9}")
+    for n, row in r["crop"].items():
+        lines.append(f"{n:>8} {row['cached_s']:>10.4f} {row['nocache_s']:>11.4f} {row['speedup']:>8.2f}x")
+    lines.append("N = 16 split: " + ", ".join(f"{k} {v:.4f} s" for k, v in r["split_s"].items()))
+    if "click_lung1_s" in r:
+        lines.append(f"lung1 click (N = 16, through MRML): {r['click_lung1_s']:.3f} s over "
+                     f"{r['click_lung1_slices']} slices; whole volume: {r['volume_slices_per_s']:.2f} slices/s")
+    elif "lung1" in r:
+        lines.append(f"lung1: {r['lung1']}")
+    lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def main_bench(json_out: Optional[str], **kw) -> Dict[str, Any]:
+    r = run_bench(**kw)
+    print(format_table(r))
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(r, indent=2) + "\n")
+    return r
