@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Callable, Dict, Optional
 
 import numpy as np
-
 import torch
 
 from .engine import ARSegPredictor, SamplingConfig
