@@ -223,3 +223,21 @@ def test_multiclass_engine_runs_end_to_end():
     r = ARSegPredictor(cfg, ae, seg).segment(np.random.rand(2, 2, 32, 32).astype(np.float32),
                                               dataclasses.replace(cfg.sampling, n_samples=4))
     assert r.samples_BNhw.shape == (2, 4, 32, 32) and r.samples_BNhw.max() <= 3
+
+
+def test_decoding_distinct_prefixes_once_equals_decoding_every_sequence():
+    cfg, ae, seg = _tiny_models(seed=7)
+    pred = ARSegPredictor(cfg, ae, seg)
+    V, scales = cfg.autoencoder.vocab_size, cfg.autoencoder.scales
+    g = torch.Generator().manual_seed(0)
+    # 6 sequences: rows 0-2 agree on scales 1-2, rows 3-4 are identical everywhere
+    idx = [torch.randint(0, V, (6, s * s), generator=g) for s in scales]
+    for si in range(2):
+        idx[si][1:3] = idx[si][0]
+    for si in range(len(scales)):
+        idx[si][4] = idx[si][3]
+    partial = ae.quantizer.idx_to_partial_sums(idx)
+    with torch.no_grad():
+        fast = pred.decode_all_scales(idx, partial)
+        every = torch.stack([ae.decode_masks(f) for f in partial])
+    assert torch.equal(fast, every)

@@ -76,6 +76,26 @@ class ARSegPredictor:
             raise ValueError("the crops contain NaN or infinite values")
         return x.to(self.device)
 
+    def decode_all_scales(self, idx_list, partial_sums) -> torch.Tensor:
+        """Every scale of every sequence decoded (K, R, h, w), in one batch. Sequences that share their tokens
+        up to scale k share F_hat_k, so each distinct prefix is decoded once (samples often agree on the
+        coarse scales; scale 1 has a single token)."""
+        R = idx_list[0].shape[0]
+        picks, inverses, prefix = [], [], None
+        for si, idx_Bl in enumerate(idx_list):
+            prefix = idx_Bl if prefix is None else torch.cat([prefix, idx_Bl], 1)
+            _, inverse = torch.unique(prefix, dim=0, return_inverse=True)
+            first = torch.full((int(inverse.max()) + 1,), R, dtype=torch.long, device=inverse.device)
+            first.scatter_reduce_(0, inverse, torch.arange(R, device=inverse.device), reduce="amin")
+            picks.append(partial_sums[si][first])
+            inverses.append(inverse)
+        masks = self.autoencoder.decode_masks(torch.cat(picks))
+        out, b = [], 0
+        for pick, inverse in zip(picks, inverses):
+            out.append(masks[b:b + pick.shape[0]][inverse])
+            b += pick.shape[0]
+        return torch.stack(out)
+
     @torch.inference_mode()
     def segment(self, images, sampling: Optional[SamplingConfig] = None, use_cache: bool = True,
                 progress: Optional[Callable[[int, int], None]] = None,
@@ -113,11 +133,10 @@ class ARSegPredictor:
         if rows.numel():
             row_feats = feats.repeat_interleave(N).select(rows)
             with phase("transformer"):
-                _, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, row_feats,
-                                                s.temperatures(K), s.top_k, s.top_p, g, use_cache, on_scale)
+                idx_list, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, row_feats,
+                                                       s.temperatures(K), s.top_k, s.top_p, g, use_cache, on_scale)
             with phase("decoding"):
-                masks = self.autoencoder.decode_masks(torch.cat(partial_sums))  # all scales in one batch
-                scale_masks_KRhw[:, rows] = masks.view(K, rows.numel(), *hw)
+                scale_masks_KRhw[:, rows] = self.decode_all_scales(idx_list, partial_sums)
         elif progress is not None:
             progress(K, K)
         with phase("consensus"):
