@@ -241,3 +241,13 @@ def test_decoding_distinct_prefixes_once_equals_decoding_every_sequence():
         fast = pred.decode_all_scales(idx, partial)
         every = torch.stack([ae.decode_masks(f) for f in partial])
     assert torch.equal(fast, every)
+
+
+def test_sampling_follows_the_softmax_distribution():
+    logits = torch.log(torch.tensor([0.1, 0.0, 0.6, 0.3]))[None, None].repeat(1, 20000, 1)
+    g = torch.Generator().manual_seed(0)
+    idx = sample_from_logits(logits, 1.0, 0, 0.0, g)
+    freq = torch.bincount(idx.flatten(), minlength=4).float() / idx.numel()
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.015, rtol=0)
+    top2 = torch.bincount(sample_from_logits(logits, 1.0, 2, 0.0, g).flatten(), minlength=4).float() / idx.numel()
+    torch.testing.assert_close(top2, torch.tensor([0.0, 0.0, 2 / 3, 1 / 3]), atol=0.015, rtol=0)
