@@ -730,17 +730,10 @@ def segment_file(volume_path, out_path, predictor, card, point_ras=None, setting
 
     The CLI (`arseg segment`, `arseg batch`) and ARSegLogic.segmentFiles share this path. Returns
     (VolumeResult, ResultNodes)."""
-    from . import pipeline
-
     scene = scene if scene is not None else slicer.vtkMRMLScene()
     volume_node = load_volume(scene, volume_path)
-    array, m = volume_array(volume_node), world_ijk_to_ras(volume_node)
-    if point_ras is None:
-        result = pipeline.segment_volume(array, m, predictor, card, settings, progress=progress, cancel=cancel)
-    else:
-        result = pipeline.segment_click(array, m, point_ras, predictor, card, settings, progress=progress,
-                                        cancel=cancel)
-    nodes = write_result(scene, volume_node, result, options)
+    nodes = segment_node(volume_node, predictor, card, point_ras, settings, options, progress, cancel)
+    result = nodes.result
     save_segmentation(nodes.segmentation, out_path)
     if report_path is not None:
         report_path = Path(report_path)

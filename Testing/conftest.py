@@ -56,3 +56,19 @@ def tiny_model_card(tmp_path_factory):
     return export_model(out, cfg, ae, seg, {
         "description": "tiny untrained test model", "crop_size": 128, "pixel_spacing_mm": 0.7,
         "intensity": {"method": "minmax_per_crop"}, "labels": {"1": "Lung nodule"}})
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_card):
+    """(predictor, card) of the tiny untrained test model."""
+    from ARSegLib.models import load_model
+
+    return load_model(tiny_model_card)
+
+
+@pytest.fixture(scope="module")
+def lung1(lung1_dir):
+    """A region of lung1 around its nodule (image, label, IJK->RAS), see arseg_volumes.lung1_region."""
+    from arseg_volumes import lung1_region
+
+    return lung1_region(lung1_dir)

@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-from arseg_volumes import lung1_region
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 
@@ -17,16 +16,6 @@ from ARSegLib.models import ModelError, load_model  # noqa: E402
 from ARSegLib.pipeline import SegmentSettings  # noqa: E402
 
 N_SAMPLES = 4
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_card):
-    return load_model(tiny_model_card)
-
-
-@pytest.fixture(scope="module")
-def lung1(lung1_dir):
-    return lung1_region(lung1_dir)
 
 
 @pytest.fixture(scope="module")

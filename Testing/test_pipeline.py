@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from arseg_volumes import lung1_region, ras_of_index, reorient, rotation
+from arseg_volumes import ras_of_index, reorient, rotation
 from PIL import Image
 
 from ARSegLib import pipeline
 from ARSegLib.engine import Cancelled
-from ARSegLib.models import load_model
 from ARSegLib.pipeline import SegmentSettings
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_card):
-    return load_model(tiny_model_card)
-
-
-@pytest.fixture(scope="module")
-def lung1(lung1_dir):
-    return lung1_region(lung1_dir)
 
 
 def _oblique_matrix(spacing=(0.8, 0.9, 2.0), origin=(12.0, -30.0, 40.0)):
