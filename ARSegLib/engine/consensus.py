@@ -25,10 +25,15 @@ class ConsensusResult:
         return self.scale_consensus_BKhw.shape[1]
 
 
+def foreground_votes(samples_BNhw: torch.Tensor) -> torch.Tensor:
+    """How many samples mark each pixel (int16: counting in floats costs several times more on a CPU)."""
+    return (samples_BNhw > 0).sum(1, dtype=torch.int16)
+
+
 def majority(samples_BNhw: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Per-pixel majority label. Binary: foreground when at least half the samples say so."""
     if n_classes <= 1:
-        return (samples_BNhw.float().mean(1) >= 0.5).to(torch.uint8)
+        return (2 * foreground_votes(samples_BNhw) >= samples_BNhw.shape[1]).to(torch.uint8)
     votes = torch.stack([(samples_BNhw == c).sum(1) for c in range(n_classes)], 1)
     return votes.argmax(1).to(torch.uint8)
 
@@ -43,15 +48,20 @@ def iou_fg(a_BNhw: torch.Tensor, b_Bhw: torch.Tensor) -> torch.Tensor:
 
 def aggregate(samples_BNhw: torch.Tensor, scale_samples_BKNhw: torch.Tensor, presence_B: torch.Tensor,
               n_classes: int = 1) -> ConsensusResult:
+    N = samples_BNhw.shape[1]
+    votes = foreground_votes(samples_BNhw)
     consensus = majority(samples_BNhw, n_classes)
-    differs = (samples_BNhw != consensus[:, None]).float()
+    if n_classes <= 1:  # the samples against a binary consensus: the minority's share
+        differing = torch.where(consensus > 0, N - votes, votes)
+    else:
+        differing = (samples_BNhw != consensus[:, None]).sum(1, dtype=torch.int16)
     B, K = scale_samples_BKNhw.shape[:2]
     scale_cons = majority(scale_samples_BKNhw.flatten(0, 1), n_classes).view(B, K, *consensus.shape[-2:])
     return ConsensusResult(
         samples_BNhw=samples_BNhw.cpu().numpy().astype(np.uint8),
         consensus_Bhw=consensus.cpu().numpy(),
-        disagreement_Bhw=differs.mean(1).cpu().numpy().astype(np.float32),
-        probability_Bhw=(samples_BNhw > 0).float().mean(1).cpu().numpy().astype(np.float32),
+        disagreement_Bhw=(differing.float() / N).cpu().numpy(),
+        probability_Bhw=(votes.float() / N).cpu().numpy(),
         sample_iou_BN=iou_fg(samples_BNhw, consensus).cpu().numpy().astype(np.float32),
         scale_consensus_BKhw=scale_cons.cpu().numpy(),
         presence_B=presence_B.float().cpu().numpy().astype(np.float32),
