@@ -358,6 +358,27 @@ def _add_sampling_args(p):
     p.add_argument("--include-samples", action="store_true", help="also write every sample as a hidden segment")
 
 
+def cmd_calibrate_presence(args):
+    from .data.lidc import load_lidc
+    from .models import export_model, load_model
+    from .training.presence import fit_presence_head
+    from .training.trainer import TrainData
+
+    predictor, card = load_model(args.model, "cpu")
+    train = TrainData.from_lidc(load_lidc(args.data, "train"))
+    val = TrainData.from_lidc(load_lidc(args.data, "val"))
+    scores = fit_presence_head(predictor.segmentor.image_encoder, train, val, epochs=args.epochs, flips=args.flips)
+    print(json.dumps(scores, indent=2))
+    if scores["val_bce_after"] >= scores["val_bce_before"]:
+        print("no improvement on val: model left as it was")
+        return
+    extra = {k: v for k, v in card.data.items() if k not in ("name", "format", "weights", "sha256", "config")}
+    extra.setdefault("training", {})["presence_calibration"] = {**scores, "epochs": args.epochs, "flips": args.flips}
+    out = Path(args.out) if args.out else card.path.with_suffix("")
+    export_model(out, predictor.config, predictor.autoencoder, predictor.segmentor, extra)
+    print(f"wrote {out}.safetensors and {out}.json")
+
+
 def cmd_bench(args):
     from .bench import main_bench
 
@@ -390,6 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["unet"], default=None,
                    help="evaluate the deterministic U-Net baseline (the model's dense head) instead")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("calibrate-presence", help="refit the presence head on frozen features; kept if val improves")
+    p.add_argument("--model", default="lidc-nodule")
+    p.add_argument("--data", required=True)
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--flips", action="store_true", help="fit on the 8 flips/rotations of each crop too")
+    p.add_argument("--out", default=None, help="output base path (default: overwrite the model in place)")
+    p.set_defaults(func=cmd_calibrate_presence)
 
     p = sub.add_parser("bench", help="inference speed: per crop (cached vs no-cache), split, lung1 click")
     p.add_argument("--model", default="lidc-nodule")

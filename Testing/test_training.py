@@ -90,3 +90,27 @@ def test_csv_log_keeps_validation_columns_that_appear_later(tmp_path):
     again.write({"step": 4, "loss": 0.2, "val_ged": 0.25})
     lines = (tmp_path / "log.csv").read_text().splitlines()
     assert lines == ["step,loss,val_ged", "1,0.5,", "2,0.4,0.3", "3,0.3,", "4,0.2,0.25"]
+
+
+def test_presence_calibration_learns_which_crops_readers_mark():
+    from ARSegLib.engine import build_arseg
+    from ARSegLib.training.presence import fit_presence_head
+
+    torch.manual_seed(0)
+    _, seg = build_arseg(tiny_config(crop_size=32))
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        # bright blobs are marked by all readers, faint ones by one, none by no one
+        images = rng.random((n, 1, 32, 32)).astype(np.float32) * 0.2
+        masks = np.zeros((n, 4, 32, 32), np.uint8)
+        for i in range(n):
+            kind = i % 3
+            if kind:
+                images[i, 0, 10:20, 10:20] += 0.8 if kind == 2 else 0.3
+                masks[i, : 4 if kind == 2 else 1, 12:18, 12:18] = 1
+        return TrainData(images, masks)
+
+    scores = fit_presence_head(seg.image_encoder, data(96), data(48), epochs=150, lr=1e-2)
+    assert scores["val_bce_after"] < scores["val_bce_before"] - 0.05, scores
+    assert scores["val_abs_err_after"] < 0.2, scores

@@ -68,7 +68,8 @@ class UNetImageEncoder(nn.Module):
     def dense_prob(self, logits_BChw):
         return torch.sigmoid(logits_BChw) if self.out_ch == 1 else torch.softmax(logits_BChw, 1)
 
-    def forward(self, image_BChw: torch.Tensor) -> ImageFeatures:
+    def trunk(self, image_BChw: torch.Tensor):
+        """U-Net pass: (bottleneck, decoder features at twice the latent size, dense logits at half the crop)."""
         skips = [self.stem(image_BChw)]
         for layer in self.down:
             skips.append(layer(skips[-1]))
@@ -77,12 +78,24 @@ class UNetImageEncoder(nn.Module):
         for layer, skip in zip(self.up, reversed(skips[:-1])):
             x = layer(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], 1))
             if second is None:
-                second = x  # decoder features at twice the latent size
-        half_logits = self.dense_head(x)
+                second = x
+        return bott, second, self.dense_head(x)
+
+    @staticmethod
+    def pool(bott, prob) -> torch.Tensor:
+        """The global summary behind c and the presence head."""
+        return torch.cat([bott.mean((2, 3)), bott.amax((2, 3)), prob.mean((2, 3)), prob.amax((2, 3))], 1)
+
+    def forward(self, image_BChw: torch.Tensor) -> ImageFeatures:
+        bott, second, half_logits = self.trunk(image_BChw)
         prob = self.dense_prob(half_logits)
         dense_logits = F.interpolate(half_logits, scale_factor=2, mode="bilinear", align_corners=False)
         n = self.latent_size
         feat = self.to_feat(torch.cat([bott, F.interpolate(second, size=(n, n), mode="area"),
                                        self.unshuffle(prob)], 1))
-        pooled = torch.cat([bott.mean((2, 3)), bott.amax((2, 3)), prob.mean((2, 3)), prob.amax((2, 3))], 1)
+        pooled = self.pool(bott, prob)
         return ImageFeatures(self.to_cond(pooled), feat, dense_logits, self.presence_head(pooled)[:, 0])
+
+    def pooled_features(self, image_BChw: torch.Tensor) -> torch.Tensor:
+        bott, _, half_logits = self.trunk(image_BChw)
+        return self.pool(bott, self.dense_prob(half_logits))
