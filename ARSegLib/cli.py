@@ -115,13 +115,17 @@ def cmd_eval(args):
     import numpy as np
     from tqdm import tqdm
 
-    from .data.lidc import load_lidc
+    from .data.lidc import load_lidc, read_split_file
     from .evaluation import evaluate
     from .models import load_model
     from .training.distributed import resolve_device
 
     predictor, card = load_model(args.model, resolve_device(args.device))
-    data = load_lidc(args.data, args.split)
+    split = args.split
+    if split != "all" and read_split_file(Path(args.data)) is None:
+        print(f"arseg eval: no splits.json beside {args.data}: evaluating every crop (--split all)", file=sys.stderr)
+        split = "all"
+    data = load_lidc(args.data, split)
     if args.limit:
         data = data.subset(range(min(args.limit, len(data))))
     s = predictor.config.sampling
@@ -140,7 +144,7 @@ def cmd_eval(args):
     else:
         with tqdm(total=len(data), desc=f"eval {card.name} on {args.split}") as bar:
             res = evaluate(predictor, images, data.masks_NRhw, s, progress=bar.update)
-    res.update({"model": card.name, "split": args.split, "samples": args.samples, "seed": args.seed,
+    res.update({"model": card.name, "split": split, "samples": args.samples, "seed": args.seed,
                 "temperature": s.temperature, "top_k": s.top_k, "data": str(args.data)})
     print(json.dumps({k: res[k] for k in ("ged", "hm_iou", "soft_dice", "n_images")}, indent=2))
     if args.json:

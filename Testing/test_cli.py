@@ -133,3 +133,22 @@ def test_batch_shards_cases_across_two_torchrun_ranks(cases, tiny_model_card, tm
     assert sorted(c["rank"] for c in summary["cases"]) == [0, 1]  # one case each
     for c in summary["cases"]:
         assert Path(c["segmentation"]).is_file()
+
+
+def test_eval_writes_the_protocol_metrics(tiny_model_card, lung1_dir, tmp_path):
+    import json
+
+    from ARSegLib.cli import main
+
+    out = tmp_path / "eval.json"
+    # a folder without splits.json: every crop is evaluated
+    assert main(["eval", "--model", str(tiny_model_card), "--data", str(lung1_dir / "lidc-slices"),
+                 "--split", "test", "--samples", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["n_images"] == 9 and res["split"] == "all" and res["samples"] == 4
+    for key in ("ged", "hm_iou", "soft_dice"):
+        assert 0.0 <= res[key] <= 2.0
+    assert "scale8_soft_dice" in res and "scale8_iou_final" in res
+    assert main(["eval", "--model", str(tiny_model_card), "--data", str(lung1_dir / "lidc-slices"),
+                 "--baseline", "unet", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["n_images"] == 9
