@@ -95,8 +95,7 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int) -> Dict[str, Any
     if not (LUNG1 / "image.nrrd").exists():
         return {"lung1": f"skipped: {LUNG1 / 'image.nrrd'} not found"}
     point = json.loads((LUNG1 / "nodule.json").read_text())["centroid_ras_mm"]
-    scene = slicer_scene()
-    volume = mrml.load_volume(scene, LUNG1 / "image.nrrd")
+    volume = mrml.load_volume(mrml.new_scene(), LUNG1 / "image.nrrd")
     settings = pipeline.SegmentSettings(n_samples=16)
     last = {}
 
@@ -119,15 +118,6 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int) -> Dict[str, Any
     out["volume_slices_per_s"] = volume_slices / (time.perf_counter() - t0)
     out["volume_slices_measured"] = volume_slices
     return out
-
-
-def slicer_scene():
-    import slicer
-
-    from .mrml import register_segmentation_converters
-
-    register_segmentation_converters()
-    return slicer.vtkMRMLScene()
 
 
 def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, threads: int = 0,

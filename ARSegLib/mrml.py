@@ -117,6 +117,12 @@ def register_segmentation_converters():
             factory.RegisterConverterRule(cls())
 
 
+def new_scene():
+    """An empty scene with the segmentation converters registered (a headless stand-in for Slicer's)."""
+    register_segmentation_converters()
+    return slicer.vtkMRMLScene()
+
+
 # --------------------------------------------------------------------------------------------- volume in
 
 def _matrix_to_numpy(vtk_matrix) -> np.ndarray:
@@ -730,7 +736,7 @@ def segment_file(volume_path, out_path, predictor, card, point_ras=None, setting
 
     The CLI (`arseg segment`, `arseg batch`) and ARSegLogic.segmentFiles share this path. Returns
     (VolumeResult, ResultNodes)."""
-    scene = scene if scene is not None else slicer.vtkMRMLScene()
+    scene = scene if scene is not None else new_scene()
     volume_node = load_volume(scene, volume_path)
     nodes = segment_node(volume_node, predictor, card, point_ras, settings, options, progress, cancel)
     result = nodes.result
