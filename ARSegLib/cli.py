@@ -101,12 +101,37 @@ def cmd_train(args):
     if args.stage == "autoencoder":
         tc = _train_config(args, steps=2500, batch=64, lr=2e-3, eval_every=250, save_every=250)
         AutoencoderTrainer(cfg, train, val, tc).fit()
+    elif args.stage == "decoder":
+        _train_decoder(args, cfg, train, val)
     else:
         tc = _train_config(args, steps=4000, batch=32, lr=1e-3, eval_every=400, save_every=100)
         card = json.loads(json.dumps(LIDC_CARD))
         card["training"]["hardware"] = hardware()
         ae_ckpt = args.autoencoder or str(Path(args.out) / "autoencoder.pt")
         SegmentorTrainer(cfg, train, val, tc, ae_ckpt, export_to=args.export, card_extra=card).fit()
+
+
+def _train_decoder(args, cfg, train, val):
+    """A new decoder behind the trained encoder + quantizer; with --model/--export, put it into that model."""
+    import dataclasses
+
+    from .models import export_model, load_model
+    from .training.trainer import DecoderTrainer
+
+    if args.decoder_channels:
+        cfg = dataclasses.replace(cfg, autoencoder=dataclasses.replace(cfg.autoencoder,
+                                                                       decoder_channels=args.decoder_channels))
+    tc = _train_config(args, steps=1000, batch=64, lr=2e-3, eval_every=250, save_every=250, ae_plain_steps=0)
+    ae_ckpt = args.autoencoder or str(Path(args.out) / "autoencoder.pt")
+    trainer = DecoderTrainer(cfg, train, val, tc, ae_ckpt)
+    trainer.fit()
+    if args.model and args.export:
+        predictor, card = load_model(args.model, "cpu")
+        config = dataclasses.replace(predictor.config, autoencoder=cfg.autoencoder)
+        extra = {k: v for k, v in card.data.items() if k not in ("name", "format", "weights", "sha256", "config")}
+        extra.setdefault("training", {})["decoder"] = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 1),
+                                                       "val": trainer.best}
+        print(f"wrote {export_model(args.export, config, trainer.ae.cpu(), predictor.segmentor, extra)}")
 
 
 def cmd_eval(args):
@@ -395,10 +420,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the mask autoencoder or the segmentor")
-    p.add_argument("stage", choices=["autoencoder", "segmentor"])
+    p.add_argument("stage", choices=["autoencoder", "segmentor", "decoder"],
+                   help="decoder: a new (e.g. lighter) decoder behind a trained encoder and quantizer")
     _add_common_train(p)
     p.add_argument("--autoencoder", default=None, help="autoencoder checkpoint (default OUT/autoencoder.pt)")
     p.add_argument("--export", default=None, help="write the best model as EXPORT.safetensors + EXPORT.json")
+    p.add_argument("--decoder-channels", type=int, default=0, help="decoder stage: the new decoder's width")
+    p.add_argument("--model", default=None, help="decoder stage: the model whose decoder is replaced on --export")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="GED, HM-IoU, Soft-Dice of a model on LIDC crops")

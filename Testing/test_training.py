@@ -114,3 +114,30 @@ def test_presence_calibration_learns_which_crops_readers_mark():
     scores = fit_presence_head(seg.image_encoder, data(96), data(48), epochs=150, lr=1e-2)
     assert scores["val_bce_after"] < scores["val_bce_before"] - 0.05, scores
     assert scores["val_abs_err_after"] < 0.2, scores
+
+
+def test_decoder_stage_replaces_only_the_decoder(tmp_path):
+    import dataclasses
+
+    from ARSegLib.training.trainer import DecoderTrainer
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((16, 4, 32, 32), np.uint8)
+    masks[:, :, 8:20, 10:24] = 1
+    data = TrainData(rng.random((16, 1, 32, 32)).astype(np.float32), masks)
+    cfg = tiny_config(crop_size=32)
+    tc = TrainConfig(out_dir=str(tmp_path), device="cpu", steps=4, batch=4, ae_plain_steps=2,
+                     eval_every=10 ** 9, save_every=10 ** 9, log_every=2)
+    ae = AutoencoderTrainer(cfg, data, None, tc)
+    ae.fit()
+    light = dataclasses.replace(cfg, autoencoder=dataclasses.replace(cfg.autoencoder, decoder_channels=8))
+    tc.ae_plain_steps = 0
+    dec = DecoderTrainer(light, data, None, tc, str(tmp_path / "autoencoder.pt"))
+    dec.fit()
+    old, new = ae.ae.state_dict(), dec.ae.state_dict()
+    for k in new:
+        if k.startswith("decoder."):
+            continue
+        assert torch.equal(old[k], new[k]), k  # encoder and quantizer untouched
+    assert new["decoder.net.0.weight"].shape[0] == 8
+    assert (tmp_path / "decoder.csv").exists() and (tmp_path / "decoder.pt").exists()

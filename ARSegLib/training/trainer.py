@@ -279,6 +279,39 @@ class AutoencoderTrainer(Trainer):
         return self.best is None or m["val_iou_nonempty"] > self.best["val_iou_nonempty"]
 
 
+class DecoderTrainer(AutoencoderTrainer):
+    """A new mask decoder (e.g. a lighter one, for speed) behind a trained encoder and quantizer, both frozen.
+
+    The segmentor only ever sees the quantizer's codes and partial sums, so a model's decoder can be replaced
+    without retraining its segmentor."""
+
+    kind = "decoder"
+
+    def __init__(self, config, train, val, tc, autoencoder_ckpt):
+        super().__init__(config, train, val, tc)
+        st = load_checkpoint(autoencoder_ckpt)
+        if st is None:
+            raise FileNotFoundError(f"autoencoder checkpoint not found: {autoencoder_ckpt}")
+        old = {k: v for k, v in st["models"]["autoencoder"].items() if not k.startswith("decoder.")}
+        missing, unexpected = self.ae.load_state_dict(old, strict=False)
+        assert not unexpected and all(k.startswith("decoder.") for k in missing), (missing, unexpected)
+        self.ae.encoder.requires_grad_(False)
+        self.ae.quantizer.requires_grad_(False)
+        self.seeded = True
+        self.make_optimizer(self.ae.decoder.parameters())
+
+    def train_step(self, batch_idx):
+        self.ae.decoder.train()
+        masks = self.masks_for(batch_idx)
+        with torch.no_grad():
+            f_hat = self.ae.quantizer.idx_to_partial_sums(self.ae.mask_to_idx(masks))[-1]
+        rec = self.ae.reconstruction_loss(self.ae.decoder(f_hat), masks)
+        self.opt.zero_grad(set_to_none=True)
+        rec.backward()
+        self.opt.step()
+        return {"loss": rec.item(), "rec": rec.item()}
+
+
 class SegmentorTrainer(Trainer):
     kind = "segmentor"
 
