@@ -95,7 +95,8 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int) -> Dict[str, Any
     if not (LUNG1 / "image.nrrd").exists():
         return {"lung1": f"skipped: {LUNG1 / 'image.nrrd'} not found"}
     point = json.loads((LUNG1 / "nodule.json").read_text())["centroid_ras_mm"]
-    volume = mrml.load_volume(mrml.new_scene(), LUNG1 / "image.nrrd")
+    scene = mrml.new_scene()  # held here: a node does not keep its scene alive
+    volume = mrml.load_volume(scene, LUNG1 / "image.nrrd")
     settings = pipeline.SegmentSettings(n_samples=16)
     last = {}
 

@@ -108,6 +108,25 @@ def table(paths):
             k += 1
 
 
+def card_metrics(card_path: Path, arseg_json: Path, unet_json: Path, cost: dict):
+    """Record the measured test metrics, the commands that reproduce them and the training cost in the card.
+    The card's sha256 covers the weights only, so the weights stay valid."""
+    card = json.loads(card_path.read_text())
+    a, u = json.loads(arseg_json.read_text()), json.loads(unet_json.read_text())
+    keys = ("ged", "hm_iou", "soft_dice", "n_images")
+    card["metrics"] = {
+        "test": {k: a[k] for k in keys} | {"samples": a["samples"], "seed": a["seed"],
+                                           "temperature": a["temperature"]},
+        "test_per_scale": {k: v for k, v in a.items() if k.startswith("scale")},
+        "test_unet_baseline": {k: u[k] for k in keys},
+        "protocol": "../shared/data/README.md: per image against the 4 readers, mean over every test image",
+        "command": "arseg eval --model lidc-nodule --data ../shared/data/lidc/lidc-idri-slices.tar "
+                   "--split test --samples 16 --seed 0 --json test.json",
+    }
+    card.setdefault("training", {})["cost"] = cost
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -118,11 +137,18 @@ def main():
     p.add_argument("--model", default="lidc-nodule")
     p.add_argument("--data", required=True)
     p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("card")
+    p.add_argument("card", type=Path)
+    p.add_argument("arseg_json", type=Path)
+    p.add_argument("unet_json", type=Path)
+    p.add_argument("--cost", required=True, help="JSON of the training cost")
     p = sub.add_parser("table")
     p.add_argument("jsons", nargs="+")
     a = ap.parse_args()
     if a.cmd == "curves":
         curves(a.log_dir, a.out)
+    elif a.cmd == "card":
+        card_metrics(a.card, a.arseg_json, a.unet_json, json.loads(a.cost))
     elif a.cmd == "crops":
         crops(a.model, a.data, a.out)
     else:
