@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -507,18 +508,21 @@ def _run_model(predictor, crops: np.ndarray, sampling, progress: ProgressFn, can
     return predictor.segment(crops, sampling=sampling, progress=on_progress, cancel=cancel)
 
 
+def _prepare_run(volume, ijk_to_ras, predictor, card, settings: Optional[SegmentSettings]):
+    """Checks shared by both modes: (settings, volume array, IJK->RAS, pixel spacing, crop size, sampling)."""
+    settings = settings or SegmentSettings()
+    array, m = check_volume(volume, ijk_to_ras)
+    pixel_spacing, crop = _check_model(predictor, card, settings)
+    return settings, array, m, pixel_spacing, crop, settings.sampling(predictor.config.sampling)
+
+
 # --------------------------------------------------------------------------------------------- click mode
 
 def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Optional[SegmentSettings] = None,
                   progress: ProgressFn = None, cancel: CancelFn = None) -> VolumeResult:
     """Segment the object under a RAS point: the local grid's planes as one batch, the 3D component kept."""
-    import time
-
     t0 = time.perf_counter()
-    settings = settings or SegmentSettings()
-    array, m = check_volume(volume, ijk_to_ras)
-    pixel_spacing, crop = _check_model(predictor, card, settings)
-    sampling = settings.sampling(predictor.config.sampling)
+    settings, array, m, pixel_spacing, crop, sampling = _prepare_run(volume, ijk_to_ras, predictor, card, settings)
     grid, click_plane = click_grid(point_ras, array.shape, m, crop, pixel_spacing, settings.half_height_mm)
     raw = resample_to_grid(array, m, grid, fill_value=float(array.min()))
     prepared, has_signal = prepare_crops(raw, card.intensity)
@@ -594,13 +598,8 @@ def _to_volume(mode, volume_shape, m, grid, consensus, disagreeing, scale_bits, 
 def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[SegmentSettings] = None,
                    progress: ProgressFn = None, cancel: CancelFn = None) -> VolumeResult:
     """Segment every axial plane of the volume, tiled into crops at the model's spacing, in chunks of crops."""
-    import time
-
     t0 = time.perf_counter()
-    settings = settings or SegmentSettings()
-    array, m = check_volume(volume, ijk_to_ras)
-    pixel_spacing, crop = _check_model(predictor, card, settings)
-    sampling = settings.sampling(predictor.config.sampling)
+    settings, array, m, pixel_spacing, crop, sampling = _prepare_run(volume, ijk_to_ras, predictor, card, settings)
     grid = whole_volume_grid(array.shape, m, crop, pixel_spacing)
     nz, nrow, ncol = grid.shape
     tiles_r, tiles_c = nrow // crop, ncol // crop
