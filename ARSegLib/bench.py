@@ -108,7 +108,9 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int) -> Dict[str, Any
     out: Dict[str, Any] = {"click_lung1_s": click_s, "click_lung1_slices": int(res.grid.shape[0]),
                            "click_lung1_timings_s": res.timings_s,
                            "click_lung1_consensus_mm3": last["nodes"].report.get("consensus_volume_mm3")}
-    # whole-volume mode on a slab of slices (the full 133-slice volume takes minutes on a CPU)
+    # whole-volume mode on a slab of slices (the full 133-slice volume takes minutes on a CPU); a volume needs
+    # at least two slices
+    volume_slices = max(2, volume_slices)
     array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
     k0 = int(json.loads((LUNG1 / "nodule.json").read_text())["centroid_ijk"][2]) - volume_slices // 2
     slab = np.ascontiguousarray(array[k0:k0 + volume_slices])

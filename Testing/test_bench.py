@@ -1,0 +1,21 @@
+"""arseg bench produces every field the speed issue asks for (timings themselves are not asserted)."""
+
+from __future__ import annotations
+
+import json
+
+from ARSegLib.cli import main
+
+
+def test_bench_json_has_every_field(tmp_path, lung1_dir):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--runs", "1", "--volume-slices", "2", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    for key in ("device", "cpu", "torch", "threads", "crop", "split_s", "click_lung1_s", "click_lung1_slices",
+                "volume_slices_per_s", "peak_rss_mb"):
+        assert key in r, key
+    assert set(r["crop"]) == {"1", "4", "16"}
+    for row in r["crop"].values():
+        assert row["cached_s"] > 0 and row["nocache_s"] > 0
+    assert set(r["split_s"]) == {"image_encoder", "transformer", "decoding", "consensus"} or r["note"]
+    assert r["click_lung1_slices"] == 17  # +-20 mm of 2.5 mm slices around the click
