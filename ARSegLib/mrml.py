@@ -188,24 +188,27 @@ def add_scalar_volume(scene, name: str, array: np.ndarray, ijk_to_ras: np.ndarra
     return node
 
 
-def load_volume(scene, path, name: Optional[str] = None):
-    """Read an image file the way Slicer does (NRRD, NIfTI, MHA, ...; LPS files become RAS) into the scene."""
-    path = Path(path)
+def _read_into_scene(scene, node, storage, path: Path, name: Optional[str], what: str, loaded=lambda node: True):
+    """Read a file through a storage node, as Slicer does. On failure both nodes leave the scene again."""
     if not path.is_file():
-        raise ResultError(f"volume file not found: {path}")
-    node = slicer.vtkMRMLScalarVolumeNode()
+        raise ResultError(f"{what} file not found: {path}")
     node.SetName(name or volume_stem(path))
-    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
     storage.SetFileName(str(path))
     scene.AddNode(node)
     scene.AddNode(storage)
-    ok = _quietly(lambda: storage.ReadData(node))
-    if not ok or node.GetImageData() is None:
+    if not _quietly(lambda: storage.ReadData(node)) or not loaded(node):
         scene.RemoveNode(storage)
         scene.RemoveNode(node)
-        raise ResultError(f"cannot read {path} as an image volume (corrupt or not a supported format)")
+        raise ResultError(f"cannot read {path} as {'an' if what[0] in 'aeiou' else 'a'} {what} "
+                          f"(corrupt or not a supported format)")
     node.SetAndObserveStorageNodeID(storage.GetID())
     return node
+
+
+def load_volume(scene, path, name: Optional[str] = None):
+    """Read an image file the way Slicer does (NRRD, NIfTI, MHA, ...; LPS files become RAS) into the scene."""
+    return _read_into_scene(scene, slicer.vtkMRMLScalarVolumeNode(), slicer.vtkMRMLVolumeArchetypeStorageNode(),
+                            Path(path), name, "image volume", lambda node: node.GetImageData() is not None)
 
 
 def volume_stem(path: Path) -> str:
@@ -666,22 +669,9 @@ def save_segmentation(segmentation_node, path, crop_to_minimum_extent: bool = Tr
 
 
 def load_segmentation(scene, path, name: Optional[str] = None):
-    path = Path(path)
-    if not path.is_file():
-        raise ResultError(f"segmentation file not found: {path}")
     register_segmentation_converters()
-    node = slicer.vtkMRMLSegmentationNode()
-    node.SetName(name or volume_stem(path))
-    storage = slicer.vtkMRMLSegmentationStorageNode()
-    storage.SetFileName(str(path))
-    scene.AddNode(node)
-    scene.AddNode(storage)
-    if not _quietly(lambda: storage.ReadData(node)):
-        scene.RemoveNode(storage)
-        scene.RemoveNode(node)
-        raise ResultError(f"cannot read {path} as a segmentation")
-    node.SetAndObserveStorageNodeID(storage.GetID())
-    return node
+    return _read_into_scene(scene, slicer.vtkMRMLSegmentationNode(), slicer.vtkMRMLSegmentationStorageNode(),
+                            Path(path), name, "segmentation")
 
 
 def reference_geometry_of(segmentation_node) -> Tuple[np.ndarray, Tuple[int, int, int]]:
