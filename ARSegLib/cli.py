@@ -128,7 +128,7 @@ def _train_decoder(args, cfg, train, val):
     if args.model and args.export:
         predictor, card = load_model(args.model, "cpu")
         config = dataclasses.replace(predictor.config, autoencoder=cfg.autoencoder)
-        extra = {k: v for k, v in card.data.items() if k not in ("name", "format", "weights", "sha256", "config")}
+        extra = card.extra()
         extra.setdefault("training", {})["decoder"] = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 1),
                                                        "val": trainer.best}
         print(f"wrote {export_model(args.export, config, trainer.ae.cpu(), predictor.segmentor, extra)}")
@@ -401,7 +401,7 @@ def cmd_calibrate_presence(args):
     if scores["val_bce_after"] >= scores["val_bce_before"]:
         print("no improvement on val: model left as it was")
         return
-    extra = {k: v for k, v in card.data.items() if k not in ("name", "format", "weights", "sha256", "config")}
+    extra = card.extra()
     extra.setdefault("training", {})["presence_calibration"] = {**scores, "epochs": args.epochs, "flips": args.flips}
     out = Path(args.out) if args.out else card.path.with_suffix("")
     export_model(out, predictor.config, predictor.autoencoder, predictor.segmentor, extra)

@@ -94,6 +94,10 @@ class ModelCard:
     def crop_size(self) -> int:
         return self.config.autoencoder.crop_size
 
+    def extra(self) -> Dict[str, Any]:
+        """Everything but what `export_model` writes itself: carried over when a model is re-exported."""
+        return {k: v for k, v in self.data.items() if k not in ("name", "format", "weights", "sha256", "config")}
+
 
 def read_card(name_or_path) -> ModelCard:
     path = find_card(name_or_path)
