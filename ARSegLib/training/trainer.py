@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -391,8 +391,7 @@ class SegmentorTrainer(Trainer):
             return {}
         n = min(self.tc.eval_images, len(self.val_data))
         pick = np.random.default_rng(0).choice(len(self.val_data), n, replace=False)  # the same images each time
-        s = self.config.sampling
-        s = type(s)(**{**asdict(s), "n_samples": self.tc.eval_samples})
+        s = replace(self.config.sampling, n_samples=self.tc.eval_samples)
         res = evaluate(self.predictor(), self.val_data.images_NChw[pick], self.val_data.masks_NRhw[pick], s)
         self.seg.train()
         keep = ("ged", "hm_iou", "soft_dice", "presence_abs_err")
