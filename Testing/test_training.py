@@ -141,3 +141,17 @@ def test_decoder_stage_replaces_only_the_decoder(tmp_path):
         assert torch.equal(old[k], new[k]), k  # encoder and quantizer untouched
     assert new["decoder.net.0.weight"].shape[0] == 8
     assert (tmp_path / "decoder.csv").exists() and (tmp_path / "decoder.pt").exists()
+
+
+def test_segmentor_validation_reports_the_protocol_metrics(tmp_path):
+    rng = np.random.default_rng(0)
+    masks = np.zeros((8, 4, 32, 32), np.uint8)
+    masks[:, :, 8:20, 8:20] = 1
+    data = TrainData(rng.random((8, 1, 32, 32)).astype(np.float32), masks)
+    cfg = tiny_config(crop_size=32)
+    tc = TrainConfig(out_dir=str(tmp_path), device="cpu", steps=2, batch=4, ae_plain_steps=1,
+                     unet_pretrain_steps=0, eval_images=4, eval_samples=4)
+    AutoencoderTrainer(cfg, data, None, tc).fit()
+    val = SegmentorTrainer(cfg, data, data, tc, str(tmp_path / "autoencoder.pt")).validate()
+    assert set(val) == {"val_ged", "val_hm_iou", "val_soft_dice", "val_presence_abs_err"}
+    assert 0 <= val["val_hm_iou"] <= 1 and 0 <= val["val_soft_dice"] <= 1
