@@ -131,13 +131,15 @@ def test_block_causal_logits_of_scale_k_ignore_later_scales():
 def test_cached_sampler_yields_exactly_the_reference_tokens():
     cfg, ae, seg = _tiny_models(seed=3)
     torch.manual_seed(4)
-    feats = seg.image_encoder(torch.rand(3, 1, 32, 32)).repeat_interleave(8)
+    feats = seg.image_encoder(torch.rand(3, 1, 32, 32))
+    rows = torch.arange(3).repeat_interleave(8)
     temps = (1.0,) * len(cfg.autoencoder.scales)
     for top_k, top_p in ((0, 0.0), (5, 0.0), (0, 0.9)):
         runs = []
         for use_cache in (True, False):
             g = torch.Generator().manual_seed(123)
-            idx, partial = sample_tokens(seg, ae.quantizer, feats, temps, top_k, top_p, g, use_cache)
+            idx, partial = sample_tokens(seg, ae.quantizer, feats, temps, top_k, top_p, g, use_cache,
+                                         crop_of_row=rows)
             runs.append((idx, partial))
         for a, b in zip(runs[0][0], runs[1][0]):
             assert torch.equal(a, b)
@@ -184,8 +186,8 @@ def test_consensus_disagreement_and_per_scale_story():
     s[0, 1] = torch.tensor([[1, 1], [0, 0]])
     s[0, 2] = torch.tensor([[1, 0], [0, 0]])
     s[0, 3] = torch.tensor([[0, 0], [1, 0]])
-    scales = torch.stack([torch.zeros_like(s), s], 1)  # K = 2: first scale empty
-    r = aggregate(s, scales, torch.tensor([1.0]))
+    scales = torch.stack([torch.zeros_like(s), s])  # K = 2: first scale empty
+    r = aggregate(scales, torch.tensor([1.0]))
     assert r.consensus_Bhw[0].tolist() == [[1, 1], [0, 0]]  # 3/4 and 2/4 (ties count as foreground)
     np.testing.assert_allclose(r.disagreement_Bhw[0], [[0.25, 0.5], [0.25, 0.0]])
     np.testing.assert_allclose(r.sample_iou_BN[0], [1.0, 1.0, 0.5, 0.0])
@@ -193,9 +195,28 @@ def test_consensus_disagreement_and_per_scale_story():
     assert np.array_equal(r.scale_consensus_BKhw[0, 1], r.consensus_Bhw[0])
 
 
+@pytest.mark.parametrize("n_classes", [1, 4])
+def test_consensus_matches_a_numpy_reference(n_classes):
+    g = np.random.default_rng(0)
+    K, B, N = 3, 2, 16
+    s = g.integers(0, max(2, n_classes), (K, B, N, 9, 7)).astype(np.uint8)
+    r = aggregate(torch.from_numpy(s), torch.ones(B), n_classes=n_classes)
+    fg = s > 0
+    votes = fg[-1].sum(1)
+    np.testing.assert_allclose(r.probability_Bhw, votes / N)
+    if n_classes == 1:
+        np.testing.assert_array_equal(r.consensus_Bhw, 2 * votes >= N)
+        np.testing.assert_array_equal(r.scale_consensus_BKhw, (2 * fg.sum(2) >= N).transpose(1, 0, 2, 3))
+    else:
+        counts = np.stack([(s[-1] == c).sum(1) for c in range(n_classes)], 1)
+        np.testing.assert_array_equal(r.consensus_Bhw, counts.argmax(1))
+    np.testing.assert_array_equal(r.samples_BNhw, s[-1])
+    np.testing.assert_array_equal(r.scale_consensus_BKhw[:, -1], r.consensus_Bhw)
+
+
 def test_multiclass_consensus_is_the_per_pixel_mode():
     s = torch.tensor([[[[2]], [[2]], [[3]], [[0]], [[3]], [[2]]]], dtype=torch.uint8)  # B=1, N=6, 1x1
-    r = aggregate(s, s[:, None], torch.tensor([1.0]), n_classes=4)
+    r = aggregate(s[None], torch.tensor([1.0]), n_classes=4)
     assert r.consensus_Bhw[0, 0, 0] == 2
     np.testing.assert_allclose(r.disagreement_Bhw[0, 0, 0], 0.5)
 

@@ -28,17 +28,6 @@ class ImageFeatures:
     dense_logits_BChw: torch.Tensor  # dense prediction at crop resolution (aux loss)
     presence_logit_B: torch.Tensor  # logit of the fraction of readers who mark this crop
 
-    def _map(self, fn) -> ImageFeatures:
-        return ImageFeatures(fn(self.cond_BD), fn(self.feat_BDhw), fn(self.dense_logits_BChw),
-                             fn(self.presence_logit_B))
-
-    def repeat_interleave(self, n: int) -> ImageFeatures:
-        """Each crop's features n times in a row (crop b's samples are rows b*n .. b*n+n-1)."""
-        return self._map(lambda t: t.repeat_interleave(n, dim=0))
-
-    def select(self, rows: torch.Tensor) -> ImageFeatures:
-        return self._map(lambda t: t[rows])
-
 
 class UNetImageEncoder(nn.Module):
     def __init__(self, in_channels: int, channels, embed_dim: int, n_classes: int, latent_size: int,

@@ -12,7 +12,7 @@ import torch
 
 from .autoencoder import MaskAutoencoder
 from .config import ARSegConfig, SamplingConfig
-from .consensus import ConsensusResult, aggregate
+from .consensus import MAX_SAMPLES, ConsensusResult, aggregate
 from .sampler import sample_tokens
 from .segmentor import NextScaleSegmentor
 
@@ -109,8 +109,8 @@ class ARSegPredictor:
         s = sampling or self.config.sampling
         x_BChw = self._images_tensor(images)
         B, N, K = x_BChw.shape[0], s.n_samples, len(self.config.autoencoder.scales)
-        if N < 1:
-            raise ValueError("n_samples must be at least 1")
+        if not 1 <= N <= MAX_SAMPLES:
+            raise ValueError(f"n_samples must be between 1 and {MAX_SAMPLES}, got {N}")
         g = torch.Generator(device=self.device).manual_seed(int(s.seed))
         with phase("image_encoder"):
             feats = self.segmentor.image_encoder(x_BChw)
@@ -131,14 +131,13 @@ class ARSegPredictor:
                 raise Cancelled()
 
         if rows.numel():
-            row_feats = feats.repeat_interleave(N).select(rows)
             with phase("transformer"):
-                idx_list, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, row_feats,
-                                                       s.temperatures(K), s.top_k, s.top_p, g, use_cache, on_scale)
+                idx_list, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, feats,
+                                                       s.temperatures(K), s.top_k, s.top_p, g, use_cache, on_scale,
+                                                       crop_of_row=rows // N)
             with phase("decoding"):
                 scale_masks_KRhw[:, rows] = self.decode_all_scales(idx_list, partial_sums)
         elif progress is not None:
             progress(K, K)
         with phase("consensus"):
-            scale_samples_BKNhw = scale_masks_KRhw.view(K, B, N, *hw).transpose(0, 1)
-            return aggregate(scale_samples_BKNhw[:, -1], scale_samples_BKNhw, presence_B, self.n_classes)
+            return aggregate(scale_masks_KRhw.view(K, B, N, *hw), presence_B, self.n_classes)

@@ -41,22 +41,27 @@ def sample_from_logits(logits_BlV: torch.Tensor, temperature: float, top_k: int,
 def sample_tokens(segmentor: NextScaleSegmentor, quantizer: MultiScaleQuantizer, feats: ImageFeatures,
                   temperatures: Sequence[float], top_k: int = 0, top_p: float = 0.0,
                   generator: Optional[torch.Generator] = None, use_cache: bool = True,
-                  on_scale: Optional[Callable[[int], None]] = None
+                  on_scale: Optional[Callable[[int], None]] = None, crop_of_row: Optional[torch.Tensor] = None
                   ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """One sequence per row of `feats`. Returns (idx_Bl per scale, partial sum F_hat_k per scale)."""
+    """One sequence per crop of `feats`, or, with crop_of_row, one per row (row r samples crop
+    crop_of_row[r]). Returns (idx_Bl per scale, partial sum F_hat_k per scale), one row per sequence."""
+    if crop_of_row is None:
+        crop_of_row = torch.arange(feats.cond_BD.shape[0], device=feats.cond_BD.device)
+    cond_BD = feats.cond_BD[crop_of_row]
     idx_list, partial_sums = [], []
     f_hat, x_next = None, None
     prefix: List[torch.Tensor] = []  # no-cache path: every scale's input tokens so far
     segmentor.kv_caching(use_cache)
     try:
         for si, pn in enumerate(segmentor.scales):
-            x_new = segmentor.embed_scale(feats, si, x_next)
+            context_BlD = segmentor.scale_context(feats, si)[crop_of_row]  # computed once per crop
+            x_new = segmentor.embed_scale(cond_BD, si, x_next, context_BlD)
             if use_cache:
-                logits_BlV = segmentor.run_blocks(x_new, feats.cond_BD, None)
+                logits_BlV = segmentor.run_blocks(x_new, cond_BD, None)
             else:
                 prefix.append(x_new)
                 e = segmentor.begin_ends[si][1]
-                logits_BlV = segmentor.run_blocks(torch.cat(prefix, 1), feats.cond_BD,
+                logits_BlV = segmentor.run_blocks(torch.cat(prefix, 1), cond_BD,
                                                   segmentor.bias_LL[:e, :e])[:, -pn * pn:]
             idx_Bl = sample_from_logits(logits_BlV, temperatures[si], top_k, top_p, generator)
             f_hat, x_next = quantizer.next_scale_input(f_hat, idx_Bl, si)

@@ -55,10 +55,17 @@ class NextScaleSegmentor(nn.Module):
         b, e = self.begin_ends[si]
         return self.pos_1LD[:, b:e] + self.level_embed(self.level_L[b:e])[None]
 
-    def embed_scale(self, feats: ImageFeatures, si: int, x_BlC: Optional[torch.Tensor]) -> torch.Tensor:
-        """Input tokens of scale si: the start token (si = 0) or the embedded downsampled partial sum."""
-        tok = self.start(feats.cond_BD)[:, None] if si == 0 else self.word_embed(x_BlC)
-        return tok + self.scale_embedding(si) + self.image_tokens(feats, si)
+    def scale_context(self, feats: ImageFeatures, si: int) -> torch.Tensor:
+        """What every input token of scale si gets besides its content: position, scale and image features
+        (B, s*s, D). The same for all samples of a crop, so sampling computes it once per crop."""
+        return self.scale_embedding(si) + self.image_tokens(feats, si)
+
+    def embed_scale(self, cond_BD: torch.Tensor, si: int, x_BlC: Optional[torch.Tensor],
+                    context_BlD: torch.Tensor) -> torch.Tensor:
+        """Input tokens of scale si: the start token made from c (si = 0) or the embedded downsampled partial
+        sum, plus the scale's context."""
+        tok = self.start(cond_BD)[:, None] if si == 0 else self.word_embed(x_BlC)
+        return tok + context_BlD
 
     def run_blocks(self, x_BLD, cond_BD, bias):
         for block in self.blocks:
@@ -74,7 +81,8 @@ class NextScaleSegmentor(nn.Module):
         feats = self.image_encoder(image_BChw)
         parts, b = [], 0
         for si, pn in enumerate(self.scales):
-            parts.append(self.embed_scale(feats, si, None if si == 0 else x_BLC[:, b:b + pn * pn]))
+            parts.append(self.embed_scale(feats.cond_BD, si, None if si == 0 else x_BLC[:, b:b + pn * pn],
+                                          self.scale_context(feats, si)))
             b += 0 if si == 0 else pn * pn
         x_BLD = torch.cat(parts, dim=1)
         return self.run_blocks(x_BLD, feats.cond_BD, self.bias_LL), feats
