@@ -338,26 +338,44 @@ def unpack_mask(packed: np.ndarray, bit: int) -> np.ndarray:
 CONNECTIVITY = ndimage.generate_binary_structure(3, 3)  # 26-neighbourhood: a nodule's slices touch diagonally
 
 
+def _bounding_box(mask: np.ndarray) -> Optional[Tuple[slice, ...]]:
+    """The smallest box holding every foreground voxel (None if there is none): labelling only that box gives the
+    same components at a fraction of the cost (a nodule fills little of its crop)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            return None
+        box.append(slice(int(hit[0]), int(hit[-1]) + 1))
+    return tuple(box)
+
+
 def _component_near_point(mask: np.ndarray, point_index, spacing, tolerance_mm: float) -> np.ndarray:
     """The connected component containing the point, or the one nearest to it within tolerance_mm, else empty."""
-    labels, n = ndimage.label(mask > 0, structure=CONNECTIVITY)
-    if n == 0:
-        return np.zeros(mask.shape, dtype=bool)
+    out = np.zeros(mask.shape, dtype=bool)
+    box = _bounding_box(mask > 0)
+    if box is None:
+        return out
+    labels, _ = ndimage.label(mask[box] > 0, structure=CONNECTIVITY)
+    offset = np.array([b.start for b in box])
     fg = np.argwhere(labels > 0)
-    d = np.sqrt((((fg - np.asarray(point_index)[None]) * np.asarray(spacing)[None]) ** 2).sum(1))
+    d = np.sqrt((((fg + offset - np.asarray(point_index)[None]) * np.asarray(spacing)[None]) ** 2).sum(1))
     nearest = int(np.argmin(d))
-    if d[nearest] > tolerance_mm:
-        return np.zeros(mask.shape, dtype=bool)
-    return labels == labels[tuple(fg[nearest])]
+    if d[nearest] <= tolerance_mm:
+        out[box] = labels == labels[tuple(fg[nearest])]
+    return out
 
 
 def _components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
     """The connected components of mask that overlap region."""
-    labels, n = ndimage.label(mask > 0, structure=CONNECTIVITY)
-    if n == 0:
-        return np.zeros(mask.shape, dtype=bool)
-    keep = np.unique(labels[region & (labels > 0)])
-    return np.isin(labels, keep[keep > 0])
+    out = np.zeros(mask.shape, dtype=bool)
+    box = _bounding_box(mask > 0)
+    if box is None:
+        return out
+    labels, _ = ndimage.label(mask[box] > 0, structure=CONNECTIVITY)
+    keep = np.unique(labels[region[box] & (labels > 0)])
+    out[box] = np.isin(labels, keep[keep > 0])
+    return out
 
 
 # --------------------------------------------------------------------------------------------- result

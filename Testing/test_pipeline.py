@@ -232,3 +232,27 @@ def test_background_run_reports_progress_and_can_be_cancelled(lung1, tiny):
     stopped.cancel()
     stopped.start()
     assert stopped.wait(120) and stopped.cancelled and stopped.result is None
+
+
+def test_components_are_labelled_inside_the_bounding_box_exactly_as_on_the_whole_array():
+    from scipy import ndimage
+
+    from ARSegLib.pipeline import CONNECTIVITY, _component_near_point, _components_touching
+
+    g = np.random.default_rng(0)
+    for trial in range(20):
+        mask = np.zeros((9, 40, 40), bool)
+        mask[2:7, 5:30, 8:35] = g.random((5, 25, 27)) > 0.6  # several components, off the array's edges
+        region = np.zeros_like(mask)
+        region[4, 10:20, 10:20] = True
+        labels, _ = ndimage.label(mask, structure=CONNECTIVITY)
+        keep = np.unique(labels[region & (labels > 0)])
+        np.testing.assert_array_equal(_components_touching(mask, region), np.isin(labels, keep[keep > 0]))
+        point = (4, 15.5, 20.5)
+        near = _component_near_point(mask, point, (2.5, 0.7, 0.7), 5.0)
+        fg = np.argwhere(labels > 0)
+        d = np.sqrt((((fg - np.asarray(point)) * (2.5, 0.7, 0.7)) ** 2).sum(1))
+        expected = labels == labels[tuple(fg[np.argmin(d)])] if d.min() <= 5.0 else np.zeros_like(mask)
+        np.testing.assert_array_equal(near, expected)
+    assert not _components_touching(np.zeros((3, 4, 4), bool), np.ones((3, 4, 4), bool)).any()
+    assert not _component_near_point(np.zeros((3, 4, 4), bool), (1, 1, 1), (1, 1, 1), 5.0).any()
