@@ -240,7 +240,7 @@ def test_components_are_labelled_inside_the_bounding_box_exactly_as_on_the_whole
     from ARSegLib.pipeline import CONNECTIVITY, _component_near_point, _components_touching
 
     g = np.random.default_rng(0)
-    for trial in range(20):
+    for _ in range(20):
         mask = np.zeros((9, 40, 40), bool)
         mask[2:7, 5:30, 8:35] = g.random((5, 25, 27)) > 0.6  # several components, off the array's edges
         region = np.zeros_like(mask)
