@@ -61,8 +61,8 @@ def sample_tokens(segmentor: NextScaleSegmentor, quantizer: MultiScaleQuantizer,
             else:
                 prefix.append(x_new)
                 e = segmentor.begin_ends[si][1]
-                logits_BlV = segmentor.run_blocks(torch.cat(prefix, 1), cond_BD,
-                                                  segmentor.bias_LL[:e, :e])[:, -pn * pn:]
+                logits_BlV = segmentor.run_blocks(torch.cat(prefix, 1), cond_BD, segmentor.bias_LL[:e, :e],
+                                                  last_tokens=pn * pn)
             idx_Bl = sample_from_logits(logits_BlV, temperatures[si], top_k, top_p, generator)
             f_hat, x_next = quantizer.next_scale_input(f_hat, idx_Bl, si)
             idx_list.append(idx_Bl)

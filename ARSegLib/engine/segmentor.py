@@ -67,10 +67,12 @@ class NextScaleSegmentor(nn.Module):
         tok = self.start(cond_BD)[:, None] if si == 0 else self.word_embed(x_BlC)
         return tok + context_BlD
 
-    def run_blocks(self, x_BLD, cond_BD, bias):
+    def run_blocks(self, x_BLD, cond_BD, bias, last_tokens: Optional[int] = None):
+        """Logits of every token, or of the last `last_tokens` only (the no-cache reference needs the newest
+        scale's logits, and computing the others would slow it for nothing)."""
         for block in self.blocks:
             x_BLD = block(x_BLD, cond_BD, bias)
-        return self.head(x_BLD, cond_BD)
+        return self.head(x_BLD if last_tokens is None else x_BLD[:, -last_tokens:], cond_BD)
 
     # -- training -----------------------------------------------------------------------------
     def forward(self, image_BChw: torch.Tensor, x_BLC: torch.Tensor):
