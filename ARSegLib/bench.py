@@ -48,6 +48,20 @@ def median_time(fn: Callable[[], Any], runs: int, warmup: int = 2, sync: bool = 
     return statistics.median(times)
 
 
+def matmul_gflops(device: torch.device, seconds: float = 0.3) -> float:
+    """The machine's speed right now (512 x 512 fp32 matrix products): shared or throttled CPUs vary by tens of
+    percent from minute to minute, and this puts the other numbers in context."""
+    a = torch.randn(512, 512, device=device)
+    sync = device.type == "cuda"
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ a
+        if sync:
+            torch.cuda.synchronize()
+        n += 1
+    return 2 * 512 ** 3 * n / (time.perf_counter() - t0) / 1e9
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kilobytes
 
@@ -153,12 +167,14 @@ def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, t
         "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs, "crop_source": crop_source,
         "n_tokens": predictor.config.autoencoder.n_tokens,
     }
+    out["matmul_gflops_before"] = matmul_gflops(predictor.device)
     out["crop"] = bench_crop(predictor, crop, sampling, runs)
     out["split_s"] = bench_split(predictor, crop, sampling, runs)
     # the same phases for the no-cache reference: only the transformer should differ
     out["split_nocache_s"] = bench_split(predictor, crop, sampling, runs, use_cache=False)
     if lung1:
         out.update(bench_lung1(predictor, card, max(3, runs // 3), volume_slices))
+    out["matmul_gflops_after"] = matmul_gflops(predictor.device)
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
@@ -192,7 +208,8 @@ def format_table(r: Dict[str, Any]) -> str:
                      f"{r['click_lung1_slices']} slices; whole volume: {r['volume_slices_per_s']:.2f} slices/s")
     elif "lung1" in r:
         lines.append(f"lung1: {r['lung1']}")
-    lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB")
+    lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB; machine speed (512x512 matmul) {r['matmul_gflops_before']:.0f} "
+                 f"GFLOP/s before, {r['matmul_gflops_after']:.0f} after")
     return "\n".join(lines)
 
 

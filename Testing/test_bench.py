@@ -12,7 +12,7 @@ def test_bench_json_has_every_field(tmp_path, lung1_dir):
     assert main(["bench", "--runs", "1", "--volume-slices", "2", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     for key in ("device", "cpu", "torch", "threads", "crop", "split_s", "click_lung1_s", "click_lung1_slices",
-                "volume_slices_per_s", "peak_rss_mb"):
+                "volume_slices_per_s", "peak_rss_mb", "matmul_gflops_before", "matmul_gflops_after"):
         assert key in r, key
     assert set(r["crop"]) == {"1", "4", "16"}
     for row in r["crop"].values():
