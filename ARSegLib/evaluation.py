@@ -18,7 +18,7 @@ def evaluate(predictor: ARSegPredictor, images_NChw: np.ndarray, masks_NRhw: np.
              progress: Optional[Callable[[int], None]] = None) -> Dict[str, float]:
     acc = MetricAccumulator()
     for b in range(0, len(images_NChw), batch):
-        res = predictor.segment(images_NChw[b:b + batch], sampling)
+        res = predictor.segment(images_NChw[b:b + batch], sampling, crop_ids=range(b, min(b + batch, len(images_NChw))))
         for i in range(res.samples_BNhw.shape[0]):
             readers = masks_NRhw[b + i]
             row = multi_reader_metrics(res.samples_BNhw[i], readers)

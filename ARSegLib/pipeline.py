@@ -514,8 +514,9 @@ def _settings_record(card, settings: SegmentSettings, sampling, pixel_spacing: f
 
 
 def _run_model(predictor, crops: np.ndarray, sampling, progress: ProgressFn, cancel: CancelFn,
-               step_offset: int = 0, total_steps: Optional[int] = None):
-    """All crops through the predictor in one call; progress counted in scales across chunks."""
+               step_offset: int, total_steps: int, crop_ids: Sequence[int]):
+    """All crops through the predictor in one call; progress counted in scales across chunks. crop_ids: each
+    crop's place in the whole run, so its samples do not depend on how the run is chunked."""
     k = len(predictor.config.autoencoder.scales)
     total = total_steps or k
 
@@ -523,7 +524,7 @@ def _run_model(predictor, crops: np.ndarray, sampling, progress: ProgressFn, can
         if progress is not None:
             progress(step_offset + done, total)
 
-    return predictor.segment(crops, sampling=sampling, progress=on_progress, cancel=cancel)
+    return predictor.segment(crops, sampling=sampling, progress=on_progress, cancel=cancel, crop_ids=crop_ids)
 
 
 def _prepare_run(volume, ijk_to_ras, predictor, card, settings: Optional[SegmentSettings]):
@@ -556,7 +557,7 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
     batch = max(1, settings.batch_size)
     chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
     for ci, chunk in enumerate(chunks):
-        res = _run_model(predictor, prepared[chunk], sampling, progress, cancel, ci * k, len(chunks) * k)
+        res = _run_model(predictor, prepared[chunk], sampling, progress, cancel, ci * k, len(chunks) * k, chunk)
         samples[:, chunk] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
         scales[:, chunk] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
         consensus[chunk] = res.consensus_Bhw > 0
@@ -632,7 +633,8 @@ def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[Segme
 
     # tiles are cut plane by plane and sent in chunks; only planes of the current chunk are resampled
     tiles = [(z, tr, tc) for z in range(nz) for tr in range(tiles_r) for tc in range(tiles_c)]
-    chunks = [tiles[i:i + max(1, settings.batch_size)] for i in range(0, len(tiles), max(1, settings.batch_size))]
+    batch = max(1, settings.batch_size)
+    chunks = [tiles[i:i + batch] for i in range(0, len(tiles), batch)]
     total_steps = len(chunks) * k
     plane_cache: Dict[int, np.ndarray] = {}
     preview_image = None
@@ -649,7 +651,8 @@ def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[Segme
         prepared, has_signal = prepare_crops(raw, card.intensity)
         rows = np.flatnonzero(has_signal)
         if len(rows):
-            res = _run_model(predictor, prepared[rows], sampling, progress, cancel, ci * k, total_steps)
+            res = _run_model(predictor, prepared[rows], sampling, progress, cancel, ci * k, total_steps,
+                             ci * batch + rows)
             for r_out, r_in in enumerate(rows):
                 z, tr, tc = chunk[r_in]
                 win = (z, slice(tr * crop, (tr + 1) * crop), slice(tc * crop, (tc + 1) * crop))

@@ -10,7 +10,7 @@ import torch
 
 from ARSegLib.engine import ARSegPredictor, aggregate, build_arseg, tiny_config
 from ARSegLib.engine.predictor import presence_gate
-from ARSegLib.engine.sampler import sample_from_logits, sample_tokens
+from ARSegLib.engine.sampler import CropStreams, sample_from_logits, sample_tokens
 
 
 def disks(n, size, seed=0):
@@ -137,8 +137,8 @@ def test_cached_sampler_yields_exactly_the_reference_tokens():
     for top_k, top_p in ((0, 0.0), (5, 0.0), (0, 0.9)):
         runs = []
         for use_cache in (True, False):
-            g = torch.Generator().manual_seed(123)
-            idx, partial = sample_tokens(seg, ae.quantizer, feats, temps, top_k, top_p, g, use_cache,
+            streams = CropStreams(123, range(3), "cpu")
+            idx, partial = sample_tokens(seg, ae.quantizer, feats, temps, top_k, top_p, streams, use_cache,
                                          crop_of_row=rows)
             runs.append((idx, partial))
         for a, b in zip(runs[0][0], runs[1][0]):
@@ -162,19 +162,36 @@ def test_same_seed_same_result_other_seed_other_result():
     assert np.array_equal(a.samples_BNhw, ref.samples_BNhw)
 
 
+def test_a_crops_samples_do_not_depend_on_the_other_crops_of_the_call():
+    cfg, ae, seg = _tiny_models(seed=5)
+    with torch.no_grad():
+        seg.image_encoder.presence_head[-1].bias.fill_(5.0)  # all samples drawn
+    pred = ARSegPredictor(cfg, ae, seg)
+    img = np.random.default_rng(1).random((4, 32, 32)).astype(np.float32)
+    s = dataclasses.replace(cfg.sampling, n_samples=8, seed=3)
+    together = pred.segment(img, s, crop_ids=[10, 11, 12, 13])
+    for i in range(4):
+        alone = pred.segment(img[i:i + 1], s, crop_ids=[10 + i])
+        assert np.array_equal(alone.samples_BNhw[0], together.samples_BNhw[i])
+    # ids, not positions, pick the streams: the same crops in another order give the same samples
+    reordered = pred.segment(img[::-1].copy(), s, crop_ids=[13, 12, 11, 10])
+    assert np.array_equal(reordered.samples_BNhw[::-1], together.samples_BNhw)
+    with pytest.raises(ValueError, match="crop ids"):
+        pred.segment(img, s, crop_ids=[1, 2])
+
+
 def test_top_k_one_is_greedy():
     logits = torch.randn(4, 9, 17)
-    g = torch.Generator().manual_seed(0)
-    assert torch.equal(sample_from_logits(logits, 1.0, 1, 0.0, g), logits.argmax(-1))
-    assert torch.equal(sample_from_logits(logits, 0.0, 0, 0.0, g), logits.argmax(-1))
+    u = torch.rand(4, 9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_from_logits(logits, 1.0, 1, 0.0, u), logits.argmax(-1))
+    assert torch.equal(sample_from_logits(logits, 0.0, 0, 0.0, u), logits.argmax(-1))
     # top-p keeps at least the most likely token; a tiny p is greedy as well
-    assert torch.equal(sample_from_logits(logits, 1.0, 0, 1e-6, g), logits.argmax(-1))
+    assert torch.equal(sample_from_logits(logits, 1.0, 0, 1e-6, u), logits.argmax(-1))
 
 
 def test_presence_gate_draws_the_predicted_fraction():
-    g = torch.Generator().manual_seed(0)
     p = torch.tensor([0.0, 0.25, 0.5, 1.0, 0.74])
-    drawn = presence_gate(p, 16, g)
+    drawn = presence_gate(p, 16, torch.rand(5, generator=torch.Generator().manual_seed(0)))
     counts = drawn.sum(1).tolist()
     assert counts[:4] == [0, 4, 8, 16]
     assert counts[4] in (11, 12)
@@ -267,8 +284,9 @@ def test_decoding_distinct_prefixes_once_equals_decoding_every_sequence():
 def test_sampling_follows_the_softmax_distribution():
     logits = torch.log(torch.tensor([0.1, 0.0, 0.6, 0.3]))[None, None].repeat(1, 20000, 1)
     g = torch.Generator().manual_seed(0)
-    idx = sample_from_logits(logits, 1.0, 0, 0.0, g)
+    idx = sample_from_logits(logits, 1.0, 0, 0.0, torch.rand(1, 20000, generator=g))
     freq = torch.bincount(idx.flatten(), minlength=4).float() / idx.numel()
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.0, 0.6, 0.3]), atol=0.015, rtol=0)
-    top2 = torch.bincount(sample_from_logits(logits, 1.0, 2, 0.0, g).flatten(), minlength=4).float() / idx.numel()
+    top2 = torch.bincount(sample_from_logits(logits, 1.0, 2, 0.0, torch.rand(1, 20000, generator=g)).flatten(),
+                          minlength=4).float() / idx.numel()
     torch.testing.assert_close(top2, torch.tensor([0.0, 0.0, 2 / 3, 1 / 3]), atol=0.015, rtol=0)

@@ -157,6 +157,10 @@ def test_whole_volume_tiles_every_plane_and_reports_progress(lung1, tiny):
     assert r.consensus_volume_mm3 == pytest.approx(r.consensus.sum() * r.voxel_volume_mm3)
     fraction = np.mean([r.sample_mask(i) != r.consensus for i in range(1, r.n_samples + 1)], axis=0)
     np.testing.assert_allclose(r.disagreement, fraction, atol=1e-6)
+    one_chunk = pipeline.segment_volume(small, m, predictor, card, SegmentSettings(n_samples=3, batch_size=8))
+    assert np.array_equal(one_chunk.sample_bits, r.sample_bits)
+    one_chunk = pipeline.segment_volume(small, m, predictor, card, SegmentSettings(n_samples=3, batch_size=8))
+    assert np.array_equal(one_chunk.sample_bits, r.sample_bits)
 
 
 def test_a_click_in_a_thin_slice_scan_goes_in_chunks(lung1, tiny):
@@ -168,6 +172,10 @@ def test_a_click_in_a_thin_slice_scan_goes_in_chunks(lung1, tiny):
                                progress=lambda d, t: steps.append((d, t)))
     assert r.grid.shape[0] == 9 and steps[-1] == (3 * r.n_scales, 3 * r.n_scales)
     assert r.consensus.shape == r.box_shape
+    # the chunking does not change the samples: each plane has its own random stream
+    whole = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card,
+                                   SegmentSettings(n_samples=2, half_height_mm=10, batch_size=32))
+    assert np.array_equal(whole.sample_bits, r.sample_bits) and np.array_equal(whole.consensus, r.consensus)
 
 
 def test_cancel_stops_a_run(lung1, tiny):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch
 from .autoencoder import MaskAutoencoder
 from .config import ARSegConfig, SamplingConfig
 from .consensus import MAX_SAMPLES, ConsensusResult, aggregate
-from .sampler import sample_tokens
+from .sampler import CropStreams, sample_tokens
 from .segmentor import NextScaleSegmentor
 
 
@@ -21,10 +21,9 @@ class Cancelled(Exception):
     """Raised inside a run when the caller's cancel callback returns True."""
 
 
-def presence_gate(presence_B: torch.Tensor, n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+def presence_gate(presence_B: torch.Tensor, n: int, u_B: torch.Tensor) -> torch.Tensor:
     """Which of the N samples of each crop are drawn (True) rather than empty: a fraction close to
     the predicted presence, by systematic sampling (offset u ~ U[0, 1), sample i kept iff (i + u) / N < p)."""
-    u_B = torch.rand(presence_B.shape[0], generator=generator, device=presence_B.device)
     i_N = torch.arange(n, device=presence_B.device, dtype=torch.float32)
     return (i_N[None] + u_B[:, None]) / n < presence_B[:, None]
 
@@ -100,9 +99,12 @@ class ARSegPredictor:
     def segment(self, images, sampling: Optional[SamplingConfig] = None, use_cache: bool = True,
                 progress: Optional[Callable[[int, int], None]] = None,
                 cancel: Optional[Callable[[], bool]] = None,
-                timings: Optional[Dict[str, float]] = None) -> ConsensusResult:
+                timings: Optional[Dict[str, float]] = None,
+                crop_ids: Optional[Sequence[int]] = None) -> ConsensusResult:
         """images: (B, H, W) or (B, C, H, W) float32 crops, prepared as the model card says.
 
+        crop_ids: one non-negative id per crop (default 0..B-1); a crop's samples depend on its image, the seed
+        and its id only, so callers that split work into chunks pass ids that do not depend on the chunking.
         timings, when given, receives the seconds spent in each phase (image_encoder, transformer,
         decoding, consensus)."""
         phase = PhaseTimer(timings, self.device)
@@ -111,12 +113,15 @@ class ARSegPredictor:
         B, N, K = x_BChw.shape[0], s.n_samples, len(self.config.autoencoder.scales)
         if not 1 <= N <= MAX_SAMPLES:
             raise ValueError(f"n_samples must be between 1 and {MAX_SAMPLES}, got {N}")
-        g = torch.Generator(device=self.device).manual_seed(int(s.seed))
+        crop_ids = list(range(B)) if crop_ids is None else [int(c) for c in crop_ids]
+        if len(crop_ids) != B:
+            raise ValueError(f"{len(crop_ids)} crop ids for {B} crops")
+        streams = CropStreams(int(s.seed), crop_ids, self.device)
         with phase("image_encoder"):
             feats = self.segmentor.image_encoder(x_BChw)
         if self.config.segmentor.presence_gate:
             presence_B = torch.sigmoid(feats.presence_logit_B)
-            drawn_BN = presence_gate(presence_B, N, g)
+            drawn_BN = presence_gate(presence_B, N, streams.uniform([1] * B, 1)[:, 0])
         else:
             presence_B = torch.ones(B, device=self.device)
             drawn_BN = torch.ones(B, N, dtype=torch.bool, device=self.device)
@@ -133,8 +138,8 @@ class ARSegPredictor:
         if rows.numel():
             with phase("transformer"):
                 idx_list, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, feats,
-                                                       s.temperatures(K), s.top_k, s.top_p, g, use_cache, on_scale,
-                                                       crop_of_row=rows // N)
+                                                       s.temperatures(K), s.top_k, s.top_p, streams, use_cache,
+                                                       on_scale, crop_of_row=rows // N)
             with phase("decoding"):
                 scale_masks_KRhw[:, rows] = self.decode_all_scales(idx_list, partial_sums)
         elif progress is not None:

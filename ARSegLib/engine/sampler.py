@@ -3,6 +3,7 @@
 The cached path feeds each scale's new tokens only; the no-cache path recomputes the whole prefix at
 every scale and is kept as the reference for tests and benchmarks. Both draw the same random numbers
 in the same order, so for one seed they yield the same tokens (up to float round-off in the logits).
+Randomness comes from one stream per crop (CropStreams), so batching never changes a crop's samples.
 """
 
 from __future__ import annotations
@@ -16,8 +17,36 @@ from .quantizer import MultiScaleQuantizer
 from .segmentor import NextScaleSegmentor
 
 
+class CropStreams:
+    """One random stream per crop, seeded by (seed, crop id): a crop's samples depend on its image, the seed and
+    its id only, never on which other crops share the call (a click's chunks of planes, whole-volume tiles,
+    evaluation batches)."""
+
+    def __init__(self, seed: int, crop_ids: Sequence[int], device: torch.device):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(stream_seed(seed, c)) for c in crop_ids]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def uniform(self, rows_per_crop: Sequence[int], per_row: int) -> torch.Tensor:
+        """U[0, 1) numbers (sum(rows_per_crop), per_row); rows grouped by crop, in crop order."""
+        parts = [torch.rand(int(n), per_row, generator=g, device=self.device)
+                 for g, n in zip(self.generators, rows_per_crop) if n]
+        return torch.cat(parts) if parts else torch.empty(0, per_row, device=self.device)
+
+
+def stream_seed(seed: int, crop_id: int) -> int:
+    if crop_id < 0:
+        raise ValueError(f"crop ids are non-negative, got {crop_id}")
+    return ((int(seed) & 0xFFFFFFFF) << 31) ^ (int(crop_id) & 0x7FFFFFFF)
+
+
 def sample_from_logits(logits_BlV: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                       generator: Optional[torch.Generator]) -> torch.Tensor:
+                       u_Bl: torch.Tensor) -> torch.Tensor:
+    """Draw one token per position from softmax(logits / T) (top-k / top-p filtered), by the inverse CDF of one
+    given uniform number per position (u_Bl, same shape as logits_BlV without V): cheaper on a CPU than
+    torch.multinomial, and the caller decides where the randomness comes from."""
     if temperature <= 0:
         return logits_BlV.argmax(-1)
     logits = logits_BlV.float() / temperature
@@ -31,22 +60,24 @@ def sample_from_logits(logits_BlV: torch.Tensor, temperature: float, top_k: int,
         drop_sorted = (cum - sorted_logits.softmax(-1)) > top_p  # keep the smallest set reaching top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    # inverse-CDF sampling: one uniform number per token (cheaper on a CPU than torch.multinomial)
     cdf = logits.softmax(-1).view(-1, V).cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    u = u_Bl.reshape(-1, 1).to(cdf.dtype) * cdf[:, -1:]
     return (cdf < u).sum(-1).clamp_(max=V - 1).view(logits_BlV.shape[:-1])
 
 
 @torch.inference_mode()
 def sample_tokens(segmentor: NextScaleSegmentor, quantizer: MultiScaleQuantizer, feats: ImageFeatures,
-                  temperatures: Sequence[float], top_k: int = 0, top_p: float = 0.0,
-                  generator: Optional[torch.Generator] = None, use_cache: bool = True,
-                  on_scale: Optional[Callable[[int], None]] = None, crop_of_row: Optional[torch.Tensor] = None
-                  ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """One sequence per crop of `feats`, or, with crop_of_row, one per row (row r samples crop
-    crop_of_row[r]). Returns (idx_Bl per scale, partial sum F_hat_k per scale), one row per sequence."""
+                  temperatures: Sequence[float], top_k: int, top_p: float, streams: CropStreams,
+                  use_cache: bool = True, on_scale: Optional[Callable[[int], None]] = None,
+                  crop_of_row: Optional[torch.Tensor] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """One sequence per crop of `feats`, or, with crop_of_row (sorted), one per row: row r samples crop
+    crop_of_row[r]. Returns (idx_Bl per scale, partial sum F_hat_k per scale), one row per sequence."""
+    n_crops = feats.cond_BD.shape[0]
     if crop_of_row is None:
-        crop_of_row = torch.arange(feats.cond_BD.shape[0], device=feats.cond_BD.device)
+        crop_of_row = torch.arange(n_crops, device=feats.cond_BD.device)
+    if len(streams) != n_crops or (crop_of_row.diff() < 0).any():
+        raise ValueError("one random stream per crop, and rows grouped by crop in crop order")
+    rows_per_crop = torch.bincount(crop_of_row, minlength=n_crops).tolist()
     cond_BD = feats.cond_BD[crop_of_row]
     idx_list, partial_sums = [], []
     f_hat, x_next = None, None
@@ -63,7 +94,8 @@ def sample_tokens(segmentor: NextScaleSegmentor, quantizer: MultiScaleQuantizer,
                 e = segmentor.begin_ends[si][1]
                 logits_BlV = segmentor.run_blocks(torch.cat(prefix, 1), cond_BD, segmentor.bias_LL[:e, :e],
                                                   last_tokens=pn * pn)
-            idx_Bl = sample_from_logits(logits_BlV, temperatures[si], top_k, top_p, generator)
+            idx_Bl = sample_from_logits(logits_BlV, temperatures[si], top_k, top_p,
+                                        streams.uniform(rows_per_crop, pn * pn))
             f_hat, x_next = quantizer.next_scale_input(f_hat, idx_Bl, si)
             idx_list.append(idx_Bl)
             partial_sums.append(f_hat)
