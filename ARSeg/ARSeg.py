@@ -337,7 +337,7 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
     # --- models
 
     def availableModels(self):
-        """Model names for the GUI; only the default until torch is installed (ARSegLib.models imports it)."""
+        """Model names for the GUI (reading model cards needs no torch)."""
         try:
             from ARSegLib.models import available_models
 

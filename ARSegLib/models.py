@@ -12,11 +12,10 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-import torch
-
-from .engine import ARSegConfig, ARSegPredictor, build_arseg
+if TYPE_CHECKING:  # torch is imported only to load or export weights: finding and reading cards works without it
+    from .engine import ARSegConfig
 
 CARD_FORMAT = "arseg-model/1"
 DEFAULT_MODEL = "lidc-nodule"
@@ -80,6 +79,8 @@ class ModelCard:
 
     @property
     def config(self) -> ARSegConfig:
+        from .engine import ARSegConfig
+
         return ARSegConfig.from_dict(self.data["config"])
 
     @property
@@ -115,6 +116,8 @@ def load_model(name_or_path=DEFAULT_MODEL, device: str = "cpu", verify: bool = T
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    from .engine import ARSegPredictor, build_arseg
+
     card = read_card(name_or_path)
     wpath = card.weights_path
     if not wpath.exists():
@@ -140,10 +143,12 @@ def load_model(name_or_path=DEFAULT_MODEL, device: str = "cpu", verify: bool = T
 
 
 def export_model(out_base, config: ARSegConfig, autoencoder, segmentor, card_extra: Dict[str, Any],
-                 dtype=torch.float16) -> Path:
-    """Write OUT.safetensors (fp16 by default) and the card OUT.json; returns the card path."""
+                 dtype=None) -> Path:
+    """Write OUT.safetensors (fp16 unless dtype says otherwise) and the card OUT.json; returns the card path."""
+    import torch
     from safetensors.torch import save_file
 
+    dtype = torch.float16 if dtype is None else dtype
     out_base = Path(out_base)
     out_base.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}

@@ -39,3 +39,17 @@ def test_unknown_model_and_broken_card(tmp_path):
     bad.write_text(json.dumps({"name": "x"}))
     with pytest.raises(ModelError, match="not an ARSeg model card"):
         load_model(bad)
+
+
+def test_model_cards_are_listed_and_read_without_importing_torch():
+    """The Slicer module lists models before it has installed torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; import ARSegLib.models as m; names = m.available_models(); card = m.read_card(names[0]); "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print(names)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert "lidc-nodule" in out.stdout
