@@ -146,11 +146,16 @@ def test_cached_sampler_yields_exactly_the_reference_tokens():
         torch.testing.assert_close(runs[0][1][-1], runs[1][1][-1])
 
 
-def test_same_seed_same_result_other_seed_other_result():
+def _always_drawing_predictor():
+    """A tiny predictor whose presence gate draws every sample."""
     cfg, ae, seg = _tiny_models(seed=5)
     with torch.no_grad():
-        seg.image_encoder.presence_head[-1].bias.fill_(5.0)  # all samples drawn
-    pred = ARSegPredictor(cfg, ae, seg)
+        seg.image_encoder.presence_head[-1].bias.fill_(5.0)
+    return cfg, ARSegPredictor(cfg, ae, seg)
+
+
+def test_same_seed_same_result_other_seed_other_result():
+    cfg, pred = _always_drawing_predictor()
     img = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
     s = dataclasses.replace(cfg.sampling, n_samples=8, seed=11)
     a, b = pred.segment(img, s), pred.segment(img, s)
@@ -163,10 +168,7 @@ def test_same_seed_same_result_other_seed_other_result():
 
 
 def test_a_crops_samples_do_not_depend_on_the_other_crops_of_the_call():
-    cfg, ae, seg = _tiny_models(seed=5)
-    with torch.no_grad():
-        seg.image_encoder.presence_head[-1].bias.fill_(5.0)  # all samples drawn
-    pred = ARSegPredictor(cfg, ae, seg)
+    cfg, pred = _always_drawing_predictor()
     img = np.random.default_rng(1).random((4, 32, 32)).astype(np.float32)
     s = dataclasses.replace(cfg.sampling, n_samples=8, seed=3)
     together = pred.segment(img, s, crop_ids=[10, 11, 12, 13])
