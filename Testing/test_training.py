@@ -116,15 +116,19 @@ def test_presence_calibration_learns_which_crops_readers_mark():
     assert scores["val_abs_err_after"] < 0.2, scores
 
 
+def _noise_with_a_box(n: int, box) -> TrainData:
+    """n noise images of 32 x 32 whose four readers all mark the same box."""
+    masks = np.zeros((n, 4, 32, 32), np.uint8)
+    masks[(slice(None), slice(None)) + tuple(box)] = 1
+    return TrainData(np.random.default_rng(0).random((n, 1, 32, 32)).astype(np.float32), masks)
+
+
 def test_decoder_stage_replaces_only_the_decoder(tmp_path):
     import dataclasses
 
     from ARSegLib.training.trainer import DecoderTrainer
 
-    rng = np.random.default_rng(0)
-    masks = np.zeros((16, 4, 32, 32), np.uint8)
-    masks[:, :, 8:20, 10:24] = 1
-    data = TrainData(rng.random((16, 1, 32, 32)).astype(np.float32), masks)
+    data = _noise_with_a_box(16, (slice(8, 20), slice(10, 24)))
     cfg = tiny_config(crop_size=32)
     tc = TrainConfig(out_dir=str(tmp_path), device="cpu", steps=4, batch=4, ae_plain_steps=2,
                      eval_every=10 ** 9, save_every=10 ** 9, log_every=2)
@@ -144,10 +148,7 @@ def test_decoder_stage_replaces_only_the_decoder(tmp_path):
 
 
 def test_segmentor_validation_reports_the_protocol_metrics(tmp_path):
-    rng = np.random.default_rng(0)
-    masks = np.zeros((8, 4, 32, 32), np.uint8)
-    masks[:, :, 8:20, 8:20] = 1
-    data = TrainData(rng.random((8, 1, 32, 32)).astype(np.float32), masks)
+    data = _noise_with_a_box(8, (slice(8, 20), slice(8, 20)))
     cfg = tiny_config(crop_size=32)
     tc = TrainConfig(out_dir=str(tmp_path), device="cpu", steps=2, batch=4, ae_plain_steps=1,
                      unet_pretrain_steps=0, eval_images=4, eval_samples=4)
