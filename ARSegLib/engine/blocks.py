@@ -49,8 +49,9 @@ class AdaLNBlock(nn.Module):
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
-    def forward(self, x_BLC, cond_BC, attn_bias):
-        g1, g2, s1, s2, b1, b2 = self.ada(cond_BC)[:, None].chunk(6, dim=-1)
+    def forward(self, x_BLC, cond_BC, attn_bias, ada_B6C: Optional[torch.Tensor] = None):
+        """ada_B6C: self.ada(cond_BC), when the caller computed it once for many calls (sampling: every scale)."""
+        g1, g2, s1, s2, b1, b2 = (self.ada(cond_BC) if ada_B6C is None else ada_B6C)[:, None].chunk(6, dim=-1)
         # addcmul: modulation and gated residual in one pass each (these element-wise passes over every token
         # cost about as much as the matrix products on a CPU)
         x_BLC = torch.addcmul(x_BLC, 1 + g1, self.attn(torch.addcmul(b1, self.norm(x_BLC), 1 + s1), attn_bias))
@@ -64,8 +65,8 @@ class AdaLNHead(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.out = nn.Linear(dim, vocab_size)
 
-    def forward(self, x_BLC, cond_BC):
-        scale, shift = self.ada(cond_BC)[:, None].chunk(2, dim=-1)
+    def forward(self, x_BLC, cond_BC, ada_B2C: Optional[torch.Tensor] = None):
+        scale, shift = (self.ada(cond_BC) if ada_B2C is None else ada_B2C)[:, None].chunk(2, dim=-1)
         return self.out(torch.addcmul(shift, self.norm(x_BLC), 1 + scale))
 
 

@@ -79,6 +79,7 @@ def sample_tokens(segmentor: NextScaleSegmentor, quantizer: MultiScaleQuantizer,
         raise ValueError("one random stream per crop, and rows grouped by crop in crop order")
     rows_per_crop = torch.bincount(crop_of_row, minlength=n_crops).tolist()
     cond_BD = feats.cond_BD[crop_of_row]
+    modulations = segmentor.modulations(cond_BD)
     idx_list, partial_sums = [], []
     f_hat, x_next = None, None
     prefix: List[torch.Tensor] = []  # no-cache path: every scale's input tokens so far
@@ -88,12 +89,12 @@ def sample_tokens(segmentor: NextScaleSegmentor, quantizer: MultiScaleQuantizer,
             context_BlD = segmentor.scale_context(feats, si)[crop_of_row]  # computed once per crop
             x_new = segmentor.embed_scale(cond_BD, si, x_next, context_BlD)
             if use_cache:
-                logits_BlV = segmentor.run_blocks(x_new, cond_BD, None)
+                logits_BlV = segmentor.run_blocks(x_new, cond_BD, None, modulations=modulations)
             else:
                 prefix.append(x_new)
                 e = segmentor.begin_ends[si][1]
                 logits_BlV = segmentor.run_blocks(torch.cat(prefix, 1), cond_BD, segmentor.bias_LL[:e, :e],
-                                                  last_tokens=pn * pn)
+                                                  last_tokens=pn * pn, modulations=modulations)
             idx_Bl = sample_from_logits(logits_BlV, temperatures[si], top_k, top_p,
                                         streams.uniform(rows_per_crop, pn * pn))
             f_hat, x_next = quantizer.next_scale_input(f_hat, idx_Bl, si)

@@ -8,7 +8,7 @@ features resized to its scale's grid. Training only: `forward`. Sampling lives i
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -67,12 +67,19 @@ class NextScaleSegmentor(nn.Module):
         tok = self.start(cond_BD)[:, None] if si == 0 else self.word_embed(x_BlC)
         return tok + context_BlD
 
-    def run_blocks(self, x_BLD, cond_BD, bias, last_tokens: Optional[int] = None):
+    def modulations(self, cond_BD: torch.Tensor) -> List[torch.Tensor]:
+        """Every block's and the head's AdaLN parameters for condition c: the same at every scale, so sampling
+        computes them once per run (as VAR does) instead of once per scale."""
+        return [block.ada(cond_BD) for block in self.blocks] + [self.head.ada(cond_BD)]
+
+    def run_blocks(self, x_BLD, cond_BD, bias, last_tokens: Optional[int] = None,
+                   modulations: Optional[List[torch.Tensor]] = None):
         """Logits of every token, or of the last `last_tokens` only (the no-cache reference needs the newest
         scale's logits, and computing the others would slow it for nothing)."""
-        for block in self.blocks:
-            x_BLD = block(x_BLD, cond_BD, bias)
-        return self.head(x_BLD if last_tokens is None else x_BLD[:, -last_tokens:], cond_BD)
+        mods = modulations or [None] * (len(self.blocks) + 1)
+        for block, ada in zip(self.blocks, mods):
+            x_BLD = block(x_BLD, cond_BD, bias, ada)
+        return self.head(x_BLD if last_tokens is None else x_BLD[:, -last_tokens:], cond_BD, mods[-1])
 
     # -- training -----------------------------------------------------------------------------
     def forward(self, image_BChw: torch.Tensor, x_BLC: torch.Tensor):
