@@ -166,6 +166,12 @@ def cmd_eval(args):
 
         res = evaluate_deterministic(dense_baseline_masks(predictor, images), data.masks_NRhw, args.samples)
         res["baseline"] = "unet: the model's image encoder dense head, deterministic (16 identical samples)"
+    elif args.baseline == "unet-levels":
+        from .evaluation import evaluate_dense_levels
+
+        res = evaluate_dense_levels(predictor, images, data.masks_NRhw, args.samples)
+        res["baseline"] = ("unet-levels: the dense head's soft map thresholded at N evenly spaced levels "
+                           "(a probabilistic baseline; the samples' mean is the soft map)")
     else:
         with tqdm(total=len(data), desc=f"eval {card.name} on {args.split}") as bar:
             res = evaluate(predictor, images, data.masks_NRhw, s, progress=bar.update)
@@ -440,8 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None)
-    p.add_argument("--baseline", choices=["unet"], default=None,
-                   help="evaluate the deterministic U-Net baseline (the model's dense head) instead")
+    p.add_argument("--baseline", choices=["unet", "unet-levels"], default=None,
+                   help="evaluate a baseline instead: unet (the model's dense head, deterministic) or unet-levels "
+                        "(its soft map thresholded at N levels, probabilistic)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate-presence", help="refit the presence head on frozen features; kept if val improves")

@@ -36,15 +36,34 @@ def evaluate(predictor: ARSegPredictor, images_NChw: np.ndarray, masks_NRhw: np.
 
 
 @torch.inference_mode()
-def dense_baseline_masks(predictor: ARSegPredictor, images_NChw: np.ndarray, batch: int = 32) -> np.ndarray:
-    """The deterministic U-Net baseline: the image encoder's dense head (trained on the readers' soft
-    consensus) thresholded at 0.5 (binary) or its argmax (multi-class)."""
-    out = []
+def dense_logits(predictor: ARSegPredictor, images_NChw: np.ndarray, batch: int = 32):
+    """The image encoder's dense head (a U-Net trained on the readers' soft consensus), batch by batch."""
     for b in range(0, len(images_NChw), batch):
         x = torch.as_tensor(np.asarray(images_NChw[b:b + batch], np.float32), device=predictor.device)
-        logits = predictor.segmentor.image_encoder(x).dense_logits_BChw
-        out.append(predictor.autoencoder.logits_to_mask(logits).cpu().numpy())
-    return np.concatenate(out)
+        yield predictor.segmentor.image_encoder(x).dense_logits_BChw
+
+
+def dense_baseline_masks(predictor: ARSegPredictor, images_NChw: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The deterministic U-Net baseline: the dense head thresholded at 0.5 (binary) or its argmax."""
+    return np.concatenate([predictor.autoencoder.logits_to_mask(logits).cpu().numpy()
+                           for logits in dense_logits(predictor, images_NChw, batch)])
+
+
+def evaluate_dense_levels(predictor: ARSegPredictor, images_NChw: np.ndarray, readers_NRhw: np.ndarray,
+                          n_samples: int = 16, batch: int = 32) -> Dict[str, float]:
+    """A simple probabilistic baseline: the U-Net's soft foreground map P thresholded at N evenly spaced levels
+    (sample i = P > (i + 0.5) / N), so the samples' mean is P itself. Binary models only."""
+    if predictor.n_classes > 1:
+        raise ValueError("the dense-levels baseline is defined for binary models")
+    levels = torch.tensor([(i + 0.5) / n_samples for i in range(n_samples)])
+    acc, i = MetricAccumulator(), 0
+    for logits in dense_logits(predictor, images_NChw, batch):
+        prob_Bhw = torch.sigmoid(logits[:, 0]).cpu()
+        samples_BNhw = (prob_Bhw[:, None] > levels[None, :, None, None]).to(torch.uint8).numpy()
+        for samples in samples_BNhw:
+            acc.add(multi_reader_metrics(samples, readers_NRhw[i]))
+            i += 1
+    return acc.result()
 
 
 def evaluate_deterministic(masks_Nhw: np.ndarray, readers_NRhw: np.ndarray, n_samples: int = 16) -> Dict[str, float]:

@@ -149,6 +149,8 @@ def test_eval_writes_the_protocol_metrics(tiny_model_card, lung1_dir, tmp_path):
     for key in ("ged", "hm_iou", "soft_dice"):
         assert 0.0 <= res[key] <= 2.0
     assert "scale8_soft_dice" in res and "scale8_iou_final" in res
-    assert main(["eval", "--model", str(tiny_model_card), "--data", str(lung1_dir / "lidc-slices"),
-                 "--baseline", "unet", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["n_images"] == 9
+    for baseline in ("unet", "unet-levels"):
+        assert main(["eval", "--model", str(tiny_model_card), "--data", str(lung1_dir / "lidc-slices"),
+                     "--baseline", baseline, "--json", str(out)]) == 0
+        res = json.loads(out.read_text())
+        assert res["n_images"] == 9 and res["baseline"].startswith(baseline + ":")

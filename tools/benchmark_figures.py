@@ -108,17 +108,19 @@ def table(paths):
             k += 1
 
 
-def card_metrics(card_path: Path, arseg_json: Path, unet_json: Path, cost: dict):
+def card_metrics(card_path: Path, arseg_json: Path, unet_json: Path, cost: dict, levels_json: Path = None):
     """Record the measured test metrics, the commands that reproduce them and the training cost in the card.
     The card's sha256 covers the weights only, so the weights stay valid."""
     card = json.loads(card_path.read_text())
     a, u = json.loads(arseg_json.read_text()), json.loads(unet_json.read_text())
+    v = json.loads(levels_json.read_text()) if levels_json and levels_json.exists() else None
     keys = ("ged", "hm_iou", "soft_dice", "n_images")
     card["metrics"] = {
         "test": {k: a[k] for k in keys} | {"samples": a["samples"], "seed": a["seed"],
                                            "temperature": a["temperature"]},
         "test_per_scale": {k: v for k, v in a.items() if k.startswith("scale")},
         "test_unet_baseline": {k: u[k] for k in keys},
+        **({"test_unet_levels_baseline": {k: v[k] for k in keys}} if levels_json and levels_json.exists() else {}),
         "protocol": "../shared/data/README.md: per image against the 4 readers, mean over every test image",
         "command": "arseg eval --model lidc-nodule --data ../shared/data/lidc/lidc-idri-slices.tar "
                    "--split test --samples 16 --seed 0 --json test.json",
@@ -142,13 +144,14 @@ def main():
     p.add_argument("arseg_json", type=Path)
     p.add_argument("unet_json", type=Path)
     p.add_argument("--cost", required=True, help="JSON of the training cost")
+    p.add_argument("--levels-json", type=Path, default=None, help="the unet-levels baseline's eval JSON")
     p = sub.add_parser("table")
     p.add_argument("jsons", nargs="+")
     a = ap.parse_args()
     if a.cmd == "curves":
         curves(a.log_dir, a.out)
     elif a.cmd == "card":
-        card_metrics(a.card, a.arseg_json, a.unet_json, json.loads(a.cost))
+        card_metrics(a.card, a.arseg_json, a.unet_json, json.loads(a.cost), a.levels_json)
     elif a.cmd == "crops":
         crops(a.model, a.data, a.out)
     else:

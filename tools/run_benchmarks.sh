@@ -9,6 +9,8 @@ OUT=Resources/Benchmarks
 mkdir -p "$OUT"
 arseg eval --model lidc-nodule --data "$TAR" --split test --samples 16 --seed 0 --json "$OUT/test-arseg.json"
 arseg eval --model lidc-nodule --data "$TAR" --split test --samples 16 --baseline unet --json "$OUT/test-unet.json"
-python tools/benchmark_figures.py table "$OUT/test-arseg.json" "$OUT/test-unet.json"
+arseg eval --model lidc-nodule --data "$TAR" --split test --samples 16 --baseline unet-levels \
+    --json "$OUT/test-unet-levels.json"
+python tools/benchmark_figures.py table "$OUT/test-arseg.json" "$OUT/test-unet.json" "$OUT/test-unet-levels.json"
 python tools/benchmark_figures.py crops --model lidc-nodule --data "$TAR" --out "$OUT/test-crops.png"
 arseg bench --json "$OUT/bench-cpu.json"
