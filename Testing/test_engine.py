@@ -283,6 +283,51 @@ def test_decoding_distinct_prefixes_once_equals_decoding_every_sequence():
     assert torch.equal(fast, every)
 
 
+@pytest.mark.parametrize("mode", ["area", "bicubic"])
+def test_resize_grid_is_f_interpolate_and_serves_autograd_after_inference(mode):
+    """The tabulated resize is F.interpolate up to float round-off, for every grid size pair the model can use;
+    a matrix first built under inference mode still carries gradients in training."""
+    from ARSegLib.engine.grid import resize_grid
+
+    g = torch.Generator().manual_seed(0)
+    for src in range(1, 9):
+        for dst in range(1, 9):
+            if (mode == "area") != (dst <= src):
+                continue  # area only shrinks, bicubic only grows in the model
+            x = torch.randn(3, 5, src, src, generator=g)
+            with torch.inference_mode():
+                fast = resize_grid(x, dst, mode)
+            torch.testing.assert_close(fast, torch.nn.functional.interpolate(x, size=(dst, dst), mode=mode),
+                                       atol=2e-6, rtol=1e-5)
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    resize_grid(x, 8, mode if mode == "bicubic" else "bicubic").sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="square"):
+        resize_grid(torch.zeros(1, 1, 2, 3), 4, mode)
+
+
+@pytest.mark.parametrize("n_classes", [1, 3])
+def test_decoder_labels_equal_the_decision_on_its_logits(n_classes):
+    """decode_masks decides per pixel before the pixel shuffle, on channels-last activations: the same label maps
+    as thresholding (argmax of) the decoder's logits, wherever the decision is not a float round-off away."""
+    cfg = tiny_config(n_classes=n_classes, crop_size=64)
+    torch.manual_seed(3)
+    ae, _ = build_arseg(cfg)
+    a = cfg.autoencoder
+    f = torch.randn(40, a.code_dim, a.latent_size, a.latent_size) * 3
+    with torch.inference_mode():
+        logits = ae.decoder(f)
+        fast = ae.decode_masks(f, chunk=16)
+    assert fast.dtype == torch.uint8 and fast.shape == (40, a.crop_size, a.crop_size)
+    if n_classes == 1:
+        clear = logits[:, 0].abs() > 1e-4
+    else:
+        top2 = logits.topk(2, dim=1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-4
+    assert clear.float().mean() > 0.99 and len(fast.unique()) == max(n_classes, 2)
+    assert torch.equal(fast[clear], ae.logits_to_mask(logits)[clear])
+
+
 def test_sampling_follows_the_softmax_distribution():
     logits = torch.log(torch.tensor([0.1, 0.0, 0.6, 0.3]))[None, None].repeat(1, 20000, 1)
     g = torch.Generator().manual_seed(0)

