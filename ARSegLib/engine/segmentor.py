@@ -93,5 +93,6 @@ class NextScaleSegmentor(nn.Module):
         return self.run_blocks(x_BLD, feats.cond_BD, self.bias_LL), feats
 
     def kv_caching(self, enable: bool):
+        """Sampling with a key/value cache sized for the whole token sequence (on), or none (off)."""
         for block in self.blocks:
-            block.attn.kv_caching(enable)
+            block.attn.kv_caching(self.n_tokens if enable else 0)
