@@ -18,30 +18,32 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.capacity = 0  # > 0: key/value caching on, for sequences of at most this many tokens
-        self.cached_k: Optional[torch.Tensor] = None  # (B, heads, capacity, head_dim), filled up to self.filled
-        self.cached_v: Optional[torch.Tensor] = None
+        self.cached_kv: Optional[torch.Tensor] = None  # (B, capacity, 2 * dim): keys then values, per token
         self.filled = 0
 
     def kv_caching(self, capacity: int):
         """capacity > 0: cache keys and values of up to `capacity` tokens (sampling); 0: off, cache freed.
-        The cache is allocated once for the whole sequence and each scale writes its own slice: concatenating
-        at every scale would copy the growing prefix again and again (on a CPU at a click's batch, tens of MB
-        per block and scale)."""
-        self.capacity, self.cached_k, self.cached_v, self.filled = capacity, None, None, 0
+        The cache is allocated once for the whole sequence, token-major as the qkv projection lays them out, and
+        each scale writes its own rows: concatenating at every scale would copy the growing prefix again and
+        again, and a head-major cache would need a strided gather (at a click's batch, tens of MB per block
+        and scale on a CPU)."""
+        self.capacity, self.cached_kv, self.filled = capacity, None, 0
 
     def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
         B, L, C = x_BLC.shape
-        q, k, v = self.qkv(x_BLC).view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        qkv_BL3C = self.qkv(x_BLC)
         if self.capacity:  # inference: this call holds only the newest scale; earlier scales come from the cache
-            if self.cached_k is None:
-                self.cached_k = k.new_empty(B, self.heads, self.capacity, self.head_dim)
-                self.cached_v = torch.empty_like(self.cached_k)
+            if self.cached_kv is None:
+                self.cached_kv = qkv_BL3C.new_empty(B, self.capacity, 2 * C)
             end = self.filled + L
             if end > self.capacity:
                 raise RuntimeError(f"key/value cache holds {self.capacity} tokens, asked for {end}")
-            self.cached_k[:, :, self.filled:end] = k
-            self.cached_v[:, :, self.filled:end] = v
-            k, v, self.filled = self.cached_k[:, :, :end], self.cached_v[:, :, :end], end
+            self.cached_kv[:, self.filled:end] = qkv_BL3C[:, :, C:]
+            self.filled = end
+            q = qkv_BL3C[:, :, :C].view(B, L, self.heads, self.head_dim).transpose(1, 2)
+            k, v = self.cached_kv[:, :end].view(B, end, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = qkv_BL3C.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         drop = self.dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop)
         return self.proj(o.transpose(1, 2).reshape(B, L, C))
