@@ -126,7 +126,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateResultsGui)
 
         self._pollTimer = qt.QTimer()
-        self._pollTimer.setInterval(100)
+        self._pollTimer.setInterval(25)  # the result shows at most 25 ms after inference ends
         self._pollTimer.timeout.connect(self.onPoll)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -139,6 +139,9 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run.cancel()
         self._pollTimer.stop()
         self.removeObservers()
+        heap = sys.modules.get("ARSegLib.engine.heap")  # loaded only if inference ran
+        if heap is not None:
+            heap.release_freed_memory()  # inference keeps its peak memory for reuse; Slicer gets it back now
 
     def enter(self) -> None:
         self.initializeParameterNode()

@@ -12,7 +12,8 @@ def test_bench_json_has_every_field(tmp_path, lung1_dir):
     assert main(["bench", "--runs", "1", "--volume-slices", "2", "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     for key in ("device", "cpu", "torch", "threads", "crop", "split_s", "click_lung1_s", "click_lung1_slices",
-                "volume_slices_per_s", "peak_rss_mb", "matmul_gflops_before", "matmul_gflops_after"):
+                "volume_slices_per_s", "peak_rss_mb", "matmul_gflops_before", "matmul_gflops_after",
+                "click_lung1_worker_thread_s", "click_lung1_page_faults", "heap_keeps_freed_memory"):
         assert key in r, key
     assert set(r["crop"]) == {"1", "4", "16"}
     for row in r["crop"].values():
@@ -20,3 +21,4 @@ def test_bench_json_has_every_field(tmp_path, lung1_dir):
     for split in ("split_s", "split_nocache_s"):
         assert set(r[split]) == {"image_encoder", "transformer", "decoding", "consensus"} or r["note"]
     assert r["click_lung1_slices"] == 17  # +-20 mm of 2.5 mm slices around the click
+    assert r["click_lung1_worker_thread_s"] > 0 and r["click_lung1_page_faults"] >= 0

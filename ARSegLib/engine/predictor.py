@@ -13,6 +13,7 @@ import torch
 from .autoencoder import MaskAutoencoder
 from .config import ARSegConfig, SamplingConfig
 from .consensus import MAX_SAMPLES, ConsensusResult, aggregate
+from .heap import keep_freed_memory
 from .sampler import CropStreams, sample_tokens
 from .segmentor import NextScaleSegmentor
 
@@ -107,6 +108,8 @@ class ARSegPredictor:
         and its id only, so callers that split work into chunks pass ids that do not depend on the chunking.
         timings, when given, receives the seconds spent in each phase (image_encoder, transformer,
         decoding, consensus)."""
+        if self.device.type == "cpu":
+            keep_freed_memory()  # large activations reuse freed blocks instead of fresh pages (see heap.py)
         phase = PhaseTimer(timings, self.device)
         s = sampling or self.config.sampling
         x_BChw = self._images_tensor(images)
