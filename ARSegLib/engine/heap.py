@@ -2,8 +2,8 @@
 
 A click's large activations (up to about 45 MB each at lung1's 272 sequences) are above glibc's mmap
 threshold: every one is mapped fresh from the kernel, faulted in page by page on first write and unmapped
-when freed, several times per scale: about 10^5 page faults per lung1 click, a sixth of its time on a 2-core
-virtual machine (`arseg bench` reports the faults). With the mmap and trim thresholds raised, freed blocks stay
+when freed, several times per scale: about 10^5 page faults per lung1 click, roughly 15 % of its time on a
+2-core virtual machine (`arseg bench` reports the faults). With the mmap and trim thresholds raised, freed blocks stay
 in the heap and the next block of that size reuses them: a few page faults per click. The cost is that the
 process keeps its peak inference memory (about 1 GB for a lung1 click) until `release_freed_memory()`, which
 restores glibc's defaults and hands the memory back (the Slicer module calls it when it is closed).

@@ -73,8 +73,8 @@ class NextScaleSegmentor(nn.Module):
         """Logits of every token, or of the last `last_tokens` only (the no-cache reference needs the newest
         scale's logits, and computing the others would slow it for nothing)."""
         mods = modulations or [None] * (len(self.blocks) + 1)
-        for block, ada in zip(self.blocks, mods):
-            x_BLD = block(x_BLD, cond_BD, bias, ada)
+        for block, mod in zip(self.blocks, mods):
+            x_BLD = block(x_BLD, cond_BD, bias, mod)
         return self.head(x_BLD if last_tokens is None else x_BLD[:, -last_tokens:], cond_BD, mods[-1])
 
     # -- training -----------------------------------------------------------------------------
