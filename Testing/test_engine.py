@@ -330,6 +330,32 @@ def test_decoder_labels_equal_the_decision_on_its_logits(n_classes):
     assert torch.equal(fast[clear], ae.logits_to_mask(logits)[clear])
 
 
+def test_fused_linear_matches_f_linear_and_follows_weight_changes(monkeypatch):
+    """At CPU inference the oneDNN path gives F.linear's result (and F.gelu's, fused, to round-off); a weight
+    changed in place (an optimizer step) is repacked; with autograd on, or the path unusable, plain F.linear runs."""
+    from ARSegLib.engine import fused
+
+    if not fused.usable():
+        pytest.skip("oneDNN fused linear layers are not usable in this torch build")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40)
+    x = torch.randn(3, 5, 24)
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.linear(layer, x), layer(x), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(fused.linear(layer, x, gelu=True),
+                                   torch.nn.functional.gelu(layer(x), approximate="tanh"), atol=2e-6, rtol=1e-5)
+    with torch.no_grad():
+        layer.weight.mul_(-2.0)  # in place, as an optimizer does
+    with torch.inference_mode():
+        torch.testing.assert_close(fused.linear(layer, x), layer(x), atol=1e-6, rtol=1e-6)
+    y = fused.linear(layer, x.requires_grad_(), gelu=True)  # training: autograd through the plain ops
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
+    monkeypatch.setattr(fused, "_usable", False)
+    with torch.inference_mode():
+        assert torch.equal(fused.linear(layer, x), layer(x))
+
+
 def test_sampling_follows_the_softmax_distribution():
     logits = torch.log(torch.tensor([0.1, 0.0, 0.6, 0.3]))[None, None].repeat(1, 20000, 1)
     g = torch.Generator().manual_seed(0)

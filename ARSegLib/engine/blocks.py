@@ -8,6 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused
+
 
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float = 0.0):
@@ -31,7 +33,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
         B, L, C = x_BLC.shape
-        qkv_BL3C = self.qkv(x_BLC)
+        qkv_BL3C = fused.linear(self.qkv, x_BLC)
         if self.capacity:  # inference: this call holds only the newest scale; earlier scales come from the cache
             if self.cached_kv is None:
                 self.cached_kv = qkv_BL3C.new_empty(B, self.capacity, 2 * C)
@@ -46,7 +48,7 @@ class SelfAttention(nn.Module):
             q, k, v = qkv_BL3C.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         drop = self.dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop)
-        return self.proj(o.transpose(1, 2).reshape(B, L, C))
+        return fused.linear(self.proj, o.transpose(1, 2).reshape(B, L, C))
 
 
 class AdaLNBlock(nn.Module):
@@ -57,6 +59,7 @@ class AdaLNBlock(nn.Module):
         self.norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.attn = SelfAttention(dim, heads, dropout)
         hidden = int(dim * mlp_ratio)
+        # kept as a Sequential for the weights' names; mlp_forward runs it (Linear, tanh-GELU, Linear)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
         nn.init.zeros_(self.ada[1].weight)
@@ -74,7 +77,11 @@ class AdaLNBlock(nn.Module):
         # addcmul: modulation and gated residual in one pass each (these element-wise passes over every token
         # cost about as much as the matrix products on a CPU)
         x_BLC = torch.addcmul(x_BLC, g1, self.attn(torch.addcmul(b1, self.norm(x_BLC), s1), attn_bias))
-        return torch.addcmul(x_BLC, g2, self.mlp(torch.addcmul(b2, self.norm(x_BLC), s2)))
+        return torch.addcmul(x_BLC, g2, self.mlp_forward(torch.addcmul(b2, self.norm(x_BLC), s2)))
+
+    def mlp_forward(self, h_BLC: torch.Tensor) -> torch.Tensor:
+        """self.mlp(h); at CPU inference its first layer and the GELU run as one fused oneDNN kernel."""
+        return fused.linear(self.mlp[2], fused.linear(self.mlp[0], h_BLC, gelu=True))
 
 
 class AdaLNHead(nn.Module):
@@ -91,7 +98,7 @@ class AdaLNHead(nn.Module):
 
     def forward(self, x_BLC, cond_BC, modulation: Optional[Tuple[torch.Tensor, ...]] = None):
         scale, shift = self.modulation(cond_BC) if modulation is None else modulation
-        return self.out(torch.addcmul(shift, self.norm(x_BLC), scale))
+        return fused.linear(self.out, torch.addcmul(shift, self.norm(x_BLC), scale))
 
 
 def block_causal_bias(scales, device=None) -> torch.Tensor:
