@@ -11,6 +11,7 @@ worker thread), `mrml` (the nodes), `models` (the model cards). The same calls s
 import logging
 import os
 import sys
+import threading
 from typing import Annotated, Optional
 
 import qt
@@ -98,6 +99,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._run = None  # the BackgroundRun in flight
+        self._preloadKey = None  # the (model, device) loaded in the background when the module opened
         self._runVolume = None
         self._pendingPoint = None  # a point placed while a run was in flight: it runs next
         self._clickNode = None
@@ -145,6 +147,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self.startPreload()
 
     def exit(self) -> None:
         if self._parameterNode:
@@ -186,6 +189,18 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, text) -> None:
         if self._parameterNode and text:
             self._parameterNode.model = text
+            if self.parent.isEntered:
+                self.startPreload()
+
+    def startPreload(self) -> None:
+        """Load the chosen model on the inference thread when the Python packages are already there, so that the
+        first click does not wait for torch's import and the model's loading (about 2 s on a 2-core CPU). Never
+        asks to install: the first click does. A failure here is logged; the click that needs the model shows it."""
+        p = self._parameterNode
+        if not p or self._preloadKey == (p.model, p.device) or self.logic.missingPythonPackages():
+            return
+        self._preloadKey = (p.model, p.device)
+        self.logic.preload(p.model, p.device)
 
     # --- running
 
@@ -306,11 +321,19 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self._models = {}  # (model, device) -> (predictor, card)
+        self._modelsLock = threading.Lock()  # loadModel runs on the main thread and on the inference thread
 
     def getParameterNode(self):
         return ARSegParameterNode(super().getParameterNode())
 
     # --- Python packages
+
+    @staticmethod
+    def missingPythonPackages():
+        """Import names of the packages ARSeg needs that are not installed (torch included)."""
+        import importlib.util
+
+        return [module for module in ("torch", *PYTHON_PACKAGES) if importlib.util.find_spec(module) is None]
 
     def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
         """torch from the PyTorch extension (PyTorchUtils), other packages by pip; both only once confirmed."""
@@ -349,14 +372,30 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
             return [DEFAULT_MODEL]
 
     def loadModel(self, model: str = DEFAULT_MODEL, device: str = "auto"):
-        """(predictor, card), loaded once per model and device."""
+        """(predictor, card), loaded once per model and device; from any thread."""
         from ARSegLib.models import load_model
         from ARSegLib.training.distributed import resolve_device
 
         key = (model, resolve_device(device))
-        if key not in self._models:
-            self._models[key] = load_model(model, key[1])
-        return self._models[key]
+        with self._modelsLock:
+            if key not in self._models:
+                self._models[key] = load_model(model, key[1])
+            return self._models[key]
+
+    def preload(self, model: str = DEFAULT_MODEL, device: str = "auto"):
+        """Load the model on the inference thread; returns the started BackgroundRun (its result: the model card).
+        A click started meanwhile queues behind it. (Running the model once as well, to warm it up, did not make
+        the first click measurably faster: see BENCHMARKS.md.)"""
+        from ARSegLib import pipeline
+
+        def work(progress, cancel):
+            try:
+                return self.loadModel(model, device)[1]
+            except Exception as e:
+                logging.warning(f"ARSeg: could not preload model {model!r}: {e}")
+                raise
+
+        return pipeline.BackgroundRun(work).start()
 
     @staticmethod
     def settings(samples=16, temperature=None, seed=0, halfHeightMm=20.0):
@@ -405,16 +444,17 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
     def startSegmentation(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto",
                           samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
                           halfHeightMm: float = 20.0):
-        """Read the volume here (main thread), infer on a worker thread; returns the started BackgroundRun."""
+        """Read the volume here (main thread); load the model (once) and infer on ARSeg's inference thread, so the
+        GUI never waits for torch; returns the started BackgroundRun."""
         from ARSegLib import mrml, pipeline
 
-        predictor, card = self.loadModel(model, device)
         array, ijkToRas = mrml.volume_array(volumeNode), mrml.world_ijk_to_ras(volumeNode)
         settings = self.settings(samples, temperature, seed, halfHeightMm)
         if point is not None:
             pipeline.check_point(point, array.shape, ijkToRas)  # a click outside says so at once
 
         def work(progress, cancel):
+            predictor, card = self.loadModel(model, device)
             if point is None:
                 return pipeline.segment_volume(array, ijkToRas, predictor, card, settings, progress, cancel)
             return pipeline.segment_click(array, ijkToRas, point, predictor, card, settings, progress, cancel)
@@ -510,6 +550,13 @@ class ARSegTest(ScriptedLoadableModuleTest):
                  0.5 * (bounds[4] + bounds[5]))
         mine = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
         mineMTime = mine.GetMTime()
+
+        self.delayDisplay("Loading the model in the background")
+        preload = logic.preload()
+        self.assertTrue(preload.wait(300))
+        self.assertIsNone(preload.error)
+        self.assertEqual(preload.result.name, DEFAULT_MODEL)
+        self.assertIs(logic.loadModel()[1], preload.result)  # loaded once
 
         self.delayDisplay("Click to segment")
         nodes = logic.segment(volume, point=point, samples=4)

@@ -12,6 +12,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -172,6 +174,61 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int) -> Dict[str, Any
     return out
 
 
+# A fresh Python, as Slicer is when the module opens: Slicer's MRML is already imported there, torch is not.
+_FIRST_CLICK_CHILD = """
+import json, sys, time
+from ARSegLib import mrml, pipeline
+t0 = time.perf_counter()
+from ARSegLib import bench
+print(json.dumps(bench.first_click_child(t0, **json.loads(sys.argv[1]))))
+"""
+
+
+def first_click_child(t0: float, model: str, device: str, threads: int) -> Dict[str, float]:
+    """In a fresh process: torch imported and the model loaded (as the Slicer module does in the background when it
+    opens), then the first click the module's way. Seconds of each."""
+    from . import mrml, pipeline
+    from .models import load_model
+
+    torch.set_num_threads(threads)
+    predictor, card = load_model(model, device)
+    out = {"load_s": time.perf_counter() - t0}
+    point = json.loads((LUNG1 / "nodule.json").read_text())["centroid_ras_mm"]
+    scene = mrml.new_scene()
+    volume = mrml.load_volume(scene, LUNG1 / "image.nrrd")
+    array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
+    settings = pipeline.SegmentSettings(n_samples=16)
+
+    def in_background(fn):
+        run = pipeline.BackgroundRun(lambda progress, cancel: fn(progress, cancel)).start()
+        run.wait()
+        if run.error is not None:
+            raise run.error
+        return run.result
+
+    t = time.perf_counter()
+    result = in_background(lambda progress, cancel: pipeline.segment_click(array, m, point, predictor, card, settings,
+                                                                           progress=progress, cancel=cancel))
+    mrml.write_result(scene, volume, result)
+    out["click_s"] = time.perf_counter() - t
+    return out
+
+
+def bench_first_click(model: str, device: torch.device, processes: int) -> Dict[str, Any]:
+    """The radiologist's first click, each in a fresh process. Medians: `cold_s` when the click itself has to import
+    torch and load the model (what it cost before the module preloaded it), `preloaded_s` the click alone, as
+    after the module's preload, `load_s` the preload."""
+    arg = json.dumps({"model": model, "device": str(device), "threads": torch.get_num_threads()})
+    runs = []
+    for _ in range(processes):
+        done = subprocess.run([sys.executable, "-c", _FIRST_CLICK_CHILD, arg], capture_output=True, text=True,
+                              check=True)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {"cold_s": statistics.median(r["load_s"] + r["click_s"] for r in runs),
+            "preloaded_s": statistics.median(r["click_s"] for r in runs),
+            "load_s": statistics.median(r["load_s"] for r in runs), "processes": processes}
+
+
 def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, threads: int = 0,
               volume_slices: int = 4, lung1: bool = True) -> Dict[str, Any]:
     from .models import ModelError, load_model
@@ -203,6 +260,8 @@ def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, t
     out["split_nocache_s"] = bench_split(predictor, crop, sampling, runs, use_cache=False)
     if lung1:
         out.update(bench_lung1(predictor, card, max(3, runs // 3), volume_slices))
+        if "click_lung1_s" in out and not note:
+            out["first_click_lung1"] = bench_first_click(model, predictor.device, max(1, runs // 3))
     out["matmul_gflops_after"] = matmul_gflops(predictor.device)
     out["heap_keeps_freed_memory"] = keeping_freed_memory()
     out["peak_rss_mb"] = peak_rss_mb()
@@ -240,6 +299,11 @@ def format_table(r: Dict[str, Any]) -> str:
                      f"whole volume: {r['volume_slices_per_s']:.2f} slices/s")
     elif "lung1" in r:
         lines.append(f"lung1: {r['lung1']}")
+    if "first_click_lung1" in r:
+        f = r["first_click_lung1"]
+        lines.append(f"first lung1 click in a fresh process: {f['cold_s']:.2f} s with torch's import and the model's "
+                     f"loading ({f['load_s']:.2f} s of it); {f['preloaded_s']:.2f} s with the model preloaded, as the "
+                     f"Slicer module does when it opens")
     lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB; machine speed (512x512 matmul) {r['matmul_gflops_before']:.0f} "
                  f"GFLOP/s before, {r['matmul_gflops_after']:.0f} after")
     return "\n".join(lines)

@@ -22,3 +22,6 @@ def test_bench_json_has_every_field(tmp_path, lung1_dir):
         assert set(r[split]) == {"image_encoder", "transformer", "decoding", "consensus"} or r["note"]
     assert r["click_lung1_slices"] == 17  # +-20 mm of 2.5 mm slices around the click
     assert r["click_lung1_worker_thread_s"] > 0 and r["click_lung1_page_faults"] >= 0
+    first = r["first_click_lung1"]  # a fresh process's first click, with and without the model preloaded
+    assert first["processes"] == 1 and first["load_s"] > 0 and first["preloaded_s"] > 0
+    assert abs(first["cold_s"] - first["load_s"] - first["preloaded_s"]) < 1e-9

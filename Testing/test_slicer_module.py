@@ -211,3 +211,39 @@ def test_console_api_segment_and_segment_files_on_slicer_core(arseg_module, lung
     run = logic.startSegmentation(volume, lung1.nodule_ras, model=str(tiny_model_card), device="cpu", samples=2,
                                   halfHeightMm=0)
     assert run.wait(120) and run.error is None
+
+
+def test_preload_loads_the_model_once_on_the_inference_thread(arseg_module, lung1_dir, tiny_model_card,
+                                                               monkeypatch, caplog):
+    """The module loads the model in the background when it opens; the click then finds it loaded, and a model
+    that cannot load says why to the log and to the run, not to the GUI thread."""
+    import threading
+
+    from arseg_volumes import lung1_region
+
+    from ARSegLib import models, mrml
+
+    module, slicer = arseg_module
+    loads = []
+    real_load = models.load_model
+
+    def recording_load(*args, **kwargs):
+        loads.append(threading.get_ident())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", recording_load)
+    logic = module.ARSegLogic()
+    assert logic.missingPythonPackages() == []
+    run = logic.preload(str(tiny_model_card), "cpu")
+    assert run.wait(120) and run.error is None and run.result.name == "tiny-test"
+    assert len(loads) == 1 and loads[0] != threading.get_ident()
+
+    lung1 = lung1_region(lung1_dir)
+    volume = mrml.add_scalar_volume(slicer.vtkMRMLScene(), "lung1", lung1.array, lung1.ijk_to_ras)
+    click = logic.startSegmentation(volume, lung1.nodule_ras, model=str(tiny_model_card), device="cpu", samples=2,
+                                    halfHeightMm=0)
+    assert click.wait(120) and click.error is None and len(loads) == 1
+
+    failed = logic.preload("no-such-model", "cpu")
+    assert failed.wait(30) and isinstance(failed.error, models.ModelError)
+    assert "could not preload model 'no-such-model'" in caplog.text
