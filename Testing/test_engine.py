@@ -356,6 +356,50 @@ def test_fused_linear_matches_f_linear_and_follows_weight_changes(monkeypatch):
         assert torch.equal(fused.linear(layer, x), layer(x))
 
 
+def test_fused_conv_matches_f_conv2d_with_and_without_silu(monkeypatch):
+    """The decoder's oneDNN convolutions (SiLU fused) give F.conv2d's result to round-off on channels-last input, keep
+    channels-last; with autograd on, or the path unusable, plain F.conv2d runs."""
+    from ARSegLib.engine import fused
+
+    if not fused.usable():
+        pytest.skip("oneDNN fused layers are not usable in this torch build")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 12, 3, padding=1)
+    x = torch.randn(5, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        y = fused.conv2d(conv, x, silu=True)
+        torch.testing.assert_close(y, torch.nn.functional.silu(conv(x)), atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(fused.conv2d(conv, x), conv(x), atol=2e-6, rtol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    fused.conv2d(conv, x, silu=True).sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+    monkeypatch.setattr(fused, "_usable", False)
+    with torch.inference_mode():
+        assert torch.equal(fused.conv2d(conv, x), conv(x))
+
+
+def test_cached_attention_equals_masked_attention_over_the_whole_prefix():
+    """The key/value cache's attention (newest scale's queries, two matrix products over the head-major cache) gives
+    what block-causal scaled_dot_product_attention gives those queries over the whole sequence."""
+    from ARSegLib.engine.blocks import SelfAttention, block_causal_bias
+
+    torch.manual_seed(0)
+    scales = (1, 2, 3)
+    attn = SelfAttention(24, 3).eval()
+    x = torch.randn(4, sum(s * s for s in scales), 24)
+    with torch.inference_mode():
+        full = attn(x, block_causal_bias(scales))
+        attn.kv_caching(x.shape[1])
+        b, cached = 0, []
+        for s in scales:
+            cached.append(attn(x[:, b:b + s * s], None))
+            b += s * s
+        attn.kv_caching(0)
+    torch.testing.assert_close(torch.cat(cached, 1), full, atol=1e-5, rtol=1e-5)
+    assert attn.cached_kv is None
+
+
 def test_sampling_follows_the_softmax_distribution():
     logits = torch.log(torch.tensor([0.1, 0.0, 0.6, 0.3]))[None, None].repeat(1, 20000, 1)
     g = torch.Generator().manual_seed(0)
