@@ -380,8 +380,8 @@ def test_fused_conv_matches_f_conv2d_with_and_without_silu(monkeypatch):
 
 
 def test_cached_attention_equals_masked_attention_over_the_whole_prefix():
-    """The key/value cache's attention (newest scale's queries, two matrix products over the head-major cache) gives
-    what block-causal scaled_dot_product_attention gives those queries over the whole sequence."""
+    """The key/value cache's attention (newest scale's queries against every cached key, no mask) gives what
+    block-causal attention over the whole sequence gives those queries, and the cache is freed afterwards."""
     from ARSegLib.engine.blocks import SelfAttention, block_causal_bias
 
     torch.manual_seed(0)

@@ -20,43 +20,35 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.capacity = 0  # > 0: key/value caching on, for sequences of at most this many tokens
-        self.cached_kv: Optional[torch.Tensor] = None  # (2, B, heads, capacity, head_dim): keys, values
+        self.cached_kv: Optional[torch.Tensor] = None  # (B, capacity, 2 * dim): keys then values, per token
         self.filled = 0
 
     def kv_caching(self, capacity: int):
         """capacity > 0: cache keys and values of up to `capacity` tokens (sampling); 0: off, cache freed.
-        The cache is allocated once for the whole sequence and each scale writes its own rows: concatenating at
-        every scale would copy the growing prefix again and again. It is head-major, so every head's keys and
-        values are contiguous for the attention's two matrix products."""
+        The cache is allocated once for the whole sequence, token-major as the qkv projection lays them out, and
+        each scale writes its own rows: concatenating at every scale would copy the growing prefix again and
+        again, and a head-major cache would need a strided gather (at a click's batch, tens of MB per block
+        and scale on a CPU)."""
         self.capacity, self.cached_kv, self.filled = capacity, None, 0
 
     def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
         B, L, C = x_BLC.shape
         qkv_BL3C = fused.linear(self.qkv, x_BLC)
         if self.capacity:  # inference: this call holds only the newest scale; earlier scales come from the cache
-            return fused.linear(self.proj, self.cached_attention(qkv_BL3C))
-        q, k, v = qkv_BL3C.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            if self.cached_kv is None:
+                self.cached_kv = qkv_BL3C.new_empty(B, self.capacity, 2 * C)
+            end = self.filled + L
+            if end > self.capacity:
+                raise RuntimeError(f"key/value cache holds {self.capacity} tokens, asked for {end}")
+            self.cached_kv[:, self.filled:end] = qkv_BL3C[:, :, C:]
+            self.filled = end
+            q = qkv_BL3C[:, :, :C].view(B, L, self.heads, self.head_dim).transpose(1, 2)
+            k, v = self.cached_kv[:, :end].view(B, end, 2, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = qkv_BL3C.view(B, L, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         drop = self.dropout if self.training else 0.0
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias, dropout_p=drop)
         return fused.linear(self.proj, o.transpose(1, 2).reshape(B, L, C))
-
-    def cached_attention(self, qkv_BL3C: torch.Tensor) -> torch.Tensor:
-        """The newest scale's queries against every cached key (no mask: the cache holds exactly the scales they
-        may see), as two matrix products over contiguous per-head keys and values. On a CPU that beats
-        scaled_dot_product_attention's tiled kernel for these few queries of head size 40 (`arseg bench`)."""
-        B, L, C3 = qkv_BL3C.shape
-        H, d = self.heads, self.head_dim
-        if self.cached_kv is None:
-            self.cached_kv = qkv_BL3C.new_empty(2, B, H, self.capacity, d)
-        end = self.filled + L
-        if end > self.capacity:
-            raise RuntimeError(f"key/value cache holds {self.capacity} tokens, asked for {end}")
-        self.cached_kv[:, :, :, self.filled:end] = qkv_BL3C[:, :, H * d:].view(B, L, 2, H, d).permute(2, 0, 3, 1, 4)
-        self.filled = end
-        q_BHLd = qkv_BL3C[:, :, :H * d].view(B, L, H, d).transpose(1, 2) * d ** -0.5
-        scores_BHLe = torch.matmul(q_BHLd, self.cached_kv[0, :, :, :end].transpose(-1, -2))
-        o_BHLd = torch.matmul(scores_BHLe.softmax(-1), self.cached_kv[1, :, :, :end])
-        return o_BHLd.transpose(1, 2).reshape(B, L, H * d)
 
 
 class AdaLNBlock(nn.Module):
