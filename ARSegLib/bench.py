@@ -91,7 +91,17 @@ def bench_crop(predictor, crop_1hw: np.ndarray, sampling, runs: int) -> Dict[str
             times["nocache_s"].append(median_time(nocache, 1, warmup=0, sync=sync))
         out[str(n)] = {k: statistics.median(v) for k, v in times.items()}
         out[str(n)]["speedup"] = out[str(n)]["nocache_s"] / out[str(n)]["cached_s"]
+        # each alternating pair's ratio: how much the machine's drift moves the speed-up within one bench run
+        pairs = sorted(b / a for a, b in zip(times["cached_s"], times["nocache_s"]))
+        out[str(n)]["speedup_pairs_min_max"] = [pairs[0], pairs[-1]]
     return out
+
+
+def cpu_features() -> Dict[str, bool]:
+    """The instruction sets that decide which kernels run (and whether bf16 could pay): machines of one name differ."""
+    probes = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported",
+              "avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
+    return {name: bool(getattr(torch.cpu, fn)()) for name, fn in probes.items() if hasattr(torch.cpu, fn)}
 
 
 def bench_split(predictor, crop_1hw, sampling, runs: int, use_cache: bool = True) -> Dict[str, float]:
@@ -249,6 +259,7 @@ def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, t
     sampling = predictor.config.sampling
     out: Dict[str, Any] = {
         "model": card.name, "note": note, "device": str(predictor.device), "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "gpu": torch.cuda.get_device_name(0) if predictor.device.type == "cuda" else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs, "crop_source": crop_source,
         "n_tokens": predictor.config.autoencoder.n_tokens,
@@ -286,9 +297,13 @@ def format_table(r: Dict[str, Any]) -> str:
              + (f", {r['gpu']}" if r.get("gpu") else "") + f"), torch {r['torch']}, {r['threads']} threads"]
     if r.get("note"):
         lines.append(f"NOTE: {r['note']}")
-    lines.append(f"{'samples':>8} {'cached s':>10} {'no-cache s':>11} {'speed-up':>9}")
+    if r.get("cpu_features"):
+        lines.append("CPU features: " + ", ".join(k for k, v in r["cpu_features"].items() if v))
+    lines.append(f"{'samples':>8} {'cached s':>10} {'no-cache s':>11} {'speed-up':>9}  {'pairs min-max':>13}")
     for n, row in r["crop"].items():
-        lines.append(f"{n:>8} {row['cached_s']:>10.4f} {row['nocache_s']:>11.4f} {row['speedup']:>8.2f}x")
+        lo, hi = row["speedup_pairs_min_max"]
+        lines.append(f"{n:>8} {row['cached_s']:>10.4f} {row['nocache_s']:>11.4f} {row['speedup']:>8.2f}x  "
+                     f"{lo:>6.2f}-{hi:.2f}x")
     lines.append("N = 16 split: " + ", ".join(f"{k} {v:.4f} s" for k, v in r["split_s"].items()))
     if "split_nocache_s" in r:
         lines.append("N = 16 split, no cache: " + ", ".join(f"{k} {v:.4f} s" for k, v in r["split_nocache_s"].items()))

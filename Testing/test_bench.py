@@ -18,6 +18,9 @@ def test_bench_json_has_every_field(tmp_path, lung1_dir):
     assert set(r["crop"]) == {"1", "4", "16"}
     for row in r["crop"].values():
         assert row["cached_s"] > 0 and row["nocache_s"] > 0
+        lo, hi = row["speedup_pairs_min_max"]
+        assert 0 < lo <= hi  # one run: both ends are its one pair's ratio
+    assert isinstance(r["cpu_features"], dict) and all(isinstance(v, bool) for v in r["cpu_features"].values())
     for split in ("split_s", "split_nocache_s"):
         assert set(r[split]) == {"image_encoder", "transformer", "decoding", "consensus"} or r["note"]
     assert r["click_lung1_slices"] == 17  # +-20 mm of 2.5 mm slices around the click
