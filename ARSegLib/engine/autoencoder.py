@@ -27,7 +27,8 @@ class ResBlock(nn.Module):
         self.conv1, self.conv2 = nn.Conv2d(ch, ch, 3, padding=1), nn.Conv2d(ch, ch, 3, padding=1)
 
     def forward(self, x):
-        return x + self.conv2(F.silu(self.conv1(F.silu(x))))
+        # conv1 and the SiLU after it are one kernel at CPU inference (fused.conv2d; plain ops in training)
+        return x + fused.conv2d(self.conv2, fused.conv2d(self.conv1, F.silu(x), silu=True))
 
 
 class MaskEncoder(nn.Module):
@@ -77,9 +78,7 @@ class MaskDecoder(nn.Module):
         for i, layer in enumerate(layers):
             if isinstance(layer, nn.Conv2d):
                 x = fused.conv2d(layer, x, silu=i + 1 < len(layers) and isinstance(layers[i + 1], nn.SiLU))
-            elif isinstance(layer, ResBlock):
-                x = x + fused.conv2d(layer.conv2, fused.conv2d(layer.conv1, F.silu(x), silu=True))
-            elif not (isinstance(layer, nn.SiLU) and isinstance(layers[i - 1], nn.Conv2d)):  # else fused above
+            elif not (isinstance(layer, nn.SiLU) and i > 0 and isinstance(layers[i - 1], nn.Conv2d)):  # fused above
                 x = layer(x)
         B, _, h, w = x.shape
         pre_BhwC = x.permute(0, 2, 3, 1)  # a view of channels-last memory
