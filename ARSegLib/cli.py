@@ -19,14 +19,15 @@ LIDC_CARD = {
                   "description": "each 128 x 128 crop's own HU range mapped linearly to [0, 1] "
                                  "(as the LIDC-IDRI-slices PNGs: 255 * (HU - min) / (max - min))"},
     "labels": {"1": "Lung nodule"},
-    "training": {"data": "LIDC-IDRI-slices subset in ../shared/data/lidc (360 patients), split train "
-                         "of splits.json (252 patients, 4509 crops, 4 readers each); checkpoints and "
+    "training": {"data": "LIDC-IDRI-slices in ../shared/data/lidc (both tars, 803 patients), split train "
+                         "of splits.json (695 patients, 12503 crops, 4 readers each); checkpoints and "
                          "sampling settings chosen on val"},
 }
 
 
 def _add_common_train(p):
-    p.add_argument("--data", required=True, help="LIDC tar or directory (splits.json beside it)")
+    p.add_argument("--data", required=True, nargs="+", metavar="DATA",
+                   help="LIDC tars, crop directories or a folder of tars (splits.json beside them)")
     p.add_argument("--out", default="checkpoints/lidc", help="folder for checkpoints and CSV logs")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--minutes", type=float, default=None, help="stop after this much training time")
@@ -108,7 +109,26 @@ def cmd_train(args):
         card = json.loads(json.dumps(LIDC_CARD))
         card["training"]["hardware"] = hardware()
         ae_ckpt = args.autoencoder or str(Path(args.out) / "autoencoder.pt")
-        SegmentorTrainer(cfg, train, val, tc, ae_ckpt, export_to=args.export, card_extra=card).fit()
+        init = None
+        if args.init_model:
+            cfg, ae_ckpt, init = _init_from_model(args.init_model, Path(args.out), card)
+            tc.unet_pretrain_steps = 0  # its image encoder is trained already
+        SegmentorTrainer(cfg, train, val, tc, ae_ckpt, export_to=args.export, card_extra=card,
+                         init_segmentor=init).fit()
+
+
+def _init_from_model(name, out: Path, card: dict):
+    """Fine-tuning a shipped model: its autoencoder (frozen) as OUT/autoencoder.pt and its segmentor's
+    weights as the starting point (a resumed run keeps its own checkpoint instead)."""
+    from .models import load_model
+    from .training.checkpoint import save_checkpoint
+
+    predictor, base = load_model(name, "cpu")
+    ae_ckpt = out / "autoencoder.pt"
+    if not ae_ckpt.exists():
+        save_checkpoint(ae_ckpt, {"kind": "autoencoder", "models": {"autoencoder": predictor.autoencoder.state_dict()}})
+    card["training"]["initialised_from"] = {"model": base.name, "sha256": base.data["sha256"]}
+    return predictor.config, str(ae_ckpt), predictor.segmentor.state_dict()
 
 
 def _train_decoder(args, cfg, train, val):
@@ -147,8 +167,9 @@ def cmd_eval(args):
 
     predictor, card = load_model(args.model, resolve_device(args.device))
     split = args.split
-    if split != "all" and read_split_file(Path(args.data)) is None:
-        print(f"arseg eval: no splits.json beside {args.data}: evaluating every crop (--split all)", file=sys.stderr)
+    if split != "all" and read_split_file(args.data) is None:
+        print(f"arseg eval: no splits.json beside {' '.join(args.data)}: evaluating every crop (--split all)",
+              file=sys.stderr)
         split = "all"
     data = load_lidc(args.data, split)
     if args.limit:
@@ -176,7 +197,7 @@ def cmd_eval(args):
         with tqdm(total=len(data), desc=f"eval {card.name} on {args.split}") as bar:
             res = evaluate(predictor, images, data.masks_NRhw, s, progress=bar.update)
     res.update({"model": card.name, "split": split, "samples": args.samples, "seed": args.seed,
-                "temperature": s.temperature, "top_k": s.top_k, "data": str(args.data)})
+                "temperature": s.temperature, "top_k": s.top_k, "data": " ".join(args.data)})
     print(json.dumps({k: res[k] for k in ("ged", "hm_iou", "soft_dice", "n_images")}, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -433,11 +454,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", default=None, help="write the best model as EXPORT.safetensors + EXPORT.json")
     p.add_argument("--decoder-channels", type=int, default=0, help="decoder stage: the new decoder's width")
     p.add_argument("--model", default=None, help="decoder stage: the model whose decoder is replaced on --export")
+    p.add_argument("--init-model", default=None,
+                   help="segmentor stage: fine-tune this model (name or card): its configuration, frozen "
+                        "autoencoder and segmentor weights are the start")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="GED, HM-IoU, Soft-Dice of a model on LIDC crops")
     p.add_argument("--model", default="lidc-nodule", help="model name or card path")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, nargs="+", metavar="DATA",
+                   help="LIDC tars, crop directories or a folder of tars (splits.json beside them)")
     p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
@@ -453,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate-presence", help="refit the presence head on frozen features; kept if val improves")
     p.add_argument("--model", default="lidc-nodule")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, nargs="+", metavar="DATA", help="LIDC tars or a folder of tars")
     p.add_argument("--epochs", type=int, default=200)
     p.add_argument("--flips", action="store_true", help="fit on the 8 flips/rotations of each crop too")
     p.add_argument("--out", default=None, help="output base path (default: overwrite the model in place)")

@@ -26,6 +26,28 @@ def test_lidc_tar_splits_match_splits_json(lidc_tar, tmp_path, monkeypatch):
     assert len(test) == counts["test"]["images"]
 
 
+def test_lidc_reads_both_tars_as_one_training_set(lidc_tar, tmp_path, monkeypatch):
+    """The folder of tars (or the tars listed) gives splits.json's counts; the second tar adds train only."""
+    monkeypatch.setenv("ARSEG_CACHE", str(tmp_path))
+    import json
+
+    more = lidc_tar.parent / "lidc-idri-slices-more.tar"
+    if not more.exists():
+        pytest.skip(f"real data not available: {more} is absent")
+    counts = json.loads((lidc_tar.parent / "splits.json").read_text())["counts"]
+    train = load_lidc(lidc_tar.parent, "train")
+    assert len(train) == counts["train"]["images"] and len(train.patients) == counts["train"]["patients"]
+    assert len(set(train.keys)) == len(train)
+    listed = load_lidc([lidc_tar, more], "val")
+    assert len(listed) == len(load_lidc(lidc_tar, "val")) == counts["val"]["images"]
+    assert len(load_lidc([more], "test")) == 0
+
+
+def test_lidc_refuses_the_same_data_twice(lung1_dir):
+    with pytest.raises(ValueError, match="twice"):
+        load_lidc([lung1_dir / "lidc-slices", lung1_dir / "lidc-slices"], cache=False)
+
+
 def test_lidc_directory_layout_of_one_nodule(lung1_dir):
     d = load_lidc(lung1_dir / "lidc-slices", cache=False)
     assert len(d) == 9 and [k[2] for k in d.keys] == list(range(9))

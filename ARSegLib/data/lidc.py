@@ -1,6 +1,6 @@
-"""LIDC-IDRI 2D nodule crops: `LIDC-IDRI-XXXX/nodule-N/{images,mask-0..3}/slice-K.png`, read from the
-tar or from an extracted directory, with `splits.json` beside it. Empty reader masks are kept: they
-are part of the ground-truth distribution."""
+"""LIDC-IDRI 2D nodule crops: `LIDC-IDRI-XXXX/nodule-N/{images,mask-0..3}/slice-K.png`, read from one
+or several tars, extracted directories, or a folder holding the tars (`../shared/data/lidc/`), with
+`splits.json` beside them. Empty reader masks are kept: they are part of the ground-truth distribution."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class LIDCSlices:
         return len(self.keys)
 
     def subset(self, index) -> LIDCSlices:
-        index = np.asarray(index)
+        index = np.asarray(index, dtype=np.int64)
         return LIDCSlices(self.images_Nhw[index], self.masks_NRhw[index], [self.keys[i] for i in index])
 
     @property
@@ -59,11 +59,32 @@ def _iter_members(path: Path):
                     yield m.name, tar.extractfile(m).read()
 
 
-def read_split_file(path: Path) -> Optional[Dict[str, List[str]]]:
-    split_file = (path if path.is_dir() else path.parent) / "splits.json"
-    if not split_file.exists():
-        return None
-    return json.loads(split_file.read_text())
+def data_sources(paths: Union[str, Path, Sequence]) -> List[Path]:
+    """The tars or PNG directories behind `paths`: each given tar or PNG directory as it is, and a folder
+    that holds tars (but no crops of its own) as its tars, in name order."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    sources: List[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"LIDC data not found: {path}")
+        tars = sorted(path.glob("*.tar")) if path.is_dir() else []
+        if tars and not any(path.glob("*/**/*.png")):
+            sources += tars
+        else:
+            sources.append(path)
+    if len(set(s.resolve() for s in sources)) != len(sources):
+        raise ValueError(f"the same LIDC data is given twice: {', '.join(map(str, sources))}")
+    return sources
+
+
+def read_split_file(path) -> Optional[Dict[str, List[str]]]:
+    """splits.json beside the data (the first of several sources that has one)."""
+    for source in data_sources(path):
+        split_file = (source if source.is_dir() else source.parent) / "splits.json"
+        if split_file.exists():
+            return json.loads(split_file.read_text())
+    return None
 
 
 def _cache_file(path: Path) -> Path:
@@ -73,21 +94,34 @@ def _cache_file(path: Path) -> Path:
     return root / f"lidc-{tag}.npz"
 
 
-def load_lidc(path, split: str = "all", cache: bool = True) -> LIDCSlices:
-    """Read every crop of `split` ('train', 'val', 'test' from splits.json beside the data, or 'all')."""
-    path = Path(path)
+def load_lidc(paths, split: str = "all", cache: bool = True) -> LIDCSlices:
+    """Read every crop of `split` ('train', 'val', 'test' from splits.json beside the data, or 'all') from
+    one source or several (tars, PNG directories, or a folder of tars); a crop may appear in only one."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if not path.exists():
-        raise FileNotFoundError(f"LIDC data not found: {path}")
-    data = _load_all(path, cache)
-    if split == "all":
-        return data
-    splits = read_split_file(path)
-    if splits is None:
-        raise FileNotFoundError(f"--split {split} needs splits.json beside {path}; use --split all")
-    wanted = set(splits[split])
-    return data.subset([i for i, k in enumerate(data.keys) if k[0] in wanted])
+    sources = data_sources(paths)
+    splits = read_split_file(sources) if split != "all" else None
+    if split != "all" and splits is None:
+        raise FileNotFoundError(f"--split {split} needs splits.json beside {sources[0]}; use --split all")
+    wanted = set(splits[split]) if splits else None
+    parts = []
+    for source in sources:
+        data = _load_all(source, cache)
+        if wanted is not None:
+            data = data.subset([i for i, k in enumerate(data.keys) if k[0] in wanted])
+        parts.append(data)
+    return _concat(parts)
+
+
+def _concat(parts: List[LIDCSlices]) -> LIDCSlices:
+    if len(parts) == 1:
+        return parts[0]
+    keys = [k for p in parts for k in p.keys]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"crop {dup} is in more than one of the LIDC sources")
+    return LIDCSlices(np.concatenate([p.images_Nhw for p in parts]),
+                      np.concatenate([p.masks_NRhw for p in parts]), keys)
 
 
 def _load_all(path: Path, cache: bool) -> LIDCSlices:

@@ -316,7 +316,7 @@ class SegmentorTrainer(Trainer):
     kind = "segmentor"
 
     def __init__(self, config, train, val, tc, autoencoder_ckpt, export_to: Optional[str] = None,
-                 card_extra: Optional[dict] = None):
+                 card_extra: Optional[dict] = None, init_segmentor: Optional[dict] = None):
         super().__init__(config, train, val, tc)
         torch.manual_seed(tc.seed)
         self.ae, self.seg = build_arseg(config)
@@ -325,6 +325,8 @@ class SegmentorTrainer(Trainer):
             raise FileNotFoundError(f"autoencoder checkpoint not found: {autoencoder_ckpt}")
         self.ae.load_state_dict(st["models"]["autoencoder"])
         self.ae.to(self.device).eval().requires_grad_(False)
+        if init_segmentor is not None:  # fine-tuning; resume() replaces it when a checkpoint exists
+            self.seg.load_state_dict(init_segmentor)
         self.seg.to(self.device)
         self.model = _wrap(self.seg, self.world)
         self.make_optimizer(self.seg.parameters())
