@@ -442,6 +442,22 @@ def cmd_bench(args):
                volume_slices=args.volume_slices, lung1=not args.no_lung1)
 
 
+def cmd_view(args):
+    """The review page (ARSegLib.web): needs the `web` extra; input errors are one line, as for segment."""
+    try:
+        from .web.serve import ViewOptions, serve
+    except ImportError as e:
+        _fail("view", f"the review page needs trame-slicer: pip install -e \".[web]\" ({e})")
+    from .web.catalog import CatalogError
+
+    options = ViewOptions(volumes=args.volumes, data_dirs=args.data_dir, host=args.host, port=args.port,
+                          model=args.model, device=args.device, n_samples=args.samples)
+    try:
+        serve(options)
+    except (CatalogError, *_user_errors()) as e:
+        _fail("view", str(e))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="arseg", description=__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -519,6 +535,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="progress bars on every rank, not only rank 0")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_batch)
+
+    p = sub.add_parser("view", help="the review page in a browser: Slicer's views, click to segment",
+                       description="Serve a web page (trame-slicer) that shows the given volumes in Slicer's slice "
+                                   "and 3D views; a click on a nodule segments it. Only the files and folders "
+                                   "given here can be opened; the page listens on 127.0.0.1 unless --host says "
+                                   "otherwise.")
+    p.add_argument("volumes", nargs="*", metavar="CT", help="volume files the page may open")
+    p.add_argument("--data-dir", action="append", default=[], metavar="DIR",
+                   help="a folder whose volume files (recursively) the page may open; repeatable")
+    p.add_argument("--host", default=None,
+                   help="address to listen on (default 127.0.0.1, this machine only; anything else is reachable "
+                        "by others: no login, no encryption)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
+    p.add_argument("--model", default="lidc-nodule", help="model name or card path (default: the shipped lidc-nodule)")
+    p.add_argument("--samples", type=int, default=16, help="samples per crop (default 16)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.set_defaults(func=cmd_view)
     return ap
 
 

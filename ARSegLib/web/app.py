@@ -1,0 +1,328 @@
+"""The review page: Slicer's own slice and 3D views (trame-slicer, rendered on the server) and ARSeg's panel.
+
+A click on the CT in a slice view places a point, as in Slicer's module (persistent place mode on one markups
+point list): the point's RAS position starts a run in the inference client; an asyncio task polls it and, when
+it has finished, writes the result as ARSeg's MRML nodes (ARSegLib.mrml, the node contract Slicer uses), which
+Slicer's displayable managers draw. The panel: the volume chooser (catalog keys only), progress and cancel,
+"go to point", the scale slider, the disagreement toggle and opacity, samples on demand, the report, downloads.
+
+No Qt; nothing here reads a path from the browser (catalog.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Optional
+
+import slicer
+from trame.app import TrameApp
+from trame.ui.vuetify3 import SinglePageWithDrawerLayout
+from trame.widgets import client, html
+from trame.widgets import vuetify3 as v3
+from trame_server.utils.asynchronous import create_task
+from trame_slicer.core import LayoutManager, SlicerApp
+from trame_slicer.rca_view import register_rca_factories
+
+from .. import mrml
+from .review import ReviewError, ReviewSession, ReviewSettings, user_message
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.1  # progress polling while a run is in flight: a tenth of a second is smooth and costs nothing
+LAYOUT = "Axial Primary"  # a large axial view (where one clicks) beside 3D, coronal and sagittal
+CLICK_COLOR = (0.2, 0.8, 1.0)  # the click's point: cyan, unlike the consensus (amber) and the heat map (red)
+
+
+def parse_ras(text) -> tuple:
+    """'R, A, S' in millimetres -> (R, A, S); a ReviewError with the expected form otherwise."""
+    parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p]
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(abs(x) < 1e6 for x in values):
+        raise ReviewError(f"a point is three numbers R, A, S in millimetres (e.g. -56.4, -86.3, -116.0), got {text!r}")
+    return values
+
+
+def _download(name_expression: str, trigger_name: str, mime: str) -> str:
+    """The browser's side of a download: the server returns the bytes as an attachment, the page saves them."""
+    return f"utils.download({name_expression}, trigger('{trigger_name}'), '{mime}')"
+
+
+class ARSegWebApp(TrameApp):
+    """One trame server, one scene, one review session (trame shares one state among a server's clients)."""
+
+    def __init__(self, server, catalog, client_, card=None, settings: Optional[ReviewSettings] = None,
+                 title: str = "ARSeg"):
+        super().__init__(server)
+        self.slicer_app = SlicerApp()
+        mrml.register_segmentation_converters()
+        register_rca_factories(self.slicer_app.view_manager, self.server)
+        self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
+        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
+        self.layout_manager.set_layout(LAYOUT)
+        self.session = ReviewSession(self.slicer_app.scene, catalog, client_, card, settings)
+        self._poll_task = None
+        self._click_started = 0.0
+        self.title = title
+        self._clicks = self._click_list()
+        self._init_state()
+        self._build_ui()
+        self.server.controller.on_client_exited.add(self._on_client_exited)
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def _init_state(self):
+        s = self.state
+        s.trame__title = self.title
+        s.volume_choices = self.session.catalog.choices()
+        s.volume_key = None
+        s.volume_loaded = False
+        s.download_stem = "ARSeg"
+        s.run_state, s.run_fraction, s.run_message = "idle", 0.0, ""
+        s.error_message = ""
+        s.goto_text = ""
+        s.n_scales, s.scale = 0, 0
+        s.show_disagreement, s.disagreement_opacity = False, 0.5
+        s.include_samples, s.n_samples_kept, s.sample_shown = False, 0, 0
+        s.report_rows = []
+        s.has_result = False
+        s.whole_volume_allowed = "volume" in self.session.modes
+        s.timings = {}
+        s.change("volume_key")(self._on_volume_key)
+        s.change("scale")(self._on_scale)
+        s.change("show_disagreement", "disagreement_opacity")(self._on_disagreement)
+        s.change("include_samples")(self._on_include_samples)
+        s.change("sample_shown")(self._on_sample_shown)
+
+    def _fail(self, message: str):
+        self.state.error_message = message
+
+    # ------------------------------------------------------------------------------------------ volumes
+
+    def _on_volume_key(self, volume_key=None, **_):
+        if volume_key is None or (self.session.volume_key == volume_key and self.session.volume_node is not None):
+            return
+        try:
+            node = self.session.open_volume(volume_key)
+        except ReviewError as e:
+            self._fail(str(e))
+            return
+        self.state.error_message = ""
+        self.state.volume_loaded = True
+        self.state.download_stem = self.session.file_stem()
+        display = self.slicer_app.display_manager
+        display.show_volume_in_slice_background(node)
+        display.show_volume_in_slice_foreground(None)
+        display.reset_views()
+        self._refresh_results()
+
+    def goto_point(self):
+        """Centre every slice view on a typed RAS point (Slicer's "jump slices", centred)."""
+        try:
+            r, a, s = parse_ras(self.state.goto_text)
+        except ReviewError as e:
+            self._fail(str(e))
+            return
+        self.state.error_message = ""
+        slicer.vtkMRMLSliceNode.JumpAllSlices(self.slicer_app.scene, r, a, s, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+    # ------------------------------------------------------------------------------------------ clicks
+
+    def _click_list(self):
+        """The markups point list every click lands in; persistent place mode, as in the Slicer module."""
+        scene = self.slicer_app.scene
+        node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "ARSeg clicks")
+        node.SetAttribute(mrml.ROLE_ATTRIBUTE, "clicks")
+        node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        display.SetSelectedColor(*CLICK_COLOR)
+        display.SetColor(*CLICK_COLOR)
+        display.SetPointLabelsVisibility(False)
+        display.SetGlyphScale(1.5)
+        node.AddObserver(slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self._on_point_placed)
+        self.slicer_app.markups_logic.place_node(node, persistent=True)
+        return node
+
+    def _on_point_placed(self, node, _event):
+        n = node.GetNumberOfControlPoints()
+        if n == 0:
+            return
+        point = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(n - 1, point)
+        self._click_started = time.perf_counter()
+        with self.state:
+            self.start_run(tuple(point))
+        # keep only the latest point: it marks where the current result was asked for
+        for i in range(n - 2, -1, -1):
+            node.RemoveNthControlPoint(i)
+
+    def start_run(self, point_ras=None):
+        try:
+            self.session.start(point_ras)
+        except (ReviewError, ValueError) as e:
+            self._fail(user_message(e))
+            return
+        self.state.error_message = ""
+        self._publish_status()
+        if self._poll_task is None or self._poll_task.done():
+            self._poll_task = create_task(self._poll_until_done())
+
+    def start_whole_volume(self):
+        self._click_started = time.perf_counter()
+        self.start_run(None)
+
+    def cancel_run(self):
+        self.session.cancel()
+        self._publish_status()
+
+    async def _poll_until_done(self):
+        while True:
+            status = self.session.poll()
+            with self.state:
+                self._publish_status()
+                if not status.running:
+                    if status.state == "done":
+                        self._refresh_results()
+                        self.state.timings = dict(status.seconds,
+                                                  click_to_overlay=round(time.perf_counter() - self._click_started, 3))
+                        print(f"arseg view: {status.message} (seconds: {self.state.timings})", flush=True)
+                    break
+            await asyncio.sleep(POLL_S)
+        if status.state == "done":
+            # the 3D view's surfaces after the 2D overlay is on its way: they take a while and are seen second
+            await asyncio.sleep(0)
+            nodes = self.session.results()
+            if nodes is not None:
+                nodes.segmentation.CreateClosedSurfaceRepresentation()
+
+    def _publish_status(self):
+        status = self.session.status
+        self.state.run_state = status.state
+        self.state.run_fraction = round(100 * status.fraction)
+        self.state.run_message = status.message
+        if status.state == "failed":
+            self.state.error_message = status.message
+
+    # ------------------------------------------------------------------------------------------ results
+
+    def _refresh_results(self):
+        s = self.state
+        nodes = self.session.results()
+        s.has_result = nodes is not None
+        s.n_scales = self.session.n_scales()
+        s.scale = s.n_scales
+        s.report_rows = self.session.report_rows()
+        s.n_samples_kept = (sum(1 for i in mrml.segment_ids(nodes.segmentation) if i.startswith("Sample_"))
+                            if nodes is not None else 0)
+        s.sample_shown = 0
+        if nodes is not None:
+            self.session.show_disagreement(s.show_disagreement, s.disagreement_opacity)
+
+    def _on_scale(self, scale=0, **_):
+        if self.state.has_result and scale:
+            try:
+                self.session.select_scale(int(scale))
+            except (ReviewError, IndexError) as e:
+                self._fail(str(e))
+
+    def _on_disagreement(self, show_disagreement=False, disagreement_opacity=0.5, **_):
+        self.session.show_disagreement(show_disagreement, disagreement_opacity)
+
+    def _on_include_samples(self, include_samples=False, **_):
+        self.session.settings.include_samples = bool(include_samples)
+
+    def _on_sample_shown(self, sample_shown=0, **_):
+        if self.state.has_result:
+            try:
+                self.session.show_sample(int(sample_shown or 0))
+            except ReviewError as e:
+                self._fail(str(e))
+
+    def download_segmentation(self):
+        try:
+            return self.server.protocol.addAttachment(self.session.segmentation_bytes())
+        except (ReviewError, mrml.ResultError) as e:
+            self._fail(str(e))
+            return None
+
+    def download_report(self):
+        try:
+            return self.server.protocol.addAttachment(self.session.report_bytes())
+        except ReviewError as e:
+            self._fail(str(e))
+            return None
+
+    def _on_client_exited(self, *_args, **_kwargs):
+        # a page closed mid-run: the run finishes (or is cancelled) in the client and its result is written
+        # when polled; nothing of the server's state depends on the page that left
+        log.info("a page disconnected; run state %s", self.session.status.state)
+
+    # ------------------------------------------------------------------------------------------ UI
+
+    def _build_ui(self):
+        ctrl = self.server.controller
+        with SinglePageWithDrawerLayout(self.server, theme="dark") as layout:
+            self.ui = layout
+            client.Style("html { overflow-y: auto; } .arseg-panel .v-label { font-size: 0.85rem; }")
+            layout.title.set_text(self.title)
+            layout.drawer.width = 340
+            with layout.toolbar:
+                v3.VSpacer()
+                html.Span("{{ run_message }}", id="arseg-run-message", classes="text-caption mr-4")
+                html.Span("{{ run_state }}", id="arseg-run-state", style="display: none")
+                html.Span("{{ JSON.stringify(timings) }}", id="arseg-timings", style="display: none")
+            with layout.drawer, html.Div(classes="arseg-panel pa-3 d-flex flex-column", style="gap: 10px"):
+                v3.VSelect(id="arseg-volume", label="Volume", items=("volume_choices",), v_model=("volume_key",),
+                           density="compact", hide_details=True, disabled=("run_state === 'running'",))
+                html.Div("Click on a nodule in a slice view to segment it.", classes="text-caption",
+                         v_show="volume_loaded || volume_key")
+                with html.Div(classes="d-flex", style="gap: 6px"):
+                    v3.VTextField(id="arseg-goto", label="Go to R, A, S (mm)", v_model=("goto_text",),
+                                  density="compact", hide_details=True, keyup_enter=self.goto_point)
+                    v3.VBtn("Go", id="arseg-goto-button", click=self.goto_point, density="compact",
+                            disabled=("!volume_key",))
+                with html.Div(v_if="run_state === 'running'", classes="d-flex align-center", style="gap: 8px"):
+                    v3.VProgressLinear(id="arseg-progress", model_value=("run_fraction",), height=8, rounded=True,
+                                       color="amber")
+                    v3.VBtn("Cancel", id="arseg-cancel", click=self.cancel_run, density="compact", color="red")
+                v3.VBtn("Segment whole volume", id="arseg-whole-volume", v_if="whole_volume_allowed",
+                        click=self.start_whole_volume, density="compact",
+                        disabled=("!volume_key || run_state === 'running'",))
+                v3.VAlert(id="arseg-error", v_if="error_message", text=("error_message",), type="warning",
+                          density="compact", closable=True, click_close="error_message = ''")
+                with html.Div(v_if="has_result", classes="d-flex flex-column", style="gap: 6px"):
+                    html.Div("Scale {{ scale }}/{{ n_scales }}", id="arseg-scale-label", classes="text-body-2")
+                    v3.VSlider(id="arseg-scale", v_model=("scale",), min=1, max=("n_scales",), step=1,
+                               show_ticks="always", hide_details=True, density="compact")
+                    v3.VSwitch(id="arseg-disagreement", label="Disagreement heat map", v_model=("show_disagreement",),
+                               hide_details=True, density="compact", color="red")
+                    v3.VSlider(id="arseg-disagreement-opacity", label="Opacity", v_model=("disagreement_opacity",),
+                               min=0, max=1, step=0.05, hide_details=True, density="compact",
+                               disabled=("!show_disagreement",))
+                    v3.VSelect(id="arseg-sample", v_if="n_samples_kept > 0", label="Show sample",
+                               v_model=("sample_shown",),
+                               items=("[{title: 'none', value: 0}].concat(Array.from({length: n_samples_kept}, "
+                                      "(_, i) => ({title: 'Sample ' + (i + 1), value: i + 1})))",),
+                               density="compact", hide_details=True)
+                    with html.Div(classes="d-flex", style="gap: 6px"):
+                        v3.VBtn("Segmentation", id="arseg-download-seg", prepend_icon="mdi-download",
+                                density="compact", click=_download("download_stem + '.seg.nrrd'",
+                                                                   ctrl.trigger_name(self.download_segmentation),
+                                                                   "application/octet-stream"))
+                        v3.VBtn("Report", id="arseg-download-report", prepend_icon="mdi-download", density="compact",
+                                click=_download("download_stem + '-report.json'",
+                                                ctrl.trigger_name(self.download_report), "application/json"))
+                    with v3.VTable(id="arseg-report", density="compact", classes="text-caption",
+                                   style="max-height: 40vh; overflow-y: auto"):
+                        with html.Tbody():
+                            with html.Tr(v_for="row in report_rows", key="row.measure"):
+                                html.Td("{{ row.measure }}")
+                                html.Td("{{ row.value }} {{ row.unit }}")
+                v3.VCheckbox(id="arseg-include-samples", label="Keep the samples of the next run",
+                             v_model=("include_samples",), hide_details=True, density="compact")
+            with layout.content:
+                self.layout_manager.initialize_layout_grid(layout)

@@ -1,0 +1,223 @@
+"""What one review page does to the scene, without any web code: open a catalog volume, start a run at a
+point, poll it, write its result as ARSeg's MRML nodes, scrub scales, show the disagreement, hand out files.
+
+The trame app (app.py) calls these from the server's event loop; tests call them directly. MRML is touched
+only here and only from the caller's thread (MRML is not thread-safe); the model runs in the inference client.
+One run at a time: a click while a run is in flight is refused with a message, never queued behind it
+(a queue of stale clicks would run long after the user moved on).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .. import mrml, pipeline
+from .catalog import VolumeCatalog
+from .inference import is_cancelled
+
+
+class ReviewError(ValueError):
+    """Something the user asked for that cannot be done now; the message is shown on the page as is."""
+
+
+@dataclass
+class ReviewSettings:
+    """The page's choices for the next run."""
+
+    n_samples: int = 16
+    seed: int = 0
+    include_samples: bool = False  # `Sample i` segments (hidden), shown on demand
+
+    def segment_settings(self) -> pipeline.SegmentSettings:
+        return pipeline.SegmentSettings(n_samples=int(self.n_samples), seed=int(self.seed))
+
+    def output_options(self) -> mrml.OutputOptions:
+        return mrml.OutputOptions(include_samples=bool(self.include_samples))
+
+
+@dataclass
+class RunStatus:
+    """What the page shows about the current or last run."""
+
+    state: str = "idle"  # idle, running, done, cancelled, failed
+    fraction: float = 0.0
+    message: str = ""
+    seconds: Dict[str, float] = field(default_factory=dict)  # model (in the client), overlay (write to MRML)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+
+def user_message(error: BaseException) -> str:
+    """One line for the page, as the CLI prints for bad input; anything unexpected is named as such."""
+    from ..models import ModelError
+
+    if isinstance(error, (pipeline.VolumeError, mrml.ResultError, ModelError, ReviewError)):
+        return str(error)
+    return f"ARSeg failed: {type(error).__name__}: {error}"
+
+
+class ReviewSession:
+    """One scene, one catalog, one inference client; the volume on show and its run."""
+
+    def __init__(self, scene, catalog: VolumeCatalog, client, card=None, settings: Optional[ReviewSettings] = None):
+        self.scene = scene
+        self.catalog = catalog
+        self.client = client
+        self.card = card  # the model card: which modes the page offers
+        self.settings = settings or ReviewSettings()
+        self.volume_node = None
+        self.volume_key: Optional[str] = None
+        self._loaded: Dict[str, Any] = {}  # catalog key -> volume node (opened once, kept)
+        self._run = None
+        self._run_started = 0.0
+        self.status = RunStatus()
+
+    # ------------------------------------------------------------------------------------------ volumes
+
+    @property
+    def modes(self) -> List[str]:
+        """Run modes the model card allows: "click" always, "volume" only where the card lists it."""
+        modes = list((self.card.data.get("modes") if self.card is not None else None) or ["click"])
+        return modes if "click" in modes else ["click", *modes]
+
+    def open_volume(self, key):
+        """The catalog entry under key, loaded once into the scene; unknown keys are refused."""
+        entry = self.catalog.get(key)
+        if entry is None:
+            raise ReviewError("no such volume on this page: choose one from the list")
+        if self.status.running:
+            raise ReviewError("a run is in progress: cancel it or wait before opening another volume")
+        node = self._loaded.get(entry.key)
+        if node is None or node.GetScene() is not self.scene:
+            try:
+                node = mrml.load_volume(self.scene, entry.path, name=Path(entry.label).name.split(".")[0])
+            except Exception as e:  # the file's own message (unreadable, not an image) without the server path
+                raise ReviewError(f"could not open {entry.label}: {e}".replace(str(entry.path), entry.label)) from e
+            self._loaded[entry.key] = node
+        self.volume_node, self.volume_key = node, entry.key
+        self.status = RunStatus()
+        return node
+
+    # ------------------------------------------------------------------------------------------ runs
+
+    def start(self, point_ras=None) -> None:
+        """Start a run at point_ras (click mode) or, with None, over the whole volume where the card allows it."""
+        if self.volume_node is None:
+            raise ReviewError("open a volume first")
+        if self.status.running:
+            raise ReviewError("ARSeg is still working on the previous click: wait for it or cancel it")
+        if point_ras is None and "volume" not in self.modes:
+            raise ReviewError(f"model {self.card.name if self.card else ''!s} is for clicks only: its card does not "
+                              f"allow whole-volume runs")
+        array = mrml.volume_array(self.volume_node)
+        m = mrml.world_ijk_to_ras(self.volume_node)
+        if point_ras is not None:
+            pipeline.check_point(point_ras, array.shape, m)  # a click outside the CT: say so now, run nothing
+        self._run = self.client.segment(array, m, point_ras=None if point_ras is None else tuple(point_ras),
+                                        settings=self.settings.segment_settings(),
+                                        volume_key=(self.volume_key, self.volume_node.GetID()))
+        self._run_started = time.perf_counter()
+        where = "the whole volume" if point_ras is None else "R {:.1f}, A {:.1f}, S {:.1f}".format(*point_ras)
+        self.status = RunStatus("running", 0.0, f"segmenting at {where}")
+
+    def cancel(self) -> None:
+        if self._run is not None and self.status.running:
+            self._run.cancel()
+            self.status.message = "cancelling"
+
+    def poll(self) -> RunStatus:
+        """Progress of the run; when it has finished, its result written to the scene (on the caller's thread)."""
+        run = self._run
+        if run is None or not self.status.running:
+            return self.status
+        if not run.poll():
+            self.status.fraction = float(run.fraction)
+            return self.status
+        self._run = None
+        model_s = time.perf_counter() - self._run_started
+        if run.error is not None:
+            if is_cancelled(run):
+                self.status = RunStatus("cancelled", 0.0, "cancelled: nothing was changed")
+            else:
+                self.status = RunStatus("failed", 0.0, user_message(run.error))
+            return self.status
+        t0 = time.perf_counter()
+        try:
+            nodes = mrml.write_result(self.scene, self.volume_node, run.result, self.settings.output_options())
+        except Exception as e:  # a result that does not fit the scene: the scene is left as it was
+            self.status = RunStatus("failed", 0.0, user_message(e))
+            return self.status
+        r = nodes.report
+        vols = r["sample_volume_mm3"]
+        self.status = RunStatus("done", 1.0, f"consensus {r['consensus_volume_mm3']:.0f} mm\u00b3, {r['n_samples']} "
+                                             f"samples {vols['min']:.0f}-{vols['max']:.0f} mm\u00b3",
+                                {"model": round(model_s, 3), "overlay": round(time.perf_counter() - t0, 3)})
+        return self.status
+
+    # ------------------------------------------------------------------------------------------ results
+
+    def results(self) -> Optional[mrml.ResultNodes]:
+        return mrml.find_results(self.scene, self.volume_node) if self.volume_node is not None else None
+
+    def _require_results(self) -> mrml.ResultNodes:
+        nodes = self.results()
+        if nodes is None:
+            raise ReviewError("no result yet: click on a nodule first")
+        return nodes
+
+    def n_scales(self) -> int:
+        nodes = self.results()
+        return nodes.sequence.GetNumberOfDataNodes() if nodes is not None and nodes.sequence is not None else 0
+
+    def select_scale(self, k: int) -> None:
+        """The scale slider: the consensus after scale k over the image (the finest scale hides the proxy again,
+        since the consensus itself is on show)."""
+        nodes = self._require_results()
+        n = nodes.sequence.GetNumberOfDataNodes()
+        k = int(k)
+        mrml.select_scale(nodes, max(1, min(n, k)), show=k < n)
+
+    def show_disagreement(self, show: bool, opacity: float = 0.5) -> None:
+        nodes = self.results()
+        if nodes is not None:
+            mrml.show_disagreement(self.scene, nodes, bool(show), float(opacity))
+
+    def show_sample(self, i: int) -> None:
+        """Show sample i (1-based) and hide the others; 0 hides them all. Only runs that kept their samples."""
+        nodes = self._require_results()
+        display = nodes.segmentation.GetDisplayNode()
+        ids = [s for s in mrml.segment_ids(nodes.segmentation) if s.startswith("Sample_")]
+        if i and mrml.sample_segment_id(i) not in ids:
+            raise ReviewError("this run kept no samples: tick 'keep samples' and click again")
+        for segment_id in ids:
+            display.SetSegmentVisibility(segment_id, segment_id == mrml.sample_segment_id(i))
+
+    def report(self) -> Dict[str, Any]:
+        nodes = self.results()
+        return dict(nodes.report) if nodes is not None else {}
+
+    def report_rows(self) -> List[Dict[str, str]]:
+        report = self.report()
+        return [{"measure": a, "value": b, "unit": c} for a, b, c in mrml.report_rows(report)] if report else []
+
+    def file_stem(self) -> str:
+        return mrml.volume_stem(Path(self.catalog.get(self.volume_key).path)) if self.volume_key else "volume"
+
+    def segmentation_bytes(self) -> bytes:
+        """The .seg.nrrd that Slicer's own storage node writes, as `arseg segment` writes it."""
+        nodes = self._require_results()
+        with tempfile.TemporaryDirectory(prefix="arseg-web-") as tmp:
+            path = mrml.save_segmentation(nodes.segmentation, Path(tmp) / f"{self.file_stem()}.seg.nrrd")
+            return path.read_bytes()
+
+    def report_bytes(self) -> bytes:
+        report = dict(self._require_results().report)
+        report["source"] = self.catalog.get(self.volume_key).label  # the label: no server path leaves the server
+        return (json.dumps(report, indent=2) + "\n").encode()

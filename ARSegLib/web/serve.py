@@ -1,0 +1,95 @@
+"""Start the review page: `arseg view` and tests come through `serve()`.
+
+Headless rendering: VTK draws offscreen with EGL (Mesa's llvmpipe without a GPU; no X server needed).
+Safe by default: the server binds the loopback address unless a host is given (then it says so, loudly), and
+serves only the catalog built from the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from .catalog import VOLUME_SUFFIXES, CatalogError, VolumeCatalog
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass
+class ViewOptions:
+    """What `arseg view` was asked for."""
+
+    volumes: List[str] = field(default_factory=list)
+    data_dirs: List[str] = field(default_factory=list)
+    host: Optional[str] = None  # None: loopback only
+    port: int = 8080  # 0: any free port (printed)
+    model: str = "lidc-nodule"
+    device: str = "auto"
+    n_samples: int = 16
+    open_first: bool = True  # open the first volume of the catalog when the page starts
+
+
+def exposure_warning(host: str) -> str:
+    return (f"\n{'!' * 78}\n!! arseg view is listening on {host}, not only on this machine's loopback address.\n"
+            f"!! Anyone who can reach this address can open the page, see the listed scans and run the model.\n"
+            f"!! The page has no login and no encryption: put it behind an authenticating HTTPS proxy, or\n"
+            f"!! leave out --host (the default, {LOOPBACK}) and tunnel instead (ssh -L).\n{'!' * 78}\n")
+
+
+def prepare_rendering():
+    """Offscreen OpenGL through EGL unless the user chose otherwise (silences VTK's X11 fallback warning)."""
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+
+
+def build_app(options: ViewOptions, server=None, client=None):
+    """The app and its session, not yet serving (tests build it without a browser too)."""
+    prepare_rendering()
+    from trame.app import get_server
+
+    from ..models import read_card
+    from .app import ARSegWebApp
+    from .inference import make_client
+    from .review import ReviewSettings
+
+    catalog = VolumeCatalog.from_arguments(options.volumes, options.data_dirs)
+    if not len(catalog):
+        raise CatalogError("nothing to show: give CT files or --data-dir folders that hold volume files "
+                           f"({', '.join(VOLUME_SUFFIXES)})")
+    card = read_card(options.model)
+    client = client if client is not None else make_client(options.model, options.device)
+    server = server if server is not None else get_server(f"arseg-view-{id(options)}", client_type="vue3")
+    app = ARSegWebApp(server, catalog, client, card, ReviewSettings(n_samples=options.n_samples))
+    if options.open_first and len(catalog):
+        app.state.volume_key = next(iter(catalog)).key
+        app._on_volume_key(app.state.volume_key)
+    return app
+
+
+def serve(options: ViewOptions) -> int:
+    """Build the app, start the inference client, serve until interrupted; the client is shut down on the way out."""
+    t0 = time.perf_counter()
+    app = build_app(options)
+    host = options.host or LOOPBACK
+    if options.host is not None and options.host not in (LOOPBACK, "localhost", "::1"):
+        print(exposure_warning(host), file=sys.stderr, flush=True)
+    if app.session.catalog.truncated:
+        print(f"arseg view: only the first {len(app.session.catalog)} volumes are listed", file=sys.stderr)
+    app.session.client.start()
+
+    def ready(**_):
+        port = app.server.port
+        print(f"arseg view: serving {len(app.session.catalog)} volume(s) at http://{host}:{port}/ "
+              f"(ready in {time.perf_counter() - t0:.1f} s)", flush=True)
+
+    app.server.controller.on_server_ready.add(ready)
+    # trame parses sys.argv for options of its own (some serve folders); ours are parsed already: it sees none
+    argv, sys.argv = sys.argv, sys.argv[:1]
+    try:
+        app.server.start(host=host, port=options.port, open_browser=False, show_connection_info=False, timeout=0)
+    finally:
+        sys.argv = argv
+        app.session.client.shutdown()
+    return 0
