@@ -1,7 +1,9 @@
 """ARSeg: click-to-segment with an autoregressive next-scale model; every scale, samples, consensus, disagreement.
 
-The module is the GUI only. Everything else is ARSegLib: `pipeline` (volume <-> crops, the 3D component, the
-worker thread), `mrml` (the nodes), `models` (the model cards). The same calls serve the console:
+The module is the GUI only. Everything else is ARSegLib: `worker` (the persistent inference process: Slicer's
+main thread holds Python's GIL inside Qt's event loop, so inference runs in a process of its own, started with
+Slicer's Python, that keeps the model loaded), `pipeline` (volume <-> crops, the 3D component), `mrml` (the
+nodes), `models` (the model cards). Slicer's process never imports torch. The same calls serve the console:
 
     logic = ARSegLogic()
     nodes = logic.segment(volumeNode, point=(R, A, S))           # or point=None: the whole volume
@@ -10,12 +12,14 @@ worker thread), `mrml` (the nodes), `models` (the model cards). The same calls s
 
 import logging
 import os
+import shutil
 import sys
-import threading
+import traceback
 from typing import Annotated, Optional
 
 import qt
 import slicer
+import vtk
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
@@ -28,6 +32,7 @@ from slicer.util import VTKObservationMixin
 
 DEFAULT_MODEL = "lidc-nodule"
 PYTHON_PACKAGES = {"safetensors": "safetensors", "scipy": "scipy"}  # import name -> pip requirement
+MINIMUM_TORCH = (2, 1)  # scaled_dot_product_attention with masks, inference_mode, safetensors' torch API
 
 
 def _ensureLibraryOnPath():
@@ -90,7 +95,10 @@ class ARSegParameterNode:
 
 
 class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    """The GUI: inputs, click place mode, whole-volume button, progress and cancel, scale slider, heat toggle."""
+    """The GUI: inputs, click place mode, whole-volume button, progress and cancel, scale slider, heat toggle.
+
+    Inference runs in ARSeg's worker process; a 25 ms timer polls it (`WorkerRun.poll` never blocks), so the
+    main thread only reads the volume when a click starts and writes the nodes when the result arrives."""
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -98,9 +106,9 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._run = None  # the BackgroundRun in flight
-        self._preloadKey = None  # the (model, device) loaded in the background when the module opened
+        self._run = None  # the WorkerRun in flight
         self._runVolume = None
+        self._runIncludeSamples = False  # read when the run starts: the parameter node may be gone when it ends
         self._pendingPoint = None  # a point placed while a run was in flight: it runs next
         self._clickNode = None
 
@@ -120,12 +128,16 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         place.buttonsVisible = False
         place.placeButton().show()
         place.placeButton().text = "Click to segment"
+        # a QToolButton shows only its icon unless its style says otherwise
+        place.placeButton().toolButtonStyle = qt.Qt.ToolButtonTextBesideIcon
 
         self.ui.segmentWholeVolumeButton.clicked.connect(self.onSegmentWholeVolume)
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.scaleSlider.valueChanged.connect(self.onScaleChanged)
         self.ui.disagreementCheckBox.toggled.connect(self.onDisagreementToggled)
-        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.updateResultsGui)
+        # the results follow the input volume through the parameter node's ModifiedEvent (setParameterNode), not
+        # the selector's currentNodeChanged: Qt calls slots in connection order, and that signal reaches a slot
+        # connected here before the parameter node wrapper has stored the new volume
 
         self._pollTimer = qt.QTimer()
         self._pollTimer.setInterval(25)  # the result shows at most 25 ms after inference ends
@@ -133,17 +145,19 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.updateResultsGui)
         self.initializeParameterNode()
         self.setRunning(False)
 
     def cleanup(self) -> None:
+        """Slicer quitting or the module reloaded: stop the run and the worker process (which holds the model and
+        all of inference's memory; Slicer's own process never had either)."""
         if self._run is not None:
             self._run.cancel()
+            self._run = None
         self._pollTimer.stop()
         self.removeObservers()
-        heap = sys.modules.get("ARSegLib.engine.heap")  # loaded only if inference ran
-        if heap is not None:
-            heap.release_freed_memory()  # inference keeps its peak memory for reuse; Slicer gets it back now
+        self.logic.stopWorker()
 
     def enter(self) -> None:
         self.initializeParameterNode()
@@ -153,10 +167,17 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateResultsGui)
 
     def onSceneStartClose(self, caller, event) -> None:
+        # a run in flight is dropped: its volume is leaving with the scene
         if self._run is not None:
             self._run.cancel()
+            self._run = None
+            self._pollTimer.stop()
+            self.setRunning(False)
+        self._pendingPoint = None
+        self._runVolume = None
         self.setParameterNode(None)
         self._clickNode = None
 
@@ -170,21 +191,27 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
             if first and not first.GetAttribute("ARSeg.Role"):
                 self._parameterNode.inputVolume = first
-        self._clickNode = self.logic.clickMarkupsNode()
-        self.ui.clickPlaceWidget.setCurrentNode(self._clickNode)
-        self.removeObserver(self._clickNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointPlaced)
-        self.addObserver(self._clickNode, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onPointPlaced)
+        clickNode = self.logic.clickMarkupsNode()
+        event = slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent
+        if self._clickNode is not None and self.hasObserver(self._clickNode, event, self.onPointPlaced):
+            self.removeObserver(self._clickNode, event, self.onPointPlaced)
+        self._clickNode = clickNode
+        self.ui.clickPlaceWidget.setCurrentNode(clickNode)
+        if not self.hasObserver(clickNode, event, self.onPointPlaced):
+            self.addObserver(clickNode, event, self.onPointPlaced)
 
     def setParameterNode(self, inputParameterNode: Optional[ARSegParameterNode]) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateResultsGui)
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateResultsGui)
             index = self.ui.modelComboBox.findText(self._parameterNode.model)
             if index >= 0:
                 self.ui.modelComboBox.currentIndex = index
-            self.updateResultsGui()
+        self.updateResultsGui()
 
     def onModelChanged(self, text) -> None:
         if self._parameterNode and text:
@@ -193,14 +220,16 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.startPreload()
 
     def startPreload(self) -> None:
-        """Load the chosen model on the inference thread when the Python packages are already there, so that the
-        first click does not wait for torch's import and the model's loading (about 2 s on a 2-core CPU). Never
-        asks to install: the first click does. A failure here is logged; the click that needs the model shows it."""
+        """Start the worker process and load the chosen model there when the Python packages are already installed,
+        so that the first click waits for neither. Never asks to install (the first click does). A worker that
+        fails to start is logged; the click that needs it shows the error."""
         p = self._parameterNode
-        if not p or self._preloadKey == (p.model, p.device) or self.logic.missingPythonPackages():
+        if not p or self.logic.missingPythonPackages():
             return
-        self._preloadKey = (p.model, p.device)
-        self.logic.preload(p.model, p.device)
+        try:
+            self.logic.preload(p.model, p.device)
+        except Exception as e:
+            logging.warning(f"ARSeg: could not start the inference process: {e}")
 
     # --- running
 
@@ -221,7 +250,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def startRun(self, point) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("ARSeg could not start the segmentation.", waitCursor=True):
-            if not p.inputVolume:
+            if not p or not p.inputVolume:
                 raise ValueError("Select an input volume first.")
             if not self.logic.setupPythonRequirements():
                 return
@@ -229,6 +258,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                      samples=p.samples, temperature=p.temperature, seed=p.seed,
                                                      halfHeightMm=p.halfHeightMm)
             self._runVolume = p.inputVolume
+            self._runIncludeSamples = bool(p.includeSamples)
             where = "whole volume" if point is None else "R {:.1f}, A {:.1f}, S {:.1f}".format(*point)
             self.ui.statusLabel.text = f"Segmenting ({where})..."
             self.setRunning(True)
@@ -245,26 +275,33 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if run is None:
             self._pollTimer.stop()
             return
-        self.ui.progressBar.value = int(100 * run.fraction)
-        if not run.finished:
+        if not run.poll():
+            self.ui.progressBar.value = int(100 * run.fraction)
             return
+        # finished: whatever happens below, the next click must find the module idle and no stale point queued
         self._pollTimer.stop()
         self._run = None
         self.setRunning(False)
-        if run.cancelled:
-            self.ui.statusLabel.text = "Cancelled."
-        elif run.error is not None:
-            self.ui.statusLabel.text = "Failed."
-            slicer.util.errorDisplay(f"ARSeg failed: {run.error}")
-        else:
-            with slicer.util.tryWithErrorDisplay("ARSeg could not add its results to the scene."):
-                nodes = self.logic.applyResult(self._runVolume, run.result,
-                                               includeSamples=self._parameterNode.includeSamples)
-                seconds = run.result.timings_s.get("total", 0.0)
+        volume, self._runVolume = self._runVolume, None
+        point, self._pendingPoint = self._pendingPoint, None
+        try:
+            if run.cancelled:
+                self.ui.statusLabel.text = "Cancelled."
+            elif run.error is not None:
+                self.ui.statusLabel.text = "Failed."
+                slicer.util.errorDisplay(f"ARSeg failed: {run.error}")
+            elif volume is None or volume.GetScene() is None:
+                self.ui.statusLabel.text = "The volume was removed before the result arrived."
+            else:
+                nodes = self.logic.applyResult(volume, run.result, includeSamples=self._runIncludeSamples)
+                seconds = run.seconds if run.seconds is not None else run.result.timings_s.get("total", 0.0)
                 self.ui.statusLabel.text = f"Done in {seconds:.1f} s."
                 self.showResults(nodes)
-        if self._pendingPoint is not None:
-            point, self._pendingPoint = self._pendingPoint, None
+        except Exception as e:
+            self.ui.statusLabel.text = "Failed."
+            slicer.util.errorDisplay(f"ARSeg could not add its results to the scene: {e}",
+                                     detailedText=traceback.format_exc())
+        if point is not None:
             self.startRun(point)
 
     def setRunning(self, running: bool) -> None:
@@ -276,9 +313,16 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     # --- results
 
     def updateResultsGui(self, *args) -> None:
+        self._hideOwnVolumesFromInput()
         volume = self._parameterNode.inputVolume if self._parameterNode else None
         nodes = self.logic.results(volume) if volume else None
         self.showResults(nodes)
+
+    def _hideOwnVolumesFromInput(self) -> None:
+        """ARSeg's own disagreement volumes are scalar volumes too: not something to segment."""
+        own = [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+               if node.GetAttribute("ARSeg.Role")]
+        self.ui.inputVolumeSelector.sortFilterProxyModel().hiddenNodeIDs = own
 
     def showResults(self, nodes) -> None:
         has = nodes is not None and nodes.sequence is not None
@@ -293,6 +337,10 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.scaleSlider.blockSignals(wasBlocked)
         self.ui.scaleLabel.text = f"Scale {n}/{n}"
         self.ui.reportLabel.text = self.logic.reportSummary(nodes.report)
+        if self.ui.disagreementCheckBox.checked:  # the toggle applies to a new result's heat map too
+            volume = self._parameterNode.inputVolume if self._parameterNode else None
+            if volume is not None:
+                self.logic.showDisagreement(volume, True)
 
     def onScaleChanged(self, value) -> None:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
@@ -316,12 +364,11 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class ARSegLogic(ScriptedLoadableModuleLogic):
-    """Thin: every computation is in ARSegLib. Usable from the Python console without the GUI."""
+    """Thin: every computation is in ARSegLib, inference in ARSeg's worker process (one per Slicer session, shared
+    by every ARSegLogic: the module's and the console's). Usable from the Python console without the GUI."""
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self._models = {}  # (model, device) -> (predictor, card)
-        self._modelsLock = threading.Lock()  # loadModel runs on the main thread and on the inference thread
 
     def getParameterNode(self):
         return ARSegParameterNode(super().getParameterNode())
@@ -335,22 +382,54 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
         return [module for module in ("torch", *PYTHON_PACKAGES) if importlib.util.find_spec(module) is None]
 
+    @staticmethod
+    def installedTorchVersion():
+        """torch's version as installed (read from its metadata: Slicer's process never imports torch), or None."""
+        try:
+            from importlib.metadata import PackageNotFoundError, version
+        except ImportError:  # pragma: no cover - Python < 3.8
+            return None
+        try:
+            return version("torch")
+        except PackageNotFoundError:
+            return None
+
+    @staticmethod
+    def torchVersionIsSupported(text) -> bool:
+        """'2.13.0+cpu' -> True, '1.13.1' -> False (MINIMUM_TORCH); an unreadable version is given the benefit."""
+        import re
+
+        match = re.match(r"(\d+)\.(\d+)", text or "")
+        return match is None or (int(match.group(1)), int(match.group(2))) >= MINIMUM_TORCH
+
     def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
-        """torch from the PyTorch extension (PyTorchUtils), other packages by pip; both only once confirmed."""
+        """torch from the PyTorch extension (PyTorchUtils), other packages by pip; both only once confirmed. An
+        older torch (another extension may have installed one) is offered an upgrade: the worker process imports
+        torch afresh, so the upgrade takes effect at the next run, without restarting Slicer."""
         import importlib.util
 
-        if importlib.util.find_spec("torch") is None:
+        required = ">={}.{}".format(*MINIMUM_TORCH)
+        installed = self.installedTorchVersion() if importlib.util.find_spec("torch") is not None else None
+        if installed is None or not self.torchVersionIsSupported(installed):
             try:
                 import PyTorchUtils
             except ModuleNotFoundError as e:
                 raise RuntimeError("ARSeg needs the PyTorch extension: install 'PyTorch' from the Extensions "
                                    "Manager and restart Slicer.") from e
+            if installed is not None:
+                if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                        f"ARSeg needs PyTorch {required}, but {installed} is installed (perhaps by another "
+                        f"extension). Upgrade PyTorch now? (needs a network connection, several minutes)",
+                        "ARSeg: upgrade PyTorch"):
+                    raise RuntimeError(f"ARSeg needs PyTorch {required}; {installed} is installed. Upgrade it in "
+                                       f"the PyTorch Utils module (version requirement {required}).")
+                askConfirmation = False
             torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            if not torchLogic.torchInstalled():
-                torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=">=2.1")
-                if torch is None:
-                    logging.info("ARSeg: PyTorch was not installed")
-                    return False
+            torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=required)
+            if torch is None:
+                logging.info("ARSeg: PyTorch was not installed")
+                return False
+            self.stopWorker()  # a running worker has the old torch loaded
         missing = [pip for module, pip in PYTHON_PACKAGES.items() if importlib.util.find_spec(module) is None]
         if missing:
             if askConfirmation and not slicer.util.confirmOkCancelDisplay(
@@ -360,7 +439,7 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
             slicer.util.pip_install(" ".join(missing))
         return True
 
-    # --- models
+    # --- models and the worker process
 
     def availableModels(self):
         """Model names for the GUI (reading model cards needs no torch)."""
@@ -371,31 +450,27 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         except ImportError:
             return [DEFAULT_MODEL]
 
-    def loadModel(self, model: str = DEFAULT_MODEL, device: str = "auto"):
-        """(predictor, card), loaded once per model and device; from any thread."""
-        from ARSegLib.models import load_model
-        from ARSegLib.training.distributed import resolve_device
+    @staticmethod
+    def workerPython():
+        """Slicer's own Python (PythonSlicer, on PATH inside Slicer) runs the worker; elsewhere this Python."""
+        return shutil.which("PythonSlicer") or sys.executable
 
-        key = (model, resolve_device(device))
-        with self._modelsLock:
-            if key not in self._models:
-                self._models[key] = load_model(model, key[1])
-            return self._models[key]
+    def worker(self, model: str = DEFAULT_MODEL, device: str = "auto"):
+        """The shared inference client; another model or device restarts its process."""
+        from ARSegLib import worker
+
+        return worker.shared_client(model, device, python=self.workerPython())
 
     def preload(self, model: str = DEFAULT_MODEL, device: str = "auto"):
-        """Load the model on the inference thread; returns the started BackgroundRun (its result: the model card).
-        A click started meanwhile queues behind it. (Running the model once as well, to warm it up, did not make
-        the first click measurably faster: see BENCHMARKS.md.)"""
-        from ARSegLib import pipeline
+        """Start the worker process and load the model there; returns the load WorkerRun (its result: what the
+        worker loaded). A click started meanwhile queues behind it."""
+        return self.worker(model, device).start()
 
-        def work(progress, cancel):
-            try:
-                return self.loadModel(model, device)[1]
-            except Exception as e:
-                logging.warning(f"ARSeg: could not preload model {model!r}: {e}")
-                raise
+    @staticmethod
+    def stopWorker():
+        from ARSegLib import worker
 
-        return pipeline.BackgroundRun(work).start()
+        worker.shutdown_shared()
 
     @staticmethod
     def settings(samples=16, temperature=None, seed=0, halfHeightMm=20.0):
@@ -406,67 +481,80 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
     # --- segmenting
 
+    @staticmethod
+    def volumeKey(volumeNode):
+        """What identifies a volume's voxels to the worker, which keeps the last volume it was sent: a later click
+        on the same, unmodified volume sends no voxels."""
+        image = volumeNode.GetImageData()
+        return (id(volumeNode.GetScene()), volumeNode.GetID(), image.GetMTime() if image is not None else 0)
+
+    def startSegmentation(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto",
+                          samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
+                          halfHeightMm: float = 20.0):
+        """Check the input and send it to the worker (main thread: reading the volume is all it does here); returns
+        the WorkerRun, which the caller polls (`run.poll()`, never blocking) and hands to `applyResult`."""
+        from ARSegLib import mrml, pipeline
+
+        array, ijkToRas = mrml.volume_array(volumeNode), mrml.world_ijk_to_ras(volumeNode)
+        pipeline.check_volume(array, ijkToRas)  # bad input says so at once, before the worker sees it
+        if point is not None:
+            pipeline.check_point(point, array.shape, ijkToRas)
+        settings = self.settings(samples, temperature, seed, halfHeightMm)
+        client = self.worker(model, device)
+        return client.segment(array, ijkToRas, point, settings, volume_key=self.volumeKey(volumeNode))
+
+    def applyResult(self, volumeNode, result, includeSamples: bool = False):
+        """Main thread: the finished run's nodes into the scene (replacing ARSeg's earlier ones for the volume)."""
+        from ARSegLib import mrml
+
+        return mrml.write_result(volumeNode.GetScene(), volumeNode, result,
+                                 mrml.OutputOptions(include_samples=includeSamples))
+
     def segment(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto", samples: int = 16,
                 temperature: Optional[float] = None, seed: int = 0, halfHeightMm: float = 20.0,
                 includeSamples: bool = False, progress=None, cancel=None):
-        """Segment volumeNode at a RAS point (or the whole volume when point is None); returns ResultNodes."""
-        from ARSegLib import mrml
+        """Segment volumeNode at a RAS point (or the whole volume when point is None) and wait; returns ResultNodes.
+        For the console and scripts: the GUI polls startSegmentation's run instead."""
+        run = self.startSegmentation(volumeNode, point, model=model, device=device, samples=samples,
+                                     temperature=temperature, seed=seed, halfHeightMm=halfHeightMm)
+        self._waitFor(run, progress, cancel)
+        return self.applyResult(volumeNode, run.result, includeSamples=includeSamples)
 
-        predictor, card = self.loadModel(model, device)
-        return mrml.segment_node(volumeNode, predictor, card, point_ras=point,
-                                 settings=self.settings(samples, temperature, seed, halfHeightMm),
-                                 options=mrml.OutputOptions(include_samples=includeSamples),
-                                 progress=progress, cancel=cancel)
+    @staticmethod
+    def _waitFor(run, progress=None, cancel=None):
+        while not run.wait(0.1):
+            if progress is not None:
+                progress(run.done_steps, run.total_steps)
+            if cancel is not None and cancel():
+                run.cancel()
+        if run.error is not None:
+            raise run.error
 
     def segmentFiles(self, paths, outputDir, points=None, model: str = DEFAULT_MODEL, device: str = "auto",
                      samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
                      includeSamples: bool = False):
         """Each image file -> outputDir/NAME.seg.nrrd + NAME.report.json, in scenes of their own (the user's
         scene is not touched). points: {path: (R, A, S)} for click mode; other files run whole. Returns reports."""
+        import json
         from pathlib import Path
 
         from ARSegLib import mrml
 
-        predictor, card = self.loadModel(model, device)
         points = {str(Path(k)): v for k, v in (points or {}).items()}
         reports = []
         for path in paths:
             path = Path(path)
             stem = mrml.volume_stem(path)
             out = Path(outputDir) / f"{stem}.seg.nrrd"
-            _, nodes = mrml.segment_file(path, out, predictor, card, points.get(str(path)),
-                                         self.settings(samples, temperature, seed),
-                                         mrml.OutputOptions(include_samples=includeSamples),
-                                         report_path=Path(outputDir) / f"{stem}.report.json")
-            reports.append(dict(nodes.report, segmentation=str(out)))
+            scene = mrml.new_scene()
+            volumeNode = mrml.load_volume(scene, path)
+            nodes = self.segment(volumeNode, points.get(str(path)), model=model, device=device, samples=samples,
+                                 temperature=temperature, seed=seed, includeSamples=includeSamples)
+            mrml.save_segmentation(nodes.segmentation, out)
+            report = dict(nodes.report, source=str(path), segmentation=str(out))
+            (Path(outputDir) / f"{stem}.report.json").write_text(json.dumps(report, indent=2) + "\n")
+            reports.append(report)
         return reports
-
-    def startSegmentation(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto",
-                          samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
-                          halfHeightMm: float = 20.0):
-        """Read the volume here (main thread); load the model (once) and infer on ARSeg's inference thread, so the
-        GUI never waits for torch; returns the started BackgroundRun."""
-        from ARSegLib import mrml, pipeline
-
-        array, ijkToRas = mrml.volume_array(volumeNode), mrml.world_ijk_to_ras(volumeNode)
-        settings = self.settings(samples, temperature, seed, halfHeightMm)
-        if point is not None:
-            pipeline.check_point(point, array.shape, ijkToRas)  # a click outside says so at once
-
-        def work(progress, cancel):
-            predictor, card = self.loadModel(model, device)
-            if point is None:
-                return pipeline.segment_volume(array, ijkToRas, predictor, card, settings, progress, cancel)
-            return pipeline.segment_click(array, ijkToRas, point, predictor, card, settings, progress, cancel)
-
-        return pipeline.BackgroundRun(work).start()
-
-    def applyResult(self, volumeNode, result, includeSamples: bool = False):
-        """Main thread: the finished run's nodes into the scene (replacing ARSeg's earlier ones for the volume)."""
-        from ARSegLib import mrml
-
-        return mrml.write_result(slicer.mrmlScene, volumeNode, result,
-                                 mrml.OutputOptions(include_samples=includeSamples))
 
     # --- showing
 
@@ -551,12 +639,11 @@ class ARSegTest(ScriptedLoadableModuleTest):
         mine = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
         mineMTime = mine.GetMTime()
 
-        self.delayDisplay("Loading the model in the background")
+        self.delayDisplay("Starting the inference process and loading the model there")
         preload = logic.preload()
         self.assertTrue(preload.wait(300))
         self.assertIsNone(preload.error)
-        self.assertEqual(preload.result.name, DEFAULT_MODEL)
-        self.assertIs(logic.loadModel()[1], preload.result)  # loaded once
+        self.assertEqual(preload.result["model"], DEFAULT_MODEL)
 
         self.delayDisplay("Click to segment")
         nodes = logic.segment(volume, point=point, samples=4)

@@ -20,13 +20,13 @@ MODULE_CMAKE = ROOT / "ARSeg" / "CMakeLists.txt"
 TOP_CMAKE = ROOT / "CMakeLists.txt"
 CATALOG = ROOT / "ARSeg.json"
 
-# Slicer/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json: required fields, allowed fields and types
-# ("additionalProperties": false)
-SCHEMA_V102 = {
+# Slicer/Schemas/slicer-extension-catalog-entry-schema-v1.0.1.json: required fields, allowed fields and types
+# ("additionalProperties": false). v1.0.1, not v1.0.2: every entry on the ExtensionsIndex's 5.8 and 5.10 branches
+# (PyTorch, TotalSegmentator, MONAIAuto3DSeg among them) names v1.0.1; v1.0.2 exists only on Slicer's main branch.
+SCHEMA_V101 = {
     "required": ["$schema", "category", "scm_url"],
     "properties": {"$schema": str, "category": str, "scm_url": str, "scm_revision": str, "scm_type": str,
-                   "build_dependencies": list, "dicom_support_rule": str, "build_subdirectory": str,
-                   "enabled": bool, "tier": int},
+                   "build_dependencies": list, "build_subdirectory": str, "enabled": bool, "tier": int},
 }
 
 
@@ -112,12 +112,12 @@ def test_extension_metadata_and_catalog_entry_agree_with_the_schema():
     category = re.search(r'set\(EXTENSION_CATEGORY\s+"([^"]*)"\)', text).group(1)
 
     entry = json.loads(CATALOG.read_text())
-    for key in SCHEMA_V102["required"]:
+    for key in SCHEMA_V101["required"]:
         assert key in entry, f"ARSeg.json lacks required {key!r}"
     for key, value in entry.items():
-        assert key in SCHEMA_V102["properties"], f"ARSeg.json: {key!r} is not allowed by the schema"
-        assert isinstance(value, SCHEMA_V102["properties"][key]), f"ARSeg.json: {key!r} has the wrong type"
-    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
+        assert key in SCHEMA_V101["properties"], f"ARSeg.json: {key!r} is not allowed by the schema"
+        assert isinstance(value, SCHEMA_V101["properties"][key]), f"ARSeg.json: {key!r} has the wrong type"
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
     assert entry["build_dependencies"] == depends == ["PyTorch"]
     assert entry["category"] == category
     assert entry.get("scm_type", "git") in ("git", "local") and 1 <= entry.get("tier", 1) <= 5

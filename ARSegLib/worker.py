@@ -1,0 +1,617 @@
+"""The persistent inference worker: a separate Python process that imports torch, loads the model once and
+serves clicks and whole-volume runs; and its client, which the Slicer module, the console and the web page use.
+
+Why a process and not a thread: Slicer's main thread sits in Qt's C++ event loop *holding Python's GIL*
+(PythonQt's thread support is off), so a Python thread in Slicer's process runs only in the moments the main
+thread itself runs Python: a lung1 click that takes 1.1 s took 36 s on a thread under those conditions. A
+process has a GIL of its own. It starts once (with Slicer's own Python, `PythonSlicer`) and keeps the model
+loaded, so a click costs what the model costs.
+
+How the two sides talk (`multiprocessing.connection`: a Unix socket or a Windows named pipe, authenticated
+with a random key): the client sends small pickled messages; large arrays (the volume, the result's masks)
+travel as raw files in a private folder on a RAM disk where there is one (`/dev/shm`), never through the
+pipe. The worker keeps the last volume it was sent, so further clicks on it send no voxels at all.
+
+    client -> worker   ("load", id, {})                      load the model (sent when the worker starts)
+                       ("segment", id, {volume, key, ...})   a click (point_ras) or the whole volume
+                       ("cancel", id)                        stop that run at its next step
+                       ("quit",)
+    worker -> client   ("progress", id, done, total)
+                       ("done", id, payload)                 the card's name, or a pipeline.VolumeResult
+                       ("error", id, exception)              the original exception where it pickles
+
+The client never blocks the caller: `WorkerRun.poll()` (the module's 25 ms timer) connects, sends and reads
+what is there and returns. A worker that dies fails its runs with `WorkerCrashed` (with its exit code and
+the tail of its log) and the next run starts a new one. The worker exits by itself when its client goes
+away (its connection closes, or its parent process dies), so no process outlives Slicer. Inference, and with
+it the allocator tuning of `engine/heap.py`, happens only in the worker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import copy
+import dataclasses
+import itertools
+import os
+import pickle
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import weakref
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+AUTHKEY_ENV = "ARSEG_WORKER_AUTHKEY"
+LOG_NAME = "worker.log"
+INLINE_BYTES = 1 << 16  # arrays smaller than this travel inside the message
+CONNECT_TIMEOUT_S = 120.0  # a worker nobody connects to within this gives up (its parent is gone)
+
+
+class WorkerError(RuntimeError):
+    """The worker could not be started or reached, or an error from it could not be passed on as it was."""
+
+
+class WorkerCrashed(WorkerError):
+    """The worker process ended while a run was in flight; the next run starts a new one."""
+
+
+class RunCancelled(Exception):
+    """The run was cancelled. (The engine's own Cancelled would import torch where it is unpickled: in Slicer's
+    process, which never imports torch.)"""
+
+
+# --------------------------------------------------------------------------------------------- arrays
+
+@dataclasses.dataclass(frozen=True)
+class ArrayFile:
+    """A numpy array written as raw bytes to a file of the shared folder: what crosses instead of the array."""
+
+    path: str
+    dtype: str
+    shape: Tuple[int, ...]
+
+
+class ArrayFolder:
+    """The folder both processes exchange large arrays through (on /dev/shm where that exists: a RAM disk)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._names = itertools.count()
+
+    @classmethod
+    def create(cls) -> ArrayFolder:
+        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        return cls(Path(tempfile.mkdtemp(prefix="arseg-worker-", dir=base)))
+
+    def put(self, array: np.ndarray, tag: str) -> ArrayFile:
+        array = np.ascontiguousarray(array)
+        path = self.path / f"{os.getpid()}-{next(self._names)}-{tag}.raw"
+        tmp = path.with_suffix(".tmp")
+        array.tofile(tmp)  # one copy, straight into the page cache
+        os.replace(tmp, path)  # the reader never sees a half-written file
+        return ArrayFile(str(path), array.dtype.str, tuple(int(s) for s in array.shape))
+
+    @staticmethod
+    def take(ref: ArrayFile) -> np.ndarray:
+        """The array, in memory of its own; the file is gone afterwards."""
+        try:
+            return np.fromfile(ref.path, dtype=np.dtype(ref.dtype)).reshape(ref.shape)
+        finally:
+            try:
+                os.unlink(ref.path)
+            except FileNotFoundError:
+                pass
+
+    def remove(self):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def externalize(obj, folder: ArrayFolder, tag: str = "a"):
+    """A copy of obj (dataclasses, dicts, lists, tuples of them) whose large arrays are ArrayFiles."""
+    if isinstance(obj, np.ndarray):
+        return folder.put(obj, tag) if obj.nbytes >= INLINE_BYTES else obj
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            object.__setattr__(out, f.name, externalize(getattr(obj, f.name), folder, f.name))
+        return out
+    if isinstance(obj, dict):
+        return {k: externalize(v, folder, str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(externalize(v, folder, tag) for v in obj)
+    return obj
+
+
+def internalize(obj):
+    """The inverse of externalize: every ArrayFile read back (and its file removed)."""
+    if isinstance(obj, ArrayFile):
+        return ArrayFolder.take(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = copy.copy(obj)
+        for f in dataclasses.fields(obj):
+            object.__setattr__(out, f.name, internalize(getattr(obj, f.name)))
+        return out
+    if isinstance(obj, dict):
+        return {k: internalize(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(internalize(v) for v in obj)
+    return obj
+
+
+def _portable_exception(e: BaseException) -> BaseException:
+    """The exception itself where it survives pickling (VolumeError, ModelError...), RunCancelled for the
+    engine's Cancelled, else a WorkerError with its type, message and traceback."""
+    from .engine import Cancelled
+
+    if isinstance(e, Cancelled):
+        return RunCancelled("cancelled")
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
+        return WorkerError(f"{type(e).__name__}: {e}\n{text}")
+
+
+# --------------------------------------------------------------------------------------------- worker side
+
+class _Server:
+    """The worker process: one thread reads messages (cancel flags take effect at once), the main thread runs
+    the jobs in order."""
+
+    def __init__(self, conn: Connection, model: str, device: str):
+        import queue
+
+        self.conn, self.model_name, self.device = conn, model, device
+        self.jobs: queue.Queue = queue.Queue()
+        self.cancel_flags: Dict[int, threading.Event] = {}
+        self.flags_lock = threading.Lock()
+        self.model = None  # (predictor, card)
+        self.volume_key, self.volume = None, None
+        self.folder: Optional[ArrayFolder] = None
+
+    def read_messages(self):
+        try:
+            while True:
+                message = self.conn.recv()
+                if message[0] == "cancel":
+                    self.flag(message[1]).set()
+                elif message[0] == "quit":
+                    self.jobs.put(None)
+                    return
+                else:
+                    self.flag(message[1])
+                    self.jobs.put(message)
+        except (EOFError, OSError):  # the client is gone: nothing left to serve
+            os._exit(0)
+
+    def flag(self, job_id: int) -> threading.Event:
+        with self.flags_lock:
+            return self.cancel_flags.setdefault(job_id, threading.Event())
+
+    def send(self, *message):
+        try:
+            self.conn.send(message)
+        except (EOFError, OSError):
+            os._exit(0)
+
+    def serve(self):
+        threading.Thread(target=self.read_messages, name="ARSeg worker messages", daemon=True).start()
+        while True:
+            message = self.jobs.get()
+            if message is None:
+                return
+            op, job_id, args = message
+            cancelled = self.flag(job_id)
+            try:
+                if cancelled.is_set():
+                    raise RunCancelled("cancelled")
+                payload = getattr(self, f"op_{op}")(job_id, args, cancelled)
+                self.send("done", job_id, payload)
+            except BaseException as e:  # every failure goes back to the client, which shows it
+                self.send("error", job_id, _portable_exception(e))
+            finally:
+                with self.flags_lock:
+                    self.cancel_flags.pop(job_id, None)
+
+    def loaded(self):
+        if self.model is None:
+            from .models import load_model
+            from .training.distributed import resolve_device
+
+            self.model = load_model(self.model_name, resolve_device(self.device))
+        return self.model
+
+    def op_load(self, job_id, args, cancelled):
+        import torch
+
+        _, card = self.loaded()
+        return {"model": card.name, "pid": os.getpid(), "torch": str(torch.__version__),  # a str, not TorchVersion
+                "threads": torch.get_num_threads()}
+
+    def op_segment(self, job_id, args, cancelled):
+        from . import pipeline
+
+        predictor, card = self.loaded()
+        if args["volume"] is not None:
+            self.volume_key, self.volume = args["volume_key"], internalize(args["volume"])
+        elif args["volume_key"] != self.volume_key or self.volume is None:
+            raise WorkerError("the worker does not hold this volume any more; run again")
+        last = [0.0]
+
+        def progress(done, total):
+            now = time.perf_counter()
+            if now - last[0] > 0.05 or done >= total:  # at most 20 messages a second
+                last[0] = now
+                self.send("progress", job_id, int(done), int(total))
+
+        if args["point_ras"] is None:
+            result = pipeline.segment_volume(self.volume, args["ijk_to_ras"], predictor, card, args["settings"],
+                                             progress, cancelled.is_set)
+        else:
+            result = pipeline.segment_click(self.volume, args["ijk_to_ras"], args["point_ras"], predictor, card,
+                                            args["settings"], progress, cancelled.is_set)
+        return externalize(result, ArrayFolder(Path(args["folder"])), "result")
+
+
+def _exit_when_orphaned(parent_pid: int, connected: threading.Event):
+    """A dead parent shows as a new parent pid (POSIX); one that never connects, as time running out. (Once
+    connected, a closed connection also ends the worker: see _Server.read_messages.)"""
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        time.sleep(0.5)
+        if hasattr(os, "getppid") and os.getppid() != parent_pid:
+            os._exit(0)
+        if not connected.is_set() and time.monotonic() > deadline:
+            os._exit(0)
+
+
+def serve_main(argv=None) -> int:
+    """`python -m ARSegLib.worker ADDRESS MODEL DEVICE`, the authentication key in $ARSEG_WORKER_AUTHKEY."""
+    argv = sys.argv[1:] if argv is None else argv
+    address, model, device = argv[:3]
+    authkey = bytes.fromhex(os.environ.pop(AUTHKEY_ENV))
+    family = "AF_PIPE" if sys.platform == "win32" else "AF_UNIX"
+    connected = threading.Event()
+    with Listener(address, family=family, authkey=authkey) as listener:
+        threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), connected), daemon=True).start()
+        conn = listener.accept()
+        connected.set()
+    _Server(conn, model, device).serve()
+    conn.close()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- client side
+
+class WorkerRun:
+    """One request to the worker, polled by its caller; the interface of pipeline.BackgroundRun."""
+
+    def __init__(self, client: InferenceClient, job_id: int, op: str):
+        self._client, self.id, self.op = client, job_id, op
+        self.done_steps, self.total_steps = 0, 1
+        self.result: Any = None
+        self.error: Optional[BaseException] = None
+        self._finished = False
+        self.started_at = time.perf_counter()
+        self.seconds: Optional[float] = None
+
+    def _finish(self, result=None, error=None):
+        if not self._finished:
+            self.result, self.error, self._finished = result, error, True
+            self.seconds = time.perf_counter() - self.started_at
+
+    def poll(self) -> bool:
+        """Exchange what is waiting with the worker (never blocks); True once this run has finished."""
+        if not self._finished:
+            self._client.pump()
+        return self._finished
+
+    @property
+    def finished(self) -> bool:
+        return self.poll()
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.done_steps / max(1, self.total_steps))
+
+    @property
+    def cancelled(self) -> bool:
+        return isinstance(self.error, RunCancelled)
+
+    def cancel(self):
+        if not self._finished:
+            self._client.cancel(self.id)
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Block until finished (the console and the CLI; never the Slicer GUI)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.poll():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            self._client.wait_for_message(0.05 if remaining is None else min(0.05, remaining))
+        return True
+
+
+_clients: weakref.WeakSet = weakref.WeakSet()
+
+
+class InferenceClient:
+    """Starts and talks to one worker process for one (model, device). Not thread-safe: use it from one thread
+    (Slicer's main thread, the web server's loop, a console)."""
+
+    def __init__(self, model: str = "lidc-nodule", device: str = "auto", python: Optional[str] = None,
+                 start_timeout_s: float = 60.0):
+        self.model, self.device = str(model), str(device)
+        self.python = python or sys.executable
+        self.start_timeout_s = start_timeout_s
+        self._ids = itertools.count(1)
+        self._process: Optional[subprocess.Popen] = None
+        self._conn: Optional[Connection] = None
+        self._folder: Optional[ArrayFolder] = None
+        self._address = self._authkey = None
+        self._started_at = 0.0
+        self._outbox: list = []
+        self._runs: Dict[int, WorkerRun] = {}
+        self._volume_key = None  # the volume the worker holds
+        self._log = None
+        self.info: Dict[str, Any] = {}  # what the worker said when its model was loaded
+        _clients.add(self)
+
+    @property
+    def key(self) -> Tuple[str, str]:
+        return self.model, self.device
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._process.pid if self._process is not None else None
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    # --- process
+
+    def start(self) -> WorkerRun:
+        """Start the worker (if it is not running) and have it load the model; returns the load run."""
+        if self.alive():
+            return next((r for r in self._runs.values() if r.op == "load"), None) or self._submit("load", {})
+        self._reset()
+        self._folder = ArrayFolder.create()
+        family = "AF_PIPE" if sys.platform == "win32" else "AF_UNIX"
+        self._address = (rf"\\.\pipe\arseg-{os.getpid()}-{secrets.token_hex(8)}" if family == "AF_PIPE"
+                         else str(self._folder.path / "socket"))
+        self._authkey = secrets.token_bytes(32)
+        env = dict(os.environ)
+        env[AUTHKEY_ENV] = self._authkey.hex()
+        # ARSegLib's folder on the worker's path: in Slicer it is on sys.path only, not in PythonSlicer's default
+        library_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (library_root, env.get("PYTHONPATH", "")) if p)
+        self._log = open(self._folder.path / LOG_NAME, "wb")
+        kwargs = {"creationflags": subprocess.CREATE_NO_WINDOW} if sys.platform == "win32" else {}
+        try:
+            self._process = subprocess.Popen([self.python, "-m", "ARSegLib.worker", self._address, self.model,
+                                              self.device], stdin=subprocess.DEVNULL, stdout=self._log,
+                                             stderr=subprocess.STDOUT, env=env, **kwargs)
+        except OSError as e:
+            self._reset()
+            raise WorkerError(f"could not start the ARSeg worker with {self.python}: {e}") from e
+        self._started_at = time.monotonic()
+        return self._submit("load", {})
+
+    def _reset(self):
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except OSError:
+                pass
+        if self._log is not None:
+            self._log.close()
+        if self._folder is not None:
+            self._folder.remove()
+        self._process = self._conn = self._folder = self._log = None
+        self._outbox, self._volume_key = [], None
+
+    def log_tail(self, n_chars: int = 2000) -> str:
+        if self._folder is None:
+            return ""
+        try:
+            return (self._folder.path / LOG_NAME).read_bytes()[-n_chars:].decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+
+    def shutdown(self, timeout_s: float = 3.0):
+        """Stop the worker (it finishes nothing more) and remove its folder. Safe to call twice."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            if self._conn is not None:
+                try:
+                    self._conn.send(("quit",))
+                except OSError:
+                    pass
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout_s)
+        self._fail_all(WorkerError("the ARSeg worker was stopped"))
+        self._reset()
+
+    # --- requests
+
+    def segment(self, volume: np.ndarray, ijk_to_ras, point_ras=None, settings=None, volume_key=None) -> WorkerRun:
+        """A click at point_ras (RAS mm) or, with point_ras None, the whole volume. volume_key: anything that
+        identifies these voxels (Slicer: the node's ID and modified time): a key the worker already holds sends
+        no voxels."""
+        from .pipeline import SegmentSettings
+
+        if not self.alive():
+            self.start()
+        args = {"volume": None, "volume_key": volume_key, "ijk_to_ras": np.asarray(ijk_to_ras, dtype=np.float64),
+                "point_ras": None if point_ras is None else tuple(float(v) for v in point_ras),
+                "settings": settings or SegmentSettings(), "folder": str(self._folder.path)}
+        if volume_key is None or volume_key != self._volume_key:
+            args["volume"] = self._folder.put(np.asarray(volume), "volume")
+            args["volume_key"] = volume_key if volume_key is not None else secrets.token_hex(8)
+            self._volume_key = args["volume_key"]
+        return self._submit("segment", args)
+
+    def _submit(self, op: str, args: dict) -> WorkerRun:
+        run = WorkerRun(self, next(self._ids), op)
+        self._runs[run.id] = run
+        self._outbox.append((op, run.id, args))
+        self.pump()
+        return run
+
+    def cancel(self, job_id: int):
+        self._outbox.append(("cancel", job_id))
+        self.pump()
+
+    # --- the exchange (non-blocking)
+
+    def pump(self):
+        """Connect if not yet connected, send what waits, dispatch what arrived. Never blocks for long."""
+        if self._process is None:
+            return
+        if self._conn is None and not self._try_connect():
+            return
+        try:
+            while self._outbox:
+                self._conn.send(self._outbox[0])
+                self._outbox.pop(0)
+            while self._conn.poll(0):
+                self._dispatch(self._conn.recv())
+        except (EOFError, OSError):
+            self._crashed()
+            return
+        if self._process.poll() is not None:
+            self._crashed()
+
+    def _try_connect(self) -> bool:
+        if self._process.poll() is not None:
+            self._crashed()
+            return False
+        ready = os.path.exists(self._address) if not self._address.startswith("\\\\") else True
+        if ready:
+            try:
+                self._conn = Client(self._address, authkey=self._authkey)
+                return True
+            except (FileNotFoundError, ConnectionRefusedError):
+                pass  # not listening yet
+            except OSError as e:
+                self._process.kill()
+                self._crashed(f"could not connect to the ARSeg worker: {e}")
+                return False
+        if time.monotonic() - self._started_at > self.start_timeout_s:
+            self._process.kill()
+            self._crashed(f"the ARSeg worker did not start within {self.start_timeout_s:.0f} s")
+        return False
+
+    def wait_for_message(self, timeout: float):
+        """Sleep until the worker has something to say (or timeout): for blocking callers only."""
+        if self._conn is not None:
+            try:
+                self._conn.poll(timeout)
+                return
+            except (EOFError, OSError):
+                pass
+        time.sleep(timeout)
+
+    def _dispatch(self, message):
+        kind, job_id = message[0], message[1]
+        run = self._runs.get(job_id)
+        if run is None:
+            return
+        if kind == "progress":
+            run.done_steps, run.total_steps = message[2], max(1, message[3])
+            return
+        del self._runs[job_id]
+        if kind == "done":
+            try:
+                payload = internalize(message[2])
+            except OSError as e:
+                run._finish(error=WorkerError(f"the worker's result could not be read: {e}"))
+                return
+            if run.op == "load":
+                self.info = payload
+            run._finish(result=payload)
+        else:
+            error = message[2]
+            if run.op == "segment" and not isinstance(error, RunCancelled):
+                self._volume_key = None  # the worker may have failed before it kept the volume
+            run._finish(error=error)
+
+    def _crashed(self, why: Optional[str] = None):
+        code = None
+        if self._process is not None:
+            try:  # a closed connection comes a moment before the process can be reaped
+                code = self._process.wait(2.0)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                code = self._process.wait()
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            try:
+                import signal
+
+                how += f", killed by {signal.Signals(-code).name}"
+            except ValueError:
+                pass
+        tail = self.log_tail()
+        message = why or (f"the ARSeg inference process stopped unexpectedly ({how}); "
+                          f"the next run starts it again")
+        if tail:
+            message += f"\n--- its last output ---\n{tail}"
+        self._fail_all(WorkerCrashed(message))
+        self._reset()
+
+    def _fail_all(self, error: BaseException):
+        runs, self._runs = list(self._runs.values()), {}
+        for run in runs:
+            run._finish(error=error)
+
+
+@atexit.register
+def _shutdown_all():
+    for client in list(_clients):
+        client.shutdown(timeout_s=1.0)
+
+
+_shared: Optional[InferenceClient] = None
+
+
+def shared_client(model: str, device: str, python: Optional[str] = None) -> InferenceClient:
+    """The process-wide client (the Slicer module and the console share one worker); a different model or device
+    stops the old worker and starts one for the new choice."""
+    global _shared
+    if _shared is not None and (_shared.key != (str(model), str(device)) or (python and _shared.python != python)):
+        _shared.shutdown()
+        _shared = None
+    if _shared is None:
+        _shared = InferenceClient(model, device, python=python)
+    return _shared
+
+
+def shutdown_shared():
+    """Stop the shared worker (the module's cleanup: Slicer quitting, the module reloaded)."""
+    global _shared
+    if _shared is not None:
+        _shared.shutdown()
+        _shared = None
+
+
+if __name__ == "__main__":
+    # run the importable module's code, not this __main__ copy: classes that cross the connection (ArrayFile,
+    # RunCancelled) must be ARSegLib.worker's on both sides
+    from ARSegLib.worker import serve_main as _serve_main
+
+    sys.exit(_serve_main())

@@ -1,0 +1,207 @@
+"""The persistent inference worker process and its client (ARSegLib.worker): the same results as in-process
+inference, voxels sent once per volume, cancel, a crash reported and recovered from, errors that keep their type,
+no process outliving its client, and no torch in the client's process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ARSegLib import pipeline, worker
+from ARSegLib.models import ModelError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _blob_volume():
+    """A small CT-like volume (HU) with a bright ball in air, 0.7 mm pixels, 2 mm slices."""
+    k, j, i = np.mgrid[:12, :100, :100]
+    ball = ((k - 6) * 2.0) ** 2 + ((j - 50) * 0.7) ** 2 + ((i - 50) * 0.7) ** 2 < 8.0 ** 2
+    volume = np.where(ball, 40, -850).astype(np.int16)
+    volume += np.random.default_rng(0).integers(-20, 20, volume.shape, dtype=np.int16)
+    ijk_to_ras = np.diag([-0.7, -0.7, 2.0, 1.0])
+    centre = ijk_to_ras @ np.array([50, 50, 6, 1.0])
+    return volume, ijk_to_ras, tuple(centre[:3])
+
+
+@pytest.fixture
+def client(tiny_model_card):
+    c = worker.InferenceClient(str(tiny_model_card), "cpu")
+    yield c
+    c.shutdown()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by its parent) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def test_worker_click_equals_the_in_process_click(client, tiny):
+    predictor, card = tiny
+    volume, m, point = _blob_volume()
+    settings = pipeline.SegmentSettings(n_samples=4, seed=3, half_height_mm=4)
+    load = client.start()
+    assert load.wait(120) and load.error is None, load.error
+    assert load.result["model"] == "tiny-test" and load.result["pid"] == client.pid != os.getpid()
+
+    run = client.segment(volume, m, point, settings, volume_key="blob")
+    assert run.wait(120) and run.error is None, run.error
+    here = pipeline.segment_click(volume, m, point, predictor, card, settings)
+    there = run.result
+    assert isinstance(there, pipeline.VolumeResult) and there.box == here.box
+    for name in ("consensus", "disagreement", "scale_bits", "sample_bits", "sample_volumes_mm3", "sample_iou"):
+        np.testing.assert_array_equal(getattr(there, name), getattr(here, name), err_msg=name)
+    np.testing.assert_array_equal(there.preview.scale_consensus, here.preview.scale_consensus)
+    assert there.grid == here.grid and there.point_ras == here.point_ras
+    assert run.fraction == 1.0 and run.seconds > 0
+
+
+def test_a_volume_is_sent_once_then_only_its_key(client, monkeypatch):
+    volume, m, point = _blob_volume()
+    sent = []
+    real_put = worker.ArrayFolder.put
+
+    def counting_put(self, array, tag):
+        sent.append(tag)
+        return real_put(self, array, tag)
+
+    monkeypatch.setattr(worker.ArrayFolder, "put", counting_put)
+    settings = pipeline.SegmentSettings(n_samples=2, half_height_mm=0)
+    first = client.segment(volume, m, point, settings, volume_key=("blob", 1))
+    assert first.wait(120) and first.error is None, first.error
+    second = client.segment(volume, m, point, settings, volume_key=("blob", 1))
+    assert second.wait(120) and second.error is None
+    np.testing.assert_array_equal(first.result.consensus, second.result.consensus)
+    assert sent == ["volume"]
+    changed = client.segment(volume + 1, m, point, settings, volume_key=("blob", 2))  # modified voxels: a new key
+    assert changed.wait(120) and changed.error is None
+    assert sent == ["volume", "volume"]
+    leftovers = [p.name for p in client._folder.path.iterdir() if p.suffix in (".raw", ".tmp")]
+    assert leftovers == []  # every array file was taken by its reader
+
+
+def test_cancel_stops_a_run_and_the_worker_serves_the_next(client):
+    volume, m, point = _blob_volume()
+    big = np.tile(volume, (6, 3, 3))  # a whole volume of 72 x 300 x 300: many chunks of crops
+    run = client.segment(big, m, None, pipeline.SegmentSettings(n_samples=8, batch_size=2), volume_key="big")
+    while run.done_steps == 0 and not run.poll():
+        time.sleep(0.02)
+    run.cancel()
+    assert run.wait(60)
+    assert run.cancelled and isinstance(run.error, worker.RunCancelled)
+    after = client.segment(volume, m, point, pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
+    assert after.wait(120) and after.error is None
+
+
+def test_a_killed_worker_fails_its_run_clearly_and_the_next_run_restarts_it(client):
+    volume, m, point = _blob_volume()
+    assert client.start().wait(120)
+    first_pid = client.pid
+    run = client.segment(np.tile(volume, (6, 3, 3)), m, None, pipeline.SegmentSettings(n_samples=8, batch_size=2))
+    while run.done_steps == 0 and not run.poll():
+        time.sleep(0.02)
+    os.kill(first_pid, signal.SIGKILL)
+    assert run.wait(30)
+    assert isinstance(run.error, worker.WorkerCrashed)
+    assert "stopped unexpectedly" in str(run.error) and str(-signal.SIGKILL) in str(run.error)
+    assert not client.alive()
+    again = client.segment(volume, m, point, pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
+    assert again.wait(120) and again.error is None, again.error
+    assert client.pid != first_pid
+
+
+def test_errors_keep_their_type(tiny_model_card):
+    bad = worker.InferenceClient("no-such-model", "cpu")
+    try:
+        load = bad.start()
+        assert load.wait(120)
+        assert isinstance(load.error, ModelError) and "no-such-model" in str(load.error)
+    finally:
+        bad.shutdown()
+    good = worker.InferenceClient(str(tiny_model_card), "cpu")
+    try:
+        volume, m, _ = _blob_volume()
+        run = good.segment(volume, m, (500.0, 0.0, 0.0))  # outside the volume: the pipeline's own error
+        assert run.wait(120)
+        assert isinstance(run.error, pipeline.PointOutsideVolumeError)
+    finally:
+        good.shutdown()
+
+
+def test_shutdown_leaves_no_process_and_no_files(client):
+    assert client.start().wait(120)
+    pid, folder = client.pid, client._folder.path
+    client.shutdown()
+    assert not _alive(pid) and not folder.exists()
+    client.shutdown()  # twice is fine
+
+
+def _run_script(code: str, timeout: float = 180):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_the_worker_exits_when_its_client_process_dies(tiny_model_card):
+    """Slicer killed (or crashing) must not leave the worker behind holding a GB of memory."""
+    out = _run_script(f"""
+        import os, sys
+        from ARSegLib.worker import InferenceClient
+        c = InferenceClient({str(tiny_model_card)!r}, "cpu")
+        assert c.start().wait(120)
+        print(c.pid, flush=True)
+        os._exit(0)  # no clean-up at all, as a crash
+    """)
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[0])
+    deadline = time.monotonic() + 15
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "the worker outlived its client"
+
+
+def test_the_client_process_never_imports_torch(tiny_model_card):
+    """Slicer's process stays free of torch, its threads and the allocator tuning (engine/heap.py): all of that
+    lives in the worker."""
+    out = _run_script(f"""
+        import sys
+        import numpy as np
+        from ARSegLib import pipeline, worker
+        k, j, i = np.mgrid[:8, :80, :80]
+        volume = np.where((j - 40) ** 2 + (i - 40) ** 2 < 100, 40, -850).astype(np.int16)
+        c = worker.InferenceClient({str(tiny_model_card)!r}, "cpu")
+        run = c.segment(volume, np.diag([-0.7, -0.7, 2.0, 1.0]), (-28.0, -28.0, 8.0),
+                        pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
+        assert run.wait(120) and run.error is None, run.error
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "torch" or m == "ARSegLib.engine.heap"))
+        c.shutdown()
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_shared_client_restarts_for_another_model_or_device(tiny_model_card):
+    try:
+        a = worker.shared_client(str(tiny_model_card), "cpu")
+        assert a.start().wait(120)
+        pid = a.pid
+        assert worker.shared_client(str(tiny_model_card), "cpu") is a
+        b = worker.shared_client(str(tiny_model_card), "auto")
+        assert b is not a and not a.alive() and not _alive(pid)
+    finally:
+        worker.shutdown_shared()
