@@ -1,23 +1,36 @@
 """Results -> MRML nodes, on desktop Slicer and on slicer-core's headless `slicer.vtkMRMLScene()`. No Qt.
 
-The node contract (DESIGN.md, "What the user sees"), per input volume:
+The node contract (DESIGN.md, "What the user sees"), per input volume, holding every nodule segmented on it:
 
-- segmentation "<volume> ARSeg": `Consensus` (visible), `Disagreement` (voxels where samples differ from the
-  consensus), `Scale 1/K` ... `Scale K/K` (the consensus after each scale, hidden), optionally `Sample i`
-  (hidden); reference geometry = the volume's; terminology SCT "Nodule" in "Lung" for the nodule masks;
-- scalar volume "<volume> ARSeg disagreement": the fraction of samples that differ, with a heat colour table;
-- sequence "<volume> ARSeg scales" of K segmentations, browsed by "<volume> ARSeg scale browser", whose
-  proxy "<volume> ARSeg scale" shows one scale at a time (the scale slider);
-- table "<volume> ARSeg report": consensus volume, sample volumes, each sample's IoU with the consensus.
+- segmentation "<volume> ARSeg": for each nodule N (one click each; a click inside an existing nodule redoes it)
+  `Nodule N` (its consensus, visible), `Nodule N disagreement` (voxels where samples differ from the
+  consensus), `Nodule N if present` (the consensus of the samples that mark a nodule, visible only when the
+  plain consensus is empty), `Nodule N scale 1/K` ... `K/K` (the consensus after each scale), optionally
+  `Nodule N sample i`; all but the first two kinds hidden. Segment IDs `Nodule_N`, `Nodule_N_Disagreement`,
+  `Nodule_N_IfPresent`, `Nodule_N_Scale_k`, `Nodule_N_Sample_i`; tags ARSeg.Nodule and ARSeg.Kind say which
+  nodule and what each segment is (they travel in the .seg.nrrd). Reference geometry = the volume's;
+  terminology SCT "Nodule" in "Lung" for the nodule masks;
+- scalar volume "<volume> ARSeg disagreement": the selected nodule's fraction of samples that differ, with a
+  heat colour table; every nodule's fraction is kept in the sequence "<volume> ARSeg disagreement by nodule";
+- sequence "<volume> ARSeg scales" of the selected nodule's K scales, browsed by "<volume> ARSeg scale
+  browser", whose proxy "<volume> ARSeg scale" shows one scale at a time (the scale slider);
+- table "<volume> ARSeg report": a row per nodule (consensus volume, the samples' range, how many samples mark
+  it and its volume if present, each sample's IoU range with the consensus, the click); the JSON report
+  (attribute ARSeg.Report) has the same per nodule under "nodules", the selected nodule's numbers at its top.
+
+The API for the GUI, the console and the web page: write_result (a run's result -> a new or redone nodule),
+list_nodules, nodule_at_point, select_nodule, delete_nodule, clear_nodules, nodule_report, select_scale,
+show_disagreement, find_results.
 
 Every node ARSeg makes carries the attribute ARSeg.Role (and ARSeg.SourceVolumeID for per-volume results);
-a re-run removes only nodes with both, for that volume. User nodes are never modified. Nodes are built
+a run replaces only nodes with both, for that volume. User nodes are never modified. Nodes are built
 first and added last: an error leaves the scene as it was.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,9 +55,7 @@ ROLE_BROWSER = "scales-browser"
 ROLE_PROXY = "scales-proxy"
 ROLE_REPORT = "report"
 ROLE_COLORMAP = "colormap"
-
-CONSENSUS_ID = "Consensus"
-DISAGREEMENT_ID = "Disagreement"
+ROLE_DISAGREEMENTS = "disagreements-sequence"
 HEAT_COLORMAP_NAME = "ARSeg Heat"
 
 # DICOM / SNOMED CT codes as Slicer's terminology strings serialise them (vtkSlicerTerminologiesModuleLogic):
@@ -71,7 +82,7 @@ class OutputOptions:
 
 @dataclass
 class ResultNodes:
-    """The nodes one run added, and its report."""
+    """ARSeg's nodes for one volume, its report, and which nodule is selected (the one a run just wrote)."""
 
     segmentation: Any
     disagreement_volume: Any
@@ -82,19 +93,76 @@ class ResultNodes:
     colormap: Any
     report: Dict[str, Any] = field(default_factory=dict)
     result: Optional[VolumeResult] = None
+    nodule: Optional[str] = None  # the selected nodule's ID ("Nodule_2"): the slider and heat map show it
+    disagreements: Any = None  # sequence of every nodule's disagreement fraction, indexed by nodule ID
+    results: List[VolumeResult] = field(default_factory=list)  # every result of this call (several points)
+
+    @property
+    def nodule_ids(self) -> List[str]:
+        return [n["id"] for n in self.report.get("nodules", [])]
+
+    @property
+    def nodule_name(self) -> Optional[str]:
+        return nodule_name(self.nodule) if self.nodule else None
 
     @property
     def scale_segment_ids(self) -> List[str]:
         n = self.report.get("n_scales", 0)
-        return [scale_segment_id(k) for k in range(1, n + 1)]
+        return [scale_segment_id(k, self.nodule) for k in range(1, n + 1)]
 
 
-def scale_segment_id(k: int) -> str:
-    return f"Scale_{k}"
+@dataclass
+class NoduleInfo:
+    """One nodule of a volume, as the module lists it."""
+
+    id: str  # segment ID of its consensus, e.g. "Nodule_2"
+    name: str  # "Nodule 2" (the segment's name, which the user may have changed)
+    consensus_volume_mm3: float
+    presence_fraction: float  # the fraction of samples that mark a nodule here
+    if_present_volume_mm3: float
+    point_ras_mm: Optional[List[float]]
+    selected: bool
 
 
-def sample_segment_id(i: int) -> str:
-    return f"Sample_{i}"
+NODULE_TAG = "ARSeg.Nodule"  # segment tag: the nodule a segment belongs to
+KIND_TAG = "ARSeg.Kind"  # segment tag: consensus, disagreement, if-present, scale or sample
+KIND_CONSENSUS, KIND_DISAGREEMENT, KIND_IF_PRESENT, KIND_SCALE, KIND_SAMPLE = (
+    "consensus", "disagreement", "if-present", "scale", "sample")
+SELECTED_ATTRIBUTE = "ARSeg.SelectedNodule"
+WHOLE_VOLUME_ID = "Whole_volume"  # a whole-volume run (models validated for it) is one entry, replaced by the next
+
+# the consensus colour of nodule 1, 2, ... (then round again): distinct on a grey CT and from the red disagreement
+NODULE_COLORS = ((0.95, 0.75, 0.15), (0.20, 0.75, 0.95), (0.85, 0.40, 0.95), (0.35, 0.85, 0.35),
+                 (0.95, 0.55, 0.25), (0.55, 0.60, 1.00))
+
+
+def nodule_id(number: int) -> str:
+    return f"Nodule_{number}"
+
+
+def nodule_number(nid: str) -> Optional[int]:
+    head, _, tail = nid.rpartition("_")
+    return int(tail) if head == "Nodule" and tail.isdigit() else None
+
+
+def nodule_name(nid: str) -> str:
+    return "Whole volume" if nid == WHOLE_VOLUME_ID else nid.replace("_", " ")
+
+
+def disagreement_segment_id(nid: str) -> str:
+    return f"{nid}_Disagreement"
+
+
+def if_present_segment_id(nid: str) -> str:
+    return f"{nid}_IfPresent"
+
+
+def scale_segment_id(k: int, nodule: Optional[str] = None) -> str:
+    return f"{nodule}_Scale_{k}" if nodule else f"Scale_{k}"
+
+
+def sample_segment_id(i: int, nodule: Optional[str] = None) -> str:
+    return f"{nodule}_Sample_{i}" if nodule else f"Sample_{i}"
 
 
 # --------------------------------------------------------------------------------------------- converters
@@ -249,7 +317,36 @@ def _oriented_labelmap(mask_box: np.ndarray, box_start_kji: Sequence[int], ijk_t
     return image
 
 
-def _segment(segment_id: str, name: str, color, labelmap, terminology: Optional[str] = None):
+def terminology_tag_name() -> str:
+    """The segment tag Slicer keeps a terminology entry in ("TerminologyEntry")."""
+    getter = getattr(slicer.vtkSegment, "GetTerminologyEntryTagName", None)
+    return (getter() if getter is not None else None) or "TerminologyEntry"
+
+
+def set_terminology(segment, terminology: str) -> None:
+    """vtkSegment.SetTerminology exists from Slicer 5.10 on; on 5.8 the terminology is the segment's
+    TerminologyEntry tag, which is what SetTerminology writes on newer versions too (and what .seg.nrrd saves)."""
+    setter = getattr(segment, "SetTerminology", None)
+    if setter is not None:
+        setter(terminology)
+    else:
+        segment.SetTag(terminology_tag_name(), terminology)
+
+
+def get_terminology(segment) -> str:
+    getter = getattr(segment, "GetTerminology", None)
+    if getter is not None:
+        return getter() or ""
+    return segment_tag(segment, terminology_tag_name())
+
+
+def segment_tag(segment, name: str) -> str:
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(name, value) else ""
+
+
+def _segment(segment_id: str, name: str, color, labelmap, terminology: Optional[str] = None,
+             tags: Optional[Dict[str, str]] = None):
     segment = slicer.vtkSegment()
     segment.SetName(name)
     segment.SetColor(*color)
@@ -258,7 +355,9 @@ def _segment(segment_id: str, name: str, color, labelmap, terminology: Optional[
     segment.SetColorAutoGenerated(False)
     segment.AddRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName(), labelmap)
     if terminology:
-        segment.SetTerminology(terminology)
+        set_terminology(segment, terminology)
+    for key, value in (tags or {}).items():
+        segment.SetTag(key, str(value))
     return segment
 
 
@@ -418,14 +517,19 @@ def volume_array_shape(volume_node) -> Tuple[int, int, int]:
 
 
 def report_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str]]:
-    """(measure, value, unit) rows of the table node."""
+    """(measure, value, unit) rows of one nodule's report (the selected one's, at the top of a volume's report)."""
     rows = [("Model", str(report["model"]), ""), ("Mode", str(report["mode"]), "")]
+    if report.get("name"):
+        rows.insert(0, ("Nodule", str(report["name"]), ""))
     if report.get("point_ras_mm"):
         rows.append(("Point (R, A, S)", ", ".join(f"{v:.2f}" for v in report["point_ras_mm"]), "mm"))
     rows += [("Consensus volume", f"{report['consensus_volume_mm3']:.1f}", "mm3"),
              ("Sample volume min", f"{report['sample_volume_mm3']['min']:.1f}", "mm3"),
              ("Sample volume max", f"{report['sample_volume_mm3']['max']:.1f}", "mm3"),
              ("Sample volume mean", f"{report['sample_volume_mm3']['mean']:.1f}", "mm3")]
+    if "samples_marking" in report:
+        rows += [("Samples marking a nodule", f"{report['samples_marking']} of {report['n_samples']}", ""),
+                 ("Volume if present", f"{report['if_present_volume_mm3']:.1f}", "mm3")]
     for i, (v, iou) in enumerate(zip(report["sample_volumes_mm3"], report["sample_iou_with_consensus"]), 1):
         rows.append((f"Sample {i} volume", f"{v:.1f}", "mm3"))
         rows.append((f"Sample {i} IoU with consensus", f"{iou:.4f}", ""))
@@ -436,87 +540,231 @@ def report_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     return rows
 
 
-def _table_node(name: str, rows: List[Tuple[str, str, str]]):
-    node = slicer.vtkMRMLTableNode()
-    node.SetName(name)
+NODULE_COLUMNS = ("Nodule", "Consensus (mm3)", "Samples min (mm3)", "Samples max (mm3)", "Samples mean (mm3)",
+                  "Samples marking", "If present (mm3)", "IoU with consensus", "Point R, A, S (mm)", "Model")
+
+
+def nodule_rows(report: Dict[str, Any]) -> List[Tuple[str, ...]]:
+    """The report table: a row per nodule, the columns of NODULE_COLUMNS."""
+    rows = []
+    for n in report.get("nodules", []):
+        ious = n["sample_iou_with_consensus"] or [0.0]
+        point = n.get("point_ras_mm")
+        rows.append((n["name"], f"{n['consensus_volume_mm3']:.1f}", f"{n['sample_volume_mm3']['min']:.1f}",
+                     f"{n['sample_volume_mm3']['max']:.1f}", f"{n['sample_volume_mm3']['mean']:.1f}",
+                     f"{n.get('samples_marking', n['n_samples'])} of {n['n_samples']}",
+                     f"{n.get('if_present_volume_mm3', n['consensus_volume_mm3']):.1f}",
+                     f"{min(ious):.2f}-{max(ious):.2f}",
+                     ", ".join(f"{v:.2f}" for v in point) if point else "", str(n["model"])))
+    return rows
+
+
+def _fill_table(node, report: Dict[str, Any]):
     table = node.GetTable()
+    while table.GetNumberOfColumns():
+        table.RemoveColumn(0)
     columns = []
-    for title in ("Measure", "Value", "Unit"):
+    for title in NODULE_COLUMNS:
         column = vtk.vtkStringArray()
         column.SetName(title)
         columns.append(column)
-    for row in rows:
+    for row in nodule_rows(report):
         for column, value in zip(columns, row):
             column.InsertNextValue(value)
     for column in columns:
         table.AddColumn(column)
+    node.SetAttribute(REPORT_ATTRIBUTE, json.dumps(report))
+    node.Modified()
     return node
 
 
-def _segmentation_node(name, result: VolumeResult, local_m, options: OutputOptions):
+def _table_node(name: str, report: Dict[str, Any]):
+    node = slicer.vtkMRMLTableNode()
+    node.SetName(name)
+    return _fill_table(node, report)
+
+
+# the selected nodule's numbers sit at the top of a volume's report too: what a one-nodule reader (the module's
+# summary line, `arseg segment`'s printout) reads
+def volume_report(source: str, nodules: List[Dict[str, Any]], selected: Optional[str]) -> Dict[str, Any]:
+    chosen = next((n for n in nodules if n["id"] == selected), nodules[-1] if nodules else {})
+    report = dict(chosen)
+    report.update(source=source, selected_nodule=chosen.get("id"), nodules=nodules, n_nodules=len(nodules))
+    return report
+
+
+def _nodule_entry(result: VolumeResult, nid: str) -> Dict[str, Any]:
+    entry = result.report("")
+    entry.pop("source", None)
+    return {"id": nid, "name": nodule_name(nid), **entry}
+
+
+# --------------------------------------------------------------------------------------------- segments of nodules
+
+def _segment_mask(segment) -> Tuple[Optional[np.ndarray], Tuple[int, int, int], Optional[np.ndarray]]:
+    """(0/1 mask over the segment's labelmap extent, its (k, j, i) start, the labelmap's IJK->RAS); the label
+    value picks the segment out of a shared labelmap layer (as Slicer keeps them after editing or loading)."""
+    image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    if image is None:
+        return None, (0, 0, 0), None
+    m = vtk.vtkMatrix4x4()
+    image.GetImageToWorldMatrix(m)
+    i0, i1, j0, j1, k0, k1 = image.GetExtent()
+    if i1 < i0 or j1 < j0 or k1 < k0 or image.GetPointData().GetScalars() is None:
+        return None, (k0, j0, i0), _matrix_to_numpy(m)
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(k1 - k0 + 1, j1 - j0 + 1,
+                                                                                 i1 - i0 + 1)
+    return (values == segment.GetLabelValue()).astype(np.uint8), (k0, j0, i0), _matrix_to_numpy(m)
+
+
+def _copy_segment(segment, local_m: np.ndarray):
+    """A fresh segment with the same voxels, name, colour and tags, in a labelmap of its own."""
+    mask, start, m = _segment_mask(segment)
+    if m is not None and mask is not None and not np.allclose(m, local_m, atol=1e-4):
+        raise ResultError(f"segment {segment.GetName()!r} is not on the volume's grid; ARSeg cannot keep it")
+    labelmap = _oriented_labelmap(mask if mask is not None else np.zeros((0, 0, 0), np.uint8), start, local_m)
+    tags = {key: segment_tag(segment, key) for key in (NODULE_TAG, KIND_TAG)}
+    return _segment("", segment.GetName(), segment.GetColor(), labelmap, get_terminology(segment) or None,
+                    {k: v for k, v in tags.items() if v})
+
+
+def nodule_segment_ids(segmentation_node, nid: str) -> List[str]:
+    """Every segment of one nodule, in order (by the ARSeg.Nodule tag; by the ID pattern for untagged ones)."""
+    segmentation = segmentation_node.GetSegmentation()
+    out = []
+    for i in range(segmentation.GetNumberOfSegments()):
+        sid = segmentation.GetNthSegmentID(i)
+        tag = segment_tag(segmentation.GetSegment(sid), NODULE_TAG)
+        if tag == nid or (not tag and (sid == nid or sid.startswith(nid + "_"))):
+            out.append(sid)
+    return out
+
+
+def _segment_holds(segment, point_local_ras) -> bool:
+    mask, (k0, j0, i0), m = _segment_mask(segment)
+    if mask is None:
+        return False
+    i, j, k = np.rint((np.linalg.inv(m) @ np.append(np.asarray(point_local_ras, float), 1.0))[:3]).astype(int)
+    k, j, i = k - k0, j - j0, i - i0
+    return bool(0 <= k < mask.shape[0] and 0 <= j < mask.shape[1] and 0 <= i < mask.shape[2] and mask[k, j, i])
+
+
+def nodule_at_point(scene, volume_node, point_ras) -> Optional[str]:
+    """The nodule whose consensus (or, where that is empty, its consensus if present) holds the world RAS point:
+    a click there redoes that nodule instead of adding one. None if no nodule does."""
+    nodes = find_results(scene, volume_node)
+    if nodes is None:
+        return None
+    return _nodule_holding(nodes, volume_node, point_ras)
+
+
+def _nodule_holding(nodes: ResultNodes, volume_node, point_ras) -> Optional[str]:
+    ijk = np.linalg.inv(world_ijk_to_ras(volume_node)) @ np.append(np.asarray(point_ras, float), 1.0)
+    local = (local_ijk_to_ras(volume_node) @ ijk)[:3]
+    segmentation = nodes.segmentation.GetSegmentation()
+    for nid in nodes.nodule_ids:
+        for sid in (nid, if_present_segment_id(nid)):
+            segment = segmentation.GetSegment(sid)
+            if segment is not None and _segment_holds(segment, local):
+                return nid
+    return None
+
+
+def _new_nodule_id(nodule_ids: Sequence[str]) -> str:
+    # numbers are never reused within a volume: "Nodule 3" stays the third click's nodule after 2 is deleted
+    numbers = [n for n in (nodule_number(i) for i in nodule_ids) if n is not None]
+    return nodule_id(max(numbers, default=0) + 1)
+
+
+def _nodule_segments(nid: str, number: int, result: VolumeResult, options: OutputOptions):
+    """(segment ID, name, colour, box mask, terminology, kind, visible) of one nodule's segments."""
+    name = nodule_name(nid)
+    color = options.consensus_color if number <= 1 else NODULE_COLORS[(number - 1) % len(NODULE_COLORS)]
+    consensus_shown = bool(result.consensus.any())
+    out = [(nid, name, color, result.consensus, NODULE_TERMINOLOGY, KIND_CONSENSUS, True)]
+    disagreement = (result.disagreement > options.disagreement_threshold).astype(np.uint8)
+    out.append((disagreement_segment_id(nid), f"{name} disagreement", options.disagreement_color, disagreement,
+                None, KIND_DISAGREEMENT, False))
+    if result.if_present is not None:
+        paler = tuple(0.5 + 0.5 * c for c in color)
+        out.append((if_present_segment_id(nid), f"{name} if present", paler, result.if_present, NODULE_TERMINOLOGY,
+                    KIND_IF_PRESENT, not consensus_shown and bool(result.if_present.any())))
+    for k in range(1, result.n_scales + 1):
+        out.append((scale_segment_id(k, nid), f"{name} scale {k}/{result.n_scales}", _scale_color(k, result.n_scales),
+                    result.scale_mask(k), NODULE_TERMINOLOGY, KIND_SCALE, False))
+    if options.include_samples:
+        for i in range(1, result.n_samples + 1):
+            out.append((sample_segment_id(i, nid), f"{name} sample {i}", options.sample_color, result.sample_mask(i),
+                        NODULE_TERMINOLOGY, KIND_SAMPLE, False))
+    return out
+
+
+def _new_segmentation_node(name: str, local_m, volume_shape):
     node = slicer.vtkMRMLSegmentationNode()
     node.SetName(name)
     segmentation = node.GetSegmentation()
     segmentation.SetSourceRepresentationName(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
     segmentation.SetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
-                                        _reference_geometry(local_m, result.volume_shape))
-    start = [a for a, _ in result.box]
-    hidden = []
-    segments = [(CONSENSUS_ID, "Consensus", options.consensus_color, result.consensus, NODULE_TERMINOLOGY)]
-    disagreement_mask = (result.disagreement > options.disagreement_threshold).astype(np.uint8)
-    segments.append((DISAGREEMENT_ID, "Disagreement", options.disagreement_color, disagreement_mask, None))
-    hidden.append(DISAGREEMENT_ID)
-    for k in range(1, result.n_scales + 1):
-        segments.append((scale_segment_id(k), f"Scale {k}/{result.n_scales}", _scale_color(k, result.n_scales),
-                         result.scale_mask(k), NODULE_TERMINOLOGY))
-        hidden.append(scale_segment_id(k))
-    if options.include_samples:
-        for i in range(1, result.n_samples + 1):
-            segments.append((sample_segment_id(i), f"Sample {i}", options.sample_color, result.sample_mask(i),
-                             NODULE_TERMINOLOGY))
-            hidden.append(sample_segment_id(i))
-    for segment_id, label, color, mask, terminology in segments:
-        segment = _segment(segment_id, label, color, _oriented_labelmap(mask, start, local_m), terminology)
-        segmentation.AddSegment(segment, segment_id)
-    return node, hidden
+                                        _reference_geometry(local_m, volume_shape))
+    return node
 
 
-def _scale_item(result: VolumeResult, k: int, local_m, reference: str):
+def _scale_item(name: str, k: int, n_scales: int, segment):
     item = slicer.vtkMRMLSegmentationNode()
-    item.SetName(f"Scale {k}/{result.n_scales}")
+    item.SetName(f"{name} scale {k}/{n_scales}")
     segmentation = item.GetSegmentation()
     segmentation.SetSourceRepresentationName(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
-    segmentation.SetConversionParameter(slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName(),
-                                        reference)
-    start = [a for a, _ in result.box]
     # one segment ID in every item, so that the proxy's display settings carry over while scrubbing
-    segment = _segment("Scale", f"Scale {k}/{result.n_scales}", _scale_color(k, result.n_scales),
-                       _oriented_labelmap(result.scale_mask(k), start, local_m), NODULE_TERMINOLOGY)
     segmentation.AddSegment(segment, "Scale")
     return item
 
 
-def _disagreement_volume(name, result: VolumeResult, local_m):
+def _fill_scales(sequence, nodes_of_nodule: List[Any], volume_node, model_name: str):
+    sequence.RemoveAllDataNodes()
+    for k, item in enumerate(nodes_of_nodule, 1):
+        sequence.SetDataNodeAtValue(item, str(k))
+    # every sequence item carries ARSeg's marks: the Sequences logic copies an item into the proxy whenever the
+    # selected scale changes, and the proxy must stay recognisable as ARSeg's
+    for k in range(sequence.GetNumberOfDataNodes()):
+        _mark(sequence.GetNthDataNode(k), ROLE_PROXY, volume_node, model_name)
+
+
+def _disagreement_volume(name, fraction_box: np.ndarray, box, local_m):
     """The fraction of disagreeing samples on the result's box, aligned voxel for voxel with the input volume."""
     node = slicer.vtkMRMLScalarVolumeNode()
     node.SetName(name)
-    k0, j0, i0 = (a for a, _ in result.box)
+    k0, j0, i0 = (a for a, _ in box)
     offset = np.eye(4)
     offset[:3, 3] = (i0, j0, k0)
     m = local_m @ offset
     image = vtk.vtkImageData()
-    nk, nj, ni = result.box_shape
+    nk, nj, ni = fraction_box.shape
     image.SetDimensions(ni, nj, nk)
     image.AllocateScalars(vtk.VTK_FLOAT, 1)
     values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
-    values[:] = result.disagreement.astype(np.float32).reshape(-1)
+    values[:] = fraction_box.astype(np.float32).reshape(-1)
     node.SetAndObserveImageData(image)
     node.SetIJKToRASMatrix(_numpy_to_matrix(m))
     return node
 
 
-def write_result(scene, volume_node, result: VolumeResult, options: Optional[OutputOptions] = None) -> ResultNodes:
-    """Add one run's nodes for volume_node, replacing ARSeg's earlier ones for it. Atomic: on error, no change."""
+def _show_fraction(target, source):
+    """The displayed disagreement volume takes the voxels and geometry of one nodule's stored fraction."""
+    image = vtk.vtkImageData()
+    image.DeepCopy(source.GetImageData())
+    m = vtk.vtkMatrix4x4()
+    source.GetIJKToRASMatrix(m)
+    target.SetAndObserveImageData(image)
+    target.SetIJKToRASMatrix(m)
+
+
+def write_result(scene, volume_node, result: VolumeResult, options: Optional[OutputOptions] = None,
+                 nodule: Optional[str] = None) -> ResultNodes:
+    """A run's result into the scene as a nodule of volume_node: a new one ("Nodule N", N one more than the
+    highest so far), or, when the click lies inside an existing nodule (or nodule= names one), that nodule
+    redone. The other nodules are kept as they were; the new one is selected. A whole-volume result is the entry
+    "Whole volume". Atomic: every node is built first, then added, then ARSeg's previous nodes for this volume
+    are removed; on an error the scene is as it was."""
     options = options or OutputOptions()
     if volume_node is None or volume_node.GetScene() is not scene:
         raise ResultError("the input volume must be a node of this scene")
@@ -524,35 +772,79 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
     register_segmentation_converters()
     base = volume_node.GetName() or "Volume"
     local_m = local_ijk_to_ras(volume_node)
-    report = result.report(base)
 
-    # build everything outside the scene
-    segmentation, hidden = _segmentation_node(f"{base} ARSeg", result, local_m, options)
-    disagreement = _disagreement_volume(f"{base} ARSeg disagreement", result, local_m)
+    previous = find_results(scene, volume_node)
+    # results written before nodules existed (no "nodules" in the report) are replaced as a whole
+    kept = previous.report.get("nodules", []) if previous is not None else []
+    if nodule is not None and nodule not in [n["id"] for n in kept]:
+        raise ResultError(f"{base!r} has no nodule {nodule!r} to redo (it has {[n['id'] for n in kept]})")
+    if nodule is None:
+        if result.mode != "click":
+            nodule = WHOLE_VOLUME_ID
+        elif previous is not None and kept and result.point_ras is not None:
+            nodule = _nodule_holding(previous, volume_node, result.point_ras)
+        nodule = nodule or _new_nodule_id([n["id"] for n in kept])
+    entry = _nodule_entry(result, nodule)
+    nodules = [entry if n["id"] == nodule else n for n in kept]
+    if nodule not in [n["id"] for n in nodules]:
+        nodules.append(entry)
+    report = volume_report(base, nodules, nodule)
+    number = nodule_number(nodule) or 1
+
+    # build everything outside the scene: the segmentation with every nodule, in the order they were made
+    segmentation = _new_segmentation_node(f"{base} ARSeg", local_m, result.volume_shape)
+    start = [a for a, _ in result.box]
+    visibility: Dict[str, bool] = {}
+    for n in nodules:
+        if n["id"] == nodule:
+            for sid, name, color, mask, terminology, kind, visible in _nodule_segments(nodule, number, result, options):
+                segment = _segment(sid, name, color, _oriented_labelmap(mask, start, local_m), terminology,
+                                   {NODULE_TAG: nodule, KIND_TAG: kind})
+                segmentation.GetSegmentation().AddSegment(segment, sid)
+                visibility[sid] = visible
+        else:
+            old_display = previous.segmentation.GetDisplayNode()
+            for sid in nodule_segment_ids(previous.segmentation, n["id"]):
+                old = previous.segmentation.GetSegmentation().GetSegment(sid)
+                segmentation.GetSegmentation().AddSegment(_copy_segment(old, local_m), sid)
+                visibility[sid] = bool(old_display.GetSegmentVisibility(sid)) if old_display is not None else False
+
+    # every nodule's disagreement fraction, kept for when it is selected again
+    disagreements = slicer.vtkMRMLSequenceNode()
+    disagreements.SetName(f"{base} ARSeg disagreement by nodule")
+    disagreements.SetIndexName("nodule")
+    disagreements.SetIndexType(disagreements.TextIndex)
+    fraction = _disagreement_volume(f"{base} ARSeg {nodule_name(nodule)} disagreement", result.disagreement,
+                                    result.box, local_m)
+    for n in nodules:
+        item = fraction if n["id"] == nodule else (
+            previous.disagreements.GetDataNodeAtValue(n["id"]) if previous.disagreements is not None else None)
+        if item is not None:
+            disagreements.SetDataNodeAtValue(item, n["id"])
+    disagreement = _disagreement_volume(f"{base} ARSeg disagreement", result.disagreement, result.box, local_m)
+
     sequence = slicer.vtkMRMLSequenceNode()
     sequence.SetName(f"{base} ARSeg scales")
     sequence.SetIndexName("scale")
     sequence.SetIndexUnit("")
     sequence.SetIndexType(sequence.NumericIndex)
-    reference = _reference_geometry(local_m, result.volume_shape)
-    for k in range(1, result.n_scales + 1):
-        sequence.SetDataNodeAtValue(_scale_item(result, k, local_m, reference), str(k))
+    items = [_scale_item(base, k, result.n_scales, _segment(
+        "Scale", f"{nodule_name(nodule)} scale {k}/{result.n_scales}", _scale_color(k, result.n_scales),
+        _oriented_labelmap(result.scale_mask(k), start, local_m), NODULE_TERMINOLOGY))
+        for k in range(1, result.n_scales + 1)]
+    _fill_scales(sequence, items, volume_node, result.model_name)
     browser = slicer.vtkMRMLSequenceBrowserNode()
     browser.SetName(f"{base} ARSeg scale browser")
-    table = _table_node(f"{base} ARSeg report", report_rows(report))
-    table.SetAttribute(REPORT_ATTRIBUTE, json.dumps(report))
+    table = _table_node(f"{base} ARSeg report", report)
     colormap, new_colormap = heat_colormap(scene)
     for node, role in ((segmentation, ROLE_SEGMENTATION), (disagreement, ROLE_DISAGREEMENT), (sequence, ROLE_SEQUENCE),
-                       (browser, ROLE_BROWSER), (table, ROLE_REPORT)):
+                       (browser, ROLE_BROWSER), (table, ROLE_REPORT), (disagreements, ROLE_DISAGREEMENTS)):
         _mark(node, role, volume_node, result.model_name)
-
-    # every sequence item carries ARSeg's marks: the Sequences logic copies an item into the proxy whenever
-    # the selected scale changes, and the proxy must stay recognisable as ARSeg's
-    for k in range(sequence.GetNumberOfDataNodes()):
-        _mark(sequence.GetNthDataNode(k), ROLE_PROXY, volume_node, result.model_name)
+    segmentation.SetAttribute(SELECTED_ATTRIBUTE, nodule)
+    segmentation.SetAttribute(REPORT_ATTRIBUTE, json.dumps(report))
 
     # then add; only when everything is in place, remove the earlier results; on failure, remove what was added
-    previous = result_nodes_of(scene, volume_node)
+    previous_nodes = result_nodes_of(scene, volume_node)
     added: list = []
     parent_id = volume_node.GetTransformNodeID()
     try:
@@ -560,13 +852,13 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
         try:
             if new_colormap:
                 added.append(scene.AddNode(colormap))
-            for node in (segmentation, disagreement, sequence, browser, table):
+            for node in (segmentation, disagreement, sequence, browser, table, disagreements):
                 added.append(scene.AddNode(node))
             segmentation.CreateDefaultDisplayNodes()
             added.append(segmentation.GetDisplayNode())
             display = segmentation.GetDisplayNode()
-            for segment_id in hidden:
-                display.SetSegmentVisibility(segment_id, False)
+            for segment_id, visible in visibility.items():
+                display.SetSegmentVisibility(segment_id, bool(visible))
             disagreement.CreateDefaultDisplayNodes()
             dd = disagreement.GetDisplayNode()
             added.append(dd)
@@ -603,22 +895,30 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
             added.append(proxy.GetNthStorageNode(i))
         proxy.GetDisplayNode().SetVisibility(bool(options.show_scale_proxy))
     except Exception:
-        for node in reversed(added):
+        # a Sequences logic that observes the scene makes the proxy as soon as the browser has its sequence:
+        # it goes too, with its display and storage nodes
+        proxy = browser.GetProxyNode(sequence) if browser.GetScene() is not None else None
+        if proxy is not None:
+            added += [proxy] + [proxy.GetNthDisplayNode(i) for i in range(proxy.GetNumberOfDisplayNodes())] + \
+                     [proxy.GetNthStorageNode(i) for i in range(proxy.GetNumberOfStorageNodes())]
+        # the browser first: while it is in the scene, that logic makes a new proxy for each one removed
+        for node in [browser] + list(reversed(added)):
             if node is not None and node.GetScene() is not None:
                 scene.RemoveNode(node)
         raise
-    _remove_nodes(scene, previous)
+    _remove_nodes(scene, previous_nodes)
     return ResultNodes(segmentation=segmentation, disagreement_volume=disagreement, sequence=sequence,
-                       browser=browser, proxy=proxy, table=table, colormap=colormap, report=report, result=result)
+                       browser=browser, proxy=proxy, table=table, colormap=colormap, report=report, result=result,
+                       nodule=nodule, disagreements=disagreements, results=[result])
 
 
 def select_scale(nodes: ResultNodes, k: int, show: bool = True):
-    """Show the consensus after scale k (1-based) through the proxy: what the scale slider does."""
+    """Show the selected nodule's consensus after scale k (1-based) through the proxy: what the scale slider does."""
     n = nodes.sequence.GetNumberOfDataNodes()
     if not 1 <= k <= n:
         raise IndexError(f"scale {k} out of 1..{n}")
     nodes.browser.SetSelectedItemNumber(k - 1)
-    display = nodes.proxy.GetDisplayNode()
+    display = nodes.proxy.GetDisplayNode() if nodes.proxy is not None else None
     if display is not None:
         display.SetVisibility(bool(show))
 
@@ -630,15 +930,121 @@ def find_results(scene, volume_node) -> Optional[ResultNodes]:
         return None
     table = by_role.get(ROLE_REPORT)
     report_json = table.GetAttribute(REPORT_ATTRIBUTE) if table is not None else None
+    report_json = report_json or by_role[ROLE_SEGMENTATION].GetAttribute(REPORT_ATTRIBUTE)
+    report = json.loads(report_json) if report_json else {}
     colormap = next(iter(_nodes_with_attribute(scene, "vtkMRMLColorTableNode", ROLE_ATTRIBUTE, ROLE_COLORMAP)), None)
+    selected = by_role[ROLE_SEGMENTATION].GetAttribute(SELECTED_ATTRIBUTE) or report.get("selected_nodule")
     return ResultNodes(segmentation=by_role[ROLE_SEGMENTATION], disagreement_volume=by_role.get(ROLE_DISAGREEMENT),
                        sequence=by_role.get(ROLE_SEQUENCE), browser=by_role.get(ROLE_BROWSER),
-                       proxy=by_role.get(ROLE_PROXY), table=table, colormap=colormap,
-                       report=json.loads(report_json) if report_json else {})
+                       proxy=by_role.get(ROLE_PROXY), table=table, colormap=colormap, report=report, nodule=selected,
+                       disagreements=by_role.get(ROLE_DISAGREEMENTS))
+
+
+def _results_or_error(scene, volume_node) -> ResultNodes:
+    nodes = find_results(scene, volume_node)
+    if nodes is None:
+        name = volume_node.GetName() if volume_node is not None else None
+        raise ResultError(f"volume {name!r} has no ARSeg results")
+    return nodes
+
+
+def list_nodules(scene, volume_node) -> List[NoduleInfo]:
+    """The volume's nodules in the order they were made (empty if ARSeg has none for it)."""
+    nodes = find_results(scene, volume_node)
+    if nodes is None:
+        return []
+    segmentation = nodes.segmentation.GetSegmentation()
+    out = []
+    for n in nodes.report.get("nodules", []):
+        segment = segmentation.GetSegment(n["id"])
+        out.append(NoduleInfo(id=n["id"], name=segment.GetName() if segment is not None else n["name"],
+                              consensus_volume_mm3=float(n["consensus_volume_mm3"]),
+                              presence_fraction=float(n.get("presence_fraction", 1.0)),
+                              if_present_volume_mm3=float(n.get("if_present_volume_mm3", 0.0)),
+                              point_ras_mm=n.get("point_ras_mm"), selected=n["id"] == nodes.nodule))
+    return out
+
+
+def nodule_report(nodes: ResultNodes, nid: Optional[str] = None) -> Dict[str, Any]:
+    """One nodule's report (the selected one by default): volumes, samples, presence, settings."""
+    nid = nid or nodes.nodule
+    for n in nodes.report.get("nodules", []):
+        if n["id"] == nid:
+            return n
+    raise ResultError(f"no nodule {nid!r} (nodules: {nodes.nodule_ids})")
+
+
+def select_nodule(scene, volume_node, nid: str) -> ResultNodes:
+    """Make nid the selected nodule: the scale sequence (slider), the disagreement volume and the report's top
+    numbers become its own. Changes only ARSeg's nodes for this volume."""
+    nodes = _results_or_error(scene, volume_node)
+    entry = nodule_report(nodes, nid)
+    local_m = local_ijk_to_ras(volume_node)
+    segmentation = nodes.segmentation.GetSegmentation()
+    n_scales = int(entry["n_scales"])
+    base = volume_node.GetName() or "Volume"
+    items = []
+    for k in range(1, n_scales + 1):
+        segment = segmentation.GetSegment(scale_segment_id(k, nid))
+        if segment is None:
+            raise ResultError(f"{nodule_name(nid)} has no segment {scale_segment_id(k, nid)!r}; segment it again")
+        copy = _copy_segment(segment, local_m)
+        items.append(_scale_item(base, k, n_scales, copy))
+    if nodes.sequence is not None:
+        _fill_scales(nodes.sequence, items, volume_node, entry["model"])
+        if nodes.browser is not None:
+            sequences_logic(scene).UpdateProxyNodesFromSequences(nodes.browser)
+            nodes.browser.SetSelectedItemNumber(n_scales - 1)
+            sequences_logic(scene).UpdateProxyNodesFromSequences(nodes.browser)
+    stored = nodes.disagreements.GetDataNodeAtValue(nid) if nodes.disagreements is not None else None
+    if nodes.disagreement_volume is not None:
+        if stored is not None:
+            _show_fraction(nodes.disagreement_volume, stored)
+        else:  # a scene without the stored fractions: the binary disagreement segment stands in for it
+            mask, start, _ = _segment_mask(segmentation.GetSegment(disagreement_segment_id(nid)))
+            if mask is not None:
+                box = tuple((a, a + n) for a, n in zip(start, mask.shape))
+                _show_fraction(nodes.disagreement_volume,
+                               _disagreement_volume("", mask.astype(np.float32), box, local_m))
+    report = volume_report(nodes.report.get("source", base), nodes.report.get("nodules", []), nid)
+    nodes.segmentation.SetAttribute(SELECTED_ATTRIBUTE, nid)
+    nodes.segmentation.SetAttribute(REPORT_ATTRIBUTE, json.dumps(report))
+    if nodes.table is not None:
+        _fill_table(nodes.table, report)
+    nodes.report, nodes.nodule = report, nid
+    return nodes
+
+
+def delete_nodule(scene, volume_node, nid: str) -> Optional[ResultNodes]:
+    """Remove one nodule (its segments, stored disagreement and report row). The last nodule takes every ARSeg
+    node of the volume with it (returns None); if the selected one goes, the most recent other is selected."""
+    nodes = _results_or_error(scene, volume_node)
+    nodule_report(nodes, nid)  # says so if there is no such nodule
+    remaining = [n for n in nodes.report.get("nodules", []) if n["id"] != nid]
+    if not remaining:
+        clear_nodules(scene, volume_node)
+        return None
+    for sid in nodule_segment_ids(nodes.segmentation, nid):
+        nodes.segmentation.GetSegmentation().RemoveSegment(sid)
+    if nodes.disagreements is not None and nodes.disagreements.GetDataNodeAtValue(nid) is not None:
+        nodes.disagreements.RemoveDataNodeAtValue(nid)
+    selected = nodes.nodule if nodes.nodule != nid else remaining[-1]["id"]
+    nodes.report = volume_report(nodes.report.get("source", ""), remaining, selected)
+    nodes.segmentation.SetAttribute(REPORT_ATTRIBUTE, json.dumps(nodes.report))
+    if nodes.table is not None:
+        _fill_table(nodes.table, nodes.report)
+    if selected != nodes.nodule:
+        return select_nodule(scene, volume_node, selected)
+    return nodes
+
+
+def clear_nodules(scene, volume_node) -> int:
+    """Remove every ARSeg node of this volume (all nodules); returns how many nodes went."""
+    return remove_results(scene, volume_node)
 
 
 def show_disagreement(scene, nodes: ResultNodes, show: bool = True, opacity: float = 0.5):
-    """The disagreement heat map over the image in every slice view (what the module's toggle does)."""
+    """The selected nodule's disagreement heat map over the image in every slice view (the module's toggle)."""
     volume_id = nodes.disagreement_volume.GetID() if nodes.disagreement_volume is not None else None
     for composite in _nodes_of_class(scene, "vtkMRMLSliceCompositeNode"):
         if show and volume_id:
@@ -700,40 +1106,117 @@ def segment_ids(segmentation_node) -> List[str]:
 
 # --------------------------------------------------------------------------------------------- node -> nodes
 
-def segment_node(volume_node, predictor, card, point_ras=None, settings=None, options: Optional[OutputOptions] = None,
-                 progress=None, cancel=None):
-    """Segment a volume node in its scene (click mode at point_ras, else the whole volume); returns ResultNodes.
+def _as_points(point_ras=None, points=None) -> List[Tuple[float, float, float]]:
+    """point_ras (one point) and/or points (several) as one list; a list of points passed as point_ras is taken too."""
+    out: List[Tuple[float, float, float]] = []
+    for p in ([point_ras] if point_ras is not None else []) + list(points or []):
+        array = np.asarray(p, dtype=np.float64)
+        if array.ndim == 2:
+            out += [tuple(float(v) for v in row) for row in array]
+        else:
+            out.append(tuple(float(v) for v in array.reshape(-1)))
+    return out
 
-    Synchronous: for the console and tests. The module runs the same three steps with the middle one on a
-    worker thread: volume_array/world_ijk_to_ras, pipeline.segment_*, write_result."""
+
+def segment_node(volume_node, predictor, card, point_ras=None, settings=None, options: Optional[OutputOptions] = None,
+                 progress=None, cancel=None, points=None, nodule: Optional[str] = None):
+    """Segment a volume node in its scene: a nodule at each point (point_ras and/or points=[...]), or, with no
+    point, the whole volume (only for models whose card lists that mode). Returns the ResultNodes.
+
+    Everything is checked first (settings, mode, every point inside the volume), then every point is inferred,
+    then the nodules are written: a bad second point costs no inference and changes nothing. Synchronous, for
+    the console and tests; the module runs the same steps with the inference in its worker."""
     from . import pipeline
 
+    settings = (settings or pipeline.SegmentSettings()).check()
+    clicks = _as_points(point_ras, points)
+    pipeline.check_mode(card, pipeline.MODE_CLICK if clicks else pipeline.MODE_VOLUME)
     array, m = volume_array(volume_node), world_ijk_to_ras(volume_node)
-    if point_ras is None:
+    pipeline.check_volume(array, m)
+    for p in clicks:
+        pipeline.check_point(p, array.shape, m)
+    if not clicks:
         result = pipeline.segment_volume(array, m, predictor, card, settings, progress=progress, cancel=cancel)
-    else:
-        result = pipeline.segment_click(array, m, point_ras, predictor, card, settings, progress=progress,
-                                        cancel=cancel)
-    return write_result(volume_node.GetScene(), volume_node, result, options)
+        return write_result(volume_node.GetScene(), volume_node, result, options)
+
+    results = []
+    for index, p in enumerate(clicks):
+        def one(done, total, index=index):  # several points: one bar over all of them
+            if progress is not None:
+                progress(index * total + done, len(clicks) * total)
+
+        results.append(pipeline.segment_click(array, m, p, predictor, card, settings, progress=one, cancel=cancel))
+    nodes = None
+    for result in results:
+        nodes = write_result(volume_node.GetScene(), volume_node, result, options,
+                             nodule=nodule if len(results) == 1 else None)
+    nodes.results = results
+    return nodes
 
 
 # --------------------------------------------------------------------------------------------- file -> file
 
+def _temporary_name(path: Path) -> Path:
+    # beside the target (a rename within one folder is atomic); ends like the target, which savers check
+    return path.with_name(f".arseg-tmp-{os.getpid()}-{path.name}")
+
+
+def write_files_atomically(writers: Dict[Path, Any]) -> List[Path]:
+    """writers: {final path: fn(temporary path)}. Every file is written under a temporary name beside its target,
+    then all are moved into place; if any write fails, the temporary files and the folders made for them are
+    removed and nothing of this run is left (an existing file of the same name stays as it was)."""
+    made_dirs: List[Path] = []
+    temporary: List[Tuple[Path, Path]] = []
+    try:
+        for final in writers:
+            missing = []
+            parent = final.parent
+            while not parent.exists():
+                missing.append(parent)
+                parent = parent.parent
+            for d in reversed(missing):
+                d.mkdir()
+                made_dirs.append(d)
+        for final, write in writers.items():
+            tmp = _temporary_name(final)
+            temporary.append((tmp, final))
+            write(tmp)
+            if not tmp.is_file():
+                raise ResultError(f"could not write {final}")
+    except BaseException:
+        for tmp, _ in temporary:
+            tmp.unlink(missing_ok=True)
+        for d in reversed(made_dirs):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        raise
+    for tmp, final in temporary:
+        os.replace(tmp, final)
+    return [final for _, final in temporary]
+
+
 def segment_file(volume_path, out_path, predictor, card, point_ras=None, settings=None,
                  options: Optional[OutputOptions] = None, report_path=None, progress=None, cancel=None,
-                 scene=None):
-    """One image file -> its .seg.nrrd (and report JSON), through a scene of its own unless one is given.
+                 scene=None, points=None, png_path=None):
+    """One image file -> its .seg.nrrd (every nodule), report JSON and figure, through a scene of its own unless
+    one is given. All outputs are written to temporary names and moved into place at the end: a failure leaves
+    none of them.
 
     The CLI (`arseg segment`, `arseg batch`) and ARSegLogic.segmentFiles share this path. Returns
-    (VolumeResult, ResultNodes)."""
+    (the last VolumeResult, ResultNodes); nodes.results holds every point's result."""
     scene = scene if scene is not None else new_scene()
     volume_node = load_volume(scene, volume_path)
-    nodes = segment_node(volume_node, predictor, card, point_ras, settings, options, progress, cancel)
-    result = nodes.result
-    save_segmentation(nodes.segmentation, out_path)
+    nodes = segment_node(volume_node, predictor, card, point_ras, settings, options, progress, cancel, points=points)
+    out_path = Path(out_path)
+    writers: Dict[Path, Any] = {out_path: lambda tmp: save_segmentation(nodes.segmentation, tmp)}
     if report_path is not None:
-        report_path = Path(report_path)
-        report_path.parent.mkdir(parents=True, exist_ok=True)
         report = dict(nodes.report, source=str(volume_path), segmentation=str(out_path))
-        report_path.write_text(json.dumps(report, indent=2) + "\n")
-    return result, nodes
+        writers[Path(report_path)] = lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n")
+    if png_path is not None:
+        from .figure import write_figure
+
+        writers[Path(png_path)] = lambda tmp: write_figure(nodes.results, tmp, nodes.report)
+    write_files_atomically(writers)
+    return nodes.result, nodes

@@ -1,4 +1,7 @@
-"""Shared fixtures: where the real data is (tests skip, saying why, when it is absent), tiny models."""
+"""Shared fixtures: where the real data is (tests skip, saying why, when it is absent), tiny models.
+
+ARSEG_DATA: the shared data folder (default ../shared/data beside the checkout). Tests that need only the region
+of lung1 around its nodule use the bundled demo slab (Resources/Demo) and never skip."""
 
 from __future__ import annotations
 
@@ -20,7 +23,8 @@ BRATS = DATA / "brats"
 
 def need(path: Path):
     if not path.exists():
-        pytest.skip(f"real data not available: {path} is absent (set ARSEG_DATA to the shared data folder)")
+        pytest.skip(f"real data not available: {path} is absent (set ARSEG_DATA to the shared data folder; "
+                    f"tests that need only the lung1 nodule region run on the bundled demo)")
     return path
 
 
@@ -55,7 +59,9 @@ def tiny_model_card(tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "tiny-test"
     return export_model(out, cfg, ae, seg, {
         "description": "tiny untrained test model", "crop_size": 128, "pixel_spacing_mm": 0.7,
-        "intensity": {"method": "minmax_per_crop"}, "labels": {"1": "Lung nodule"}})
+        "intensity": {"method": "minmax_per_crop"}, "labels": {"1": "Lung nodule"},
+        # both modes, so that the whole-volume path can be tested; the shipped lidc-nodule is click-only
+        "modes": ["click", "volume"]})
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +73,9 @@ def tiny(tiny_model_card):
 
 
 @pytest.fixture(scope="module")
-def lung1(lung1_dir):
-    """A region of lung1 around its nodule (image, label, IJK->RAS), see arseg_volumes.lung1_region."""
-    from arseg_volumes import lung1_region
+def lung1():
+    """A region of lung1 around its nodule (image, label, IJK->RAS), see arseg_volumes.lung1_region; cut from the
+    bundled demo slab (the same voxels: test_demo.py checks it against ../shared when present)."""
+    from arseg_volumes import demo_region
 
-    return lung1_region(lung1_dir)
+    return demo_region()

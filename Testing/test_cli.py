@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from arseg_volumes import Volume, lung1_region, write_nrrd
+from arseg_volumes import Volume, write_nrrd
 
 slicer = pytest.importorskip("slicer", reason="slicer-core is not installed (pip install slicer-core)")
 
@@ -19,11 +19,6 @@ from ARSegLib import mrml  # noqa: E402
 from ARSegLib.cli import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def lung1(lung1_dir):
-    return lung1_region(lung1_dir)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +51,15 @@ def test_segment_writes_what_slicer_opens_the_picture_and_the_report(cases, lung
     seg = mrml.load_segmentation(scene, out)
     rep = json.loads(report.read_text())
     k = rep["n_scales"]
-    assert mrml.segment_names(seg) == ["Consensus", "Disagreement"] + [f"Scale {s}/{k}" for s in range(1, k + 1)]
+    assert mrml.segment_names(seg) == ["Nodule 1", "Nodule 1 disagreement", "Nodule 1 if present"] + \
+        [f"Nodule 1 scale {s}/{k}" for s in range(1, k + 1)]
     m, shape = mrml.reference_geometry_of(seg)
     np.testing.assert_allclose(m, mrml.local_ijk_to_ras(volume), atol=1e-4)
     assert shape == lung1.array.shape
 
     assert rep["mode"] == "click" and rep["n_samples"] == 3 and len(rep["sample_iou_with_consensus"]) == 3
     voxel = abs(np.linalg.det(m[:3, :3]))
-    cons = mrml.segment_array(seg, "Consensus", shape, m)
+    cons = mrml.segment_array(seg, "Nodule_1", shape, m)
     assert rep["consensus_volume_mm3"] == pytest.approx(cons.sum() * voxel, rel=1e-4)
     from PIL import Image
 
@@ -76,7 +72,7 @@ def test_segment_without_point_runs_the_whole_volume(cases, tiny_model_card, tmp
     assert main(["segment", str(cases / "few-slices.nrrd"), "--model", str(tiny_model_card), "--out", str(out),
                  "--samples", "2", "--report", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["mode"] == "volume"
-    assert mrml.segment_names(mrml.load_segmentation(slicer.vtkMRMLScene(), out))[0] == "Consensus"
+    assert mrml.segment_names(mrml.load_segmentation(slicer.vtkMRMLScene(), out))[0] == "Whole volume"
 
 
 @pytest.mark.parametrize("args, words", [

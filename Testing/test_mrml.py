@@ -62,31 +62,40 @@ def test_node_contract(lung1, click_result):
     r, K = click_result, click_result.n_scales
     seg = nodes.segmentation
 
-    # names and visibility
+    # names and visibility: the first click is Nodule 1
+    assert nodes.nodule == "Nodule_1" and nodes.nodule_ids == ["Nodule_1"]
     assert seg.GetName() == "lung1 ARSeg" and seg.GetScene() is scene
-    expected = ["Consensus", "Disagreement"] + [f"Scale {k}/{K}" for k in range(1, K + 1)] + \
-               [f"Sample {i}" for i in range(1, N_SAMPLES + 1)]
+    expected = ["Nodule 1", "Nodule 1 disagreement", "Nodule 1 if present"] + \
+               [f"Nodule 1 scale {k}/{K}" for k in range(1, K + 1)] + \
+               [f"Nodule 1 sample {i}" for i in range(1, N_SAMPLES + 1)]
     assert mrml.segment_names(seg) == expected
+    assert mrml.segment_ids(seg)[:3] == ["Nodule_1", "Nodule_1_Disagreement", "Nodule_1_IfPresent"]
     display = seg.GetDisplayNode()
     visible = {sid: display.GetSegmentVisibility(sid) for sid in mrml.segment_ids(seg)}
-    assert visible.pop("Consensus") is True and not any(visible.values())
-    consensus = seg.GetSegmentation().GetSegment("Consensus")
+    assert visible.pop("Nodule_1") is True and not any(visible.values())  # the consensus is not empty here
+    consensus = seg.GetSegmentation().GetSegment("Nodule_1")
     assert "27925004^Nodule" in consensus.GetTerminology() and "39607008^Lung" in consensus.GetTerminology()
+    assert mrml.segment_tag(consensus, mrml.NODULE_TAG) == "Nodule_1"
+    assert mrml.segment_tag(consensus, mrml.KIND_TAG) == "consensus"
     assert nodes.disagreement_volume.GetName() == "lung1 ARSeg disagreement"
     assert nodes.table.GetName() == "lung1 ARSeg report"
     assert nodes.sequence.GetName() == "lung1 ARSeg scales" and nodes.proxy.GetName() == "lung1 ARSeg scale"
-    for node in (seg, nodes.disagreement_volume, nodes.sequence, nodes.browser, nodes.proxy, nodes.table):
+    for node in (seg, nodes.disagreement_volume, nodes.sequence, nodes.browser, nodes.proxy, nodes.table,
+                 nodes.disagreements):
         assert node.GetAttribute(mrml.SOURCE_ATTRIBUTE) == volume.GetID() and node.GetAttribute(mrml.ROLE_ATTRIBUTE)
 
     # geometry: the volume's, voxel for voxel
     m, shape = mrml.reference_geometry_of(seg)
     np.testing.assert_allclose(m, mrml.local_ijk_to_ras(volume), atol=1e-6)
     assert shape == lung1.array.shape
-    cons = mrml.segment_array(seg, "Consensus", shape, m)
+    cons = mrml.segment_array(seg, "Nodule_1", shape, m)
     np.testing.assert_array_equal(cons, r.full(r.consensus))
-    np.testing.assert_array_equal(mrml.segment_array(seg, "Disagreement", shape, m), r.full(r.disagreement > 0))
+    np.testing.assert_array_equal(mrml.segment_array(seg, "Nodule_1_Disagreement", shape, m),
+                                  r.full(r.disagreement > 0))
+    np.testing.assert_array_equal(mrml.segment_array(seg, "Nodule_1_IfPresent", shape, m), r.full(r.if_present))
     for k in range(1, K + 1):
-        np.testing.assert_array_equal(mrml.segment_array(seg, f"Scale_{k}", shape, m), r.full(r.scale_mask(k)))
+        np.testing.assert_array_equal(mrml.segment_array(seg, f"Nodule_1_Scale_{k}", shape, m),
+                                      r.full(r.scale_mask(k)))
 
     # the disagreement volume sits on the volume's voxels, with the heat colour table
     dv = nodes.disagreement_volume
@@ -102,29 +111,35 @@ def test_node_contract(lung1, click_result):
     assert nodes.browser.GetMasterSequenceNode() is nodes.sequence
     for k in range(1, K + 1):
         item = nodes.sequence.GetNthDataNode(k - 1)
-        assert item.GetSegmentation().GetSegment("Scale").GetName() == f"Scale {k}/{K}"
+        assert item.GetSegmentation().GetSegment("Scale").GetName() == f"Nodule 1 scale {k}/{K}"
         np.testing.assert_array_equal(mrml.segment_array(item, "Scale", shape, m), r.full(r.scale_mask(k)))
     assert nodes.proxy.GetDisplayNode().GetVisibility() == 0  # hidden until the slider moves
     mrml.select_scale(nodes, 2)
     np.testing.assert_array_equal(mrml.segment_array(nodes.proxy, "Scale", shape, m), r.full(r.scale_mask(2)))
     assert nodes.proxy.GetDisplayNode().GetVisibility() == 1
 
-    # the report agrees with the masks
+    # the report agrees with the masks: a row per nodule, the selected nodule's numbers at the top
     rep = json.loads(nodes.table.GetAttribute(mrml.REPORT_ATTRIBUTE))
+    assert [n["id"] for n in rep["nodules"]] == ["Nodule_1"] and rep["selected_nodule"] == "Nodule_1"
+    row = rep["nodules"][0]
     voxel = abs(np.linalg.det(m[:3, :3]))
-    assert rep["consensus_volume_mm3"] == pytest.approx(cons.sum() * voxel, rel=1e-6)
-    sample_counts = [mrml.segment_array(seg, f"Sample_{i}", shape, m).sum() for i in range(1, N_SAMPLES + 1)]
-    assert rep["sample_volumes_mm3"] == pytest.approx([c * voxel for c in sample_counts], rel=1e-6)
-    assert rep["sample_volume_mm3"]["min"] == pytest.approx(min(sample_counts) * voxel, rel=1e-6)
-    assert rep["sample_volume_mm3"]["max"] == pytest.approx(max(sample_counts) * voxel, rel=1e-6)
+    assert row["consensus_volume_mm3"] == rep["consensus_volume_mm3"] == pytest.approx(cons.sum() * voxel, rel=1e-6)
+    sample_counts = [mrml.segment_array(seg, f"Nodule_1_Sample_{i}", shape, m).sum() for i in range(1, N_SAMPLES + 1)]
+    assert row["sample_volumes_mm3"] == pytest.approx([c * voxel for c in sample_counts], rel=1e-6)
+    assert row["sample_volume_mm3"]["min"] == pytest.approx(min(sample_counts) * voxel, rel=1e-6)
+    assert row["sample_volume_mm3"]["max"] == pytest.approx(max(sample_counts) * voxel, rel=1e-6)
+    assert row["samples_marking"] == sum(c > 0 for c in sample_counts)
     for i in range(1, N_SAMPLES + 1):
-        s = mrml.segment_array(seg, f"Sample_{i}", shape, m).astype(bool)
+        s = mrml.segment_array(seg, f"Nodule_1_Sample_{i}", shape, m).astype(bool)
         union = (s | (cons > 0)).sum()
         iou = 1.0 if union == 0 else (s & (cons > 0)).sum() / union
-        assert rep["sample_iou_with_consensus"][i - 1] == pytest.approx(iou, abs=1e-4)
-    rows = {nodes.table.GetCellText(i, 0): nodes.table.GetCellText(i, 1) for i in range(nodes.table.GetNumberOfRows())}
-    assert float(rows["Consensus volume"]) == pytest.approx(rep["consensus_volume_mm3"], abs=0.05)
-    assert rows["Model"] == rep["model"]
+        assert row["sample_iou_with_consensus"][i - 1] == pytest.approx(iou, abs=1e-4)
+    table = nodes.table
+    assert table.GetNumberOfRows() == 1 and table.GetTable().GetColumnName(0) == "Nodule"
+    cells = {table.GetTable().GetColumnName(c): table.GetCellText(0, c) for c in range(table.GetNumberOfColumns())}
+    assert cells["Nodule"] == "Nodule 1" and float(cells["Consensus (mm3)"]) == pytest.approx(
+        rep["consensus_volume_mm3"], abs=0.05)
+    assert cells["Model"] == rep["model"]
 
     rules = {r.GetClassName() for r in slicer.vtkSegmentationConverterFactory.GetInstance().GetConverterRules()}
     assert "vtkBinaryLabelmapToClosedSurfaceConversionRule" in rules
@@ -160,8 +175,11 @@ def test_seg_nrrd_round_trip_into_a_fresh_scene(lung1, click_result, tmp_path):
     for sid in mrml.segment_ids(loaded):
         np.testing.assert_array_equal(mrml.segment_array(loaded, sid, shape1, m1),
                                       mrml.segment_array(nodes.segmentation, sid, shape0, m0), err_msg=sid)
-    tags = loaded.GetSegmentation().GetSegment("Consensus").GetTerminology()
-    assert "27925004" in tags
+    segment = loaded.GetSegmentation().GetSegment("Nodule_1")
+    assert "27925004" in segment.GetTerminology()
+    # which nodule and what kind each segment is travels in the file (segment tags)
+    assert mrml.segment_tag(segment, mrml.NODULE_TAG) == "Nodule_1"
+    assert mrml.nodule_segment_ids(loaded, "Nodule_1") == mrml.segment_ids(loaded)
 
 
 def test_rerun_replaces_only_arsegs_nodes_and_never_touches_user_nodes(lung1, click_result):
@@ -179,7 +197,8 @@ def test_rerun_replaces_only_arsegs_nodes_and_never_touches_user_nodes(lung1, cl
 
     assert scene.GetNumberOfNodes() == after_first  # replaced, not added
     second_ids = {n.GetID() for n in mrml.result_nodes_of(scene, volume)}
-    assert len(second_ids) == len(first_ids) == 6 and not (first_ids & second_ids)
+    assert len(second_ids) == len(first_ids) == 7 and not (first_ids & second_ids)
+    assert second.nodule_ids == ["Nodule_1"]  # the same click again: inside Nodule 1, which is redone
     assert first.segmentation.GetScene() is None and second.segmentation.GetScene() is scene
     assert on_other.segmentation.GetScene() is scene  # another volume's results stay
     assert len(mrml._nodes_with_attribute(scene, "vtkMRMLSegmentationNode", mrml.ROLE_ATTRIBUTE, "segmentation")) == 2
@@ -263,7 +282,7 @@ def test_parent_transform_is_followed(lung1, click_result, tiny):
                               settings=SegmentSettings(n_samples=N_SAMPLES, half_height_mm=7.5))
     assert nodes.segmentation.GetTransformNodeID() == transform.GetID()
     m, shape = mrml.reference_geometry_of(nodes.segmentation)
-    np.testing.assert_array_equal(mrml.segment_array(nodes.segmentation, "Consensus", shape, m),
+    np.testing.assert_array_equal(mrml.segment_array(nodes.segmentation, "Nodule_1", shape, m),
                                   click_result.full(click_result.consensus))
 
 
@@ -282,3 +301,157 @@ def test_results_are_found_again_and_shown_in_slice_views(lung1, click_result):
     assert composite.GetForegroundVolumeID() is None
     mrml.select_scale(found, 1)
     assert found.browser.GetSelectedItemNumber() == 0
+
+
+# --------------------------------------------------------------------------------------------- several nodules
+
+def _disc_results(lung1, tiny, offsets_mm, **kwargs):
+    """Click results of the ball-drawing stand-in model at the nodule and at points offset from it."""
+    from arseg_volumes import DiscPredictor
+
+    predictor, card = tiny
+    fake = DiscPredictor(predictor.config, **kwargs)
+    settings = SegmentSettings(n_samples=16, half_height_mm=7.5)
+    return [pipeline.segment_click(lung1.array, lung1.ijk_to_ras, np.add(lung1.nodule_ras, off), fake, card, settings)
+            for off in offsets_mm]
+
+
+def test_each_click_adds_a_nodule_and_a_click_inside_one_redoes_it(lung1, tiny):
+    first, second, again = _disc_results(lung1, tiny, [(0, 0, 0), (30.0, -15.0, 0), (2.0, 1.0, 0)])
+    scene, volume = _scene_with_volume(lung1)
+    mine = _user_segmentation(scene, volume)
+    user_nodes = _snapshot(scene)
+
+    one = mrml.write_result(scene, volume, first)
+    two = mrml.write_result(scene, volume, second)
+    assert (one.nodule, two.nodule) == ("Nodule_1", "Nodule_2") and two.nodule_ids == ["Nodule_1", "Nodule_2"]
+    seg = two.segmentation
+    m, shape = mrml.reference_geometry_of(seg)
+    np.testing.assert_array_equal(mrml.segment_array(seg, "Nodule_1", shape, m), first.full(first.consensus))
+    np.testing.assert_array_equal(mrml.segment_array(seg, "Nodule_2", shape, m), second.full(second.consensus))
+    assert seg.GetSegmentation().GetSegment("Nodule_1").GetColor() != seg.GetSegmentation().GetSegment(
+        "Nodule_2").GetColor()
+    assert two.table.GetNumberOfRows() == 2 and [n["name"] for n in two.report["nodules"]] == ["Nodule 1", "Nodule 2"]
+    assert len(mrml._nodes_with_attribute(scene, "vtkMRMLSegmentationNode", mrml.ROLE_ATTRIBUTE, "segmentation")) == 1
+    # the slider and the heat map show the nodule just made
+    np.testing.assert_array_equal(mrml.segment_array(two.proxy, "Scale", shape, m), second.full(second.scale_mask(8)))
+    np.testing.assert_allclose(mrml.volume_array(two.disagreement_volume), second.disagreement)
+
+    # a click 2.2 mm from nodule 1's centre is inside it: nodule 1 is redone, nodule 2 stays as it was
+    assert mrml.nodule_at_point(scene, volume, again.point_ras) == "Nodule_1"
+    count = scene.GetNumberOfNodes()
+    three = mrml.write_result(scene, volume, again)
+    assert three.nodule == "Nodule_1" and three.nodule_ids == ["Nodule_1", "Nodule_2"]
+    assert scene.GetNumberOfNodes() == count
+    np.testing.assert_array_equal(mrml.segment_array(three.segmentation, "Nodule_1", shape, m),
+                                  again.full(again.consensus))
+    np.testing.assert_array_equal(mrml.segment_array(three.segmentation, "Nodule_2", shape, m),
+                                  second.full(second.consensus))
+    assert three.report["nodules"][0]["point_ras_mm"] == pytest.approx(list(again.point_ras), abs=1e-3)
+    now = _snapshot(scene)
+    for nid, state in user_nodes.items():
+        assert now[nid] == state, f"{nid} was modified"
+    assert mrml.segment_names(mine) == ["Mine"]
+
+
+def test_select_delete_and_clear_nodules(lung1, tiny):
+    first, second = _disc_results(lung1, tiny, [(0, 0, 0), (30.0, -15.0, 0)], radius_mm=5.0)
+    scene, volume = _scene_with_volume(lung1)
+    _user_segmentation(scene, volume)
+    user = _snapshot(scene)
+    mrml.write_result(scene, volume, first)
+    mrml.write_result(scene, volume, second)
+    infos = mrml.list_nodules(scene, volume)
+    assert [(i.id, i.name, i.selected) for i in infos] == [("Nodule_1", "Nodule 1", False),
+                                                            ("Nodule_2", "Nodule 2", True)]
+    assert infos[0].consensus_volume_mm3 == pytest.approx(first.consensus_volume_mm3)
+
+    nodes = mrml.select_nodule(scene, volume, "Nodule_1")
+    m, shape = mrml.reference_geometry_of(nodes.segmentation)
+    assert nodes.nodule == "Nodule_1" and mrml.find_results(scene, volume).nodule == "Nodule_1"
+    for k in (2, 5, 8):  # the slider now scrubs nodule 1's scales
+        mrml.select_scale(nodes, k)
+        np.testing.assert_array_equal(mrml.segment_array(nodes.proxy, "Scale", shape, m),
+                                      first.full(first.scale_mask(k)))
+    np.testing.assert_allclose(mrml.volume_array(nodes.disagreement_volume), first.disagreement)
+    selected = mrml.nodule_report(nodes)
+    assert selected["consensus_volume_mm3"] == nodes.report["consensus_volume_mm3"]
+    assert selected["consensus_volume_mm3"] == pytest.approx(first.consensus_volume_mm3, abs=1e-3)
+
+    after = mrml.delete_nodule(scene, volume, "Nodule_1")  # the selected one: Nodule 2 is selected instead
+    assert after.nodule_ids == ["Nodule_2"] and after.nodule == "Nodule_2"
+    assert all(sid.startswith("Nodule_2") for sid in mrml.segment_ids(after.segmentation))
+    assert after.table.GetNumberOfRows() == 1 and after.disagreements.GetDataNodeAtValue("Nodule_1") is None
+    np.testing.assert_allclose(mrml.volume_array(after.disagreement_volume), second.disagreement)
+    with pytest.raises(mrml.ResultError, match="no nodule"):
+        mrml.delete_nodule(scene, volume, "Nodule_7")
+
+    # the next click is Nodule 3: numbers are not reused
+    third = _disc_results(lung1, tiny, [(-20.0, 10.0, 0)])[0]
+    assert mrml.write_result(scene, volume, third).nodule_ids == ["Nodule_2", "Nodule_3"]
+    assert mrml.clear_nodules(scene, volume) > 0
+    assert mrml.find_results(scene, volume) is None and mrml.list_nodules(scene, volume) == []
+    now = _snapshot(scene)
+    for nid, state in user.items():
+        assert now[nid] == state
+
+
+def test_samples_split_on_presence_the_nodule_is_shown_if_present(lung1, tiny):
+    """7 of 16 samples mark the nodule: the plain consensus is empty, 'Nodule 1 if present' holds the consensus of
+    those 7 and is the visible segment; the report says 7 of 16."""
+    (split,) = _disc_results(lung1, tiny, [(0, 0, 0)], marking=7)
+    assert split.consensus_volume_mm3 == 0 and split.samples_marking == 7
+    assert split.presence_fraction == pytest.approx(7 / 16)
+    assert split.if_present_volume_mm3 > 300  # a ball of 6 mm radius: ~900 mm3 on the volume's grid
+    scene, volume = _scene_with_volume(lung1)
+    nodes = mrml.write_result(scene, volume, split)
+    display = nodes.segmentation.GetDisplayNode()
+    assert display.GetSegmentVisibility("Nodule_1_IfPresent") and display.GetSegmentVisibility("Nodule_1")
+    m, shape = mrml.reference_geometry_of(nodes.segmentation)
+    shown = mrml.segment_array(nodes.segmentation, "Nodule_1_IfPresent", shape, m)
+    assert shown.sum() * split.voxel_volume_mm3 == pytest.approx(split.if_present_volume_mm3)
+    assert nodes.report["samples_marking"] == 7 and nodes.report["presence_fraction"] == pytest.approx(0.4375)
+    cells = [nodes.table.GetCellText(0, c) for c in range(nodes.table.GetNumberOfColumns())]
+    assert "7 of 16" in cells
+    assert mrml.list_nodules(scene, volume)[0].presence_fraction == pytest.approx(0.4375)
+    # a click inside what the marking samples agree on redoes that nodule (the plain consensus is empty)
+    assert mrml.nodule_at_point(scene, volume, lung1.nodule_ras) == "Nodule_1"
+
+
+def test_a_failure_while_adding_leaves_every_nodule_as_it_was(lung1, tiny, monkeypatch):
+    first, second = _disc_results(lung1, tiny, [(0, 0, 0), (30.0, -15.0, 0)])
+    scene, volume = _scene_with_volume(lung1)
+    mrml.write_result(scene, volume, first)
+    before = _snapshot(scene)
+
+    class Broken:
+        def UpdateProxyNodesFromSequences(self, browser):
+            raise RuntimeError("proxy failed")
+
+    monkeypatch.setattr(mrml, "sequences_logic", lambda scene: Broken())
+    with pytest.raises(RuntimeError, match="proxy failed"):
+        mrml.write_result(scene, volume, second)
+    _assert_unchanged(scene, before)
+    assert mrml.find_results(scene, volume).nodule_ids == ["Nodule_1"]
+
+
+class _SegmentWithoutSetTerminology:
+    """A vtkSegment as Slicer 5.8 wraps it: no SetTerminology / GetTerminology."""
+
+    def __init__(self, segment):
+        self._segment = segment
+
+    def __getattr__(self, name):
+        if name in ("SetTerminology", "GetTerminology"):
+            raise AttributeError(name)
+        return getattr(self._segment, name)
+
+
+def test_terminology_falls_back_to_the_tag_where_set_terminology_is_missing():
+    real = slicer.vtkSegment()
+    old = _SegmentWithoutSetTerminology(real)
+    assert not hasattr(old, "SetTerminology")
+    mrml.set_terminology(old, mrml.NODULE_TERMINOLOGY)
+    assert mrml.segment_tag(real, "TerminologyEntry") == mrml.NODULE_TERMINOLOGY
+    assert mrml.get_terminology(old) == mrml.NODULE_TERMINOLOGY
+    assert real.GetTerminology() == mrml.NODULE_TERMINOLOGY  # what Slicer >= 5.10 reads back
