@@ -12,8 +12,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -126,53 +124,93 @@ def real_crop(crop_size: int) -> tuple:
     return np.random.default_rng(0).random((1, crop_size, crop_size), dtype=np.float32), "random noise"
 
 
-def bench_lung1(predictor, card, runs: int, volume_slices: int) -> Dict[str, Any]:
+def run_like_slicer(start: Callable[[], Any], finish: Callable[[Any], Any], poll_s: float = 0.025):
+    """A run driven the way Slicer's main thread drives it: between 25 ms timer ticks the main thread sits in Qt's
+    C++ event loop *holding the GIL* (emulated by a C call through ctypes.PyDLL, which keeps it), and each tick runs
+    a little Python (`run.poll()`); `finish` writes the result into the scene, as the module's onPoll does.
+    Returns (seconds from start to nodes written, the longest single stretch of Python on the main thread)."""
+    import ctypes
+
+    hold_gil = ctypes.PyDLL(None).usleep
+    t0 = time.perf_counter()
+    run = start()
+    longest = time.perf_counter() - t0
+    while True:
+        hold_gil(int(poll_s * 1e6))
+        tick = time.perf_counter()
+        finished = run.poll()
+        if finished:
+            if run.error is not None:
+                raise run.error
+            finish(run.result)
+        longest = max(longest, time.perf_counter() - tick)
+        if finished:
+            return time.perf_counter() - t0, longest
+
+
+def _lung1_click_input():
+    from . import mrml
+
+    point = json.loads((LUNG1 / "nodule.json").read_text())["centroid_ras_mm"]
+    scene = mrml.new_scene()
+    volume = mrml.load_volume(scene, LUNG1 / "image.nrrd")
+    return scene, volume, point
+
+
+def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> Dict[str, Any]:
     """Click at lung1's nodule through the MRML adapter, end to end (array out of the node, pipeline, nodes
-    written); and whole-volume mode on a slab of lung1's slices around the nodule."""
+    written), in this process and the Slicer module's way (the worker process, polled under an emulated Slicer
+    main thread); and whole-volume mode on a slab of lung1's slices around the nodule."""
     from . import mrml, pipeline
+    from .worker import InferenceClient
 
     if not (LUNG1 / "image.nrrd").exists():
         return {"lung1": f"skipped: {LUNG1 / 'image.nrrd'} not found"}
-    point = json.loads((LUNG1 / "nodule.json").read_text())["centroid_ras_mm"]
-    scene = mrml.new_scene()  # held here: a node does not keep its scene alive
-    volume = mrml.load_volume(scene, LUNG1 / "image.nrrd")
+    scene, volume, point = _lung1_click_input()  # the scene is held here: a node does not keep it alive
     settings = pipeline.SegmentSettings(n_samples=16)
+    array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
     last = {}
 
     def click():
         last["nodes"] = mrml.segment_node(volume, predictor, card, point, settings)
 
-    def click_as_the_module_does():
-        """Slicer's way: voxels read on the main thread, inference on a worker thread, nodes written back."""
-        array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
-        run = pipeline.BackgroundRun(lambda progress, cancel: pipeline.segment_click(
-            array, m, point, predictor, card, settings, progress=progress, cancel=cancel)).start()
-        run.wait()
-        if run.error is not None:
-            raise run.error
-        mrml.write_result(scene, volume, run.result)
+    client = InferenceClient(model, str(predictor.device))
+    slicer_blocks = []
 
-    # both ways alternate after a warm-up of each, so the machine's drift hits both alike
-    sync = predictor.device.type == "cuda"
-    click(), click_as_the_module_does()
-    times: Dict[str, list] = {"main": [], "worker": []}
-    faults = []
-    for _ in range(runs):
-        faults0 = minor_page_faults()
-        times["main"].append(median_time(click, 1, warmup=0, sync=sync))
-        faults.append(minor_page_faults() - faults0)
-        times["worker"].append(median_time(click_as_the_module_does, 1, warmup=0, sync=sync))
+    def click_as_the_module_does():
+        seconds, block = run_like_slicer(
+            lambda: client.segment(array, m, point, settings, volume_key="lung1"),
+            lambda result: mrml.write_result(scene, volume, result))
+        slicer_blocks.append(block)
+        return seconds
+
+    try:
+        if not client.start().wait(300):
+            raise RuntimeError("the inference worker did not load the model")
+        # both ways alternate after a warm-up of each, so the machine's drift hits both alike
+        sync = predictor.device.type == "cuda"
+        click(), click_as_the_module_does()
+        slicer_blocks.clear()
+        times: Dict[str, list] = {"main": [], "slicer": []}
+        faults = []
+        for _ in range(runs):
+            faults0 = minor_page_faults()
+            times["main"].append(median_time(click, 1, warmup=0, sync=sync))
+            faults.append(minor_page_faults() - faults0)
+            times["slicer"].append(click_as_the_module_does())
+    finally:
+        client.shutdown()
     res = last["nodes"].result
     out: Dict[str, Any] = {"click_lung1_s": statistics.median(times["main"]),
                            "click_lung1_slices": int(res.grid.shape[0]),
                            "click_lung1_timings_s": res.timings_s,
                            "click_lung1_consensus_mm3": last["nodes"].report.get("consensus_volume_mm3"),
                            "click_lung1_page_faults": statistics.median(faults),
-                           "click_lung1_worker_thread_s": statistics.median(times["worker"])}
+                           "click_lung1_slicer_s": statistics.median(times["slicer"]),
+                           "click_lung1_slicer_longest_block_s": max(slicer_blocks)}
     # whole-volume mode on a slab of slices (the full 133-slice volume takes minutes on a CPU); a volume needs
     # at least two slices
     volume_slices = max(2, volume_slices)
-    array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
     k0 = int(json.loads((LUNG1 / "nodule.json").read_text())["centroid_ijk"][2]) - volume_slices // 2
     slab = np.ascontiguousarray(array[k0:k0 + volume_slices])
     m_slab = m.copy()
@@ -184,59 +222,38 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int) -> Dict[str, Any
     return out
 
 
-# A fresh Python, as Slicer is when the module opens: Slicer's MRML is already imported there, torch is not.
-_FIRST_CLICK_CHILD = """
-import json, sys, time
-from ARSegLib import mrml, pipeline
-t0 = time.perf_counter()
-from ARSegLib import bench
-print(json.dumps(bench.first_click_child(t0, **json.loads(sys.argv[1]))))
-"""
-
-
-def first_click_child(t0: float, model: str, device: str, threads: int) -> Dict[str, float]:
-    """In a fresh process: torch imported and the model loaded (as the Slicer module does in the background when it
-    opens), then the first click the module's way. Seconds of each."""
+def bench_first_click(model: str, device: torch.device, repeats: int) -> Dict[str, Any]:
+    """The radiologist's first click after the module opens, the module's way (a new worker process, polled under
+    an emulated Slicer main thread), medians over `repeats` new workers each:
+    `open_to_result_s`: the click comes at once: worker start + torch import + model load + click + nodes;
+    `load_s`: worker start until the model is loaded (what the module does in the background when it opens);
+    `click_after_load_s`: the first click once that is done (its voxels cross to the worker too)."""
     from . import mrml, pipeline
-    from .models import load_model
+    from .worker import InferenceClient
 
-    torch.set_num_threads(threads)
-    predictor, card = load_model(model, device)
-    out = {"load_s": time.perf_counter() - t0}
-    point = json.loads((LUNG1 / "nodule.json").read_text())["centroid_ras_mm"]
-    scene = mrml.new_scene()
-    volume = mrml.load_volume(scene, LUNG1 / "image.nrrd")
+    scene, volume, point = _lung1_click_input()
     array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
     settings = pipeline.SegmentSettings(n_samples=16)
-
-    def in_background(fn):
-        run = pipeline.BackgroundRun(lambda progress, cancel: fn(progress, cancel)).start()
-        run.wait()
-        if run.error is not None:
-            raise run.error
-        return run.result
-
-    t = time.perf_counter()
-    result = in_background(lambda progress, cancel: pipeline.segment_click(array, m, point, predictor, card, settings,
-                                                                           progress=progress, cancel=cancel))
-    mrml.write_result(scene, volume, result)
-    out["click_s"] = time.perf_counter() - t
-    return out
-
-
-def bench_first_click(model: str, device: torch.device, processes: int) -> Dict[str, Any]:
-    """The radiologist's first click, each in a fresh process. Medians: `cold_s` when the click itself has to import
-    torch and load the model (what it cost before the module preloaded it), `preloaded_s` the click alone, as
-    after the module's preload, `load_s` the preload."""
-    arg = json.dumps({"model": model, "device": str(device), "threads": torch.get_num_threads()})
-    runs = []
-    for _ in range(processes):
-        done = subprocess.run([sys.executable, "-c", _FIRST_CLICK_CHILD, arg], capture_output=True, text=True,
-                              check=True)
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return {"cold_s": statistics.median(r["load_s"] + r["click_s"] for r in runs),
-            "preloaded_s": statistics.median(r["click_s"] for r in runs),
-            "load_s": statistics.median(r["load_s"] for r in runs), "processes": processes}
+    rows = []
+    for _ in range(repeats):
+        row = {}
+        client = InferenceClient(model, str(device))
+        try:
+            row["open_to_result_s"], _ = run_like_slicer(
+                lambda c=client: (c.start(), c.segment(array, m, point, settings, volume_key="lung1"))[1],
+                lambda result: mrml.write_result(scene, volume, result))
+        finally:
+            client.shutdown()
+        client = InferenceClient(model, str(device))
+        try:
+            row["load_s"], _ = run_like_slicer(client.start, lambda result: None)
+            row["click_after_load_s"], _ = run_like_slicer(
+                lambda c=client: c.segment(array, m, point, settings, volume_key="lung1"),
+                lambda result: mrml.write_result(scene, volume, result))
+        finally:
+            client.shutdown()
+        rows.append(row)
+    return {key: statistics.median(r[key] for r in rows) for key in rows[0]} | {"repeats": repeats}
 
 
 def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, threads: int = 0,
@@ -270,7 +287,7 @@ def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, t
     # the same phases for the no-cache reference: only the transformer should differ
     out["split_nocache_s"] = bench_split(predictor, crop, sampling, runs, use_cache=False)
     if lung1:
-        out.update(bench_lung1(predictor, card, max(3, runs // 3), volume_slices))
+        out.update(bench_lung1(predictor, card, max(3, runs // 3), volume_slices, model))
         if "click_lung1_s" in out and not note:
             out["first_click_lung1"] = bench_first_click(model, predictor.device, max(1, runs // 3))
     out["matmul_gflops_after"] = matmul_gflops(predictor.device)
@@ -309,16 +326,18 @@ def format_table(r: Dict[str, Any]) -> str:
         lines.append("N = 16 split, no cache: " + ", ".join(f"{k} {v:.4f} s" for k, v in r["split_nocache_s"].items()))
     if "click_lung1_s" in r:
         lines.append(f"lung1 click (N = 16, through MRML): {r['click_lung1_s']:.3f} s over "
-                     f"{r['click_lung1_slices']} slices ({r['click_lung1_worker_thread_s']:.3f} s with inference on a "
-                     f"worker thread, as in Slicer; {r['click_lung1_page_faults']:.0f} page faults per click); "
+                     f"{r['click_lung1_slices']} slices in this process ({r['click_lung1_page_faults']:.0f} page "
+                     f"faults per click); {r['click_lung1_slicer_s']:.3f} s the Slicer module's way (worker process, "
+                     f"emulated Slicer main thread; longest main-thread block "
+                     f"{1000 * r['click_lung1_slicer_longest_block_s']:.0f} ms); "
                      f"whole volume: {r['volume_slices_per_s']:.2f} slices/s")
     elif "lung1" in r:
         lines.append(f"lung1: {r['lung1']}")
     if "first_click_lung1" in r:
         f = r["first_click_lung1"]
-        lines.append(f"first lung1 click in a fresh process: {f['cold_s']:.2f} s with torch's import and the model's "
-                     f"loading ({f['load_s']:.2f} s of it); {f['preloaded_s']:.2f} s with the model preloaded, as the "
-                     f"Slicer module does when it opens")
+        lines.append(f"first lung1 click after the module opens: {f['open_to_result_s']:.2f} s when it comes at once "
+                     f"(worker start, torch, model, click); the worker loads in {f['load_s']:.2f} s, and the first "
+                     f"click after that takes {f['click_after_load_s']:.2f} s")
     lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB; machine speed (512x512 matmul) {r['matmul_gflops_before']:.0f} "
                  f"GFLOP/s before, {r['matmul_gflops_after']:.0f} after")
     return "\n".join(lines)

@@ -13,7 +13,8 @@ def test_bench_json_has_every_field(tmp_path, lung1_dir):
     r = json.loads(out.read_text())
     for key in ("device", "cpu", "torch", "threads", "crop", "split_s", "click_lung1_s", "click_lung1_slices",
                 "volume_slices_per_s", "peak_rss_mb", "matmul_gflops_before", "matmul_gflops_after",
-                "click_lung1_worker_thread_s", "click_lung1_page_faults", "heap_keeps_freed_memory"):
+                "click_lung1_slicer_s", "click_lung1_slicer_longest_block_s", "click_lung1_page_faults",
+                "heap_keeps_freed_memory"):
         assert key in r, key
     assert set(r["crop"]) == {"1", "4", "16"}
     for row in r["crop"].values():
@@ -24,7 +25,9 @@ def test_bench_json_has_every_field(tmp_path, lung1_dir):
     for split in ("split_s", "split_nocache_s"):
         assert set(r[split]) == {"image_encoder", "transformer", "decoding", "consensus"} or r["note"]
     assert r["click_lung1_slices"] == 17  # +-20 mm of 2.5 mm slices around the click
-    assert r["click_lung1_worker_thread_s"] > 0 and r["click_lung1_page_faults"] >= 0
-    first = r["first_click_lung1"]  # a fresh process's first click, with and without the model preloaded
-    assert first["processes"] == 1 and first["load_s"] > 0 and first["preloaded_s"] > 0
-    assert abs(first["cold_s"] - first["load_s"] - first["preloaded_s"]) < 1e-9
+    assert r["click_lung1_page_faults"] >= 0
+    # the module's way: the worker process polled under an emulated Slicer main thread, which never blocks long
+    assert 0 < r["click_lung1_slicer_longest_block_s"] < r["click_lung1_slicer_s"]
+    first = r["first_click_lung1"]  # a new worker: the click at once, and after the model has loaded
+    assert first["repeats"] == 1 and 0 < first["load_s"] < first["open_to_result_s"]
+    assert first["click_after_load_s"] > 0
