@@ -296,8 +296,8 @@ class ARSegWebApp(TrameApp):
                           density="compact", closable=True, click_close="error_message = ''")
                 with html.Div(v_if="has_result", classes="d-flex flex-column", style="gap: 6px"):
                     html.Div("Scale {{ scale }}/{{ n_scales }}", id="arseg-scale-label", classes="text-body-2")
-                    v3.VSlider(id="arseg-scale", v_model=("scale",), min=1, max=("n_scales",), step=1,
-                               show_ticks="always", hide_details=True, density="compact")
+                    v3.VSlider(id="arseg-scale", classes="arseg-scale", v_model=("scale",), min=1, max=("n_scales",),
+                               step=1, show_ticks="always", hide_details=True, density="compact")
                     v3.VSwitch(id="arseg-disagreement", label="Disagreement heat map", v_model=("show_disagreement",),
                                hide_details=True, density="compact", color="red")
                     v3.VSlider(id="arseg-disagreement-opacity", label="Opacity", v_model=("disagreement_opacity",),

@@ -177,12 +177,20 @@ class ReviewSession:
         return nodes.sequence.GetNumberOfDataNodes() if nodes is not None and nodes.sequence is not None else 0
 
     def select_scale(self, k: int) -> None:
-        """The scale slider: the consensus after scale k over the image (the finest scale hides the proxy again,
-        since the consensus itself is on show)."""
+        """The scale slider: the consensus after scale k, alone, over the image (the selected nodule's consensus is
+        hidden while scrubbing, else an empty coarse scale would look like the finished one); at the finest scale
+        the consensus itself is on show again and the scale view is hidden."""
         nodes = self._require_results()
         n = nodes.sequence.GetNumberOfDataNodes()
-        k = int(k)
-        mrml.select_scale(nodes, max(1, min(n, k)), show=k < n)
+        k = max(1, min(n, int(k)))
+        mrml.select_scale(nodes, k, show=k < n)
+        # the proxy follows the browser only where a Sequences logic watched the scene when the browser was added;
+        # mrml makes its private one on first use, after that: update the proxy explicitly
+        mrml.sequences_logic(self.scene).UpdateProxyNodesFromSequences(nodes.browser)
+        consensus_id = getattr(nodes, "nodule", None) or "Consensus"
+        display = nodes.segmentation.GetDisplayNode()
+        if display is not None and nodes.segmentation.GetSegmentation().GetSegment(consensus_id) is not None:
+            display.SetSegmentVisibility(consensus_id, k == n)
 
     def show_disagreement(self, show: bool, opacity: float = 0.5) -> None:
         nodes = self.results()

@@ -46,6 +46,10 @@ def prepare_rendering():
 
 def build_app(options: ViewOptions, server=None, client=None):
     """The app and its session, not yet serving (tests build it without a browser too)."""
+    catalog = VolumeCatalog.from_arguments(options.volumes, options.data_dirs)
+    if not len(catalog):
+        raise CatalogError("nothing to show: give CT files or --data-dir folders that hold volume files "
+                           f"({', '.join(VOLUME_SUFFIXES)})")
     prepare_rendering()
     from trame.app import get_server
 
@@ -54,10 +58,6 @@ def build_app(options: ViewOptions, server=None, client=None):
     from .inference import make_client
     from .review import ReviewSettings
 
-    catalog = VolumeCatalog.from_arguments(options.volumes, options.data_dirs)
-    if not len(catalog):
-        raise CatalogError("nothing to show: give CT files or --data-dir folders that hold volume files "
-                           f"({', '.join(VOLUME_SUFFIXES)})")
     card = read_card(options.model)
     client = client if client is not None else make_client(options.model, options.device)
     server = server if server is not None else get_server(f"arseg-view-{id(options)}", client_type="vue3")

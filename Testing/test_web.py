@@ -1,0 +1,452 @@
+"""The review page (`arseg view`, ARSegLib.web).
+
+Without a browser: the catalog serves only what the command line gave, the session runs one click at a time and
+cancels cleanly, the CLI's errors. In a real browser (Debian's headless Chromium driven by selenium): the server
+started as `arseg view` on 127.0.0.1, the page opened, a click at the nodule of lung1 (the bundled demo slab of
+it when present), the overlay awaited and the rendered pixels checked (the consensus colour near the nodule; the
+disagreement toggle changes the picture; scale 1 differs from scale 8), the downloads read back, a page that
+reloads mid-run. Browser tests skip, saying why, when Chromium, chromedriver, EGL, trame-slicer or the data are
+absent. ARSEG_WEB_SCREENSHOTS=DIR keeps the screenshots; ARSEG_WEB_TIMINGS=FILE writes the measured times.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import LUNG1, ROOT
+
+DEMO = ROOT / "Resources" / "Demo" / "lung1-slab.nrrd"
+CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage", "--window-size=1400,900")
+CONSENSUS_RGB = np.array([0.95, 0.75, 0.15]) * 255  # mrml.OutputOptions().consensus_color
+
+
+# ============================================================================================ no browser
+
+def test_catalog_lists_only_what_was_given(tmp_path):
+    from ARSegLib.web.catalog import CatalogError, VolumeCatalog
+
+    folder = tmp_path / "scans"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("a.nrrd", "sub/b.nii.gz", "c.seg.nrrd", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    single = tmp_path / "single.mha"
+    single.write_bytes(b"x")
+    catalog = VolumeCatalog.from_arguments([single, folder / "a.nrrd"], [folder])
+    labels = [c["title"] for c in catalog.choices()]
+    assert labels == ["single.mha", "a.nrrd", "scans/sub/b.nii.gz"]  # a.nrrd once; no .seg.nrrd, no .txt
+    assert all(str(tmp_path) not in json.dumps(c) for c in catalog.choices())  # no server path to the browser
+    assert catalog.get("v1").path == (folder / "a.nrrd").resolve()
+    for forged in ("../etc/passwd", "/etc/passwd", str(folder / "a.nrrd"), "v99", None, 1, {"key": "v0"}):
+        assert catalog.get(forged) is None
+    with pytest.raises(CatalogError, match="not found"):
+        VolumeCatalog.from_arguments([tmp_path / "missing.nrrd"], [])
+    with pytest.raises(CatalogError, match="seg.nrrd"):
+        VolumeCatalog.from_arguments([folder / "c.seg.nrrd"], [])
+    with pytest.raises(CatalogError, match="folder not found"):
+        VolumeCatalog.from_arguments([], [tmp_path / "nowhere"])
+    assert len(VolumeCatalog.from_arguments([], [folder], limit=1)) == 1
+
+
+def test_parse_ras_and_exposure_warning():
+    pytest.importorskip("trame_slicer", reason="the web extra (trame-slicer) is not installed")
+    from ARSegLib.web.app import parse_ras
+    from ARSegLib.web.review import ReviewError
+    from ARSegLib.web.serve import exposure_warning
+
+    assert parse_ras("-56.4, -86.34,-115.96") == (-56.4, -86.34, -115.96)
+    assert parse_ras("1 2 3") == (1.0, 2.0, 3.0)
+    for bad in ("", "1,2", "a,b,c", "1,2,3,4", "1e9,0,0"):
+        with pytest.raises(ReviewError, match="three numbers"):
+            parse_ras(bad)
+    assert "0.0.0.0" in exposure_warning("0.0.0.0") and "no login" in exposure_warning("0.0.0.0")
+
+
+def test_cli_view_refuses_bad_input(tmp_path, capsys):
+    from ARSegLib.cli import main
+
+    for argv, message in ((["view"], "nothing to show"),
+                          (["view", str(tmp_path / "missing.nrrd")], "volume file not found"),
+                          (["view", "--data-dir", str(tmp_path)], "nothing to show")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+class _HeldRun:
+    """A run that finishes when the test says so (result, error or cancel), with the worker's run interface."""
+
+    def __init__(self):
+        self.fraction, self.result, self.error, self.finished, self.cancelled = 0.0, None, None, False, False
+
+    def poll(self):
+        return self.finished
+
+    def cancel(self):
+        from ARSegLib.engine import Cancelled
+
+        self.error, self.cancelled, self.finished = Cancelled(), True, True
+
+    def wait(self, timeout=None):
+        return self.finished
+
+
+class _HeldClient:
+    def __init__(self):
+        self.runs = []
+
+    def segment(self, volume, ijk_to_ras, point_ras=None, settings=None, volume_key=None):
+        self.runs.append(_HeldRun())
+        self.runs[-1].args = (volume, ijk_to_ras, point_ras, settings, volume_key)
+        return self.runs[-1]
+
+
+@pytest.fixture()
+def small_volume_file(tmp_path):
+    from ARSegLib import mrml
+
+    scene = mrml.new_scene()
+    rng = np.random.default_rng(0)
+    node = mrml.add_scalar_volume(scene, "small", rng.normal(-500, 300, (8, 40, 40)).astype(np.int16),
+                                  np.diag([0.7, 0.7, 2.5, 1.0]))
+    path = tmp_path / "small.nrrd"
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node)
+    return path
+
+
+def test_session_runs_one_click_at_a_time_and_cancels(small_volume_file):
+    from ARSegLib import mrml
+    from ARSegLib.web.catalog import VolumeCatalog
+    from ARSegLib.web.review import ReviewError, ReviewSession
+
+    scene = mrml.new_scene()
+    client = _HeldClient()
+    session = ReviewSession(scene, VolumeCatalog.from_arguments([small_volume_file]), client)
+    with pytest.raises(ReviewError, match="open a volume"):
+        session.start((0.0, 0.0, 0.0))
+    with pytest.raises(ReviewError, match="no such volume"):
+        session.open_volume(str(small_volume_file))  # a path is not a key
+    node = session.open_volume("v0")
+    n_nodes = scene.GetNumberOfNodes()
+    with pytest.raises(Exception, match="outside"):
+        session.start((1000.0, 0.0, 0.0))  # a click off the CT: said at once, nothing started
+    assert client.runs == []
+    centre = mrml.world_ijk_to_ras(node) @ np.array([20, 20, 4, 1.0])
+    session.start(tuple(centre[:3]))
+    assert session.status.running and len(client.runs) == 1
+    assert client.runs[0].args[2] == pytest.approx(tuple(centre[:3]))
+    with pytest.raises(ReviewError, match="still working"):
+        session.start(tuple(centre[:3]))  # refused, not queued
+    with pytest.raises(ReviewError, match="in progress"):
+        session.open_volume("v0")
+    client.runs[0].fraction = 0.5
+    assert session.poll().fraction == 0.5
+    session.cancel()
+    status = session.poll()
+    assert status.state == "cancelled" and "nothing was changed" in status.message
+    assert scene.GetNumberOfNodes() == n_nodes and session.results() is None
+    with pytest.raises(ReviewError, match="clicks only"):
+        session.start(None)  # no card: click mode only
+    session.start(tuple(centre[:3]))  # free again
+    client.runs[-1].error, client.runs[-1].finished = RuntimeError("boom"), True
+    assert session.poll().state == "failed" and "boom" in session.status.message
+    with pytest.raises(ReviewError, match="no result yet"):
+        session.segmentation_bytes()
+
+
+# ============================================================================================ in a browser
+
+def _browser_missing() -> str:
+    for tool in ("chromium", "chromedriver"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (Debian: apt-get install chromium chromium-driver)"
+    if ctypes.util.find_library("EGL") is None:
+        return "no EGL library for offscreen rendering (Debian: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri)"
+    for module, extra in (("selenium", "test"), ("trame_slicer", "web")):
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed (pip install -e \".[{extra}]\")"
+    return ""
+
+
+def _volume_and_nodule():
+    if DEMO.exists():
+        meta = json.loads(DEMO.with_suffix("").with_suffix(".json").read_text())
+        return DEMO, tuple(meta["nodule_centroid_ras_mm"])
+    if not (LUNG1 / "image.nrrd").exists():
+        pytest.skip(f"neither the demo slab ({DEMO}) nor lung1 ({LUNG1}) is available")
+    return LUNG1 / "image.nrrd", tuple(json.loads((LUNG1 / "nodule.json").read_text())["centroid_ras_mm"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Page:
+    """The running server and one Chromium on it; everything the browser tests need to drive and measure."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.volume, self.nodule = _volume_and_nodule()
+        self.port = _free_port()
+        self.log = tmp / "server.log"
+        self.downloads = tmp / "downloads"
+        self.downloads.mkdir()
+        self.timings = {}
+        self.server = None
+        self.driver = None
+
+    def start_server(self, timeout_s: float = 180.0):
+        t0 = time.perf_counter()
+        with open(self.log, "wb") as log:
+            self.server = subprocess.Popen([sys.executable, "-m", "ARSegLib.cli", "view", str(self.volume),
+                                            "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
+                                           cwd=self.tmp)
+        while "arseg view: serving" not in self.log.read_text(errors="replace"):
+            if self.server.poll() is not None or time.perf_counter() - t0 > timeout_s:
+                raise AssertionError(f"the server did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.1)
+        self.timings["server_start_s"] = round(time.perf_counter() - t0, 2)
+
+    def start_browser(self):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = shutil.which("chromium")
+        for flag in CHROME_FLAGS:
+            options.add_argument(flag)
+        options.add_argument(f"--user-data-dir={tempfile.mkdtemp(dir=self.tmp, prefix='chromium-')}")
+        options.add_experimental_option("prefs", {"download.default_directory": str(self.downloads),
+                                                  "download.prompt_for_download": False,
+                                                  "profile.default_content_setting_values.automatic_downloads": 1})
+        self.driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+        self.driver.set_page_load_timeout(60)
+
+    def open(self, timeout_s: float = 60.0) -> float:
+        """Load the page; seconds until every view has drawn an image."""
+        t0 = time.perf_counter()
+        self.driver.get(f"http://127.0.0.1:{self.port}/")
+        self.wait(lambda: len(self.views()) >= 4 and all(self.driver.execute_script(
+            "return arguments[0].complete && arguments[0].naturalWidth > 0", img) for img in self.views()),
+            timeout_s, "the four views to draw")
+        return time.perf_counter() - t0
+
+    def close(self):
+        if self.driver is not None:
+            self.driver.quit()
+            self.driver = None
+        if self.server is not None and self.server.poll() is None:
+            self.server.terminate()
+            try:
+                self.server.wait(15)
+            except subprocess.TimeoutExpired:
+                self.server.kill()
+                self.server.wait(15)
+
+    # ------------------------------------------------------------------------------------------ driving
+
+    def wait(self, condition, timeout_s: float, what: str):
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < timeout_s:
+            if condition():
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; server log:\n"
+                             f"{self.log.read_text(errors='replace')[-3000:]}")
+
+    def by_id(self, element_id: str):
+        from selenium.webdriver.common.by import By
+
+        return self.driver.find_element(By.ID, element_id)
+
+    def text(self, element_id: str) -> str:
+        return self.by_id(element_id).get_attribute("textContent").strip()
+
+    def views(self):
+        """The views' images, largest first: the axial view is the large one of the "Axial Primary" layout."""
+        from selenium.webdriver.common.by import By
+
+        images = self.driver.find_elements(By.CSS_SELECTOR, "img")
+        return sorted(images, key=lambda e: -e.size["width"] * e.size["height"])
+
+    def axial(self) -> np.ndarray:
+        from PIL import Image
+
+        return np.asarray(Image.open(io.BytesIO(self.views()[0].screenshot_as_png)).convert("RGB")).astype(np.int16)
+
+    def settled_axial(self, before: np.ndarray = None, timeout_s: float = 20.0) -> np.ndarray:
+        """The axial view once it differs from `before` (if given) and two grabs 0.4 s apart agree."""
+        t0 = time.perf_counter()
+        last = self.axial()
+        while time.perf_counter() - t0 < timeout_s:
+            time.sleep(0.4)
+            now = self.axial()
+            changed = before is None or now.shape != before.shape or np.abs(now - before).mean() > 0.05
+            if changed and now.shape == last.shape and np.abs(now - last).max() == 0:
+                return now
+            last = now
+        return last
+
+    def goto_nodule(self):
+        field = self.by_id("arseg-goto")
+        field.clear()
+        field.send_keys(", ".join(f"{v}" for v in self.nodule))
+        self.by_id("arseg-goto-button").click()
+
+    def click_axial_centre(self):
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        ActionChains(self.driver).move_to_element(self.views()[0]).click().perform()
+
+    def wait_run(self, timeout_s: float = 300.0) -> str:
+        self.wait(lambda: self.text("arseg-run-state") in ("done", "failed", "cancelled"), timeout_s, "the run")
+        return self.text("arseg-run-state")
+
+    def save(self, picture: np.ndarray, name: str):
+        from PIL import Image
+
+        keep = os.environ.get("ARSEG_WEB_SCREENSHOTS")
+        for folder in [self.tmp] + ([Path(keep)] if keep else []):
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture.astype(np.uint8)).save(folder / name)
+
+    def save_page(self, name: str):
+        keep = os.environ.get("ARSEG_WEB_SCREENSHOTS")
+        if keep:
+            Path(keep).mkdir(parents=True, exist_ok=True)
+            self.driver.save_screenshot(str(Path(keep) / name))
+
+
+def consensus_pixels(picture: np.ndarray, half: int = 80) -> int:
+    """Pixels near the view's centre whose colour is the consensus amber (outline at full opacity, fill at half
+    over grey CT): red and green well above blue, red above green, as no grey, heat or cyan point is."""
+    h, w, _ = picture.shape
+    window = picture[h // 2 - half:h // 2 + half, w // 2 - half:w // 2 + half]
+    r, g, b = window[..., 0], window[..., 1], window[..., 2]
+    return int(((r - b > 60) & (g - b > 30) & (r >= g) & (r - g < 90)).sum())
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    missing = _browser_missing()
+    if missing:
+        pytest.skip(f"no browser test: {missing}")
+    p = Page(tmp_path_factory.mktemp("web"))
+    try:
+        p.start_server()
+        p.start_browser()
+        p.timings["page_ready_s"] = round(p.open(), 2)
+        yield p
+    finally:
+        p.close()
+        timings_file = os.environ.get("ARSEG_WEB_TIMINGS")
+        if timings_file:
+            Path(timings_file).write_text(json.dumps(p.timings, indent=2) + "\n")
+
+
+def test_browser_click_segments_the_nodule(page):
+    page.goto_nodule()
+    before = page.settled_axial()
+    assert consensus_pixels(before) < 20, "consensus colour on the page before any click"
+    t0 = time.perf_counter()
+    page.click_axial_centre()
+    assert page.wait_run() == "done", page.text("arseg-run-message")
+    after = page.settled_axial(before)
+    page.timings["click_to_overlay_browser_s"] = round(time.perf_counter() - t0, 2)
+    page.timings["server"] = json.loads(page.text("arseg-timings"))
+    page.save(before, "web-before.png")
+    page.save(after, "web-consensus.png")
+    page.save_page("web-page.png")
+    assert consensus_pixels(after) > 300, f"only {consensus_pixels(after)} consensus-coloured pixels at the nodule"
+    assert "consensus" in page.text("arseg-run-message")
+    rows = page.text("arseg-report")
+    assert "Consensus volume" in rows and "Sample 16 IoU with consensus" in rows
+
+
+def test_browser_disagreement_toggle_changes_the_picture(page):
+    if page.text("arseg-run-state") != "done":
+        pytest.skip("needs the click of test_browser_click_segments_the_nodule")
+    plain = page.settled_axial()
+    page.by_id("arseg-disagreement").click()
+    heat = page.settled_axial(plain)
+    page.save(heat, "web-disagreement.png")
+    diff = np.abs(heat - plain).sum(-1)
+    assert (diff > 30).sum() > 100, "the disagreement toggle did not change the nodule's pixels"
+    page.by_id("arseg-disagreement").click()
+    back = page.settled_axial(heat)
+    assert np.abs(back - plain).mean() < np.abs(heat - plain).mean() / 4  # off again: the plain picture
+
+
+def test_browser_scale_slider_scrubs_coarse_to_fine(page):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    if page.text("arseg-run-state") != "done":
+        pytest.skip("needs the click of test_browser_click_segments_the_nodule")
+    thumb = page.driver.find_element(By.CSS_SELECTOR, ".arseg-scale .v-slider-thumb")
+    fine = page.settled_axial()
+    thumb.send_keys(Keys.HOME)
+    page.wait(lambda: page.text("arseg-scale-label").startswith("Scale 1/"), 10, "scale 1")
+    coarse = page.settled_axial(fine)
+    page.save(coarse, "web-scale-1.png")
+    assert (np.abs(coarse - fine).sum(-1) > 30).sum() > 100, "scale 1 looks like scale 8"
+    thumb.send_keys(Keys.END)
+    page.wait(lambda: page.text("arseg-scale-label") == "Scale 8/8", 10, "scale 8")
+    again = page.settled_axial(coarse)
+    assert np.abs(again - fine).mean() < np.abs(coarse - fine).mean() / 4
+
+
+def test_browser_downloads_are_the_results(page):
+    from ARSegLib import mrml
+
+    if page.text("arseg-run-state") != "done":
+        pytest.skip("needs the click of test_browser_click_segments_the_nodule")
+    stem = mrml.volume_stem(page.volume)
+    seg, report = page.downloads / f"{stem}.seg.nrrd", page.downloads / f"{stem}-report.json"
+    page.by_id("arseg-download-seg").click()
+    page.wait(seg.exists, 30, "the segmentation's download")
+    page.by_id("arseg-download-report").click()
+    page.wait(report.exists, 30, "the report's download")
+    data = json.loads(report.read_text())
+    assert data["mode"] == "click" and data["n_samples"] == 16
+    assert np.allclose(data["point_ras_mm"], page.nodule, atol=3.0)  # the click hit the nodule's centre
+    assert str(page.volume.parent) not in report.read_text()  # no server path leaves the server
+    scene = mrml.new_scene()
+    node = mrml.load_segmentation(scene, seg)
+    consensus_id = data.get("selected_nodule") or "Consensus"  # the nodule's consensus segment (one-nodule files:
+    assert consensus_id in mrml.segment_ids(node)  # "Consensus")
+    volume = mrml.load_volume(scene, page.volume)
+    consensus = mrml.segment_array(node, consensus_id, mrml.volume_array_shape(volume), mrml.world_ijk_to_ras(volume))
+    assert consensus.sum() * data["voxel_volume_mm3"] == pytest.approx(data["consensus_volume_mm3"], rel=1e-3)
+
+
+def test_browser_reload_mid_run_leaves_the_server_healthy(page):
+    if page.text("arseg-run-state") != "done":
+        pytest.skip("needs the click of test_browser_click_segments_the_nodule")
+    page.click_axial_centre()
+    page.wait(lambda: page.text("arseg-run-state") == "running", 30, "the second run to start")
+    page.driver.refresh()  # the page disconnects mid-run and a new one connects
+    page.timings["page_reload_s"] = round(page.open(), 2)
+    assert page.wait_run() == "done", page.text("arseg-run-message")
+    assert consensus_pixels(page.settled_axial()) > 300
+    assert page.server.poll() is None
