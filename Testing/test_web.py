@@ -25,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+try:
+    from selenium.webdriver.common.by import By
+except ImportError:  # the browser tests skip, saying so
+    By = None
 from conftest import LUNG1, ROOT
 
 DEMO = ROOT / "Resources" / "Demo" / "lung1-slab.nrrd"
@@ -161,8 +166,20 @@ def test_session_runs_one_click_at_a_time_and_cancels(small_volume_file):
     status = session.poll()
     assert status.state == "cancelled" and "nothing was changed" in status.message
     assert scene.GetNumberOfNodes() == n_nodes and session.results() is None
-    with pytest.raises(ReviewError, match="clicks only"):
+    with pytest.raises(ReviewError, match="model card"):
         session.start(None)  # no card: click mode only
+    from ARSegLib.models import read_card
+    from ARSegLib.pipeline import SettingsError, UnsupportedModeError
+
+    session.card = read_card("lidc-nodule")
+    assert session.modes == ["click"]
+    with pytest.raises(UnsupportedModeError, match="not validated"):
+        session.start(None)  # the shipped model's card lists clicks only
+    session.settings.n_samples = 0
+    with pytest.raises(SettingsError, match="n_samples"):
+        session.start(tuple(centre[:3]))
+    session.settings.n_samples = 16
+    assert client.runs[-1].finished  # none of these started a run
     session.start(tuple(centre[:3]))  # free again
     client.runs[-1].error, client.runs[-1].finished = RuntimeError("boom"), True
     assert session.poll().state == "failed" and "boom" in session.status.message
@@ -307,6 +324,9 @@ class Page:
             last = now
         return last
 
+    def nodules(self):
+        return [e.text for e in self.driver.find_elements(By.CSS_SELECTOR, ".arseg-nodule")]
+
     def goto_nodule(self):
         field = self.by_id("arseg-goto")
         field.clear()
@@ -450,3 +470,19 @@ def test_browser_reload_mid_run_leaves_the_server_healthy(page):
     assert page.wait_run() == "done", page.text("arseg-run-message")
     assert consensus_pixels(page.settled_axial()) > 300
     assert page.server.poll() is None
+    assert len(page.nodules()) == 1  # the click inside the nodule redid it
+
+
+def test_browser_keeps_samples_on_demand_and_clears(page):
+    if page.text("arseg-run-state") != "done":
+        pytest.skip("needs the click of test_browser_click_segments_the_nodule")
+    page.by_id("arseg-include-samples").click()
+    page.click_axial_centre()
+    page.wait(lambda: page.text("arseg-run-state") == "running", 30, "the run with samples to start")
+    assert page.wait_run() == "done", page.text("arseg-run-message")
+    page.wait(lambda: page.driver.find_elements(By.ID, "arseg-sample"), 10, "the sample chooser")
+    with_result = page.settled_axial()
+    page.by_id("arseg-clear-nodules").click()
+    cleared = page.settled_axial(with_result)
+    assert consensus_pixels(with_result) > 300 and consensus_pixels(cleared) < 20
+    assert page.nodules() == []

@@ -89,6 +89,7 @@ class ARSegWebApp(TrameApp):
         s.show_disagreement, s.disagreement_opacity = False, 0.5
         s.include_samples, s.n_samples_kept, s.sample_shown = False, 0, 0
         s.report_rows = []
+        s.nodules = []
         s.has_result = False
         s.whole_volume_allowed = "volume" in self.session.modes
         s.timings = {}
@@ -216,11 +217,31 @@ class ARSegWebApp(TrameApp):
         s.n_scales = self.session.n_scales()
         s.scale = s.n_scales
         s.report_rows = self.session.report_rows()
-        s.n_samples_kept = (sum(1 for i in mrml.segment_ids(nodes.segmentation) if i.startswith("Sample_"))
-                            if nodes is not None else 0)
+        s.nodules = [{"id": n.id, "name": n.name, "volume": f"{n.consensus_volume_mm3:.0f}", "selected": n.selected}
+                     for n in self.session.nodules()]
+        s.n_samples_kept = self.session.samples_kept()
         s.sample_shown = 0
         if nodes is not None:
             self.session.show_disagreement(s.show_disagreement, s.disagreement_opacity)
+
+    def select_nodule(self, nid):
+        self._nodule_action(self.session.select_nodule, nid)
+
+    def delete_nodule(self, nid):
+        self._nodule_action(self.session.delete_nodule, nid)
+
+    def clear_nodules(self):
+        self._nodule_action(self.session.clear_nodules)
+        self._clicks.RemoveAllControlPoints()
+
+    def _nodule_action(self, action, *args):
+        try:
+            action(*args)
+        except ReviewError as e:
+            self._fail(str(e))
+            return
+        self.state.error_message = ""
+        self._refresh_results()
 
     def _on_scale(self, scale=0, **_):
         if self.state.has_result and scale:
@@ -278,7 +299,8 @@ class ARSegWebApp(TrameApp):
             with layout.drawer, html.Div(classes="arseg-panel pa-3 d-flex flex-column", style="gap: 10px"):
                 v3.VSelect(id="arseg-volume", label="Volume", items=("volume_choices",), v_model=("volume_key",),
                            density="compact", hide_details=True, disabled=("run_state === 'running'",))
-                html.Div("Click on a nodule in a slice view to segment it.", classes="text-caption",
+                html.Div("Click on a nodule in a slice view to segment it: a click outside the nodules so far adds "
+                         "one, a click inside one redoes it.", classes="text-caption",
                          v_show="volume_loaded || volume_key")
                 with html.Div(classes="d-flex", style="gap: 6px"):
                     v3.VTextField(id="arseg-goto", label="Go to R, A, S (mm)", v_model=("goto_text",),
@@ -294,6 +316,21 @@ class ARSegWebApp(TrameApp):
                         disabled=("!volume_key || run_state === 'running'",))
                 v3.VAlert(id="arseg-error", v_if="error_message", text=("error_message",), type="warning",
                           density="compact", closable=True, click_close="error_message = ''")
+                with html.Div(v_if="nodules.length", classes="d-flex flex-column", style="gap: 2px"):
+                    with html.Div(classes="d-flex align-center"):
+                        html.Span("Nodules", classes="text-body-2")
+                        v3.VSpacer()
+                        v3.VBtn("Clear all", id="arseg-clear-nodules", click=self.clear_nodules, density="compact",
+                                variant="text", size="small", disabled=("run_state === 'running'",))
+                    with html.Div(v_for="n in nodules", key="n.id", classes="d-flex align-center arseg-nodule",
+                                  style="gap: 4px"):
+                        v3.VBtn("{{ n.name }}", click=(self.select_nodule, "[n.id]"), density="compact",
+                                size="small", variant=("n.selected ? 'flat' : 'text'",),
+                                color=("n.selected ? 'amber' : undefined",))
+                        html.Span("{{ n.volume }} mm\u00b3", classes="text-caption")
+                        v3.VSpacer()
+                        v3.VBtn(icon="mdi-delete", click=(self.delete_nodule, "[n.id]"), density="compact",
+                                size="small", variant="text", disabled=("run_state === 'running'",))
                 with html.Div(v_if="has_result", classes="d-flex flex-column", style="gap: 6px"):
                     html.Div("Scale {{ scale }}/{{ n_scales }}", id="arseg-scale-label", classes="text-body-2")
                     v3.VSlider(id="arseg-scale", classes="arseg-scale", v_model=("scale",), min=1, max=("n_scales",),

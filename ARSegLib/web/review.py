@@ -83,9 +83,8 @@ class ReviewSession:
 
     @property
     def modes(self) -> List[str]:
-        """Run modes the model card allows: "click" always, "volume" only where the card lists it."""
-        modes = list((self.card.data.get("modes") if self.card is not None else None) or ["click"])
-        return modes if "click" in modes else ["click", *modes]
+        """Run modes the model card allows (pipeline.card_modes: click only unless the card lists more)."""
+        return list(pipeline.card_modes(self.card)) if self.card is not None else [pipeline.MODE_CLICK]
 
     def open_volume(self, key):
         """The catalog entry under key, loaded once into the scene; unknown keys are refused."""
@@ -113,15 +112,17 @@ class ReviewSession:
             raise ReviewError("open a volume first")
         if self.status.running:
             raise ReviewError("ARSeg is still working on the previous click: wait for it or cancel it")
-        if point_ras is None and "volume" not in self.modes:
-            raise ReviewError(f"model {self.card.name if self.card else ''!s} is for clicks only: its card does not "
-                              f"allow whole-volume runs")
+        if point_ras is None:
+            if self.card is None:
+                raise ReviewError("whole-volume runs need a model card that allows them")
+            pipeline.check_mode(self.card, pipeline.MODE_VOLUME)  # the card's own words when it does not
+        settings = self.settings.segment_settings().check()  # a bad setting: said now, before any work
         array = mrml.volume_array(self.volume_node)
         m = mrml.world_ijk_to_ras(self.volume_node)
         if point_ras is not None:
             pipeline.check_point(point_ras, array.shape, m)  # a click outside the CT: say so now, run nothing
         self._run = self.client.segment(array, m, point_ras=None if point_ras is None else tuple(point_ras),
-                                        settings=self.settings.segment_settings(),
+                                        settings=settings,
                                         volume_key=(self.volume_key, self.volume_node.GetID()))
         self._run_started = time.perf_counter()
         where = "the whole volume" if point_ras is None else "R {:.1f}, A {:.1f}, S {:.1f}".format(*point_ras)
@@ -172,6 +173,40 @@ class ReviewSession:
             raise ReviewError("no result yet: click on a nodule first")
         return nodes
 
+    def nodules(self) -> List[mrml.NoduleInfo]:
+        """The volume's nodules, in the order they were made (each click outside them adds one)."""
+        return mrml.list_nodules(self.scene, self.volume_node) if self.volume_node is not None else []
+
+    def _consensus_shown(self, nodes: mrml.ResultNodes, show: bool) -> None:
+        nid = nodes.nodule
+        display = nodes.segmentation.GetDisplayNode()
+        if nid and display is not None and nodes.segmentation.GetSegmentation().GetSegment(nid) is not None:
+            display.SetSegmentVisibility(nid, bool(show))
+
+    def select_nodule(self, nid: str) -> None:
+        """The nodule the scale slider, the heat map and the report follow."""
+        nodes = self._require_results()
+        self._consensus_shown(nodes, True)  # a nodule left mid-scrub gets its consensus back
+        try:
+            mrml.select_nodule(self.scene, self.volume_node, nid)
+        except mrml.ResultError as e:
+            raise ReviewError(str(e)) from e
+
+    def delete_nodule(self, nid: str) -> None:
+        self._require_nodule_action()
+        try:
+            mrml.delete_nodule(self.scene, self.volume_node, nid)
+        except mrml.ResultError as e:
+            raise ReviewError(str(e)) from e
+
+    def clear_nodules(self) -> int:
+        self._require_nodule_action()
+        return mrml.clear_nodules(self.scene, self.volume_node) if self.volume_node is not None else 0
+
+    def _require_nodule_action(self):
+        if self.status.running:  # the run's result is written against the nodules as they are
+            raise ReviewError("ARSeg is working on a click: wait for it or cancel it first")
+
     def n_scales(self) -> int:
         nodes = self.results()
         return nodes.sequence.GetNumberOfDataNodes() if nodes is not None and nodes.sequence is not None else 0
@@ -187,25 +222,30 @@ class ReviewSession:
         # the proxy follows the browser only where a Sequences logic watched the scene when the browser was added;
         # mrml makes its private one on first use, after that: update the proxy explicitly
         mrml.sequences_logic(self.scene).UpdateProxyNodesFromSequences(nodes.browser)
-        consensus_id = getattr(nodes, "nodule", None) or "Consensus"
-        display = nodes.segmentation.GetDisplayNode()
-        if display is not None and nodes.segmentation.GetSegmentation().GetSegment(consensus_id) is not None:
-            display.SetSegmentVisibility(consensus_id, k == n)
+        self._consensus_shown(nodes, k == n)
 
     def show_disagreement(self, show: bool, opacity: float = 0.5) -> None:
         nodes = self.results()
         if nodes is not None:
             mrml.show_disagreement(self.scene, nodes, bool(show), float(opacity))
 
+    def samples_kept(self) -> int:
+        """How many `Sample i` segments the selected nodule has (runs with 'keep samples' ticked)."""
+        nodes = self.results()
+        if nodes is None or not nodes.nodule:
+            return 0
+        present = set(mrml.segment_ids(nodes.segmentation))
+        return sum(1 for i in range(1, pipeline.MAX_SAMPLES + 1) if mrml.sample_segment_id(i, nodes.nodule) in present)
+
     def show_sample(self, i: int) -> None:
-        """Show sample i (1-based) and hide the others; 0 hides them all. Only runs that kept their samples."""
+        """Show the selected nodule's sample i (1-based) and hide its others; 0 hides them all."""
         nodes = self._require_results()
+        kept = self.samples_kept()
+        if i and not 1 <= i <= kept:
+            raise ReviewError("this nodule's run kept no such sample: tick 'keep samples' and click it again")
         display = nodes.segmentation.GetDisplayNode()
-        ids = [s for s in mrml.segment_ids(nodes.segmentation) if s.startswith("Sample_")]
-        if i and mrml.sample_segment_id(i) not in ids:
-            raise ReviewError("this run kept no samples: tick 'keep samples' and click again")
-        for segment_id in ids:
-            display.SetSegmentVisibility(segment_id, segment_id == mrml.sample_segment_id(i))
+        for k in range(1, kept + 1):
+            display.SetSegmentVisibility(mrml.sample_segment_id(k, nodes.nodule), k == i)
 
     def report(self) -> Dict[str, Any]:
         nodes = self.results()
