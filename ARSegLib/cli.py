@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
+import os
 import platform
+import re
 import sys
 from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
 
 LIDC_CARD = {
     "description": "AR-Seg lung-nodule model: 2D 128 x 128 axial crops around a nodule, 16 samples, "
@@ -19,6 +24,8 @@ LIDC_CARD = {
                   "description": "each 128 x 128 crop's own HU range mapped linearly to [0, 1] "
                                  "(as the LIDC-IDRI-slices PNGs: 255 * (HU - min) / (max - min))"},
     "labels": {"1": "Lung nodule"},
+    # trained and validated on crops centred on a nodule only: whole-volume tiling marks structures everywhere
+    "modes": ["click"],
     "training": {"data": "LIDC-IDRI-slices in ../shared/data/lidc (both tars, 803 patients), split train "
                          "of splits.json (695 patients, 12503 crops, 4 readers each); checkpoints and "
                          "sampling settings chosen on val"},
@@ -29,17 +36,17 @@ def _add_common_train(p):
     p.add_argument("--data", required=True, nargs="+", metavar="DATA",
                    help="LIDC tars, crop directories or a folder of tars (splits.json beside them)")
     p.add_argument("--out", default="checkpoints/lidc", help="folder for checkpoints and CSV logs")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the stage's own)")
     p.add_argument("--minutes", type=float, default=None, help="stop after this much training time")
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch", type=int, default=None, help="crops per step (default: the stage's own)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the stage's own)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--config", default=None, help="JSON file of ARSegConfig fields (default: the LIDC model)")
     p.add_argument("--tiny", action="store_true", help="tiny configuration (tests, smoke runs)")
     p.add_argument("--limit", type=int, default=0, help="use only the first N training crops")
-    p.add_argument("--eval-every", type=int, default=None)
-    p.add_argument("--eval-images", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None, help="validate every this many steps")
+    p.add_argument("--eval-images", type=int, default=None, help="val crops used for each validation")
 
 
 def _train_config(args, **defaults):
@@ -215,6 +222,34 @@ def _fail(command: str, message: str):
     raise SystemExit(2)
 
 
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity)"
+_NUMBERS = re.compile(rf"^(?:{_NUMBER})(?:,(?:{_NUMBER}))*,?$", re.IGNORECASE)
+
+
+def join_point_arguments(argv: Sequence[str]) -> List[str]:
+    """`--point -56.4,-86.34,-115.96` and `--point -56.4 -86.34 -115.96` as `--point=-56.4,-86.34,-115.96`.
+
+    argparse takes a word starting with '-' for an option, and in RAS the first coordinate is negative on the
+    patient's left half: half of all clicks. The numbers after --point (up to three) are joined to it."""
+    out: List[str] = []
+    i = 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--point":
+            values: List[str] = []
+            j = i + 1
+            while j < len(argv) and len(values) < 3 and _NUMBERS.match(argv[j]):
+                values += [v for v in argv[j].split(",") if v]
+                j += 1
+            if values:
+                out.append("--point=" + ",".join(values))
+                i = j
+                continue
+        out.append(word)
+        i += 1
+    return out
+
+
 def parse_point(text) -> tuple:
     """'R,A,S' (or three separate values) in millimetres -> (R, A, S)."""
     tokens = [t for part in (text if isinstance(text, (list, tuple)) else [text]) for t in str(part).split(",") if t]
@@ -222,17 +257,38 @@ def parse_point(text) -> tuple:
         values = tuple(float(t) for t in tokens)
     except ValueError:
         values = ()
-    if len(values) != 3 or not all(v == v and abs(v) != float("inf") for v in values):
-        raise CommandError(f"--point takes three numbers R,A,S in millimetres (e.g. --point=-56.4,-86.3,-116.0), "
-                           f"got {' '.join(map(str, text if isinstance(text, (list, tuple)) else [text]))!r}")
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        given = " ".join(map(str, text if isinstance(text, (list, tuple)) else [text]))
+        raise CommandError(f"--point takes three finite numbers R,A,S in millimetres (e.g. --point "
+                           f"-56.4,-86.3,-116.0), got {given!r}")
     return values
 
 
-def _segment_settings(args):
-    from .pipeline import SegmentSettings
+DEVICES = ("auto", "cpu", "cuda")
 
-    return SegmentSettings(n_samples=args.samples, temperature=args.temperature, seed=args.seed,
-                           half_height_mm=args.half_height)
+
+def check_device(device: str) -> str:
+    if device in DEVICES or re.fullmatch(r"cuda:\d+", device or ""):
+        return device
+    raise CommandError(f"unknown --device {device!r}: choose one of {', '.join(DEVICES)} (or cuda:N for GPU N; "
+                       f"'cuda' is any NVIDIA GPU torch sees)")
+
+
+def _segment_settings(args):
+    from .pipeline import SegmentSettings, SettingsError
+
+    settings = SegmentSettings(n_samples=args.samples, temperature=args.temperature, seed=args.seed,
+                               half_height_mm=args.half_height)
+    option = {"n_samples": "--samples", "temperature": "--temperature", "seed": "--seed",
+              "half_height_mm": "--half-height"}
+    try:
+        return settings.check()
+    except SettingsError as e:
+        message = str(e)
+        for name, flag in option.items():
+            if message.startswith(name + " "):
+                message = flag + message[len(name):]
+        raise CommandError(message) from None
 
 
 def _user_errors():
@@ -241,7 +297,7 @@ def _user_errors():
     from .mrml import ResultError
     from .pipeline import VolumeError
 
-    return (CommandError, ModelError, VolumeError, ResultError, FileNotFoundError, ValueError, RuntimeError)
+    return (CommandError, ModelError, VolumeError, ResultError, FileNotFoundError, ValueError, RuntimeError, OSError)
 
 
 def _load_predictor(model: str, device: str):
@@ -251,83 +307,200 @@ def _load_predictor(model: str, device: str):
     return load_model(model, resolve_device(device))
 
 
+def check_output(path, option: str, suffixes: Tuple[str, ...], inputs: Sequence[Path] = ()) -> Path:
+    """An output path that can be written: the right suffix, not a folder, not an input, its folder writable (or
+    creatable). Checked before any work, so a run never fails at its end for a reason known at its start."""
+    path = Path(path)
+    if path.is_dir():
+        raise CommandError(f"{option} {path} is a folder; give a file name")
+    if not path.name.lower().endswith(suffixes):
+        raise CommandError(f"{option} must end in {' or '.join(suffixes)}, got {path.name}")
+    if any(path.resolve() == Path(p).resolve() for p in inputs):
+        raise CommandError(f"{option} {path} is an input file; choose another name")
+    parent = path.parent.resolve()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{option}: cannot write into {parent} (no permission or not a folder)")
+    return path
+
+
 def write_preview_png(result, path, title: str = ""):
-    """Image, the consensus after each scale, the consensus and the disagreement through the click's plane."""
-    import matplotlib
+    """The figure of one result (kept for callers of the earlier API); see ARSegLib.figure."""
+    from .figure import write_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    return write_figure([result], path, title=title)
 
-    p = result.preview
-    k = p.scale_consensus.shape[0]
-    panels = [("image", p.image, "gray", None)]
-    panels += [(f"scale {s + 1}/{k}", p.scale_consensus[s], None, p.image) for s in range(k)]
-    panels += [("consensus", p.consensus, None, p.image), ("disagreement", p.disagreement, "hot", None)]
-    cols = min(len(panels), 6)
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (name, data, cmap, under) in zip(axes.flat, panels):
-        if under is not None:  # a mask drawn over the image
-            ax.imshow(under, cmap="gray", vmin=0, vmax=1)
-            ax.imshow(np.ma.masked_where(data == 0, data), cmap="autumn", alpha=0.6, vmin=0, vmax=1)
-        else:
-            ax.imshow(data, cmap=cmap, vmin=0, vmax=1)
-        ax.set_title(name, fontsize=9)
-    fig.suptitle(title or f"{result.model_name}: {p.title}", fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+
+def _check_model_mode(model: str, mode: str):
+    from .models import read_card
+    from .pipeline import MODE_VOLUME, check_mode
+
+    card = read_card(model)  # no torch: a refused mode costs no model loading
+    try:
+        check_mode(card, mode)
+    except Exception as e:
+        if mode == MODE_VOLUME:
+            raise CommandError(f"{e} Without --point, `arseg segment` segments the whole volume.") from None
+        raise CommandError(str(e)) from None
+    return card
+
+
+def _progress_bar(desc: str):
+    """A bar in scales (each point's K scales in turn), made on the first call: input errors print their one
+    line with no bar before it."""
+    from tqdm import tqdm
+
+    bars = []
+
+    def progress(done, total):
+        if not bars:
+            bars.append(tqdm(total=total, desc=desc, leave=False,
+                             bar_format="{desc}: {percentage:3.0f}%|{bar}| scale {n}/{total} [{elapsed}<{remaining}]"))
+        bars[0].n = done
+        bars[0].refresh()
+
+    return progress, bars
+
+
+def _nodule_line(entry) -> str:
+    point = entry.get("point_ras_mm")
+    where = f" at R,A,S {', '.join(f'{v:.1f}' for v in point)}" if point else ""
+    vols = entry["sample_volume_mm3"]
+    marking = f"{entry.get('samples_marking', entry['n_samples'])} of {entry['n_samples']} samples mark it"
+    if entry["consensus_volume_mm3"] > 0:
+        return (f"{entry['name']}{where}: consensus {entry['consensus_volume_mm3']:.1f} mm3, samples "
+                f"{vols['min']:.1f}-{vols['max']:.1f} mm3 ({marking})")
+    return (f"{entry['name']}{where}: consensus empty; {marking}, {entry.get('if_present_volume_mm3', 0):.1f} mm3 "
+            f"if present")
 
 
 def cmd_segment(args):
-    from tqdm import tqdm
+    from .pipeline import MODE_CLICK, MODE_VOLUME
 
     try:
-        point = parse_point(args.point) if args.point is not None else None
-        out = Path(args.out)
-        if not out.name.lower().endswith(".seg.nrrd"):
-            raise CommandError(f"--out must end in .seg.nrrd (what Slicer reads as a segmentation), got {out.name}")
-        if not Path(args.volume).is_file():
-            raise CommandError(f"volume file not found: {args.volume}")
-        from .mrml import OutputOptions, segment_file
+        settings = _segment_settings(args)
+        check_device(args.device)
+        points = [parse_point(p) for p in (args.point or [])]
+        volume = Path(args.volume)
+        if not volume.is_file():
+            raise CommandError(f"volume file not found: {volume}")
+        from .mrml import OutputOptions, check_image_file, segment_file
 
+        check_image_file(volume)
+        out = check_output(args.out, "--out", (".seg.nrrd",), [volume])
+        png = check_output(args.png, "--png", (".png",), [volume]) if args.png else None
+        report = check_output(args.report, "--report", (".json",), [volume]) if args.report else None
+        chosen = [p for p in (out, png, report) if p is not None]
+        if len({p.resolve() for p in chosen}) < len(chosen):
+            raise CommandError("--out, --png and --report must be different files")
+        _check_model_mode(args.model, MODE_CLICK if points else MODE_VOLUME)
         predictor, card = _load_predictor(args.model, args.device)
-        bars = []  # made on the first progress call: input errors print their one line with no bar before it
-
-        def progress(done, total):
-            if not bars:
-                bars.append(tqdm(total=total, desc=f"arseg segment {Path(args.volume).name}", unit="scale",
-                                 leave=False))
-            bars[0].n = done
-            bars[0].refresh()
-
+        progress, bars = _progress_bar(f"arseg segment {volume.name}")
         try:
-            result, nodes = segment_file(args.volume, out, predictor, card, point, _segment_settings(args),
-                                         OutputOptions(include_samples=args.include_samples),
-                                         report_path=args.report, progress=progress)
+            result, nodes = segment_file(volume, out, predictor, card, None, settings,
+                                         OutputOptions(include_samples=args.include_samples), report_path=report,
+                                         progress=progress, points=points, png_path=png)
         finally:
             for bar in bars:
                 bar.close()
-        if args.png:
-            write_preview_png(result, args.png)
     except _user_errors() as e:
-        _fail("segment", str(e))
-    r = nodes.report
-    print(f"{out}: consensus {r['consensus_volume_mm3']:.1f} mm3, samples {r['sample_volume_mm3']['min']:.1f}-"
-          f"{r['sample_volume_mm3']['max']:.1f} mm3 ({card.name}, {r['n_samples']} samples, "
-          f"{result.timings_s.get('total', 0):.1f} s)")
+        _fail("segment", str(e).replace("\n", " "))
+    seconds = sum(r.timings_s.get("total", 0) for r in nodes.results)
+    print(f"{out}: {len(nodes.report['nodules'])} nodule(s) ({card.name}, {seconds:.1f} s)")
+    for entry in nodes.report["nodules"]:
+        print("  " + _nodule_line(entry))
+    for path in (png, report):
+        if path is not None:
+            print(f"  wrote {path}")
 
+
+# ------------------------------------------------------------------------------------ batch: which points
 
 def find_cases(input_dir: Path, pattern: str):
-    """Image files under input_dir matching pattern, segmentations excluded, in a stable order."""
+    """Image files under input_dir matching pattern, segmentations and markups excluded, in a stable order."""
     if not input_dir.is_dir():
         raise CommandError(f"input folder not found: {input_dir}")
-    return sorted(p for p in input_dir.glob(pattern) if p.is_file() and not p.name.lower().endswith(".seg.nrrd"))
+    skip = (".seg.nrrd", ".mrk.json", ".json", ".csv")
+    return sorted(p for p in input_dir.glob(pattern) if p.is_file() and not p.name.lower().endswith(skip))
+
+
+def read_markups_points(path: Path) -> List[Tuple[float, float, float]]:
+    """The control points of a Slicer markups file (.mrk.json) in RAS (Slicer writes LPS by default)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        points = []
+        for markup in data["markups"]:
+            lps = str(markup.get("coordinateSystem", "LPS")).upper() == "LPS"
+            for cp in markup.get("controlPoints", []):
+                x, y, z = (float(v) for v in cp["position"])
+                points.append((-x, -y, z) if lps else (x, y, z))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CommandError(f"{path} is not a Slicer markups file with control points ({e})") from None
+    for p in points:
+        parse_point(list(p))
+    return points
+
+
+def read_points_file(path: Path) -> Dict[str, List[Tuple[float, float, float]]]:
+    """--points: a CSV `case,R,A,S` (a header line optional, several rows per case) or a JSON object
+    {case: [R, A, S] or [[R, A, S], ...]}. A case is a path relative to INPUT_DIR, a file name or a stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"--points file not found: {path}")
+    out: Dict[str, List[Tuple[float, float, float]]] = {}
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text())
+        except ValueError as e:
+            raise CommandError(f"--points {path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise CommandError("--points JSON must be an object {\"case\": [R, A, S] or [[R, A, S], ...]}")
+        for case, value in data.items():
+            rows = value if value and isinstance(value[0], (list, tuple)) else [value]
+            out[str(case)] = [parse_point(list(r)) for r in rows]
+        return out
+    with open(path, newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            cells = [c.strip() for c in row]
+            if not cells or not any(cells) or cells[0].startswith("#"):
+                continue
+            if n == 1 and cells[0].lower() == "case":
+                continue  # header
+            if len(cells) != 4:
+                raise CommandError(f"--points {path} line {n}: expected case,R,A,S, got {','.join(cells)!r}")
+            try:
+                point = parse_point(cells[1:])
+            except CommandError:
+                raise CommandError(f"--points {path} line {n}: R, A, S must be finite numbers in mm, got "
+                                   f"{','.join(cells[1:])!r}") from None
+            out.setdefault(cells[0], []).append(point)
+    return out
+
+
+def points_for_cases(cases: Sequence[Path], input_dir: Path, table: Dict[str, list]) -> Dict[Path, list]:
+    """Each case's points: from the table (by relative path, file name or stem) and from NAME.mrk.json beside it.
+    A table row that names no case, or more than one, is an error: better refused than guessed."""
+    from .mrml import volume_stem
+
+    keys: Dict[str, List[Path]] = {}
+    for case in cases:
+        for key in {case.relative_to(input_dir).as_posix(), case.name, volume_stem(case)}:
+            keys.setdefault(key, []).append(case)
+    points: Dict[Path, list] = {case: [] for case in cases}
+    for key, rows in table.items():
+        matches = keys.get(Path(key).as_posix(), [])
+        if not matches:
+            raise CommandError(f"--points names case {key!r}, which is not among the {len(cases)} files found")
+        if len(matches) > 1:
+            raise CommandError(f"--points case {key!r} matches {len(matches)} files; give its path relative to the "
+                               f"input folder")
+        points[matches[0]] += rows
+    for case in cases:
+        markups = case.with_name(volume_stem(case) + ".mrk.json")
+        if markups.is_file():
+            points[case] += read_markups_points(markups)
+    return points
 
 
 def _case_outputs(case: Path, input_dir: Path, output_dir: Path):
@@ -335,7 +508,8 @@ def _case_outputs(case: Path, input_dir: Path, output_dir: Path):
 
     rel = case.relative_to(input_dir)
     base = output_dir / rel.parent / volume_stem(case)
-    return rel, base.with_name(base.name + ".seg.nrrd"), base.with_name(base.name + ".report.json")
+    return (rel, base.with_name(base.name + ".seg.nrrd"), base.with_name(base.name + ".report.json"),
+            base.with_name(base.name + ".png"))
 
 
 def cmd_batch(args):
@@ -344,40 +518,47 @@ def cmd_batch(args):
     import torch.distributed as dist
     from tqdm import tqdm
 
+    from .pipeline import MODE_CLICK, MODE_VOLUME
     from .training.distributed import init_distributed, is_main, resolve_device
 
     input_dir, output_dir = Path(args.input_dir), Path(args.output_dir)
     try:
+        settings = _segment_settings(args)
+        check_device(args.device)
         cases = find_cases(input_dir, args.pattern)
         if not cases:
             raise CommandError(f"no files match {args.pattern!r} in {input_dir}")
-        points = {}
-        if args.points:
-            points = json.loads(Path(args.points).read_text())
-            if not isinstance(points, dict):
-                raise CommandError("--points must be a JSON object {\"relative/path\": [R, A, S]}")
-        device = resolve_device(args.device)
-        rank, world = init_distributed(device)
-        device = resolve_device(args.device)  # under torchrun, each rank takes its own GPU
-        from .models import load_model
+        points = points_for_cases(cases, input_dir, read_points_file(Path(args.points)) if args.points else {})
+        _check_model_mode(args.model, MODE_CLICK)
+        if args.whole_volume:
+            _check_model_mode(args.model, MODE_VOLUME)
+        check_output(output_dir / "batch.json", "OUTPUT_DIR", (".json",))
+        rank, world = init_distributed(resolve_device(args.device))
         from .mrml import OutputOptions, segment_file
 
-        predictor, card = load_model(args.model, device)
+        predictor, card = _load_predictor(args.model, args.device)  # under torchrun, each rank takes its own GPU
     except _user_errors() as e:
-        _fail("batch", str(e))
+        _fail("batch", str(e).replace("\n", " "))
 
     mine = cases[rank::world]  # ranks take every world-th case: no scheduler, no shared state
     records = []
     for case in tqdm(mine, desc=f"arseg batch rank {rank}/{world}", disable=not args.progress and not is_main()):
-        rel, seg_path, report_path = _case_outputs(case, input_dir, output_dir)
-        record = {"case": str(rel), "rank": rank, "segmentation": str(seg_path), "report": str(report_path)}
+        rel, seg_path, report_path, png_path = _case_outputs(case, input_dir, output_dir)
+        record = {"case": str(rel), "rank": rank, "segmentation": str(seg_path), "report": str(report_path),
+                  "points_ras_mm": [list(p) for p in points[case]]}
         t0 = time.perf_counter()
+        if not points[case] and not args.whole_volume:
+            record.update(status="no-points", error="no points for this case: not segmented (give them in --points "
+                                                    "or a .mrk.json beside the scan)")
+            print(f"arseg batch: {rel}: no points: not segmented", file=sys.stderr)
+            records.append(record)
+            continue
         try:
-            point = parse_point(points[str(rel)]) if str(rel) in points else None
-            _, nodes = segment_file(case, seg_path, predictor, card, point, _segment_settings(args),
-                                    OutputOptions(include_samples=args.include_samples), report_path=report_path)
-            record.update(status="ok", mode=nodes.report["mode"],
-                          consensus_volume_mm3=nodes.report["consensus_volume_mm3"])
+            _, nodes = segment_file(case, seg_path, predictor, card, None, settings,
+                                    OutputOptions(include_samples=args.include_samples), report_path=report_path,
+                                    points=points[case], png_path=png_path if args.png else None)
+            record.update(status="ok", mode=nodes.report["mode"], n_nodules=len(nodes.report["nodules"]),
+                          consensus_volume_mm3=[n["consensus_volume_mm3"] for n in nodes.report["nodules"]])
         except _user_errors() as e:
             record.update(status="error", error=str(e))
             print(f"arseg batch: {rel}: error: {e}", file=sys.stderr)
@@ -389,29 +570,35 @@ def cmd_batch(args):
         everyone = [None] * world
         dist.all_gather_object(everyone, records)
     all_records = sorted((r for part in everyone for r in part), key=lambda r: r["case"])
-    failed = [r for r in all_records if r["status"] != "ok"]
+    failed = [r for r in all_records if r["status"] == "error"]
+    unpointed = [r for r in all_records if r["status"] == "no-points"]
+    n_ok = len(all_records) - len(failed) - len(unpointed)
     if is_main():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"model": card.name, "world_size": world, "cases": all_records,
-                   "n_ok": len(all_records) - len(failed), "n_failed": len(failed)}
-        (output_dir / "batch.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"arseg batch: {len(all_records) - len(failed)} of {len(all_records)} cases segmented "
-              f"on {world} rank(s); summary in {output_dir / 'batch.json'}")
+        from .mrml import write_files_atomically
+
+        summary = {"model": card.name, "world_size": world, "cases": all_records, "n_ok": n_ok,
+                   "n_failed": len(failed), "n_without_points": len(unpointed)}
+        write_files_atomically({output_dir / "batch.json":
+                                lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n")})
+        print(f"arseg batch: {n_ok} of {len(all_records)} cases segmented on {world} rank(s); "
+              f"{len(failed)} failed, {len(unpointed)} without points; summary in {output_dir / 'batch.json'}")
     if dist.is_initialized():
         dist.destroy_process_group()
-    if failed:
+    if failed or unpointed:
         raise SystemExit(1)
 
 
 def _add_sampling_args(p):
     p.add_argument("--model", default="lidc-nodule", help="model name or card path (default: the shipped lidc-nodule)")
-    p.add_argument("--samples", type=int, default=16, help="samples per crop (default 16)")
-    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the model card's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same result")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--samples", type=int, default=16, help="samples per crop, 1 to 64 (default 16)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature, above 0 and at most 5 (default: the model card's, 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed >= 0: the same seed gives the same result")
+    p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--half-height", type=float, default=20.0,
-                   help="click mode: millimetres above and below the click to segment (default 20)")
-    p.add_argument("--include-samples", action="store_true", help="also write every sample as a hidden segment")
+                   help="millimetres above and below each click to segment, 0 to 200 (default 20)")
+    p.add_argument("--include-samples", action="store_true",
+                   help="also write every sample of each nodule as a hidden segment")
 
 
 def cmd_calibrate_presence(args):
@@ -458,8 +645,20 @@ def cmd_view(args):
         _fail("view", str(e))
 
 
+def version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as package_version
+
+        return package_version("arseg")
+    except (ImportError, PackageNotFoundError):  # a source tree that was not pip-installed
+        text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+        return re.search(r'^version = "([^"]+)"', text, re.M).group(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="arseg", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"arseg {version()}")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the mask autoencoder or the segmentor")
@@ -479,59 +678,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="lidc-nodule", help="model name or card path")
     p.add_argument("--data", required=True, nargs="+", metavar="DATA",
                    help="LIDC tars, crop directories or a folder of tars (splits.json beside them)")
-    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
-    p.add_argument("--samples", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", default=None)
+    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"],
+                   help="split of splits.json to evaluate (default val; all: every crop)")
+    p.add_argument("--samples", type=int, default=16, help="samples per crop (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the card's)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N crops (0: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--json", default=None, help="write every metric to this JSON file")
     p.add_argument("--baseline", choices=["unet", "unet-levels"], default=None,
                    help="evaluate a baseline instead: unet (the model's dense head, deterministic) or unet-levels "
                         "(its soft map thresholded at N levels, probabilistic)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate-presence", help="refit the presence head on frozen features; kept if val improves")
-    p.add_argument("--model", default="lidc-nodule")
+    p.add_argument("--model", default="lidc-nodule", help="model name or card path")
     p.add_argument("--data", required=True, nargs="+", metavar="DATA", help="LIDC tars or a folder of tars")
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=200, help="passes over the training crops' features")
     p.add_argument("--flips", action="store_true", help="fit on the 8 flips/rotations of each crop too")
     p.add_argument("--out", default=None, help="output base path (default: overwrite the model in place)")
     p.set_defaults(func=cmd_calibrate_presence)
 
     p = sub.add_parser("bench", help="inference speed: per crop (cached vs no-cache), split, lung1 click")
-    p.add_argument("--model", default="lidc-nodule")
+    p.add_argument("--model", default="lidc-nodule", help="model name or card path")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--runs", type=int, default=10, help="timed runs per measurement (medians)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--volume-slices", type=int, default=4, help="lung1 slices timed in whole-volume mode")
     p.add_argument("--no-lung1", action="store_true", help="skip the lung1 click and volume timings")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="write the measurements to this JSON file")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("segment", help="segment a volume file at a point (or whole) into a .seg.nrrd",
-                       description="Segment VOLUME with an AR-Seg model: at --point (click mode: the 3D component "
-                                   "through the point) or, without it, every axial slice. Writes what Slicer "
-                                   "writes for a segmentation node.")
-    p.add_argument("volume", help="image file (NRRD, NIfTI, MHA, ...)")
-    p.add_argument("--point", nargs="+", default=None, metavar="R,A,S",
-                   help="RAS point in mm, as --point=R,A,S or --point R A S (negative first value: use '=')")
-    p.add_argument("--out", required=True, help="output segmentation, OUT.seg.nrrd")
-    p.add_argument("--png", default=None, help="picture: image, each scale, consensus, disagreement")
-    p.add_argument("--report", default=None, help="report JSON: volumes, per-sample IoU, settings")
+    p = sub.add_parser("segment", help="segment the nodules at given points of a volume file into a .seg.nrrd",
+                       description="Segment VOLUME with an AR-Seg model at each --point (click mode: the 3D component "
+                                   "through the point; one nodule per point, all in one .seg.nrrd) or, for models "
+                                   "whose card allows it, without --point, every axial slice. Writes what Slicer "
+                                   "writes for a segmentation node; all outputs appear together at the end or not "
+                                   "at all.")
+    p.add_argument("volume", help="image file (NRRD, NIfTI, MHA, ...): a 3D single-component volume")
+    p.add_argument("--point", action="append", default=None, metavar="R,A,S",
+                   help="a nodule's RAS point in mm (Slicer's coordinates), e.g. --point -56.4,-86.34,-115.96; "
+                        "repeat for several nodules")
+    p.add_argument("--out", required=True, help="output segmentation, OUT.seg.nrrd (every nodule)")
+    p.add_argument("--png", default=None,
+                   help="figure (.png): each nodule's axial plane through the click, the scales, the consensus and "
+                        "the disagreement over the CT")
+    p.add_argument("--report", default=None,
+                   help="report (.json): a row per nodule with volumes, samples marking it, per-sample IoU, settings")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("batch", help="segment every matching file of a folder; shards across torchrun ranks",
+    p = sub.add_parser("batch", help="segment the nodules of many scans, points from a CSV or markups files; "
+                                     "shards across torchrun ranks",
                        description="Segment each file of INPUT_DIR matching --pattern into OUTPUT_DIR (same "
-                                   "relative paths, .seg.nrrd + .report.json, batch.json summary). Under "
-                                   "torchrun, rank r takes every world-th case.")
-    p.add_argument("input_dir")
-    p.add_argument("output_dir")
+                                   "relative paths, .seg.nrrd + .report.json, batch.json summary) at its points: "
+                                   "rows of --points (CSV case,R,A,S, several rows per case) and/or the control "
+                                   "points of NAME.mrk.json beside the scan. Cases without points are reported, "
+                                   "not segmented. Under torchrun, rank r takes every world-th case.")
+    p.add_argument("input_dir", help="folder of scans")
+    p.add_argument("output_dir", help="folder for the results (made if missing)")
     p.add_argument("--pattern", default="*.nrrd", help="glob under INPUT_DIR (default *.nrrd; **/ recurses)")
     p.add_argument("--points", default=None,
-                   help="JSON {\"relative/path\": [R, A, S]}: click mode for those cases, whole volume for others")
+                   help="CSV case,R,A,S (mm, RAS; a header line allowed; several rows per case) or JSON "
+                        "{\"case\": [[R, A, S], ...]}; case = path relative to INPUT_DIR, file name or stem")
+    p.add_argument("--whole-volume", action="store_true",
+                   help="segment cases without points as whole volumes (only models whose card lists that mode)")
+    p.add_argument("--png", action="store_true", help="also write each case's figure, NAME.png")
     p.add_argument("--progress", action="store_true", help="progress bars on every rank, not only rank 0")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_batch)
@@ -556,7 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(join_point_arguments(sys.argv[1:] if argv is None else list(argv)))
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -92,6 +92,16 @@ class ModelCard:
         return self.data.get("intensity", {"method": "minmax_per_crop"})
 
     @property
+    def modes(self):
+        """The modes the model was trained and validated for: "click" and/or "volume" (pipeline.card_modes)."""
+        from .pipeline import card_modes
+
+        return card_modes(self)
+
+    def supports(self, mode: str) -> bool:
+        return mode in self.modes
+
+    @property
     def crop_size(self) -> int:
         return self.config.autoencoder.crop_size
 

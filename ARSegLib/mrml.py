@@ -273,8 +273,46 @@ def _read_into_scene(scene, node, storage, path: Path, name: Optional[str], what
     return node
 
 
+def describe_image_file(path) -> Optional[Dict[str, Any]]:
+    """{"dimension", "size", "components"} from the file's header (SimpleITK), or None where it cannot tell."""
+    try:
+        import SimpleITK as sitk
+
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        _quietly(reader.ReadImageInformation)
+        return {"dimension": int(reader.GetDimension()), "size": tuple(int(v) for v in reader.GetSize()),
+                "components": int(reader.GetNumberOfComponents())}
+    except Exception:  # not an image SimpleITK knows: Slicer's reader below says what it can
+        return None
+
+
+def check_image_file(path) -> None:
+    """ResultError naming what the file holds when it is not a 3D single-component volume (2D picture, 4D series,
+    colour or vector image), before anything is read into a scene."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultError(f"image volume file not found: {path}")
+    info = describe_image_file(path)
+    if info is None:
+        return
+    size = " x ".join(str(v) for v in info["size"])
+    comps = info["components"]
+    what = None
+    if info["dimension"] == 2 or (info["dimension"] == 3 and min(info["size"]) == 1):
+        what = f"a 2D image ({size} pixels{f', {comps} components per pixel' if comps > 1 else ''})"
+    elif info["dimension"] > 3:
+        what = f"a {info['dimension']}D image ({size}), e.g. a time series"
+    elif comps > 1:
+        what = f"a 3D image with {comps} components per voxel ({size}; colour or vector data)"
+    if what:
+        raise ResultError(f"{path.name} is {what}; ARSeg segments 3D single-component volumes such as a CT series "
+                          f"(NRRD, NIfTI, MHA, ...)")
+
+
 def load_volume(scene, path, name: Optional[str] = None):
     """Read an image file the way Slicer does (NRRD, NIfTI, MHA, ...; LPS files become RAS) into the scene."""
+    check_image_file(path)
     return _read_into_scene(scene, slicer.vtkMRMLScalarVolumeNode(), slicer.vtkMRMLVolumeArchetypeStorageNode(),
                             Path(path), name, "image volume", lambda node: node.GetImageData() is not None)
 

@@ -77,7 +77,7 @@ def test_segment_without_point_runs_the_whole_volume(cases, tiny_model_card, tmp
 
 @pytest.mark.parametrize("args, words", [
     (["{cases}/lung1.nrrd", "--point=0,0,900"], "outside the volume"),
-    (["{cases}/lung1.nrrd", "--point=1,2"], "three numbers"),
+    (["{cases}/lung1.nrrd", "--point=1,2"], "three finite numbers"),
     (["{cases}/broken.nrrd", "--point=0,0,0"], "cannot read"),
     (["{cases}/missing.nrrd"], "not found"),
     (["{cases}/lung1.nrrd", "--model", "no-such-model"], "unknown model"),
@@ -106,7 +106,7 @@ def test_batch_one_process_records_failures_and_exits_non_zero(cases, lung1, tin
     out = tmp_path / "batch"
     with pytest.raises(SystemExit) as info:
         main(["batch", str(cases), str(out), "--model", str(tiny_model_card), "--points", str(points),
-              "--samples", "2", "--half-height", "2.5"])
+              "--samples", "2", "--half-height", "2.5", "--whole-volume"])
     assert info.value.code == 1  # broken.nrrd failed, the others did not
     summary = json.loads((out / "batch.json").read_text())
     status = {c["case"]: c["status"] for c in summary["cases"]}
@@ -121,7 +121,7 @@ def test_batch_shards_cases_across_two_torchrun_ranks(cases, tiny_model_card, tm
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547",
            "-m", "ARSegLib.cli", "batch", str(cases), str(out), "--model", str(tiny_model_card),
-           "--pattern", "[fl]*.nrrd", "--samples", "2"]
+           "--pattern", "[fl]*.nrrd", "--samples", "2", "--whole-volume"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     summary = json.loads((out / "batch.json").read_text())
@@ -150,3 +150,193 @@ def test_eval_writes_the_protocol_metrics(tiny_model_card, lung1_dir, tmp_path):
                      "--baseline", baseline, "--json", str(out)]) == 0
         res = json.loads(out.read_text())
         assert res["n_images"] == 9 and res["baseline"].startswith(baseline + ":")
+
+
+# --------------------------------------------------------------------------------------------- issue 14
+
+@pytest.fixture
+def disc_model(tiny, monkeypatch):
+    """The CLI with the ball-drawing stand-in model (known nodules where the points are), the tiny card."""
+    from arseg_volumes import DiscPredictor
+
+    from ARSegLib import cli
+
+    predictor, card = tiny
+    monkeypatch.setattr(cli, "_load_predictor", lambda model, device: (DiscPredictor(predictor.config), card))
+    return card
+
+
+def test_several_points_negative_first_coordinate_with_a_space(cases, lung1, disc_model, tmp_path, capsys):
+    """--point R,A,S with a space and a negative R (argparse took it for an option), twice: two nodules in one
+    .seg.nrrd, a report row each, the figure, and a progress bar counting scales."""
+    r, a, s = lung1.nodule_ras
+    out, png, report = tmp_path / "o" / "two.seg.nrrd", tmp_path / "o" / "two.png", tmp_path / "o" / "two.json"
+    assert r < 0
+    code = main(["segment", str(cases / "lung1.nrrd"), "--point", f"{r},{a},{s}",
+                 "--point", f"{r + 30:.2f}", f"{a - 15:.2f}", f"{s:.2f}", "--model", str(disc_model.path),
+                 "--out", str(out), "--png", str(png), "--report", str(report), "--half-height", "5"])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "Nodule 1" in captured.out and "Nodule 2" in captured.out
+    assert "scale 16/16" in captured.err and "scale/s" not in captured.err  # 2 points x 8 scales
+    seg = mrml.load_segmentation(slicer.vtkMRMLScene(), out)
+    names = mrml.segment_names(seg)
+    assert "Nodule 1" in names and "Nodule 2" in names and "Nodule 2 scale 8/8" in names
+    rep = json.loads(report.read_text())
+    assert [n["name"] for n in rep["nodules"]] == ["Nodule 1", "Nodule 2"]
+    assert rep["nodules"][0]["point_ras_mm"] == pytest.approx([r, a, s], abs=1e-3)
+    assert all(n["consensus_volume_mm3"] > 300 for n in rep["nodules"])
+    from PIL import Image
+
+    with Image.open(png) as im:
+        assert im.size[1] > 500  # a row per nodule
+    assert sorted(p.name for p in out.parent.iterdir()) == ["two.json", "two.png", "two.seg.nrrd"]  # no temp files
+
+
+def test_whole_volume_is_refused_for_the_click_only_shipped_model(cases, tmp_path, capsys):
+    out = tmp_path / "o" / "x.seg.nrrd"
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(cases / "lung1.nrrd"), "--out", str(out)])  # the shipped lidc-nodule, no --point
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not validated for whole volume" in err[0] and "--point" in err[0]
+    assert not out.parent.exists()
+    from ARSegLib.models import read_card
+
+    assert read_card("lidc-nodule").data["modes"] == ["click"]
+
+
+@pytest.mark.parametrize("option, words", [
+    (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--temperature", "inf"], "--temperature"),
+    (["--temperature", "100"], "at most 5"),
+    (["--temperature", "-1"], "above 0"),
+    (["--temperature", "0"], "above 0"),
+    (["--half-height", "-5"], "--half-height must be"),
+    (["--samples", "0"], "--samples must be a whole number between 1 and 64"),
+    (["--samples", "65"], "--samples"),
+    (["--seed", "-1"], "--seed"),
+    (["--device", "gpu"], "choose one of auto, cpu, cuda"),
+    (["--point=nan,1,2"], "three finite numbers"),
+    (["--png", "{tmp}/a-file.txt/x.png"], "cannot write into"),
+    (["--png", "{tmp}/x.jpg"], "--png must end in .png"),
+    (["--report", "{tmp}"], "is a folder"),
+    (["--out", "{cases}/lung1.nrrd"], "must end in .seg.nrrd"),
+])
+def test_bad_options_are_refused_before_any_work(option, words, cases, lung1, tiny_model_card, tmp_path, monkeypatch,
+                                                 capsys):
+    from ARSegLib import cli
+
+    def no_model(*args):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(cli, "_load_predictor", no_model)
+    (tmp_path / "a-file.txt").write_text("not a folder")
+    option = [o.format(tmp=tmp_path, cases=cases) for o in option]
+    argv = ["segment", str(cases / "lung1.nrrd"), "--model", str(tiny_model_card), _point_arg(lung1.nodule_ras)]
+    argv += ([] if "--out" in option else ["--out", str(tmp_path / "new" / "x.seg.nrrd")]) + option
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("arseg segment: error:") and words in err[0], err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_failed_write_leaves_none_of_the_outputs(cases, lung1, disc_model, tmp_path, monkeypatch, capsys):
+    from ARSegLib import figure
+
+    def broken_figure(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(figure, "write_figure", broken_figure)
+    folder = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(cases / "lung1.nrrd"), _point_arg(lung1.nodule_ras), "--model", str(disc_model.path),
+              "--out", str(folder / "x.seg.nrrd"), "--png", str(folder / "x.png"), "--report", str(folder / "x.json"),
+              "--half-height", "2.5"])
+    assert info.value.code == 2 and "disk full" in capsys.readouterr().err
+    assert not folder.exists()  # neither the files, nor their temporary names, nor the folder made for them
+
+
+def _sitk_write(array, path, vector=False):
+    import SimpleITK as sitk
+
+    if array.ndim == 4 and not vector:
+        image = sitk.JoinSeries([sitk.GetImageFromArray(a) for a in array])
+    else:
+        image = sitk.GetImageFromArray(array, isVector=vector)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [("2d.png", "is a 2D image"), ("4d.nrrd", "is a 4D image"),
+                                         ("rgb.nrrd", "3 components per voxel"), ("one-slice.nrrd", "2D image")])
+def test_2d_4d_and_multicomponent_inputs_are_named(kind, words, tiny_model_card, tmp_path, capsys):
+    path = tmp_path / kind
+    if kind == "2d.png":
+        from PIL import Image
+
+        Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(path)
+    elif kind == "4d.nrrd":
+        _sitk_write(np.zeros((3, 4, 5, 6), np.int16), path)
+    elif kind == "rgb.nrrd":
+        _sitk_write(np.zeros((4, 5, 6, 3), np.uint8), path, vector=True)
+    else:
+        _sitk_write(np.zeros((1, 5, 6), np.int16), path)
+    with pytest.raises(SystemExit):
+        main(["segment", str(path), "--point=0,0,0", "--model", str(tiny_model_card),
+              "--out", str(tmp_path / "x.seg.nrrd")])
+    err = capsys.readouterr().err
+    assert words in err and "corrupt" not in err, err
+
+
+def test_version_and_help_for_every_option(capsys):
+    from ARSegLib.cli import build_parser, join_point_arguments
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("arseg 0.")
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    missing = [f"{name} {action.dest}" for name, p in sub.choices.items() for action in p._actions
+               if action.dest != "help" and not (action.help or "").strip()]
+    assert not missing, missing
+    assert join_point_arguments(["segment", "v.nrrd", "--point", "-1", "-2.5e1", "3", "--out", "o.seg.nrrd"]) == \
+        ["segment", "v.nrrd", "--point=-1,-2.5e1,3", "--out", "o.seg.nrrd"]
+
+
+def test_batch_takes_points_from_a_csv_and_markups_and_reports_cases_without(cases, lung1, disc_model, tmp_path):
+    """CSV rows case,R,A,S (two for one case), a Slicer markups file (LPS) beside another; a case with neither is
+    reported, not segmented."""
+    import shutil
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("lung1.nrrd", "few-slices.nrrd"):
+        shutil.copy(cases / name, folder / name)
+    shutil.copy(cases / "lung1.nrrd", folder / "third.nrrd")
+    r, a, s = lung1.nodule_ras
+    (tmp_path / "points.csv").write_text(f"case,R,A,S\nlung1.nrrd,{r},{a},{s}\nlung1,{r + 30},{a - 15},{s}\n")
+    markup = {"markups": [{"type": "Fiducial", "coordinateSystem": "LPS",
+                           "controlPoints": [{"id": "1", "position": [-r, -a, s]}]}]}
+    (folder / "third.mrk.json").write_text(json.dumps(markup))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(folder), str(out), "--model", str(disc_model.path), "--points", str(tmp_path / "points.csv"),
+              "--half-height", "2.5", "--png"])
+    assert info.value.code == 1  # one case had no points
+    summary = json.loads((out / "batch.json").read_text())
+    by_case = {c["case"]: c for c in summary["cases"]}
+    assert by_case["lung1.nrrd"]["status"] == "ok" and by_case["lung1.nrrd"]["n_nodules"] == 2
+    assert by_case["third.nrrd"]["status"] == "ok" and by_case["third.nrrd"]["points_ras_mm"][0] == pytest.approx(
+        [r, a, s])
+    assert by_case["few-slices.nrrd"]["status"] == "no-points" and not (out / "few-slices.seg.nrrd").exists()
+    assert summary["n_ok"] == 2 and summary["n_without_points"] == 1
+    assert (out / "lung1.png").is_file() and len(json.loads((out / "lung1.report.json").read_text())["nodules"]) == 2
+
+    (tmp_path / "bad.csv").write_text("case,R,A,S\nnowhere.nrrd,1,2,3\n")
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(folder), str(tmp_path / "out2"), "--model", str(disc_model.path),
+              "--points", str(tmp_path / "bad.csv")])
+    assert info.value.code == 2 and not (tmp_path / "out2").exists()
