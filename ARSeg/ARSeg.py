@@ -70,6 +70,25 @@ From the Python console: <code>ARSegLogic().segment(volumeNode, point=(R, A, S))
 AR-Seg: autoregressive medical image segmentation by next-scale mask prediction. The shipped lung-nodule model
 was trained on LIDC-IDRI (The Cancer Imaging Archive, CC BY 3.0).
 """
+        slicer.app.connect("startupCompleted()", registerSampleData)
+
+
+def registerSampleData():
+    """The bundled demo (a slab of LIDC-IDRI-0001 around its nodule, shipped with the extension) in Sample Data."""
+    import SampleData
+
+    from ARSegLib.demo import DEMO_NAME, DEMO_VOLUME, demo_volume_path
+
+    try:
+        path = demo_volume_path()
+    except FileNotFoundError as e:
+        logging.warning(f"ARSeg: {e}")
+        return
+    icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "ARSeg.png")
+    SampleData.SampleDataLogic.registerCustomSampleDataSource(
+        category="ARSeg", sampleName=DEMO_NAME, uris=path.as_uri(), fileNames=DEMO_VOLUME, nodeNames=DEMO_NAME,
+        thumbnailFileName=icon, loadFileTypes="VolumeFile",
+        customDownloader=lambda source: slicer.util.loadVolume(str(path), {"name": DEMO_NAME}))
 
 
 #
@@ -135,6 +154,10 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.scaleSlider.valueChanged.connect(self.onScaleChanged)
         self.ui.disagreementCheckBox.toggled.connect(self.onDisagreementToggled)
+        self.ui.showSamplesCheckBox.toggled.connect(self.onShowSamplesToggled)
+        self.ui.noduleList.currentRowChanged.connect(self.onNoduleSelected)
+        self.ui.deleteNoduleButton.clicked.connect(self.onDeleteNodule)
+        self.ui.clearNodulesButton.clicked.connect(self.onClearNodules)
         # the results follow the input volume through the parameter node's ModifiedEvent (setParameterNode), not
         # the selector's currentNodeChanged: Qt calls slots in connection order, and that signal reaches a slot
         # connected here before the parameter node wrapper has stored the new volume
@@ -211,13 +234,24 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             index = self.ui.modelComboBox.findText(self._parameterNode.model)
             if index >= 0:
                 self.ui.modelComboBox.currentIndex = index
+        self.updateModesGui()
         self.updateResultsGui()
 
     def onModelChanged(self, text) -> None:
         if self._parameterNode and text:
             self._parameterNode.model = text
+            self.updateModesGui()
             if self.parent.isEntered:
                 self.startPreload()
+
+    def updateModesGui(self) -> None:
+        """Whole-volume mode only for models whose card says they were trained and validated for it."""
+        model = self._parameterNode.model if self._parameterNode else DEFAULT_MODEL
+        allowed, why = self.logic.wholeVolumeAllowed(model)
+        running = self._run is not None
+        self.ui.segmentWholeVolumeButton.enabled = allowed and not running
+        self.ui.segmentWholeVolumeButton.toolTip = ("Run every axial slice of the volume (minutes on a CPU)."
+                                                    if allowed else why)
 
     def startPreload(self) -> None:
         """Start the worker process and load the chosen model there when the Python packages are already installed,
@@ -308,7 +342,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.visible = running
         self.ui.progressBar.value = 0
         self.ui.cancelButton.enabled = running
-        self.ui.segmentWholeVolumeButton.enabled = not running
+        self.updateModesGui()
 
     # --- results
 
@@ -318,6 +352,50 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         nodes = self.logic.results(volume) if volume else None
         self.showResults(nodes)
 
+    def _selectedVolume(self):
+        return self._parameterNode.inputVolume if self._parameterNode else None
+
+    def updateNoduleList(self) -> None:
+        """One line per nodule of the input volume; the selected one highlighted."""
+        volume = self._selectedVolume()
+        nodules = self.logic.nodules(volume) if volume is not None else []
+        self._noduleIds = [n.id for n in nodules]
+        wasBlocked = self.ui.noduleList.blockSignals(True)
+        self.ui.noduleList.clear()
+        for n in nodules:
+            self.ui.noduleList.addItem(self.logic.noduleSummary(n))
+        selected = next((i for i, n in enumerate(nodules) if n.selected), -1)
+        self.ui.noduleList.setCurrentRow(selected)
+        self.ui.noduleList.blockSignals(wasBlocked)
+        self.ui.deleteNoduleButton.enabled = bool(nodules)
+        self.ui.clearNodulesButton.enabled = bool(nodules)
+
+    def onNoduleSelected(self, row) -> None:
+        volume = self._selectedVolume()
+        ids = getattr(self, "_noduleIds", [])
+        if volume is None or not 0 <= row < len(ids):
+            return
+        with slicer.util.tryWithErrorDisplay("ARSeg could not select this nodule."):
+            self.showResults(self.logic.selectNodule(volume, ids[row]))
+
+    def onDeleteNodule(self) -> None:
+        volume = self._selectedVolume()
+        row = self.ui.noduleList.currentRow
+        ids = getattr(self, "_noduleIds", [])
+        if volume is None or not 0 <= row < len(ids):
+            return
+        with slicer.util.tryWithErrorDisplay("ARSeg could not delete this nodule."):
+            self.showResults(self.logic.deleteNodule(volume, ids[row]))
+
+    def onClearNodules(self) -> None:
+        volume = self._selectedVolume()
+        if volume is None or not slicer.util.confirmOkCancelDisplay(
+                f"Remove every ARSeg result of {volume.GetName()}? Your own nodes are kept.", "ARSeg: clear all"):
+            return
+        with slicer.util.tryWithErrorDisplay("ARSeg could not clear its results."):
+            self.logic.clearNodules(volume)
+            self.showResults(None)
+
     def _hideOwnVolumesFromInput(self) -> None:
         """ARSeg's own disagreement volumes are scalar volumes too: not something to segment."""
         own = [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
@@ -325,6 +403,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.inputVolumeSelector.sortFilterProxyModel().hiddenNodeIDs = own
 
     def showResults(self, nodes) -> None:
+        self.updateNoduleList()
         has = nodes is not None and nodes.sequence is not None
         self.ui.resultsCollapsibleButton.enabled = has
         if not has:
@@ -337,10 +416,12 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.scaleSlider.blockSignals(wasBlocked)
         self.ui.scaleLabel.text = f"Scale {n}/{n}"
         self.ui.reportLabel.text = self.logic.reportSummary(nodes.report)
-        if self.ui.disagreementCheckBox.checked:  # the toggle applies to a new result's heat map too
-            volume = self._parameterNode.inputVolume if self._parameterNode else None
-            if volume is not None:
+        volume = self._selectedVolume()
+        if volume is not None:
+            # the toggles apply to a new result's (or another nodule's) heat map and samples too
+            if self.ui.disagreementCheckBox.checked:
                 self.logic.showDisagreement(volume, True)
+            self.logic.showSamples(volume, self.ui.showSamplesCheckBox.checked)
 
     def onScaleChanged(self, value) -> None:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
@@ -350,6 +431,12 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.scaleLabel.text = f"Scale {value}/{n}"
         with slicer.util.tryWithErrorDisplay("ARSeg could not show this scale."):
             self.logic.showScale(volume, int(value))
+
+    def onShowSamplesToggled(self, checked) -> None:
+        volume = self._selectedVolume()
+        if volume is not None:
+            with slicer.util.tryWithErrorDisplay("ARSeg could not show the samples."):
+                self.logic.showSamples(volume, bool(checked))
 
     def onDisagreementToggled(self, checked) -> None:
         volume = self._parameterNode.inputVolume if self._parameterNode else None
@@ -494,12 +581,15 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         """Check the input and send it to the worker (main thread: reading the volume is all it does here); returns
         the WorkerRun, which the caller polls (`run.poll()`, never blocking) and hands to `applyResult`."""
         from ARSegLib import mrml, pipeline
+        from ARSegLib.models import read_card
 
+        # bad input says so at once, before the worker sees it
+        settings = self.settings(samples, temperature, seed, halfHeightMm).check()
+        pipeline.check_mode(read_card(model), pipeline.MODE_VOLUME if point is None else pipeline.MODE_CLICK)
         array, ijkToRas = mrml.volume_array(volumeNode), mrml.world_ijk_to_ras(volumeNode)
-        pipeline.check_volume(array, ijkToRas)  # bad input says so at once, before the worker sees it
+        pipeline.check_volume(array, ijkToRas)
         if point is not None:
             pipeline.check_point(point, array.shape, ijkToRas)
-        settings = self.settings(samples, temperature, seed, halfHeightMm)
         client = self.worker(model, device)
         return client.segment(array, ijkToRas, point, settings, volume_key=self.volumeKey(volumeNode))
 
@@ -512,13 +602,24 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto", samples: int = 16,
                 temperature: Optional[float] = None, seed: int = 0, halfHeightMm: float = 20.0,
-                includeSamples: bool = False, progress=None, cancel=None):
-        """Segment volumeNode at a RAS point (or the whole volume when point is None) and wait; returns ResultNodes.
-        For the console and scripts: the GUI polls startSegmentation's run instead."""
-        run = self.startSegmentation(volumeNode, point, model=model, device=device, samples=samples,
-                                     temperature=temperature, seed=seed, halfHeightMm=halfHeightMm)
-        self._waitFor(run, progress, cancel)
-        return self.applyResult(volumeNode, run.result, includeSamples=includeSamples)
+                includeSamples: bool = False, progress=None, cancel=None, points=None):
+        """Segment volumeNode and wait: a nodule at each RAS point (point=(R, A, S) and/or points=[(R, A, S), ...]),
+        or the whole volume when there is none (models validated for it only). Every point is checked before any
+        runs. Returns the ResultNodes, which hold every nodule of the volume. For the console and scripts: the GUI
+        polls startSegmentation's run instead."""
+        from ARSegLib import mrml, pipeline
+
+        clicks = [tuple(float(v) for v in p) for p in ([point] if point is not None else []) + list(points or [])]
+        array, ijkToRas = mrml.volume_array(volumeNode), mrml.world_ijk_to_ras(volumeNode)
+        for p in clicks:
+            pipeline.check_point(p, array.shape, ijkToRas)
+        nodes = None
+        for p in clicks or [None]:
+            run = self.startSegmentation(volumeNode, p, model=model, device=device, samples=samples,
+                                         temperature=temperature, seed=seed, halfHeightMm=halfHeightMm)
+            self._waitFor(run, progress, cancel)
+            nodes = self.applyResult(volumeNode, run.result, includeSamples=includeSamples)
+        return nodes
 
     @staticmethod
     def _waitFor(run, progress=None, cancel=None):
@@ -534,7 +635,8 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
                      samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
                      includeSamples: bool = False):
         """Each image file -> outputDir/NAME.seg.nrrd + NAME.report.json, in scenes of their own (the user's
-        scene is not touched). points: {path: (R, A, S)} for click mode; other files run whole. Returns reports."""
+        scene is not touched). points: {path: (R, A, S) or [(R, A, S), ...]}: a nodule at each; a file without points
+        runs whole (models validated for it only). Returns reports."""
         import json
         from pathlib import Path
 
@@ -548,13 +650,76 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
             out = Path(outputDir) / f"{stem}.seg.nrrd"
             scene = mrml.new_scene()
             volumeNode = mrml.load_volume(scene, path)
-            nodes = self.segment(volumeNode, points.get(str(path)), model=model, device=device, samples=samples,
-                                 temperature=temperature, seed=seed, includeSamples=includeSamples)
+            given = points.get(str(path))
+            several = given is not None and len(given) and not isinstance(given[0], (int, float))
+            nodes = self.segment(volumeNode, None if several else given, points=given if several else None,
+                                 model=model, device=device, samples=samples, temperature=temperature, seed=seed,
+                                 includeSamples=includeSamples)
             mrml.save_segmentation(nodes.segmentation, out)
             report = dict(nodes.report, source=str(path), segmentation=str(out))
             (Path(outputDir) / f"{stem}.report.json").write_text(json.dumps(report, indent=2) + "\n")
             reports.append(report)
         return reports
+
+    # --- nodules
+
+    def nodules(self, volumeNode):
+        """The volume's nodules (mrml.NoduleInfo: id, name, volumes, presence fraction, selected), in click order."""
+        from ARSegLib import mrml
+
+        return mrml.list_nodules(volumeNode.GetScene(), volumeNode) if volumeNode is not None else []
+
+    def selectNodule(self, volumeNode, noduleId):
+        from ARSegLib import mrml
+
+        return mrml.select_nodule(volumeNode.GetScene(), volumeNode, noduleId)
+
+    def deleteNodule(self, volumeNode, noduleId):
+        """Returns the remaining results, or None when that was the last nodule."""
+        from ARSegLib import mrml
+
+        return mrml.delete_nodule(volumeNode.GetScene(), volumeNode, noduleId)
+
+    def clearNodules(self, volumeNode) -> int:
+        from ARSegLib import mrml
+
+        return mrml.clear_nodules(volumeNode.GetScene(), volumeNode)
+
+    @staticmethod
+    def noduleSummary(nodule) -> str:
+        """One line of the nodule list: the volume, or, when most samples see nothing, how many do and how big."""
+        text = f"{nodule.name}: {nodule.consensus_volume_mm3:.0f} mm\u00b3"
+        if nodule.consensus_volume_mm3 == 0 and nodule.presence_fraction > 0:
+            text += (f" (empty consensus; {100 * nodule.presence_fraction:.0f} % of samples mark a nodule: "
+                     f"{nodule.if_present_volume_mm3:.0f} mm\u00b3 if present)")
+        return text
+
+    @staticmethod
+    def wholeVolumeAllowed(model):
+        """(allowed, why not): whole-volume mode only where the model card lists it."""
+        from ARSegLib import pipeline
+        from ARSegLib.models import ModelError, read_card
+
+        try:
+            pipeline.check_mode(read_card(model), pipeline.MODE_VOLUME)
+            return True, ""
+        except (ModelError, pipeline.VolumeError) as e:
+            return False, str(e)
+
+    def showSamples(self, volumeNode, show: bool = True) -> None:
+        """The selected nodule's sample segments shown (as outlines) or hidden."""
+        from ARSegLib import mrml
+
+        nodes = self.results(volumeNode)
+        if nodes is None or nodes.segmentation.GetDisplayNode() is None:
+            return
+        display = nodes.segmentation.GetDisplayNode()
+        segmentation = nodes.segmentation.GetSegmentation()
+        for segmentId in mrml.nodule_segment_ids(nodes.segmentation, nodes.nodule):
+            segment = segmentation.GetSegment(segmentId)
+            if mrml.segment_tag(segment, mrml.KIND_TAG) == mrml.KIND_SAMPLE:
+                display.SetSegmentVisibility(segmentId, bool(show))
+                display.SetSegmentVisibility2DFill(segmentId, False)
 
     # --- showing
 
@@ -604,19 +769,20 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
 
 class ARSegTest(ScriptedLoadableModuleTest):
-    """Runs in Slicer on the sample chest CT (Sample Data 'CTChest') with the shipped model."""
+    """Runs in Slicer on the bundled demo CT (Sample Data "ARSeg lung nodule CT": a slab of LIDC-IDRI-0001 around its
+    nodule, shipped with the extension, so nothing is downloaded) with the shipped model."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
 
     def runTest(self):
         self.setUp()
-        self.test_ClickNodeContractRerunAndFiles()
+        self.test_ClickNodulesRerunAndFiles()
 
-    def test_ClickNodeContractRerunAndFiles(self):
+    def test_ClickNodulesRerunAndFiles(self):
         import tempfile
 
-        import SampleData
+        from ARSegLib.demo import DEMO_NAME, demo_point_ras, demo_volume_path
 
         logic = ARSegLogic()
         self.delayDisplay("Checking Python packages")
@@ -629,13 +795,9 @@ class ARSegTest(ScriptedLoadableModuleTest):
             self.delayDisplay(f"Skipped: the shipped model {DEFAULT_MODEL} is not installed")
             return
 
-        self.delayDisplay("Loading CTChest")
-        volume = SampleData.downloadSample("CTChest")
-        bounds = [0.0] * 6
-        volume.GetRASBounds(bounds)
-        # a quarter of the way across from the patient's left side (R is smallest there): the left lung, mid-height
-        point = (bounds[0] + 0.25 * (bounds[1] - bounds[0]), 0.5 * (bounds[2] + bounds[3]),
-                 0.5 * (bounds[4] + bounds[5]))
+        self.delayDisplay(f"Loading {DEMO_NAME}")
+        volume = slicer.util.loadVolume(str(demo_volume_path()), {"name": "chest"})
+        point = demo_point_ras()
         mine = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation")
         mineMTime = mine.GetMTime()
 
@@ -647,26 +809,31 @@ class ARSegTest(ScriptedLoadableModuleTest):
 
         self.delayDisplay("Click to segment")
         nodes = logic.segment(volume, point=point, samples=4)
-        names = [nodes.segmentation.GetSegmentation().GetNthSegment(i).GetName()
-                 for i in range(nodes.segmentation.GetSegmentation().GetNumberOfSegments())]
-        k = nodes.sequence.GetNumberOfDataNodes()
-        self.assertEqual(names, ["Consensus", "Disagreement"] + [f"Scale {s}/{k}" for s in range(1, k + 1)])
-        self.assertTrue(nodes.segmentation.GetDisplayNode().GetSegmentVisibility("Consensus"))
-        self.assertFalse(nodes.segmentation.GetDisplayNode().GetSegmentVisibility("Scale_1"))
         self.assertEqual(nodes.segmentation.GetName(), f"{volume.GetName()} ARSeg")
-        self.assertGreater(nodes.table.GetNumberOfRows(), 4)
+        self.assertTrue(nodes.segmentation.GetDisplayNode().GetSegmentVisibility("Nodule_1"))
+        self.assertEqual([n.name for n in logic.nodules(volume)], ["Nodule 1"])
+        self.assertGreater(logic.nodules(volume)[0].consensus_volume_mm3, 1000)  # the demo's nodule is ~6 cm3
+        self.assertGreater(nodes.table.GetNumberOfRows(), 0)
         logic.showScale(volume, 1)
         logic.showDisagreement(volume, True)
 
-        self.delayDisplay("Re-run replaces ARSeg's nodes only")
+        self.delayDisplay("A second click elsewhere adds a nodule; a click inside the first redoes it")
+        elsewhere = (point[0] + 30.0, point[1], point[2])
+        logic.segment(volume, point=elsewhere, samples=4)
+        self.assertEqual([n.name for n in logic.nodules(volume)], ["Nodule 1", "Nodule 2"])
         count = slicer.mrmlScene.GetNumberOfNodes()
-        again = logic.segment(volume, point=point, samples=4)
-        self.assertIsNone(nodes.segmentation.GetScene())
-        self.assertIsNotNone(again.segmentation.GetScene())
+        logic.segment(volume, point=point, samples=4)
+        self.assertEqual([n.name for n in logic.nodules(volume)], ["Nodule 1", "Nodule 2"])
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
         self.assertEqual(mine.GetMTime(), mineMTime)
+        remaining = logic.deleteNodule(volume, "Nodule_2")
+        self.assertEqual([n.name for n in logic.nodules(volume)], ["Nodule 1"])
+        self.assertIsNotNone(remaining)
 
         self.delayDisplay("A click outside the volume: a clear error, no change")
+        bounds = [0.0] * 6
+        volume.GetRASBounds(bounds)
+        count = slicer.mrmlScene.GetNumberOfNodes()
         with self.assertRaises(ValueError):
             logic.segment(volume, point=(bounds[1] + 100.0, 0.0, 0.0), samples=2)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
@@ -675,8 +842,9 @@ class ARSegTest(ScriptedLoadableModuleTest):
         folder = tempfile.mkdtemp()
         path = os.path.join(folder, "chest.nrrd")
         self.assertTrue(slicer.util.saveNode(volume, path))
-        reports = logic.segmentFiles([path], folder, points={path: point}, samples=4)
+        reports = logic.segmentFiles([path], folder, points={path: [point]}, samples=4)
         self.assertEqual(len(reports), 1)
         loaded = slicer.util.loadSegmentation(reports[0]["segmentation"])
-        self.assertEqual(loaded.GetSegmentation().GetNthSegment(0).GetName(), "Consensus")
+        self.assertEqual(loaded.GetSegmentation().GetNthSegment(0).GetName(), "Nodule 1")
+        logic.stopWorker()
         self.delayDisplay("Test passed")
