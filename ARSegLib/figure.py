@@ -98,7 +98,7 @@ def _scale_bar(ax, spacing: float, box, size=7):
 def _plane_title(p) -> str:
     where = [f"S {p.plane_s_mm:.1f} mm"]
     if p.slice_index >= 0 and p.n_slices:
-        where.insert(0, f"slice {p.slice_index} of 0-{p.n_slices - 1}")
+        where.insert(0, f"slice {p.slice_index} (0-based, of {p.n_slices})")
     return "Axial, " + ", ".join(where)
 
 
@@ -131,6 +131,7 @@ def write_figure(results: Sequence[Any], path, report: Optional[Dict[str, Any]] 
     import matplotlib.cm
     import matplotlib.colors
     import matplotlib.pyplot as plt
+    from matplotlib import patheffects
     from matplotlib.patches import Rectangle
 
     results = [r for r in results if r.preview is not None]
@@ -140,8 +141,8 @@ def write_figure(results: Sequence[Any], path, report: Optional[Dict[str, Any]] 
     scale_cols = min(4, k)
     scale_rows = math.ceil(k / scale_cols)
     fig = plt.figure(figsize=(2.6 * 2 + 1.35 * scale_cols + 2.6 + 0.6, 0.35 + len(results) * (2.75 + 0.55)))
-    outer = fig.add_gridspec(len(results), 1, hspace=0.32, top=1 - 0.35 / fig.get_figheight(), bottom=0.01,
-                             left=0.01, right=0.97)
+    outer = fig.add_gridspec(len(results), 1, hspace=0.2, top=1 - 0.35 / fig.get_figheight(), bottom=0.01,
+                             left=0.01, right=0.955)
     for row, result in enumerate(results):
         p = result.preview
         spacing = p.pixel_spacing_mm or float(result.settings.get("pixel_spacing_mm", 1.0))
@@ -149,7 +150,7 @@ def write_figure(results: Sequence[Any], path, report: Optional[Dict[str, Any]] 
         crop_mm = p.image.shape[1] * spacing
         inner = outer[row].subgridspec(scale_rows + 1, 3 + scale_cols,
                                        width_ratios=[2.2] + [1] * scale_cols + [2.2, 0.09],
-                                       height_ratios=[0.42] + [1] * scale_rows, wspace=0.06, hspace=0.22)
+                                       height_ratios=[0.42] + [1] * scale_rows, wspace=0.06, hspace=0.3)
         text = fig.add_subplot(inner[0, :])
         text.axis("off")
         text.text(0.0, 0.55, _summary(_entry_for(result, report, row), result), fontsize=9.5, fontweight="bold",
@@ -179,8 +180,8 @@ def write_figure(results: Sequence[Any], path, report: Optional[Dict[str, Any]] 
             _click(ax, p, 7)
             side = sides[s] if s < len(sides) else s + 1
             cell = crop_mm / side
-            label = f"scale {s + 1}/{k}: {side}×{side} tokens"
-            ax.set_title(label, fontsize=7, pad=2)
+            label = f"scale {s + 1}/{k}: {side}×{side} tokens\nof {cell:.0f} mm{' (coarse)' if cell > 15 else ''}"
+            ax.set_title(label, fontsize=6.5, pad=2, linespacing=1.0)
             if not mask.any():
                 note = f"empty: {cell:.0f} mm tokens\ntoo coarse here" if cell > 15 else "empty"
                 ax.text(0.5, 0.2, note, color="#ffb0b0", fontsize=6.5, ha="center", va="center",
@@ -188,7 +189,8 @@ def write_figure(results: Sequence[Any], path, report: Optional[Dict[str, Any]] 
                         bbox=dict(facecolor="black", alpha=0.65, edgecolor="none", pad=1.5))
             else:
                 ax.text(0.03, 0.04, f"{mask.sum() * spacing * spacing:.0f} mm²", color="white", fontsize=6,
-                        transform=ax.transAxes)
+                        transform=ax.transAxes,
+                        path_effects=[patheffects.withStroke(linewidth=1.5, foreground="black")])
 
         # consensus outline and disagreement heat over the CT
         ax = fig.add_subplot(inner[1:, 1 + scale_cols])
@@ -210,7 +212,7 @@ def write_figure(results: Sequence[Any], path, report: Optional[Dict[str, Any]] 
         ax.set_title("consensus (outline) and where\nsamples disagree", fontsize=8)
         cax = fig.add_subplot(inner[1:, 2 + scale_cols])
         bar = fig.colorbar(im, cax=cax)
-        bar.set_label("fraction of samples differing from the consensus", fontsize=7)
+        bar.set_label("fraction of samples that differ\nfrom the consensus", fontsize=7)
         bar.ax.tick_params(labelsize=6)
     fig.suptitle(title or f"ARSeg, model {results[0].model_name}: {len(results)} nodule(s); coarse scales use few "
                           f"large tokens, so an empty or shifted scale 1-2 is expected for a small nodule",
