@@ -455,3 +455,28 @@ def test_terminology_falls_back_to_the_tag_where_set_terminology_is_missing():
     assert mrml.segment_tag(real, "TerminologyEntry") == mrml.NODULE_TERMINOLOGY
     assert mrml.get_terminology(old) == mrml.NODULE_TERMINOLOGY
     assert real.GetTerminology() == mrml.NODULE_TERMINOLOGY  # what Slicer >= 5.10 reads back
+
+
+def test_console_segment_node_takes_several_points_and_checks_them_all_first(lung1, tiny):
+    from arseg_volumes import DiscPredictor
+
+    from ARSegLib.models import read_card
+
+    predictor, card = tiny
+    fake = DiscPredictor(predictor.config)
+    scene, volume = _scene_with_volume(lung1)
+    before = _snapshot(scene)
+    far = np.add(lung1.nodule_ras, (30.0, -15.0, 0.0))
+    with pytest.raises(pipeline.PointOutsideVolumeError):  # the second point is outside: nothing runs
+        mrml.segment_node(volume, fake, card, points=[lung1.nodule_ras, (0.0, 0.0, 900.0)],
+                          settings=SegmentSettings(n_samples=4, half_height_mm=5))
+    assert fake.calls == 0
+    _assert_unchanged(scene, before)
+    with pytest.raises(pipeline.UnsupportedModeError):  # no point, a click-only card: refused, not guessed
+        mrml.segment_node(volume, fake, read_card("lidc-nodule"))
+    _assert_unchanged(scene, before)
+
+    nodes = mrml.segment_node(volume, fake, card, points=[lung1.nodule_ras, far],
+                              settings=SegmentSettings(n_samples=4, half_height_mm=5))
+    assert nodes.nodule_ids == ["Nodule_1", "Nodule_2"] and len(nodes.results) == 2
+    assert [n.id for n in mrml.list_nodules(scene, volume)] == ["Nodule_1", "Nodule_2"]

@@ -290,3 +290,68 @@ def test_components_are_labelled_inside_the_bounding_box_exactly_as_on_the_whole
         np.testing.assert_array_equal(near, expected)
     assert not _components_touching(np.zeros((3, 4, 4), bool), np.ones((3, 4, 4), bool)).any()
     assert not _component_near_point(np.zeros((3, 4, 4), bool), (1, 1, 1), (1, 1, 1), 5.0).any()
+
+
+# --------------------------------------------------------------------------------------------- issue 14
+
+@pytest.mark.parametrize("field, value, words", [
+    ("temperature", float("nan"), "temperature must be a finite number"),
+    ("temperature", float("inf"), "temperature"),
+    ("temperature", 100.0, "at most 5"),
+    ("temperature", -1.0, "above 0"),
+    ("half_height_mm", -5.0, "half_height_mm"),
+    ("half_height_mm", float("nan"), "half_height_mm"),
+    ("n_samples", 0, "n_samples"),
+    ("n_samples", 2.5, "whole number"),
+    ("seed", -1, "seed"),
+    ("top_p", 1.5, "top_p"),
+    ("batch_size", 0, "batch_size"),
+])
+def test_settings_out_of_range_are_refused_before_any_work(field, value, words, lung1, tiny):
+    predictor, card = tiny
+    settings = SegmentSettings(n_samples=2, **{field: value}) if field != "n_samples" else SegmentSettings(
+        n_samples=value)
+    with pytest.raises(pipeline.SettingsError, match=words):
+        pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card, settings)
+    assert SegmentSettings(temperature=0.5, half_height_mm=0.0, seed=2 ** 40).check()  # in range: accepted
+
+
+def test_presence_consensus_of_the_samples_that_mark_an_object():
+    samples = np.zeros((16, 3, 8, 8), np.uint8)
+    samples[:7, 1, 2:6, 2:6] = 1  # 7 of 16 mark a square; 4 of them a bigger one
+    samples[:4, 1, 1:7, 1:7] = 1
+    marking, mask = pipeline.presence_consensus(samples)
+    assert marking == 7
+    expected = np.zeros((3, 8, 8), np.uint8)
+    expected[1, 2:6, 2:6] = 1
+    expected[1, 1:7, 1:7] = 1  # 4 of 7 >= half
+    np.testing.assert_array_equal(mask, expected)
+    assert pipeline.presence_consensus(np.zeros((4, 2, 2), np.uint8))[0] == 0
+
+
+def test_a_split_click_reports_the_fraction_marking_and_the_consensus_if_present(lung1, tiny):
+    from arseg_volumes import DiscPredictor
+
+    predictor, card = tiny
+    fake = DiscPredictor(predictor.config, marking=7)
+    r = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, fake, card,
+                               SegmentSettings(n_samples=16, half_height_mm=7.5))
+    assert r.consensus.sum() == 0 and r.consensus_volume_mm3 == 0  # the readers' majority: nothing
+    assert r.samples_marking == 7 and r.presence_fraction == pytest.approx(7 / 16)
+    ball = 4 / 3 * np.pi * 6.0 ** 3
+    assert 0.6 * ball < r.if_present_volume_mm3 < 1.4 * ball
+    assert r.report()["samples_marking"] == 7 and r.report()["if_present_volume_mm3"] == pytest.approx(
+        r.if_present_volume_mm3, abs=1e-3)
+    assert r.preview.if_present.any() and r.preview.image_hu is not None and r.preview.slice_index >= 0
+
+
+def test_modes_come_from_the_card_and_click_only_is_the_default(tiny):
+    from ARSegLib.models import read_card
+
+    predictor, card = tiny
+    assert pipeline.card_modes(card) == ("click", "volume")
+    shipped = read_card("lidc-nodule")
+    assert shipped.modes == ("click",) and not shipped.supports("volume")
+    with pytest.raises(pipeline.UnsupportedModeError, match="not validated for whole volume"):
+        pipeline.check_mode(shipped, "volume")
+    assert pipeline.card_modes({}) == ("click",)
