@@ -81,22 +81,36 @@ class ArrayFile:
 
 
 class ArrayFolder:
-    """The folder both processes exchange large arrays through (on /dev/shm where that exists: a RAM disk)."""
+    """The folders both processes exchange large arrays through: one on a RAM disk (/dev/shm) where there is one,
+    and one on disk for what the RAM disk has no room for (a container's /dev/shm is often only 64 MB)."""
 
-    def __init__(self, path: Path):
+    HEADROOM = 64 << 20  # what is left free on the RAM disk for everything else
+
+    def __init__(self, path: Path, spill: Optional[Path] = None):
         self.path = Path(path)
+        self.spill = Path(spill) if spill is not None else self.path
         self._names = itertools.count()
 
     @classmethod
     def create(cls) -> ArrayFolder:
-        base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        return cls(Path(tempfile.mkdtemp(prefix="arseg-worker-", dir=base)))
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+        path = Path(tempfile.mkdtemp(prefix="arseg-worker-", dir=shm))
+        return cls(path, Path(tempfile.mkdtemp(prefix="arseg-worker-spill-")) if shm else path)
 
     def put(self, array: np.ndarray, tag: str) -> ArrayFile:
         array = np.ascontiguousarray(array)
-        path = self.path / f"{os.getpid()}-{next(self._names)}-{tag}.raw"
+        folder = self.path
+        if self.spill != self.path and shutil.disk_usage(self.path).free < array.nbytes + self.HEADROOM:
+            folder = self.spill
+        path = folder / f"{os.getpid()}-{next(self._names)}-{tag}.raw"
         tmp = path.with_suffix(".tmp")
-        array.tofile(tmp)  # one copy, straight into the page cache
+        try:
+            array.tofile(tmp)  # one copy, straight into the page cache
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            if folder == self.spill:
+                raise
+            return ArrayFolder(self.spill).put(array, tag)  # the RAM disk filled up meanwhile
         os.replace(tmp, path)  # the reader never sees a half-written file
         return ArrayFile(str(path), array.dtype.str, tuple(int(s) for s in array.shape))
 
@@ -113,6 +127,7 @@ class ArrayFolder:
 
     def remove(self):
         shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.spill, ignore_errors=True)
 
 
 def externalize(obj, folder: ArrayFolder, tag: str = "a"):
@@ -280,7 +295,7 @@ class _Server:
         else:
             result = pipeline.segment_click(self.volume, args["ijk_to_ras"], args["point_ras"], predictor, card,
                                             args["settings"], progress, cancelled.is_set)
-        return externalize(result, ArrayFolder(Path(args["folder"])), "result")
+        return externalize(result, ArrayFolder(Path(args["folder"]), Path(args["spill"])), "result")
 
 
 def _exit_when_orphaned(parent_pid: int, connected: threading.Event):
@@ -478,7 +493,8 @@ class InferenceClient:
             self.start()
         args = {"volume": None, "volume_key": volume_key, "ijk_to_ras": np.asarray(ijk_to_ras, dtype=np.float64),
                 "point_ras": None if point_ras is None else tuple(float(v) for v in point_ras),
-                "settings": settings or SegmentSettings(), "folder": str(self._folder.path)}
+                "settings": settings or SegmentSettings(), "folder": str(self._folder.path),
+                "spill": str(self._folder.spill)}
         if volume_key is None or volume_key != self._volume_key:
             args["volume"] = self._folder.put(np.asarray(volume), "volume")
             args["volume_key"] = volume_key if volume_key is not None else secrets.token_hex(8)

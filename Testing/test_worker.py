@@ -205,3 +205,22 @@ def test_shared_client_restarts_for_another_model_or_device(tiny_model_card):
         assert b is not a and not a.alive() and not _alive(pid)
     finally:
         worker.shutdown_shared()
+
+
+def test_arrays_spill_to_disk_when_the_ram_disk_is_full(tmp_path, monkeypatch):
+    """A container's /dev/shm is often 64 MB: a CT that does not fit goes through a folder on disk instead."""
+    import shutil as shutil_module
+
+    folder = worker.ArrayFolder(tmp_path / "shm", tmp_path / "disk")
+    (tmp_path / "shm").mkdir()
+    (tmp_path / "disk").mkdir()
+    volume = np.arange(1000, dtype=np.int16).reshape(10, 10, 10)
+    assert Path(folder.put(volume, "small").path).parent == tmp_path / "shm"
+    usage = shutil_module.disk_usage(tmp_path)
+    monkeypatch.setattr(worker.shutil, "disk_usage", lambda p: usage._replace(free=worker.ArrayFolder.HEADROOM))
+    ref = folder.put(volume, "big")
+    assert Path(ref.path).parent == tmp_path / "disk"
+    np.testing.assert_array_equal(worker.ArrayFolder.take(ref), volume)
+    assert not Path(ref.path).exists()
+    folder.remove()
+    assert not (tmp_path / "shm").exists() and not (tmp_path / "disk").exists()
