@@ -205,7 +205,7 @@ def cmd_eval(args):
             res = evaluate(predictor, images, data.masks_NRhw, s, progress=bar.update)
     res.update({"model": card.name, "split": split, "samples": args.samples, "seed": args.seed,
                 "temperature": s.temperature, "top_k": s.top_k, "data": " ".join(args.data)})
-    print(json.dumps({k: res[k] for k in ("ged", "hm_iou", "soft_dice", "n_images")}, indent=2))
+    print(json.dumps({k: res[k] for k in ("ged", "hm_iou", "soft_dice_strict", "soft_dice", "n_images")}, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")

@@ -57,15 +57,24 @@ def hm_iou(samples_Nhw, readers_Mhw) -> float:
     return float(iou_NN[rows, cols].mean())
 
 
-def soft_dice(samples_Nhw, readers_Mhw, thresholds: Sequence[float] = SOFT_DICE_THRESHOLDS) -> float:
+def soft_dice(samples_Nhw, readers_Mhw, thresholds: Sequence[float] = SOFT_DICE_THRESHOLDS,
+              strict: bool = False) -> float:
+    """Mean over thresholds t of Dice(P >= t, G >= t), P the samples' mean and G the readers'. strict: P > t and
+    G > t, the AR-Seg authors' definition (their BerDiff evaluation script); the two differ only at t = 0.5, where
+    strict means 3 of 4 readers instead of 2."""
     p = (np.asarray(samples_Nhw) > 0).mean(0)
     g = (np.asarray(readers_Mhw) > 0).mean(0)
+    if strict:
+        return float(np.mean([dice(p > t, g > t) for t in thresholds]))
     return float(np.mean([dice(p >= t, g >= t) for t in thresholds]))
 
 
 def multi_reader_metrics(samples_Nhw, readers_Mhw) -> Dict[str, float]:
+    """soft_dice: the inclusive (>=) definition kept for continuity; soft_dice_strict: the authors' (>), the one
+    to compare with the AR-Seg paper."""
     return {"ged": ged(samples_Nhw, readers_Mhw), "hm_iou": hm_iou(samples_Nhw, readers_Mhw),
-            "soft_dice": soft_dice(samples_Nhw, readers_Mhw)}
+            "soft_dice": soft_dice(samples_Nhw, readers_Mhw),
+            "soft_dice_strict": soft_dice(samples_Nhw, readers_Mhw, strict=True)}
 
 
 class MetricAccumulator:

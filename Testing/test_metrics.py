@@ -59,6 +59,13 @@ def test_soft_dice_by_hand():
     s = np.stack([A, A, E, E])
     assert soft_dice(s, np.stack([A, B])) == pytest.approx((0.8 * 3) / 5)
     assert soft_dice(np.stack([E, E]), np.stack([E, E])) == 1.0
+    # strict (the AR-Seg authors' P > t, G > t): only t = 0.5 differs: P > 0.5 is empty, G > 0.5 is {1} -> 0
+    assert soft_dice(s, np.stack([A, B]), strict=True) == pytest.approx((0.8 * 2) / 5)
+    assert soft_dice(np.stack([E, E]), np.stack([E, E]), strict=True) == 1.0
+    from ARSegLib.metrics import multi_reader_metrics
+
+    both = multi_reader_metrics(np.stack([A, A, E, E]), np.stack([A, B, A, B]))
+    assert both["soft_dice_strict"] < both["soft_dice"]
 
 
 def test_pairwise_iou_shape_and_accumulator():

@@ -396,7 +396,7 @@ class SegmentorTrainer(Trainer):
         s = replace(self.config.sampling, n_samples=self.tc.eval_samples)
         res = evaluate(self.predictor(), self.val_data.images_NChw[pick], self.val_data.masks_NRhw[pick], s)
         self.seg.train()
-        keep = ("ged", "hm_iou", "soft_dice", "presence_abs_err")
+        keep = ("ged", "hm_iou", "soft_dice", "soft_dice_strict", "presence_abs_err")
         return {f"val_{k}": res[k] for k in keep}
 
     def better(self, m):
