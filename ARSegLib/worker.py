@@ -192,7 +192,6 @@ class _Server:
         self.flags_lock = threading.Lock()
         self.model = None  # (predictor, card)
         self.volume_key, self.volume = None, None
-        self.folder: Optional[ArrayFolder] = None
 
     def read_messages(self):
         try:
@@ -208,6 +207,10 @@ class _Server:
                     self.jobs.put(message)
         except (EOFError, OSError):  # the client is gone: nothing left to serve
             os._exit(0)
+        except BaseException:  # a message this worker cannot read: say why in the log, which the client shows
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(3)
 
     def flag(self, job_id: int) -> threading.Event:
         with self.flags_lock:
@@ -312,8 +315,13 @@ def _exit_when_orphaned(parent_pid: int, connected: threading.Event):
 
 def serve_main(argv=None) -> int:
     """`python -m ARSegLib.worker ADDRESS MODEL DEVICE`, the authentication key in $ARSEG_WORKER_AUTHKEY."""
+    import signal
+
     argv = sys.argv[1:] if argv is None else argv
     address, model, device = argv[:3]
+    # Ctrl+C in the terminal that started Slicer (or `arseg view`) reaches the whole process group: the client
+    # decides when the worker ends (its connection closes), so a half-finished run is never interrupted here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     authkey = bytes.fromhex(os.environ.pop(AUTHKEY_ENV))
     family = "AF_PIPE" if sys.platform == "win32" else "AF_UNIX"
     connected = threading.Event()
