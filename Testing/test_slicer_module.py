@@ -37,8 +37,12 @@ def _tree():
 
 @pytest.mark.parametrize("version", [(3, 9), (3, 10)])
 def test_module_parses_as_slicers_python(version):
-    """Slicer 5.6 ships Python 3.9; later ones 3.10+ (no match statements, no X | Y in annotations)."""
+    """Slicer 5.8 ships Python 3.9; later ones 3.12 (no match statements, no X | Y in annotations). The library
+    runs there too: in the worker process, under PythonSlicer (the web page runs outside Slicer)."""
     ast.parse(MODULE.read_text(), filename=str(MODULE), feature_version=version)
+    for path in (ROOT / "ARSegLib").rglob("*.py"):
+        if "web" not in path.relative_to(ROOT / "ARSegLib").parts:
+            ast.parse(path.read_text(), filename=str(path), feature_version=version)
     source = MODULE.read_text()
     for annotation in re.findall(r":\s*([A-Za-z_\[\], .]+\|[A-Za-z_\[\], .|]+)\s*[=)]", source):
         pytest.fail(f"PEP 604 union in an annotation (Python 3.10+): {annotation}")
