@@ -124,7 +124,19 @@ def _entry_for(result, report: Optional[Dict[str, Any]], index: int) -> Dict[str
 
 
 def write_figure(results: Sequence[Any], path, report: Optional[Dict[str, Any]] = None, title: str = "") -> Path:
-    """One row per result (nodule): CT with the plane named, each scale, consensus and disagreement."""
+    """One row per result (nodule): CT with the plane named, each scale, consensus and disagreement; as PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(results, report, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def build_figure(results: Sequence[Any], report: Optional[Dict[str, Any]] = None, title: str = ""):
+    """The matplotlib figure write_figure saves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +180,9 @@ def write_figure(results: Sequence[Any], path, report: Optional[Dict[str, Any]] 
         _click(ax, p, 9)
         _letters(ax)
         _scale_bar(ax, spacing, (0, p.image.shape[0], 0, p.image.shape[1]))
-        ax.set_title(f"{_plane_title(p)}\n{crop_mm:.0f} mm crop, lung window; + the click", fontsize=8)
+        shown = [f"{crop_mm:.0f} mm crop"] + (["lung window"] if p.image_hu is not None else []) + \
+            (["+ the click"] if p.click_rc is not None else [])
+        ax.set_title(f"{_plane_title(p)}\n{', '.join(shown)}", fontsize=8)
 
         # the scales, coarse to fine, on the zoomed region
         sides = p.scale_sides or tuple(range(1, k + 1))
@@ -214,11 +228,8 @@ def write_figure(results: Sequence[Any], path, report: Optional[Dict[str, Any]] 
         bar = fig.colorbar(im, cax=cax)
         bar.set_label("fraction of samples that differ\nfrom the consensus", fontsize=7)
         bar.ax.tick_params(labelsize=6)
-    fig.suptitle(title or f"ARSeg, model {results[0].model_name}: {len(results)} nodule(s); coarse scales use few "
+    what = f"{len(results)} nodule(s)" if results[0].mode == "click" else "whole volume, the plane with most consensus"
+    fig.suptitle(title or f"ARSeg, model {results[0].model_name}: {what}; coarse scales use few "
                           f"large tokens, so an empty or shifted scale 1-2 is expected for a small nodule",
                  fontsize=9, y=1 - 0.08 / fig.get_figheight(), va="top")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return fig
