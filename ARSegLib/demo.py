@@ -46,3 +46,18 @@ def demo_info() -> Dict[str, Any]:
 def demo_point_ras() -> Tuple[float, float, float]:
     """The nodule's centroid in RAS (mm): the click of the README's main command."""
     return tuple(float(v) for v in demo_info()["nodule_centroid_ras_mm"])
+
+
+def demo_sha256() -> str:
+    import hashlib
+
+    return hashlib.sha256(demo_volume_path().read_bytes()).hexdigest()
+
+
+def sample_data_source() -> Dict[str, Any]:
+    """Keyword arguments for Slicer's SampleData.SampleDataLogic.registerCustomSampleDataSource, so that the
+    Sample Data module offers the demo ("ARSeg lung nodule CT") from the extension's own file (a file:// URI:
+    nothing is downloaded). The module adds its thumbnail (thumbnailFileName) and registers it."""
+    path = demo_volume_path()
+    return {"category": "ARSeg", "sampleName": DEMO_NAME, "uris": path.as_uri(), "fileNames": path.name,
+            "nodeNames": "ARSegLungNoduleCT", "loadFileType": "VolumeFile", "checksums": f"SHA256:{demo_sha256()}"}

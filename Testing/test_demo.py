@@ -49,3 +49,14 @@ def test_demo_region_is_lung1s_region(lung1_dir):
     np.testing.assert_array_equal(a.label, b.label)
     np.testing.assert_allclose(a.ijk_to_ras, b.ijk_to_ras, atol=1e-5)
     assert a.nodule_ras == tuple(json.loads((lung1_dir / "nodule.json").read_text())["centroid_ras_mm"])
+
+
+def test_sample_data_source_points_at_the_shipped_file():
+    from urllib.request import url2pathname
+
+    source = demo.sample_data_source()
+    assert source["sampleName"] == "ARSeg lung nodule CT" and source["loadFileType"] == "VolumeFile"
+    assert source["uris"].startswith("file://")
+    assert Path(url2pathname(source["uris"][len("file://"):])) == demo.demo_volume_path()
+    assert source["checksums"] == "SHA256:" + __import__("hashlib").sha256(
+        demo.demo_volume_path().read_bytes()).hexdigest()
