@@ -708,6 +708,42 @@ def _nodule_holding(nodes: ResultNodes, volume_node, point_ras) -> Optional[str]
     return None
 
 
+# a click just outside a nodule's edge finds the same nodule (the component within 5 mm of the click is kept):
+# when the new mask lies mostly on an existing nodule, that nodule is redone rather than drawn twice
+SAME_NODULE_OVERLAP = 0.5
+
+
+def _nodule_overlapping(nodes: ResultNodes, result: VolumeResult, local_m) -> Optional[str]:
+    """The existing nodule whose mask covers at least half of the new result's (consensus, or if present), or
+    None. The new mask is on the result's box; each nodule's on its own labelmap extent."""
+    new = result.consensus if result.consensus.any() else result.if_present
+    if new is None or not new.any():
+        return None
+    start = np.array([a for a, _ in result.box])
+    segmentation = nodes.segmentation.GetSegmentation()
+    best, best_share = None, 0.0
+    for nid in nodes.nodule_ids:
+        covered = 0
+        for sid in (nid, if_present_segment_id(nid)):
+            segment = segmentation.GetSegment(sid)
+            if segment is None:
+                continue
+            mask, seg_start, m = _segment_mask(segment)
+            if mask is None or not np.allclose(m, local_m, atol=1e-4):
+                continue
+            lo = np.maximum(start, seg_start)
+            hi = np.minimum(start + np.array(new.shape), np.array(seg_start) + np.array(mask.shape))
+            if np.any(hi <= lo):
+                continue
+            a = new[tuple(slice(l - s0, h - s0) for l, h, s0 in zip(lo, hi, start))]
+            b = mask[tuple(slice(l - s0, h - s0) for l, h, s0 in zip(lo, hi, seg_start))]
+            covered = max(covered, int(np.count_nonzero((a > 0) & (b > 0))))
+        share = covered / int(np.count_nonzero(new))
+        if share > best_share:
+            best, best_share = nid, share
+    return best if best_share >= SAME_NODULE_OVERLAP else None
+
+
 def _new_nodule_id(nodule_ids: Sequence[str]) -> str:
     # numbers are never reused within a volume: "Nodule 3" stays the third click's nodule after 2 is deleted
     numbers = [n for n in (nodule_number(i) for i in nodule_ids) if n is not None]
@@ -799,9 +835,9 @@ def _show_fraction(target, source):
 def write_result(scene, volume_node, result: VolumeResult, options: Optional[OutputOptions] = None,
                  nodule: Optional[str] = None) -> ResultNodes:
     """A run's result into the scene as a nodule of volume_node: a new one ("Nodule N", N one more than the
-    highest so far), or, when the click lies inside an existing nodule (or nodule= names one), that nodule
-    redone. The other nodules are kept as they were; the new one is selected. A whole-volume result is the entry
-    "Whole volume". Atomic: every node is built first, then added, then ARSeg's previous nodes for this volume
+    highest so far), or, when the click lies inside an existing nodule, or its new mask lies mostly (half or
+    more) on one, or nodule= names one, that nodule redone. The other nodules are kept as they were; the new
+    one is selected. A whole-volume result is the entry "Whole volume". Atomic: every node is built first, then added, then ARSeg's previous nodes for this volume
     are removed; on an error the scene is as it was."""
     options = options or OutputOptions()
     if volume_node is None or volume_node.GetScene() is not scene:
@@ -820,7 +856,8 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
         if result.mode != "click":
             nodule = WHOLE_VOLUME_ID
         elif previous is not None and kept and result.point_ras is not None:
-            nodule = _nodule_holding(previous, volume_node, result.point_ras)
+            nodule = _nodule_holding(previous, volume_node, result.point_ras) or \
+                _nodule_overlapping(previous, result, local_m)
         nodule = nodule or _new_nodule_id([n["id"] for n in kept])
     entry = _nodule_entry(result, nodule)
     nodules = [entry if n["id"] == nodule else n for n in kept]

@@ -113,8 +113,10 @@ class DiscPredictor:
     (the click's grid), so the ball is round in 3D around plane `centre_id` (default: the middle plane)."""
 
     def __init__(self, config, radius_mm: float = 6.0, marking=None, plane_mm: float = 2.5, pixel_mm: float = 0.7,
-                 centre_id=None):
+                 centre_id=None, offset_mm=(0.0, 0.0)):
         self.config, self.radius_mm, self.marking = config, radius_mm, marking
+        # (R, A) of the ball's centre from the click, in mm: rows run A -> P, columns R -> L
+        self.offset_rc = (-offset_mm[1] / pixel_mm, -offset_mm[0] / pixel_mm)
         self.plane_mm, self.pixel_mm, self.centre_id = plane_mm, pixel_mm, centre_id
         self.crop_size, self.n_classes = config.autoencoder.crop_size, 1
         self.calls = 0
@@ -124,7 +126,8 @@ class DiscPredictor:
         centre = (n_crops - 1) // 2 if self.centre_id is None else self.centre_id
         r2 = (self.radius_mm * fraction) ** 2 - ((crop_id - centre) * self.plane_mm) ** 2
         yy, xx = np.mgrid[:h, :h]
-        d2 = ((yy - (h - 1) / 2) ** 2 + (xx - (h - 1) / 2) ** 2) * self.pixel_mm ** 2
+        cy, cx = (h - 1) / 2 + self.offset_rc[0], (h - 1) / 2 + self.offset_rc[1]
+        d2 = ((yy - cy) ** 2 + (xx - cx) ** 2) * self.pixel_mm ** 2
         return (d2 <= r2).astype(np.uint8) if r2 > 0 else np.zeros((h, h), np.uint8)
 
     def segment(self, images, sampling=None, progress=None, cancel=None, crop_ids=None, **_):

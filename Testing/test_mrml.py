@@ -480,3 +480,26 @@ def test_console_segment_node_takes_several_points_and_checks_them_all_first(lun
                               settings=SegmentSettings(n_samples=4, half_height_mm=5))
     assert nodes.nodule_ids == ["Nodule_1", "Nodule_2"] and len(nodes.results) == 2
     assert [n.id for n in mrml.list_nodules(scene, volume)] == ["Nodule_1", "Nodule_2"]
+
+
+def test_a_click_just_outside_a_nodule_that_finds_the_same_nodule_redoes_it(lung1, tiny):
+    """2.5 mm outside the edge of nodule 1, the kept component is nodule 1 again: it is redone, not drawn twice.
+    A click whose mask is another object makes a new nodule."""
+    from arseg_volumes import DiscPredictor
+
+    predictor, card = tiny
+    settings = SegmentSettings(n_samples=16, half_height_mm=7.5)
+    centre = np.asarray(lung1.nodule_ras)
+    first = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, centre, DiscPredictor(predictor.config), card,
+                                   settings)
+    beside = centre + (8.5, 0.0, 0.0)  # the ball has a 6 mm radius: this click is outside it
+    same = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, beside,
+                                  DiscPredictor(predictor.config, offset_mm=(-8.5, 0.0)), card, settings)
+    assert same.consensus_volume_mm3 == pytest.approx(first.consensus_volume_mm3, rel=0.05)
+    scene, volume = _scene_with_volume(lung1)
+    mrml.write_result(scene, volume, first)
+    assert mrml.nodule_at_point(scene, volume, beside) is None
+    assert mrml.write_result(scene, volume, same).nodule_ids == ["Nodule_1"]
+    other = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, beside, DiscPredictor(predictor.config), card,
+                                   settings)  # a ball around the new click: mostly not nodule 1
+    assert mrml.write_result(scene, volume, other).nodule_ids == ["Nodule_1", "Nodule_2"]
