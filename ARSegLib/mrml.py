@@ -837,8 +837,8 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
     """A run's result into the scene as a nodule of volume_node: a new one ("Nodule N", N one more than the
     highest so far), or, when the click lies inside an existing nodule, or its new mask lies mostly (half or
     more) on one, or nodule= names one, that nodule redone. The other nodules are kept as they were; the new
-    one is selected. A whole-volume result is the entry "Whole volume". Atomic: every node is built first, then added, then ARSeg's previous nodes for this volume
-    are removed; on an error the scene is as it was."""
+    one is selected. A whole-volume result is the entry "Whole volume". Atomic: every node is built first,
+    then added, then ARSeg's previous nodes for this volume are removed; on an error the scene is as it was."""
     options = options or OutputOptions()
     if volume_node is None or volume_node.GetScene() is not scene:
         raise ResultError("the input volume must be a node of this scene")
