@@ -542,7 +542,8 @@ def cmd_batch(args):
 
     mine = cases[rank::world]  # ranks take every world-th case: no scheduler, no shared state
     records = []
-    for case in tqdm(mine, desc=f"arseg batch rank {rank}/{world}", disable=not args.progress and not is_main()):
+    for case in tqdm(mine, desc=f"arseg batch rank {rank}/{world}", unit="case",
+                     disable=not args.progress and not is_main()):
         rel, seg_path, report_path, png_path = _case_outputs(case, input_dir, output_dir)
         record = {"case": str(rel), "rank": rank, "segmentation": str(seg_path), "report": str(report_path),
                   "points_ras_mm": [list(p) for p in points[case]]}
