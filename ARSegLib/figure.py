@@ -147,6 +147,10 @@ def build_figure(results: Sequence[Any], report: Optional[Dict[str, Any]] = None
     from matplotlib.patches import Rectangle
 
     results = [r for r in results if r.preview is not None]
+    if report and report.get("nodules"):
+        # a later point inside an earlier nodule redid it: draw what the report holds, not the replaced result
+        current = [r for i, r in enumerate(results) if "id" in _entry_for(r, report, i)]
+        results = current or results
     if not results:
         raise ValueError("no result with a preview to draw")
     k = results[0].preview.scale_consensus.shape[0]

@@ -58,3 +58,29 @@ def test_the_figure_names_the_plane_marks_the_click_and_explains_empty_scales(tw
 
     with Image.open(path) as im:
         assert im.size[0] > 1200 and im.size[1] > 600
+
+
+def test_a_redone_nodule_is_drawn_once(two_results, lung1, tiny):
+    """Points [centre, 2 mm beside it, elsewhere]: the second redid nodule 1; the figure draws the two nodules the
+    report holds, the redone one once."""
+    import matplotlib.pyplot as plt
+
+    from ARSegLib import mrml
+
+    predictor, card = tiny
+    agreed, split = two_results
+    again = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, np.add(lung1.nodule_ras, (2.0, 0.0, 0.0)),
+                                   DiscPredictor(predictor.config), card,
+                                   pipeline.SegmentSettings(n_samples=16, half_height_mm=7.5))
+    scene = mrml.new_scene()
+    volume = mrml.add_scalar_volume(scene, "lung1", lung1.array, lung1.ijk_to_ras)
+    for result in (agreed, again, split):
+        nodes = mrml.write_result(scene, volume, result)
+    assert nodes.nodule_ids == ["Nodule_1", "Nodule_2"]
+    fig = build_figure([agreed, again, split], nodes.report)
+    try:
+        titles = [t.get_text() for ax in fig.axes for t in ax.texts if t.get_text().startswith("Nodule")]
+        assert len(titles) == 2 and titles[0].startswith("Nodule 1 at R, A, S = -54.4")
+        assert titles[1].startswith("Nodule 2")
+    finally:
+        plt.close(fig)
