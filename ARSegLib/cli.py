@@ -104,6 +104,10 @@ def hardware() -> str:
 def cmd_train(args):
     from .training.trainer import AutoencoderTrainer, SegmentorTrainer
 
+    if args.stage == "prob-unet":
+        from .baselines.commands import train_prob_unet
+
+        return train_prob_unet(args, *_lidc_train_val(args))
     cfg = _engine_config(args)
     train, val = _lidc_train_val(args)
     if args.stage == "autoencoder":
@@ -172,6 +176,10 @@ def cmd_eval(args):
     from .models import load_model
     from .training.distributed import resolve_device
 
+    if args.baseline == "prob-unet":
+        from .baselines.commands import eval_prob_unet
+
+        return eval_prob_unet(args)
     predictor, card = load_model(args.model, resolve_device(args.device))
     split = args.split
     if split != "all" and read_split_file(args.data) is None:
@@ -663,8 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train the mask autoencoder or the segmentor")
-    p.add_argument("stage", choices=["autoencoder", "segmentor", "decoder"],
-                   help="decoder: a new (e.g. lighter) decoder behind a trained encoder and quantizer")
+    p.add_argument("stage", choices=["autoencoder", "segmentor", "decoder", "prob-unet"],
+                   help="decoder: a new (e.g. lighter) decoder behind a trained encoder and quantizer; prob-unet: "
+                        "the Probabilistic U-Net baseline (ARSegLib/baselines), best val weights in "
+                        "OUT/prob_unet_best.pt")
     _add_common_train(p)
     p.add_argument("--autoencoder", default=None, help="autoencoder checkpoint (default OUT/autoencoder.pt)")
     p.add_argument("--export", default=None, help="write the best model as EXPORT.safetensors + EXPORT.json")
@@ -688,9 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N crops (0: all)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", default=None, help="write every metric to this JSON file")
-    p.add_argument("--baseline", choices=["unet", "unet-levels"], default=None,
-                   help="evaluate a baseline instead: unet (the model's dense head, deterministic) or unet-levels "
-                        "(its soft map thresholded at N levels, probabilistic)")
+    p.add_argument("--baseline", choices=["unet", "unet-levels", "prob-unet"], default=None,
+                   help="evaluate a baseline instead: unet (the model's dense head, deterministic), unet-levels "
+                        "(its soft map thresholded at N levels, probabilistic) or prob-unet (the Probabilistic "
+                        "U-Net of --checkpoint; --temperature scales its prior's standard deviation)")
+    p.add_argument("--checkpoint", default=None,
+                   help="--baseline prob-unet: its weights (e.g. checkpoints/prob-unet/prob_unet_best.pt)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate-presence", help="refit the presence head on frozen features; kept if val improves")
