@@ -28,6 +28,6 @@ def test_bench_json_has_every_field(tmp_path, lung1_dir):
     assert r["click_lung1_page_faults"] >= 0
     # the module's way: the worker process polled under an emulated Slicer main thread, which never blocks long
     assert 0 < r["click_lung1_slicer_longest_block_s"] < r["click_lung1_slicer_s"]
-    first = r["first_click_lung1"]  # a new worker: the click at once, and after the model has loaded
-    assert first["repeats"] == 1 and 0 < first["load_s"] < first["open_to_result_s"]
+    first = r["first_click_lung1"]  # new workers: the click at once, and after the model has loaded
+    assert first["repeats"] == 1 and first["open_to_result_s"] > 0 and first["load_s"] > 0
     assert first["click_after_load_s"] > 0
