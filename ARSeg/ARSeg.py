@@ -130,6 +130,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runIncludeSamples = False  # read when the run starts: the parameter node may be gone when it ends
         self._pendingPoint = None  # a point placed while a run was in flight: it runs next
         self._clickNode = None
+        self._noduleIds = []  # the nodule list's rows
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -372,7 +373,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onNoduleSelected(self, row) -> None:
         volume = self._selectedVolume()
-        ids = getattr(self, "_noduleIds", [])
+        ids = self._noduleIds
         if volume is None or not 0 <= row < len(ids):
             return
         with slicer.util.tryWithErrorDisplay("ARSeg could not select this nodule."):
@@ -381,7 +382,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onDeleteNodule(self) -> None:
         volume = self._selectedVolume()
         row = self.ui.noduleList.currentRow
-        ids = getattr(self, "_noduleIds", [])
+        ids = self._noduleIds
         if volume is None or not 0 <= row < len(ids):
             return
         with slicer.util.tryWithErrorDisplay("ARSeg could not delete this nodule."):

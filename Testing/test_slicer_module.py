@@ -417,11 +417,14 @@ def _tiny_result(tiny, volume_array, ijk_to_ras, point):
                                   pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
 
 
-def _blob(scene):
+def _blob(scene, size: int = 80):
+    """A small volume with a bright disc at pixel (40, 40), RAS (-28, -28); with size 200, a second at (160, 160),
+    RAS (-112, -112): 84 mm away, outside the first click's 90 mm crop, so a click there is a second nodule."""
     from ARSegLib import mrml
 
-    k, j, i = np.mgrid[:6, :80, :80]
-    array = np.where((j - 40) ** 2 + (i - 40) ** 2 < 100, 40, -850).astype(np.int16)
+    k, j, i = np.mgrid[:6, :size, :size]
+    discs = ((j - 40) ** 2 + (i - 40) ** 2 < 100) | ((j - 160) ** 2 + (i - 160) ** 2 < 100)
+    array = np.where(discs, 40, -850).astype(np.int16)
     m = np.diag([-0.7, -0.7, 2.0, 1.0])
     return mrml.add_scalar_volume(scene, "blob", array, m), array, m
 
@@ -473,21 +476,31 @@ def test_new_results_keep_the_toggles_hide_own_volumes_and_list_nodules(widget, 
     from ARSegLib import mrml
 
     w, scene, shown = widget
-    volume, array, m = _blob(scene)
+    volume, array, m = _blob(scene, size=200)
     composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
     w._parameterNode = types.SimpleNamespace(inputVolume=volume, model="lidc-nodule", includeSamples=False)
     w.ui.disagreementCheckBox.checked = True
     first = w.logic.applyResult(volume, _tiny_result(tiny, array, m, (-28, -28, 4)))
     w.showResults(first)
     assert composite.GetForegroundVolumeID() == first.disagreement_volume.GetID()
-    second = w.logic.applyResult(volume, _tiny_result(tiny, array, m, (-8, -8, 4)))
+    second = w.logic.applyResult(volume, _tiny_result(tiny, array, m, (-112, -112, 4)))
     composite.SetForegroundVolumeID(None)
     w.updateResultsGui()  # a new result (or another nodule) gets the heat map the toggle asks for
     assert composite.GetForegroundVolumeID() == second.disagreement_volume.GetID()
     hidden = w.ui.inputVolumeSelector.sortFilterProxyModel().hiddenNodeIDs
     assert second.disagreement_volume.GetID() in hidden and volume.GetID() not in hidden
-    assert len(w.ui.noduleList.items) == len(mrml.list_nodules(scene, volume)) >= 1
-    assert w.ui.noduleList.items[0].startswith("Nodule 1")
+    nodules = mrml.list_nodules(scene, volume)
+    assert len(w.ui.noduleList.items) == len(nodules) and w.ui.noduleList.items[0].startswith("Nodule 1")
+    assert len(nodules) == 2  # select the first, then delete the second
+    w.onNoduleSelected(0)
+    assert w.ui.noduleList.currentRow == 0 and mrml.list_nodules(scene, volume)[0].selected
+    w.ui.noduleList.currentRow = 1
+    w.onDeleteNodule()
+    assert [n.id for n in mrml.list_nodules(scene, volume)] == [nodules[0].id]
+    assert len(w.ui.noduleList.items) == 1
+    w.onClearNodules()
+    assert mrml.list_nodules(scene, volume) == [] and w.ui.noduleList.items == []
+    assert w.ui.clearNodulesButton.enabled is False
     w.updateModesGui()  # lidc-nodule is click-only: the whole-volume button says why it is off
     assert w.ui.segmentWholeVolumeButton.enabled is False
     assert "not validated for whole volume" in w.ui.segmentWholeVolumeButton.toolTip
