@@ -638,7 +638,6 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         """Each image file -> outputDir/NAME.seg.nrrd + NAME.report.json, in scenes of their own (the user's
         scene is not touched). points: {path: (R, A, S) or [(R, A, S), ...]}: a nodule at each; a file without points
         runs whole (models validated for it only). Returns reports."""
-        import json
         from pathlib import Path
 
         from ARSegLib import mrml
@@ -656,10 +655,8 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
             nodes = self.segment(volumeNode, None if several else given, points=given if several else None,
                                  model=model, device=device, samples=samples, temperature=temperature, seed=seed,
                                  includeSamples=includeSamples)
-            mrml.save_segmentation(nodes.segmentation, out)
-            report = dict(nodes.report, source=str(path), segmentation=str(out))
-            (Path(outputDir) / f"{stem}.report.json").write_text(json.dumps(report, indent=2) + "\n")
-            reports.append(report)
+            mrml.write_outputs(nodes, path, out, Path(outputDir) / f"{stem}.report.json")
+            reports.append(dict(nodes.report, source=str(path), segmentation=str(out)))
         return reports
 
     # --- nodules

@@ -1284,6 +1284,14 @@ def segment_file(volume_path, out_path, predictor, card, point_ras=None, setting
     scene = scene if scene is not None else new_scene()
     volume_node = load_volume(scene, volume_path)
     nodes = segment_node(volume_node, predictor, card, point_ras, settings, options, progress, cancel, points=points)
+    write_outputs(nodes, volume_path, out_path, report_path, png_path)
+    return nodes.result, nodes
+
+
+def write_outputs(nodes: ResultNodes, volume_path, out_path, report_path=None, png_path=None) -> List[Path]:
+    """A volume's results as files: the .seg.nrrd (every nodule), the report JSON and the figure (which needs
+    nodes.results), written under temporary names and moved into place together. Shared by segment_file and
+    the Slicer module's segmentFiles (whose inference runs in its worker process)."""
     out_path = Path(out_path)
     writers: Dict[Path, Any] = {out_path: lambda tmp: save_segmentation(nodes.segmentation, tmp)}
     if report_path is not None:
@@ -1293,5 +1301,4 @@ def segment_file(volume_path, out_path, predictor, card, point_ras=None, setting
         from .figure import write_figure
 
         writers[Path(png_path)] = lambda tmp: write_figure(nodes.results, tmp, nodes.report)
-    write_files_atomically(writers)
-    return nodes.result, nodes
+    return write_files_atomically(writers)
