@@ -37,7 +37,9 @@ class ProbUNetConfig:
     prior_channels: Tuple[int, ...] = (8, 16, 32, 64)  # encoder widths of the prior and posterior nets
     fcomb_channels: int = 32
     fcomb_layers: int = 3  # 1 x 1 convolutions before the output one (the paper: 3 of 32 channels)
+    output_bias_init: float = -4.0  # the output's initial logit: a nodule covers a few % of a crop
     beta: float = 1.0  # weight of KL(posterior || prior)
+    grad_clip: float = 1e4  # training: clip the gradient norm (the loss sums BCE over the crop's pixels)
     threshold: float = 0.5  # inference: a sample's mask is sigmoid(logits) > threshold
     temperature: float = 1.0  # inference: z = mu + temperature * sigma * eps (1: the prior itself)
 
@@ -130,6 +132,7 @@ class ProbUNet(nn.Module):
             layers += [nn.Conv2d(c, cfg.fcomb_channels, 1), nn.ReLU(inplace=True)]
             c = cfg.fcomb_channels
         layers.append(nn.Conv2d(c, 1, 1))
+        nn.init.constant_(layers[-1].bias, cfg.output_bias_init)  # skips the first steps spent learning the prior
         self.fcomb = nn.Sequential(*layers)
 
     def combine(self, feat_BChw: torch.Tensor, z_BNZ: torch.Tensor) -> torch.Tensor:

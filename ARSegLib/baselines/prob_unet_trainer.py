@@ -47,9 +47,9 @@ class ProbUNetTrainer(Trainer):
         out = self.model.training_loss(img_BChw.to(self.device), mask_B1hw.to(self.device))
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 100.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.opt.step()
-        return {k: v.item() for k, v in out.items()}
+        return {**{k: v.item() for k, v in out.items()}, "grad_norm": grad_norm.item()}
 
     @torch.no_grad()
     def validate(self) -> dict:
