@@ -12,30 +12,17 @@ absent. ARSEG_WEB_SCREENSHOTS=DIR keeps the screenshots; ARSEG_WEB_TIMINGS=FILE 
 from __future__ import annotations
 
 import ctypes.util
-import io
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-try:
-    from selenium.webdriver.common.by import By
-except ImportError:  # the browser tests skip, saying so
-    By = None
 from conftest import LUNG1, ROOT
 
 DEMO = ROOT / "Resources" / "Demo" / "lung1-slab.nrrd"
-CHROME_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1400,900")
 CONSENSUS_RGB = np.array([0.95, 0.75, 0.15]) * 255  # mrml.OutputOptions().consensus_color
 
 
@@ -187,6 +174,59 @@ def test_session_runs_one_click_at_a_time_and_cancels(small_volume_file):
         session.segmentation_bytes()
 
 
+def test_slice_view_draws_every_result_also_after_clear_all():
+    """Slicer's own slice view, offscreen (no browser): the consensus colour at the nodule after a click, gone after
+    Clear all, back after the next click (it once stayed invisible: see review._forget_sequences_logic)."""
+    missing = _browser_missing()
+    if "trame_slicer" in missing or "EGL" in missing:
+        pytest.skip(f"no offscreen views: {missing}")
+    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
+    import slicer
+    import vtk
+    from trame_slicer.core import SlicerApp
+    from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    from ARSegLib.web.browser import consensus_pixels
+    from ARSegLib.web.catalog import VolumeCatalog
+    from ARSegLib.web.inference import LocalInferenceClient
+    from ARSegLib.web.review import ReviewSession
+
+    volume, nodule = _volume_and_nodule()
+    app = SlicerApp()
+    app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
+    view = app.view_manager.create_view(ViewLayoutDefinition.axial_view())
+    view.render_window().SetSize(400, 400)
+    session = ReviewSession(app.scene, VolumeCatalog.from_arguments([volume]), LocalInferenceClient())
+    view.set_background_volume_id(session.open_volume("v0").GetID())
+    view.fit_view_to_content()
+    slicer.vtkMRMLSliceNode.JumpAllSlices(app.scene, *nodule, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
+
+    def amber():
+        view.render()
+        grab = vtk.vtkWindowToImageFilter()
+        grab.SetInput(view.render_window())
+        grab.ReadFrontBufferOff()
+        grab.Update()
+        image = grab.GetOutput()
+        w, h, _ = image.GetDimensions()
+        return consensus_pixels(vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[..., :3]
+                                .astype(np.int16))
+
+    def click():
+        session.start(nodule)
+        while session.poll().running:
+            time.sleep(0.05)
+        assert session.status.state == "done", session.status.message
+        return amber()
+
+    assert amber() < 20
+    assert click() > 300
+    session.clear_nodules()
+    assert amber() < 20
+    assert click() > 300
+
+
 # ============================================================================================ in a browser
 
 def _browser_missing() -> str:
@@ -212,166 +252,15 @@ def _volume_and_nodule():
     return LUNG1 / "image.nrrd", tuple(json.loads((LUNG1 / "nodule.json").read_text())["centroid_ras_mm"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Page:
-    """The running server and one Chromium on it; everything the browser tests need to drive and measure."""
-
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.volume, self.nodule = _volume_and_nodule()
-        self.port = _free_port()
-        self.log = tmp / "server.log"
-        self.downloads = tmp / "downloads"
-        self.downloads.mkdir()
-        self.timings = {}
-        self.server = None
-        self.driver = None
-
-    def start_server(self, timeout_s: float = 180.0):
-        t0 = time.perf_counter()
-        with open(self.log, "wb") as log:
-            self.server = subprocess.Popen([sys.executable, "-m", "ARSegLib.cli", "view", str(self.volume),
-                                            "--port", str(self.port)], stdout=log, stderr=subprocess.STDOUT,
-                                           cwd=self.tmp)
-        while "arseg view: serving" not in self.log.read_text(errors="replace"):
-            if self.server.poll() is not None or time.perf_counter() - t0 > timeout_s:
-                raise AssertionError(f"the server did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.1)
-        self.timings["server_start_s"] = round(time.perf_counter() - t0, 2)
-
-    def start_browser(self):
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-
-        options = webdriver.ChromeOptions()
-        options.binary_location = shutil.which("chromium")
-        for flag in CHROME_FLAGS:
-            options.add_argument(flag)
-        options.add_argument(f"--user-data-dir={tempfile.mkdtemp(dir=self.tmp, prefix='chromium-')}")
-        options.add_experimental_option("prefs", {"download.default_directory": str(self.downloads),
-                                                  "download.prompt_for_download": False,
-                                                  "profile.default_content_setting_values.automatic_downloads": 1})
-        self.driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-        self.driver.set_page_load_timeout(60)
-
-    def open(self, timeout_s: float = 60.0) -> float:
-        """Load the page; seconds until every view has drawn an image."""
-        t0 = time.perf_counter()
-        self.driver.get(f"http://127.0.0.1:{self.port}/")
-        self.wait(lambda: len(self.views()) >= 4 and all(self.driver.execute_script(
-            "return arguments[0].complete && arguments[0].naturalWidth > 0", img) for img in self.views()),
-            timeout_s, "the four views to draw")
-        return time.perf_counter() - t0
-
-    def close(self):
-        if self.driver is not None:
-            self.driver.quit()
-            self.driver = None
-        if self.server is not None and self.server.poll() is None:
-            self.server.terminate()
-            try:
-                self.server.wait(15)
-            except subprocess.TimeoutExpired:
-                self.server.kill()
-                self.server.wait(15)
-
-    # ------------------------------------------------------------------------------------------ driving
-
-    def wait(self, condition, timeout_s: float, what: str):
-        t0 = time.perf_counter()
-        while time.perf_counter() - t0 < timeout_s:
-            if condition():
-                return
-            time.sleep(0.05)
-        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; server log:\n"
-                             f"{self.log.read_text(errors='replace')[-3000:]}")
-
-    def by_id(self, element_id: str):
-        from selenium.webdriver.common.by import By
-
-        return self.driver.find_element(By.ID, element_id)
-
-    def text(self, element_id: str) -> str:
-        return self.by_id(element_id).get_attribute("textContent").strip()
-
-    def views(self):
-        """The views' images, largest first: the axial view is the large one of the "Axial Primary" layout."""
-        from selenium.webdriver.common.by import By
-
-        images = self.driver.find_elements(By.CSS_SELECTOR, "img")
-        return sorted(images, key=lambda e: -e.size["width"] * e.size["height"])
-
-    def axial(self) -> np.ndarray:
-        from PIL import Image
-
-        return np.asarray(Image.open(io.BytesIO(self.views()[0].screenshot_as_png)).convert("RGB")).astype(np.int16)
-
-    def settled_axial(self, before: np.ndarray = None, timeout_s: float = 20.0) -> np.ndarray:
-        """The axial view once it differs from `before` (if given) and two grabs 0.4 s apart agree."""
-        t0 = time.perf_counter()
-        last = self.axial()
-        while time.perf_counter() - t0 < timeout_s:
-            time.sleep(0.4)
-            now = self.axial()
-            changed = before is None or now.shape != before.shape or np.abs(now - before).mean() > 0.05
-            if changed and now.shape == last.shape and np.abs(now - last).max() == 0:
-                return now
-            last = now
-        return last
-
-    def nodules(self):
-        return [e.text for e in self.driver.find_elements(By.CSS_SELECTOR, ".arseg-nodule")]
-
-    def goto_nodule(self):
-        field = self.by_id("arseg-goto")
-        field.clear()
-        field.send_keys(", ".join(f"{v}" for v in self.nodule))
-        self.by_id("arseg-goto-button").click()
-
-    def click_axial_centre(self):
-        from selenium.webdriver.common.action_chains import ActionChains
-
-        ActionChains(self.driver).move_to_element(self.views()[0]).click().perform()
-
-    def wait_run(self, timeout_s: float = 300.0) -> str:
-        self.wait(lambda: self.text("arseg-run-state") in ("done", "failed", "cancelled"), timeout_s, "the run")
-        return self.text("arseg-run-state")
-
-    def save(self, picture: np.ndarray, name: str):
-        from PIL import Image
-
-        keep = os.environ.get("ARSEG_WEB_SCREENSHOTS")
-        for folder in [self.tmp] + ([Path(keep)] if keep else []):
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(picture.astype(np.uint8)).save(folder / name)
-
-    def save_page(self, name: str):
-        keep = os.environ.get("ARSEG_WEB_SCREENSHOTS")
-        if keep:
-            Path(keep).mkdir(parents=True, exist_ok=True)
-            self.driver.save_screenshot(str(Path(keep) / name))
-
-
-def consensus_pixels(picture: np.ndarray, half: int = 80) -> int:
-    """Pixels near the view's centre whose colour is the consensus amber (outline at full opacity, fill at half
-    over grey CT): red and green well above blue, red above green, as no grey, heat or cyan point is."""
-    h, w, _ = picture.shape
-    window = picture[h // 2 - half:h // 2 + half, w // 2 - half:w // 2 + half]
-    r, g, b = window[..., 0], window[..., 1], window[..., 2]
-    return int(((r - b > 60) & (g - b > 30) & (r >= g) & (r - g < 90)).sum())
-
-
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
     missing = _browser_missing()
     if missing:
         pytest.skip(f"no browser test: {missing}")
-    p = Page(tmp_path_factory.mktemp("web"))
+    from ARSegLib.web.browser import Page
+
+    p = Page(tmp_path_factory.mktemp("web"), *_volume_and_nodule())
+    p.keep_dir = Path(os.environ["ARSEG_WEB_SCREENSHOTS"]) if os.environ.get("ARSEG_WEB_SCREENSHOTS") else None
     try:
         p.start_server()
         p.start_browser()
@@ -385,6 +274,8 @@ def page(tmp_path_factory):
 
 
 def test_browser_click_segments_the_nodule(page):
+    from ARSegLib.web.browser import By, consensus_pixels  # noqa: F401 (selenium only where a browser is)
+
     page.goto_nodule()
     before = page.settled_axial()
     assert consensus_pixels(before) < 20, "consensus colour on the page before any click"
@@ -404,12 +295,15 @@ def test_browser_click_segments_the_nodule(page):
 
 
 def test_browser_disagreement_toggle_changes_the_picture(page):
+    from ARSegLib.web.browser import By, consensus_pixels  # noqa: F401 (selenium only where a browser is)
+
     if page.text("arseg-run-state") != "done":
         pytest.skip("needs the click of test_browser_click_segments_the_nodule")
     plain = page.settled_axial()
     page.by_id("arseg-disagreement").click()
     heat = page.settled_axial(plain)
     page.save(heat, "web-disagreement.png")
+    page.save_page("web-page-disagreement.png")
     diff = np.abs(heat - plain).sum(-1)
     assert (diff > 30).sum() > 100, "the disagreement toggle did not change the nodule's pixels"
     page.by_id("arseg-disagreement").click()
@@ -418,8 +312,9 @@ def test_browser_disagreement_toggle_changes_the_picture(page):
 
 
 def test_browser_scale_slider_scrubs_coarse_to_fine(page):
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+
+    from ARSegLib.web.browser import By, consensus_pixels  # noqa: F401 (selenium only where a browser is)
 
     if page.text("arseg-run-state") != "done":
         pytest.skip("needs the click of test_browser_click_segments_the_nodule")
@@ -438,6 +333,7 @@ def test_browser_scale_slider_scrubs_coarse_to_fine(page):
 
 def test_browser_downloads_are_the_results(page):
     from ARSegLib import mrml
+    from ARSegLib.web.browser import By, consensus_pixels  # noqa: F401 (selenium only where a browser is)
 
     if page.text("arseg-run-state") != "done":
         pytest.skip("needs the click of test_browser_click_segments_the_nodule")
@@ -461,6 +357,8 @@ def test_browser_downloads_are_the_results(page):
 
 
 def test_browser_reload_mid_run_leaves_the_server_healthy(page):
+    from ARSegLib.web.browser import By, consensus_pixels  # noqa: F401 (selenium only where a browser is)
+
     if page.text("arseg-run-state") != "done":
         pytest.skip("needs the click of test_browser_click_segments_the_nodule")
     page.click_axial_centre()
@@ -474,6 +372,8 @@ def test_browser_reload_mid_run_leaves_the_server_healthy(page):
 
 
 def test_browser_keeps_samples_on_demand_and_clears(page):
+    from ARSegLib.web.browser import By, consensus_pixels  # noqa: F401 (selenium only where a browser is)
+
     if page.text("arseg-run-state") != "done":
         pytest.skip("needs the click of test_browser_click_segments_the_nodule")
     page.by_id("arseg-include-samples").click()
