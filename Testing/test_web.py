@@ -325,6 +325,9 @@ def test_browser_scale_slider_scrubs_coarse_to_fine(page):
     coarse = page.settled_axial(fine)
     page.save(coarse, "web-scale-1.png")
     assert (np.abs(coarse - fine).sum(-1) > 30).sum() > 100, "scale 1 looks like scale 8"
+    thumb.send_keys(Keys.ARROW_RIGHT, Keys.ARROW_RIGHT)
+    page.wait(lambda: page.text("arseg-scale-label").startswith("Scale 3/"), 10, "scale 3")
+    page.save(page.settled_axial(coarse), "web-scale-3.png")
     thumb.send_keys(Keys.END)
     page.wait(lambda: page.text("arseg-scale-label") == "Scale 8/8", 10, "scale 8")
     again = page.settled_axial(coarse)
