@@ -946,10 +946,13 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
             if parent_id:
                 segmentation.SetAndObserveTransformNodeID(parent_id)
                 disagreement.SetAndObserveTransformNodeID(parent_id)
-            browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
-            browser.SetIndexDisplayFormat("%.0f")
         finally:
             scene.EndState(scene.BatchProcessState)
+        # after the batch: a Sequences logic watching the scene makes the proxy when the browser gets its sequence,
+        # and a proxy made inside the batch left the slice views drawing none of the new segmentation
+        # (Testing/test_mrml_views.py)
+        browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+        browser.SetIndexDisplayFormat("%.0f")
 
         sequences_logic(scene).UpdateProxyNodesFromSequences(browser)
         proxy = browser.GetProxyNode(sequence)
