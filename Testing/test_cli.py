@@ -340,3 +340,10 @@ def test_batch_takes_points_from_a_csv_and_markups_and_reports_cases_without(cas
         main(["batch", str(folder), str(tmp_path / "out2"), "--model", str(disc_model.path),
               "--points", str(tmp_path / "bad.csv")])
     assert info.value.code == 2 and not (tmp_path / "out2").exists()
+
+
+def test_batch_whole_volume_is_refused_for_the_click_only_shipped_model(cases, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(cases), str(tmp_path / "out"), "--whole-volume"])
+    assert info.value.code == 2 and "not validated for whole volume" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
