@@ -176,7 +176,8 @@ def test_session_runs_one_click_at_a_time_and_cancels(small_volume_file):
 
 def test_slice_view_draws_every_result_also_after_clear_all():
     """Slicer's own slice view, offscreen (no browser): the consensus colour at the nodule after a click, gone after
-    Clear all, back after the next click (it once stayed invisible: see review._forget_sequences_logic)."""
+    Clear all, back after the next click (it once stayed invisible: a Sequences logic already watching the scene
+    made the scale proxy inside write_result's batch state, and the slice view then drew none of the result)."""
     missing = _browser_missing()
     if "trame_slicer" in missing or "EGL" in missing:
         pytest.skip(f"no offscreen views: {missing}")

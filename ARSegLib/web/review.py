@@ -63,19 +63,6 @@ def user_message(error: BaseException) -> str:
     return f"ARSeg failed: {type(error).__name__}: {error}"
 
 
-def _forget_sequences_logic(scene) -> None:
-    """Drop mrml's private Sequences logic before a write, so that the write makes a new one after its nodes are in
-    the scene, as on a scene's first write. Why: a result written while such a logic already watches the scene,
-    into a volume with no ARSeg nodes left (the first nodule after "Clear all", or any first write once a logic
-    exists), is not drawn in the slice views at all (the 3D view draws it; its display node, segments, labelmaps
-    and the slice composite are as usual; rescanning the displayable manager does not help). Reproduced with
-    trame-slicer's views offscreen and without a browser. The scale slider updates the proxy explicitly, so
-    nothing needs the logic between writes. To be fixed in mrml.write_result; this is a stopgap for the page."""
-    logic = getattr(mrml, "_private_sequences_logic", {}).pop(scene, None)
-    if logic is not None:
-        logic.SetMRMLScene(None)
-
-
 class ReviewSession:
     """One scene, one catalog, one inference client; the volume on show and its run."""
 
@@ -163,7 +150,6 @@ class ReviewSession:
                 self.status = RunStatus("failed", 0.0, user_message(run.error))
             return self.status
         t0 = time.perf_counter()
-        _forget_sequences_logic(self.scene)
         try:
             nodes = mrml.write_result(self.scene, self.volume_node, run.result, self.settings.output_options())
         except Exception as e:  # a result that does not fit the scene: the scene is left as it was
