@@ -79,6 +79,26 @@ def test_cli_view_refuses_bad_input(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+def test_host_option_warns_loudly(tmp_path):
+    """--host other than the loopback address: the server says, loudly, that others can reach it (127.0.0.2 is
+    still this machine, so nothing is exposed by the test)."""
+    missing = _browser_missing()
+    if "trame_slicer" in missing or "EGL" in missing:
+        pytest.skip(f"no web page here: {missing}")
+    from ARSegLib.web.browser import Page
+
+    volume, nodule = _volume_and_nodule()
+    page = Page(tmp_path, volume, nodule, extra_args=["--host", "127.0.0.2"])
+    try:
+        page.start_server()
+        log = page.log.read_text(errors="replace")
+        assert "listening on 127.0.0.2" in log and "no login and no encryption" in log
+        assert "http://127.0.0.2:" in log
+    finally:
+        page.close()
+    assert page.server.returncode is not None
+
+
 class _HeldRun:
     """A run that finishes when the test says so (result, error or cancel), with the worker's run interface."""
 
@@ -375,11 +395,28 @@ def test_browser_reload_mid_run_leaves_the_server_healthy(page):
     assert len(page.nodules()) == 1  # the click inside the nodule redid it
 
 
-def test_browser_keeps_samples_on_demand_and_clears(page):
+def test_browser_refuses_a_second_click_and_cancels(page):
     from ARSegLib.web.browser import By, consensus_pixels  # noqa: F401 (selenium only where a browser is)
 
     if page.text("arseg-run-state") != "done":
         pytest.skip("needs the click of test_browser_click_segments_the_nodule")
+    nodules = page.nodules()
+    page.click_axial_centre()
+    page.wait(lambda: page.text("arseg-run-state") == "running", 30, "the run to start")
+    page.click_axial_centre()  # while the first runs: refused with a message, not queued
+    page.wait(lambda: page.driver.find_elements(By.ID, "arseg-error"), 10, "the refusal")
+    assert "still working" in page.text("arseg-error")
+    page.by_id("arseg-cancel").click()
+    assert page.wait_run() == "cancelled"
+    assert "nothing was changed" in page.text("arseg-run-message") and page.nodules() == nodules
+    assert consensus_pixels(page.settled_axial()) > 300  # the earlier result is still on show
+
+
+def test_browser_keeps_samples_on_demand_and_clears(page):
+    from ARSegLib.web.browser import By, consensus_pixels  # noqa: F401 (selenium only where a browser is)
+
+    if not page.nodules():
+        pytest.skip("needs the nodule of test_browser_click_segments_the_nodule")
     page.by_id("arseg-include-samples").click()
     page.click_axial_centre()
     page.wait(lambda: page.text("arseg-run-state") == "running", 30, "the run with samples to start")
