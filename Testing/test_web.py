@@ -155,6 +155,12 @@ def test_session_runs_one_click_at_a_time_and_cancels(small_volume_file):
     with pytest.raises(ReviewError, match="no such volume"):
         session.open_volume(str(small_volume_file))  # a path is not a key
     node = session.open_volume("v0")
+    session.set_window("Lung")
+    assert (node.GetDisplayNode().GetWindow(), node.GetDisplayNode().GetLevel()) == (1400.0, -500.0)
+    session.set_window("Auto")
+    assert node.GetDisplayNode().GetAutoWindowLevel()
+    with pytest.raises(ReviewError, match="no window preset"):
+        session.set_window("../../etc")
     n_nodes = scene.GetNumberOfNodes()
     with pytest.raises(Exception, match="outside"):
         session.start((1000.0, 0.0, 0.0))  # a click off the CT: said at once, nothing started

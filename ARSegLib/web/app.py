@@ -17,6 +17,7 @@ import time
 from typing import Optional
 
 import slicer
+import vtk
 from trame.app import TrameApp
 from trame.ui.vuetify3 import SinglePageWithDrawerLayout
 from trame.widgets import client, html
@@ -26,7 +27,7 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 
 from .. import mrml
-from .review import ReviewError, ReviewSession, ReviewSettings, user_message
+from .review import WINDOW_PRESETS, ReviewError, ReviewSession, ReviewSettings, user_message
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,14 @@ class ARSegWebApp(TrameApp):
         mrml.register_segmentation_converters()
         register_rca_factories(self.slicer_app.view_manager, self.server)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
-        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
-        self.layout_manager.set_layout(LAYOUT)
+        # creating the views makes VTK 9.6 warn, once per view, that trame-slicer observes a deprecated interactor
+        # event: four blocks of noise on every start that say nothing to a user of the page
+        vtk.vtkObject.GlobalWarningDisplayOff()
+        try:
+            self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
+            self.layout_manager.set_layout(LAYOUT)
+        finally:
+            vtk.vtkObject.GlobalWarningDisplayOn()
         self.session = ReviewSession(self.slicer_app.scene, catalog, client_, card, settings)
         self._poll_task = None
         self._click_started = 0.0
@@ -85,6 +92,8 @@ class ARSegWebApp(TrameApp):
         s.run_state, s.run_fraction, s.run_message = "idle", 0.0, ""
         s.error_message = ""
         s.goto_text = ""
+        s.window_presets = list(WINDOW_PRESETS)
+        s.window_preset = "Auto"
         s.n_scales, s.scale = 0, 0
         s.show_disagreement, s.disagreement_opacity = False, 0.5
         s.include_samples, s.n_samples_kept, s.sample_shown = False, 0, 0
@@ -98,6 +107,7 @@ class ARSegWebApp(TrameApp):
         s.change("show_disagreement", "disagreement_opacity")(self._on_disagreement)
         s.change("include_samples")(self._on_include_samples)
         s.change("sample_shown")(self._on_sample_shown)
+        s.change("window_preset")(self._on_window_preset)
 
     def _fail(self, message: str):
         self.state.error_message = message
@@ -119,7 +129,14 @@ class ARSegWebApp(TrameApp):
         display.show_volume_in_slice_background(node)
         display.show_volume_in_slice_foreground(None)
         display.reset_views()
+        self._on_window_preset(self.state.window_preset)
         self._refresh_results()
+
+    def _on_window_preset(self, window_preset="Auto", **_):
+        try:
+            self.session.set_window(window_preset)
+        except ReviewError as e:
+            self._fail(str(e))
 
     def goto_point(self):
         """Centre every slice view on a typed RAS point (Slicer's "jump slices", centred)."""
@@ -302,6 +319,8 @@ class ARSegWebApp(TrameApp):
                 html.Div("Click on a nodule in a slice view to segment it: a click outside the nodules so far adds "
                          "one, a click inside one redoes it.", classes="text-caption",
                          v_show="volume_loaded || volume_key")
+                v3.VSelect(id="arseg-window", label="Window", items=("window_presets",), v_model=("window_preset",),
+                           density="compact", hide_details=True)
                 with html.Div(classes="d-flex", style="gap: 6px"):
                     v3.VTextField(id="arseg-goto", label="Go to R, A, S (mm)", v_model=("goto_text",),
                                   density="compact", hide_details=True, keyup_enter=self.goto_point)

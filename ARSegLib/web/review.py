@@ -20,6 +20,9 @@ from .. import mrml, pipeline
 from .catalog import VolumeCatalog
 from .inference import is_cancelled
 
+# CT window presets (width, level in HU) as Slicer's Volumes module offers them; None: the volume's automatic one
+WINDOW_PRESETS = {"Auto": None, "Lung": (1400.0, -500.0), "Mediastinum": (350.0, 40.0), "Bone": (1000.0, 400.0)}
+
 
 class ReviewError(ValueError):
     """Something the user asked for that cannot be done now; the message is shown on the page as is."""
@@ -103,6 +106,21 @@ class ReviewSession:
         self.volume_node, self.volume_key = node, entry.key
         self.status = RunStatus()
         return node
+
+    def set_window(self, preset: str) -> None:
+        """Window/level of the CT on show: a preset of WINDOW_PRESETS (unknown names are refused)."""
+        if preset not in WINDOW_PRESETS:
+            raise ReviewError(f"no window preset {preset!r} (presets: {', '.join(WINDOW_PRESETS)})")
+        if self.volume_node is None:
+            raise ReviewError("open a volume first")
+        if self.volume_node.GetDisplayNode() is None:
+            self.volume_node.CreateDefaultDisplayNodes()
+        display = self.volume_node.GetDisplayNode()
+        if WINDOW_PRESETS[preset] is None:
+            display.AutoWindowLevelOn()
+        else:
+            display.AutoWindowLevelOff()
+            display.SetWindowLevel(*WINDOW_PRESETS[preset])
 
     # ------------------------------------------------------------------------------------------ runs
 
