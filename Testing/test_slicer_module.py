@@ -266,10 +266,12 @@ def test_click_under_emulated_slicer_main_thread(arseg_module, lung1_dir):
     """Slicer's main thread sits in Qt's C++ event loop holding Python's GIL; Python runs there only in the module's
     25 ms poll. Emulated here: a C call that keeps the GIL (usleep through ctypes.PyDLL) between polls of the module's
     own click path (startSegmentation -> run.poll() -> applyResult). The click must finish within 1.5x of the same
-    click run directly in this process, with no inference on the main thread and the same consensus.
-    (With inference on a thread of this process, as before the worker, this click took 36 s instead of 1.1 s.)"""
+    click run directly in this process, with no inference on the main thread and the same consensus. The two ways
+    alternate, so that the machine's drift hits both alike. (With inference on a thread of this process, as before
+    the worker, this click took 32-38 s instead of about 1 s.)"""
     import ctypes
     import json
+    import statistics
     import time
 
     from ARSegLib import mrml, pipeline
@@ -280,47 +282,51 @@ def test_click_under_emulated_slicer_main_thread(arseg_module, lung1_dir):
     scene = mrml.new_scene()
     volume = mrml.load_volume(scene, lung1_dir / "image.nrrd")
     array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
-
     predictor, card = load_model("lidc-nodule", "cpu")
     settings = module.ARSegLogic.settings(16, None, 0, 20.0)
-    pipeline.segment_click(array, m, point, predictor, card, settings)  # warm, as a preloaded worker is
-    t0 = time.perf_counter()
-    direct = pipeline.segment_click(array, m, point, predictor, card, settings)
-    direct_s = time.perf_counter() - t0
-
     logic = module.ARSegLogic()
     hold_gil = ctypes.PyDLL(None).usleep  # PyDLL: the GIL stays held during the call, as in Qt's event loop
-    try:
-        assert logic.preload("lidc-nodule", "cpu").wait(120)
-        warm = logic.startSegmentation(volume, point, device="cpu")  # the module opened and clicked once before
-        assert warm.wait(120) and warm.error is None
 
-        longest_block, polls = 0.0, 0
+    def direct():
         t0 = time.perf_counter()
-        block = time.perf_counter()
+        result = pipeline.segment_click(array, m, point, predictor, card, settings)
+        return time.perf_counter() - t0, result
+
+    def like_slicer():
+        t0 = time.perf_counter()
         run = logic.startSegmentation(volume, point, device="cpu")
-        longest_block = time.perf_counter() - block
+        longest = time.perf_counter() - t0
         while True:
             hold_gil(25000)
-            block = time.perf_counter()
+            tick = time.perf_counter()
             finished = run.poll()
-            polls += 1
             if finished:
                 assert run.error is None, run.error
                 nodes = logic.applyResult(volume, run.result)  # what onPoll does with a finished run
-            longest_block = max(longest_block, time.perf_counter() - block)
+            longest = max(longest, time.perf_counter() - tick)
             if finished:
-                break
-        emulated_s = time.perf_counter() - t0
+                return time.perf_counter() - t0, longest, run.result, nodes
+
+    try:
+        assert logic.preload("lidc-nodule", "cpu").wait(120)
+        direct(), like_slicer()  # both warm: the module opened and was clicked once before
+        direct_s, emulated_s, longest = [], [], 0.0
+        for _ in range(3):
+            seconds, reference = direct()
+            direct_s.append(seconds)
+            seconds, block, result, nodes = like_slicer()
+            emulated_s.append(seconds)
+            longest = max(longest, block)
     finally:
         logic.stopWorker()
-    print(f"\nlung1 click: direct {direct_s:.2f} s, emulated Slicer {emulated_s:.2f} s ({polls} polls), "
-          f"longest main-thread block {longest_block * 1000:.0f} ms (node writing included)")
-    assert emulated_s <= 1.5 * direct_s, (emulated_s, direct_s)
-    assert longest_block < 0.5 * direct_s  # the main thread never runs the model
-    np.testing.assert_array_equal(run.result.consensus, direct.consensus)
-    assert run.result.box == direct.box
-    assert abs(nodes.report["consensus_volume_mm3"] - direct.consensus_volume_mm3) < 1e-2  # the report rounds
+    print(f"\nlung1 click: direct {statistics.median(direct_s):.2f} s, emulated Slicer "
+          f"{statistics.median(emulated_s):.2f} s (medians of 3 alternating), longest main-thread block "
+          f"{longest * 1000:.0f} ms (node writing included)")
+    assert statistics.median(emulated_s) <= 1.5 * statistics.median(direct_s), (emulated_s, direct_s)
+    assert longest < 0.5 * statistics.median(direct_s)  # the main thread never runs the model
+    np.testing.assert_array_equal(result.consensus, reference.consensus)
+    assert result.box == reference.box
+    assert abs(nodes.report["consensus_volume_mm3"] - reference.consensus_volume_mm3) < 1e-2  # the report rounds
 
 
 # ------------------------------------------------------------- the widget's behaviour, Qt replaced by plain objects

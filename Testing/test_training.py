@@ -154,5 +154,5 @@ def test_segmentor_validation_reports_the_protocol_metrics(tmp_path):
                      unet_pretrain_steps=0, eval_images=4, eval_samples=4)
     AutoencoderTrainer(cfg, data, None, tc).fit()
     val = SegmentorTrainer(cfg, data, data, tc, str(tmp_path / "autoencoder.pt")).validate()
-    assert set(val) == {"val_ged", "val_hm_iou", "val_soft_dice", "val_presence_abs_err"}
-    assert 0 <= val["val_hm_iou"] <= 1 and 0 <= val["val_soft_dice"] <= 1
+    assert set(val) == {"val_ged", "val_hm_iou", "val_soft_dice", "val_soft_dice_strict", "val_presence_abs_err"}
+    assert 0 <= val["val_hm_iou"] <= 1 and 0 <= val["val_soft_dice"] <= 1 and 0 <= val["val_soft_dice_strict"] <= 1
