@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -813,85 +811,6 @@ def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[Segme
     return result
 
 
-# --------------------------------------------------------------------------------------------- background
-
-class _InferenceThread:
-    """The one long-lived thread every BackgroundRun runs on, in turn. A fresh thread per run pays, on every
-    click, for a new OpenMP worker team (libgomp keeps one per calling thread) and a new malloc arena whose
-    pages all fault in again (lung1 click: 2.13 s on fresh threads against 1.75 s on the main thread in one
-    `arseg bench` run; on par with this thread)."""
-
-    _lock = threading.Lock()
-    _jobs: Optional[queue.Queue] = None
-    _thread: Optional[threading.Thread] = None
-
-    @classmethod
-    def submit(cls, job: Callable[[], None]) -> None:
-        with cls._lock:
-            if cls._thread is None or not cls._thread.is_alive():
-                cls._jobs = queue.Queue()
-                cls._thread = threading.Thread(target=cls._serve, args=(cls._jobs,), name="ARSeg inference",
-                                               daemon=True)
-                cls._thread.start()
-            cls._jobs.put(job)
-
-    @staticmethod
-    def _serve(jobs: queue.Queue) -> None:
-        while True:
-            jobs.get()()  # a job never raises: BackgroundRun._main keeps its error
-
-
-class BackgroundRun:
-    """Runs fn(progress, cancel) on ARSeg's inference thread; the caller polls it (a GUI timer) and collects the
-    result. Runs started while another is in flight wait for it (they would only share the same cores).
-
-    No Qt here: the Slicer module polls `finished` from a QTimer and applies the result to MRML on the main
-    thread (MRML is not thread-safe; numpy and torch are fine on a worker and release the GIL)."""
-
-    def __init__(self, fn: Callable[[Callable[[int, int], None], Callable[[], bool]], Any]):
-        self._fn = fn
-        self._cancel = threading.Event()
-        self._finished = threading.Event()
-        self.done_steps, self.total_steps = 0, 1
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
-
-    def start(self) -> BackgroundRun:
-        _InferenceThread.submit(self._main)
-        return self
-
-    def _progress(self, done: int, total: int):
-        self.done_steps, self.total_steps = int(done), max(1, int(total))
-
-    def _main(self):
-        try:
-            self.result = self._fn(self._progress, self._cancel.is_set)
-        except BaseException as e:  # handed to the caller, who shows it
-            self.error = e
-        finally:
-            self._finished.set()
-
-    def cancel(self):
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        from .engine import Cancelled
-
-        return isinstance(self.error, Cancelled)
-
-    @property
-    def finished(self) -> bool:
-        return self._finished.is_set()
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.done_steps / self.total_steps)
-
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        return self._finished.wait(timeout)
-
-
 # --------------------------------------------------------------------------------------------- helpers
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -907,5 +826,4 @@ __all__: List[str] = [
     "UnsupportedModeError", "SettingsError", "card_modes", "check_mode", "presence_consensus",
     "check_volume", "check_point", "click_grid", "whole_volume_grid", "resample_to_grid", "prepare_crops",
     "grid_box_in_volume", "map_grid_to_volume", "pack_masks", "unpack_mask", "segment_click", "segment_volume",
-    "BackgroundRun",
 ]

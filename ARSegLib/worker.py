@@ -337,7 +337,7 @@ def serve_main(argv=None) -> int:
 # --------------------------------------------------------------------------------------------- client side
 
 class WorkerRun:
-    """One request to the worker, polled by its caller; the interface of pipeline.BackgroundRun."""
+    """One request to the worker, polled by its caller (never blocking): progress, cancel, result or error."""
 
     def __init__(self, client: InferenceClient, job_id: int, op: str):
         self._client, self.id, self.op = client, job_id, op

@@ -225,47 +225,21 @@ def test_bits_round_trip():
         assert all(np.array_equal(pipeline.unpack_mask(packed, i), masks[i]) for i in range(n))
 
 
-def test_background_run_reports_progress_and_can_be_cancelled(lung1, tiny):
+def test_click_reports_progress_and_can_be_cancelled(lung1, tiny):
+    """What the worker process relays: every scale's progress, and a cancel taking effect at the next scale."""
+    from ARSegLib.engine import Cancelled
+
     predictor, card = tiny
     settings = SegmentSettings(n_samples=2, half_height_mm=0)
-
-    def click(progress, cancel):
-        return pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card, settings,
-                                      progress=progress, cancel=cancel)
-
-    run = pipeline.BackgroundRun(click).start()
-    assert run.wait(120) and run.error is None and run.fraction == 1.0
-    assert isinstance(run.result, pipeline.VolumeResult)
-    stopped = pipeline.BackgroundRun(click)
-    stopped.cancel()
-    stopped.start()
-    assert stopped.wait(120) and stopped.cancelled and stopped.result is None
-
-
-def test_background_runs_share_one_inference_thread_in_turn():
-    """Every run goes to the same long-lived worker thread (a thread per click would rebuild the OpenMP team and
-    malloc arena each time), one run at a time, and a failing run hands over its error without stopping it."""
-    import threading
-    import time
-
-    seen = []
-
-    def job(progress, cancel):
-        seen.append((threading.get_ident(), time.perf_counter()))
-        time.sleep(0.05)
-        seen.append((threading.get_ident(), time.perf_counter()))
-        return len(seen)
-
-    def fails(progress, cancel):
-        raise ValueError("bad input")
-
-    runs = [pipeline.BackgroundRun(job).start(), pipeline.BackgroundRun(fails).start(),
-            pipeline.BackgroundRun(job).start()]
-    assert all(r.wait(30) for r in runs)
-    assert isinstance(runs[1].error, ValueError) and runs[0].error is None and runs[2].error is None
-    assert len({ident for ident, _ in seen}) == 1 and threading.get_ident() != seen[0][0]
-    assert seen[1][1] <= seen[2][1]  # the second job started after the first ended
-    assert (runs[0].result, runs[2].result) == (2, 4)
+    steps = []
+    result = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card, settings,
+                                    progress=lambda done, total: steps.append((done, total)))
+    assert isinstance(result, pipeline.VolumeResult)
+    k = len(predictor.config.autoencoder.scales)
+    assert steps[-1] == (k, k) and [d for d, _ in steps] == sorted(d for d, _ in steps)
+    with pytest.raises(Cancelled):
+        pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card, settings,
+                               cancel=lambda: True)
 
 
 def test_components_are_labelled_inside_the_bounding_box_exactly_as_on_the_whole_array():

@@ -200,7 +200,7 @@ def test_session_runs_one_click_at_a_time_and_cancels(small_volume_file):
         session.segmentation_bytes()
 
 
-def test_slice_view_draws_every_result_also_after_clear_all():
+def test_slice_view_draws_every_result_also_after_clear_all(request):
     """Slicer's own slice view, offscreen (no browser): the consensus colour at the nodule after a click, gone after
     Clear all, back after the next click (it once stayed invisible: a Sequences logic already watching the scene
     made the scale proxy inside write_result's batch state, and the slice view then drew none of the result)."""
@@ -216,15 +216,17 @@ def test_slice_view_draws_every_result_also_after_clear_all():
 
     from ARSegLib.web.browser import consensus_pixels
     from ARSegLib.web.catalog import VolumeCatalog
-    from ARSegLib.web.inference import LocalInferenceClient
     from ARSegLib.web.review import ReviewSession
+    from ARSegLib.worker import InferenceClient
 
     volume, nodule = _volume_and_nodule()
     app = SlicerApp()
     app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
     view = app.view_manager.create_view(ViewLayoutDefinition.axial_view())
     view.render_window().SetSize(400, 400)
-    session = ReviewSession(app.scene, VolumeCatalog.from_arguments([volume]), LocalInferenceClient())
+    client = InferenceClient()
+    request.addfinalizer(client.shutdown)
+    session = ReviewSession(app.scene, VolumeCatalog.from_arguments([volume]), client)
     view.set_background_volume_id(session.open_volume("v0").GetID())
     view.fit_view_to_content()
     slicer.vtkMRMLSliceNode.JumpAllSlices(app.scene, *nodule, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
