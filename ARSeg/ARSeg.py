@@ -371,22 +371,19 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.deleteNoduleButton.enabled = bool(nodules)
         self.ui.clearNodulesButton.enabled = bool(nodules)
 
-    def onNoduleSelected(self, row) -> None:
+    def _onNoduleRow(self, row, action, what: str) -> None:
+        """action(volume, nodule id) for the list's row, its returned results shown."""
         volume = self._selectedVolume()
-        ids = self._noduleIds
-        if volume is None or not 0 <= row < len(ids):
+        if volume is None or not 0 <= row < len(self._noduleIds):
             return
-        with slicer.util.tryWithErrorDisplay("ARSeg could not select this nodule."):
-            self.showResults(self.logic.selectNodule(volume, ids[row]))
+        with slicer.util.tryWithErrorDisplay(f"ARSeg could not {what} this nodule."):
+            self.showResults(action(volume, self._noduleIds[row]))
+
+    def onNoduleSelected(self, row) -> None:
+        self._onNoduleRow(row, self.logic.selectNodule, "select")
 
     def onDeleteNodule(self) -> None:
-        volume = self._selectedVolume()
-        row = self.ui.noduleList.currentRow
-        ids = self._noduleIds
-        if volume is None or not 0 <= row < len(ids):
-            return
-        with slicer.util.tryWithErrorDisplay("ARSeg could not delete this nodule."):
-            self.showResults(self.logic.deleteNodule(volume, ids[row]))
+        self._onNoduleRow(self.ui.noduleList.currentRow, self.logic.deleteNodule, "delete")
 
     def onClearNodules(self) -> None:
         volume = self._selectedVolume()

@@ -1,5 +1,6 @@
 """write_result's nodes as Slicer's own slice view draws them (offscreen, trame-slicer's views; skipped without
-them): a nodule written while a Sequences logic watches the scene is drawn, also the first one after Clear all.
+them): a nodule written while a Sequences logic watches the scene is drawn, also the first one after Clear all
+(the web page's "Clear all" once showed this, in the browser).
 
 It once was not: the browser got its sequence inside the scene's batch-processing state, so the watching logic
 made the scale proxy inside the batch, and the slice view then drew none of the new segmentation."""
@@ -18,13 +19,6 @@ if ctypes.util.find_library("EGL") is None:
     pytest.skip("no EGL library for offscreen rendering", allow_module_level=True)
 
 
-def _amber(picture: np.ndarray, half: int = 80) -> int:
-    """Pixels near the centre in the consensus amber (red and green well above blue), as no grey CT pixel is."""
-    h, w, _ = picture.shape
-    r, g, b = (picture[h // 2 - half:h // 2 + half, w // 2 - half:w // 2 + half, c] for c in range(3))
-    return int(((r - b > 60) & (g - b > 30) & (r >= g) & (r - g < 90)).sum())
-
-
 def test_every_write_is_drawn_in_the_slice_view_also_after_clear_all(tiny):
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
     import slicer
@@ -36,6 +30,7 @@ def test_every_write_is_drawn_in_the_slice_view_also_after_clear_all(tiny):
 
     from ARSegLib import mrml, pipeline
     from ARSegLib.demo import demo_point_ras, demo_volume_path
+    from ARSegLib.web.browser import consensus_pixels  # the browser test's own measure of the amber overlay
 
     app = SlicerApp()
     app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
@@ -59,7 +54,8 @@ def test_every_write_is_drawn_in_the_slice_view_also_after_clear_all(tiny):
         grab.Update()
         image = grab.GetOutput()
         w, h, _ = image.GetDimensions()
-        return _amber(vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[..., :3].astype(np.int16))
+        picture = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[..., :3].astype(np.int16)
+        return consensus_pixels(picture)
 
     assert amber() < 20
     mrml.write_result(app.scene, volume, result)

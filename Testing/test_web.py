@@ -200,62 +200,6 @@ def test_session_runs_one_click_at_a_time_and_cancels(small_volume_file):
         session.segmentation_bytes()
 
 
-def test_slice_view_draws_every_result_also_after_clear_all(request):
-    """Slicer's own slice view, offscreen (no browser): the consensus colour at the nodule after a click, gone after
-    Clear all, back after the next click (it once stayed invisible: a Sequences logic already watching the scene
-    made the scale proxy inside write_result's batch state, and the slice view then drew none of the result)."""
-    missing = _browser_missing()
-    if "trame_slicer" in missing or "EGL" in missing:
-        pytest.skip(f"no offscreen views: {missing}")
-    os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
-    import slicer
-    import vtk
-    from trame_slicer.core import SlicerApp
-    from trame_slicer.views import DirectViewFactory, ViewLayoutDefinition
-    from vtk.util.numpy_support import vtk_to_numpy
-
-    from ARSegLib.web.browser import consensus_pixels
-    from ARSegLib.web.catalog import VolumeCatalog
-    from ARSegLib.web.review import ReviewSession
-    from ARSegLib.worker import InferenceClient
-
-    volume, nodule = _volume_and_nodule()
-    app = SlicerApp()
-    app.view_manager.register_factory(DirectViewFactory(do_render_offscreen=True))
-    view = app.view_manager.create_view(ViewLayoutDefinition.axial_view())
-    view.render_window().SetSize(400, 400)
-    client = InferenceClient()
-    request.addfinalizer(client.shutdown)
-    session = ReviewSession(app.scene, VolumeCatalog.from_arguments([volume]), client)
-    view.set_background_volume_id(session.open_volume("v0").GetID())
-    view.fit_view_to_content()
-    slicer.vtkMRMLSliceNode.JumpAllSlices(app.scene, *nodule, slicer.vtkMRMLSliceNode.CenteredJumpSlice)
-
-    def amber():
-        view.render()
-        grab = vtk.vtkWindowToImageFilter()
-        grab.SetInput(view.render_window())
-        grab.ReadFrontBufferOff()
-        grab.Update()
-        image = grab.GetOutput()
-        w, h, _ = image.GetDimensions()
-        return consensus_pixels(vtk_to_numpy(image.GetPointData().GetScalars()).reshape(h, w, -1)[..., :3]
-                                .astype(np.int16))
-
-    def click():
-        session.start(nodule)
-        while session.poll().running:
-            time.sleep(0.05)
-        assert session.status.state == "done", session.status.message
-        return amber()
-
-    assert amber() < 20
-    assert click() > 300
-    session.clear_nodules()
-    assert amber() < 20
-    assert click() > 300
-
-
 # ============================================================================================ in a browser
 
 def _browser_missing() -> str:
