@@ -11,6 +11,12 @@ arseg eval --model lidc-nodule --data "$TAR" --split test --samples 16 --seed 0 
 arseg eval --model lidc-nodule --data "$TAR" --split test --samples 16 --baseline unet --json "$OUT/test-unet.json"
 arseg eval --model lidc-nodule --data "$TAR" --split test --samples 16 --baseline unet-levels \
     --json "$OUT/test-unet-levels.json"
+# the Probabilistic U-Net row needs its training run (git-ignored weights; BENCHMARKS.md has the command);
+# Resources/Benchmarks/test-prob-unet.json adds the val selection and the training record to this output
+if [ -f checkpoints/prob-unet/prob_unet_best.pt ]; then
+    arseg eval --baseline prob-unet --checkpoint checkpoints/prob-unet/prob_unet_best.pt --data "$TAR" --split test \
+        --samples 16 --seed 0 --temperature 2.0 --json checkpoints/prob-unet/test-rerun.json
+fi
 python tools/benchmark_figures.py table "$OUT/test-arseg.json" "$OUT/test-unet.json" "$OUT/test-unet-levels.json"
 python tools/benchmark_figures.py crops --model lidc-nodule --data "$TAR" --out "$OUT/test-crops.png"
 arseg bench --json "$OUT/bench-cpu.json"
