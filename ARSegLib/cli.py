@@ -60,14 +60,19 @@ def _train_config(args, **defaults):
     return tc
 
 
+def config_from_args(args, config_class, tiny_factory):
+    """A training configuration: --tiny (tests, smoke runs), --config FILE (JSON of its fields), else the defaults."""
+    if args.tiny:
+        return tiny_factory(crop_size=128)
+    if args.config:
+        return config_class.from_dict(json.loads(Path(args.config).read_text()))
+    return config_class()
+
+
 def _engine_config(args):
     from .engine import ARSegConfig, tiny_config
 
-    if args.tiny:
-        return tiny_config(crop_size=128)
-    if args.config:
-        return ARSegConfig.from_dict(json.loads(Path(args.config).read_text()))
-    return ARSegConfig()
+    return config_from_args(args, ARSegConfig, tiny_config)
 
 
 def _lidc_train_val(args):
@@ -165,13 +170,27 @@ def _train_decoder(args, cfg, train, val):
         print(f"wrote {export_model(args.export, config, trainer.ae.cpu(), predictor.segmentor, extra)}")
 
 
+def eval_data(args):
+    """(split, crops) for `arseg eval`: --split from splits.json beside the data (every crop without one), --limit."""
+    from .data.lidc import load_lidc, read_split_file
+
+    split = args.split
+    if split != "all" and read_split_file(args.data) is None:
+        print(f"arseg eval: no splits.json beside {' '.join(args.data)}: evaluating every crop (--split all)",
+              file=sys.stderr)
+        split = "all"
+    data = load_lidc(args.data, split)
+    if args.limit:
+        data = data.subset(range(min(args.limit, len(data))))
+    return split, data
+
+
 def cmd_eval(args):
     import dataclasses
 
     import numpy as np
     from tqdm import tqdm
 
-    from .data.lidc import load_lidc, read_split_file
     from .evaluation import evaluate
     from .models import load_model
     from .training.distributed import resolve_device
@@ -181,14 +200,7 @@ def cmd_eval(args):
 
         return eval_prob_unet(args)
     predictor, card = load_model(args.model, resolve_device(args.device))
-    split = args.split
-    if split != "all" and read_split_file(args.data) is None:
-        print(f"arseg eval: no splits.json beside {' '.join(args.data)}: evaluating every crop (--split all)",
-              file=sys.stderr)
-        split = "all"
-    data = load_lidc(args.data, split)
-    if args.limit:
-        data = data.subset(range(min(args.limit, len(data))))
+    split, data = eval_data(args)
     s = predictor.config.sampling
     over = {"n_samples": args.samples, "seed": args.seed}
     if args.temperature is not None:

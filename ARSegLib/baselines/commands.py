@@ -10,13 +10,10 @@ from pathlib import Path
 
 
 def prob_unet_config(args):
+    from ..cli import config_from_args
     from .prob_unet import ProbUNetConfig, tiny_prob_unet_config
 
-    if args.tiny:
-        return tiny_prob_unet_config(crop_size=128)
-    if args.config:
-        return ProbUNetConfig.from_dict(json.loads(Path(args.config).read_text()))
-    return ProbUNetConfig()
+    return config_from_args(args, ProbUNetConfig, tiny_prob_unet_config)
 
 
 def train_prob_unet(args, train, val):
@@ -42,7 +39,7 @@ def eval_prob_unet(args):
     import numpy as np
     from tqdm import tqdm
 
-    from ..data.lidc import load_lidc, read_split_file
+    from ..cli import eval_data
     from ..training.distributed import resolve_device
     from .prob_unet import evaluate_prob_unet, load_prob_unet
 
@@ -54,14 +51,7 @@ def eval_prob_unet(args):
     model, st = load_prob_unet(args.checkpoint, str(device))
     if args.temperature is not None:
         model.cfg = dataclasses.replace(model.cfg, temperature=args.temperature)
-    split = args.split
-    if split != "all" and read_split_file(args.data) is None:
-        print(f"arseg eval: no splits.json beside {' '.join(args.data)}: evaluating every crop (--split all)",
-              file=sys.stderr)
-        split = "all"
-    data = load_lidc(args.data, split)
-    if args.limit:
-        data = data.subset(range(min(args.limit, len(data))))
+    split, data = eval_data(args)
     images = (data.images_Nhw[:, None] / 255.0).astype(np.float32)
     t0 = time.time()
     with tqdm(total=len(data), desc=f"eval prob-unet on {split}") as bar:
