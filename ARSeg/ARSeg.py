@@ -584,12 +584,17 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         # bad input says so at once, before the worker sees it
         settings = self.settings(samples, temperature, seed, halfHeightMm).check()
         pipeline.check_mode(read_card(model), pipeline.MODE_VOLUME if point is None else pipeline.MODE_CLICK)
-        array, ijkToRas = mrml.volume_array(volumeNode), mrml.world_ijk_to_ras(volumeNode)
-        pipeline.check_volume(array, ijkToRas)
-        if point is not None:
-            pipeline.check_point(point, array.shape, ijkToRas)
+        ijkToRas, key = mrml.world_ijk_to_ras(volumeNode), self.volumeKey(volumeNode)
         client = self.worker(model, device)
-        return client.segment(array, ijkToRas, point, settings, volume_key=self.volumeKey(volumeNode))
+        if client.holds(key):  # checked when it was sent: a further click reads no voxels on the main thread
+            array, shape = None, mrml.volume_array_shape(volumeNode)
+        else:  # a view, not a copy: the voxels go straight into the file the worker reads
+            array = mrml.volume_array(volumeNode, copy=False)
+            pipeline.check_volume(array, ijkToRas)
+            shape = array.shape
+        if point is not None:
+            pipeline.check_point(point, shape, ijkToRas)
+        return client.segment(array, ijkToRas, point, settings, volume_key=key)
 
     def applyResult(self, volumeNode, result, includeSamples: bool = False):
         """Main thread: the finished run's nodes into the scene (replacing ARSeg's earlier ones for the volume)."""
@@ -608,9 +613,9 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         from ARSegLib import mrml, pipeline
 
         clicks = [tuple(float(v) for v in p) for p in ([point] if point is not None else []) + list(points or [])]
-        array, ijkToRas = mrml.volume_array(volumeNode), mrml.world_ijk_to_ras(volumeNode)
+        shape, ijkToRas = mrml.volume_array_shape(volumeNode), mrml.world_ijk_to_ras(volumeNode)
         for p in clicks:
-            pipeline.check_point(p, array.shape, ijkToRas)
+            pipeline.check_point(p, shape, ijkToRas)
         nodes = None
         for p in clicks or [None]:
             run = self.startSegmentation(volumeNode, p, model=model, device=device, samples=samples,

@@ -224,8 +224,9 @@ def world_ijk_to_ras(volume_node) -> np.ndarray:
     return _matrix_to_numpy(to_world) @ local
 
 
-def volume_array(volume_node) -> np.ndarray:
-    """A copy of the voxels in (k, j, i) order (a copy: inference may run on another thread)."""
+def volume_array(volume_node, copy: bool = True) -> np.ndarray:
+    """The voxels in (k, j, i) order: a copy, unless copy=False gives a read-only view of the node's own memory
+    (for a caller that only reads it at once, e.g. to hand the voxels to the inference worker)."""
     image = volume_node.GetImageData() if volume_node is not None else None
     if image is None or image.GetPointData() is None or image.GetPointData().GetScalars() is None:
         name = volume_node.GetName() if volume_node is not None else None
@@ -235,6 +236,10 @@ def volume_array(volume_node) -> np.ndarray:
     comps = scalars.GetNumberOfComponents()
     array = numpy_support.vtk_to_numpy(scalars)
     shape = tuple(reversed(dims)) + ((comps,) if comps > 1 else ())
+    if not copy:
+        view = array.reshape(shape)
+        view.flags.writeable = False
+        return view
     return np.array(array.reshape(shape), copy=True)
 
 

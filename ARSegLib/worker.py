@@ -102,15 +102,21 @@ class ArrayFolder:
         folder = self.path
         if self.spill != self.path and shutil.disk_usage(self.path).free < array.nbytes + self.HEADROOM:
             folder = self.spill
+        try:
+            return self._write(folder, array, tag)
+        except OSError:
+            if folder == self.spill:
+                raise
+            return self._write(self.spill, array, tag)  # the RAM disk filled up meanwhile
+
+    def _write(self, folder: Path, array: np.ndarray, tag: str) -> ArrayFile:
         path = folder / f"{os.getpid()}-{next(self._names)}-{tag}.raw"
         tmp = path.with_suffix(".tmp")
         try:
             array.tofile(tmp)  # one copy, straight into the page cache
         except OSError:
             tmp.unlink(missing_ok=True)
-            if folder == self.spill:
-                raise
-            return ArrayFolder(self.spill).put(array, tag)  # the RAM disk filled up meanwhile
+            raise
         os.replace(tmp, path)  # the reader never sees a half-written file
         return ArrayFile(str(path), array.dtype.str, tuple(int(s) for s in array.shape))
 
@@ -130,36 +136,32 @@ class ArrayFolder:
         shutil.rmtree(self.spill, ignore_errors=True)
 
 
-def externalize(obj, folder: ArrayFolder, tag: str = "a"):
-    """A copy of obj (dataclasses, dicts, lists, tuples of them) whose large arrays are ArrayFiles."""
-    if isinstance(obj, np.ndarray):
-        return folder.put(obj, tag) if obj.nbytes >= INLINE_BYTES else obj
+def _replace_leaves(obj, leaf, tag: str = "a"):
+    """A copy of obj (dataclasses, dicts, lists, tuples of them) with every leaf x replaced by leaf(x, tag), tag
+    the name of the field or key it sits in. Arrays and ArrayFiles (a dataclass itself) are leaves."""
+    if isinstance(obj, (np.ndarray, ArrayFile)):
+        return leaf(obj, tag)
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = copy.copy(obj)
+        out = copy.copy(obj)  # fields set one by one: no __init__ or __post_init__ runs on half-converted values
         for f in dataclasses.fields(obj):
-            object.__setattr__(out, f.name, externalize(getattr(obj, f.name), folder, f.name))
+            object.__setattr__(out, f.name, _replace_leaves(getattr(obj, f.name), leaf, f.name))
         return out
     if isinstance(obj, dict):
-        return {k: externalize(v, folder, str(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-        return type(obj)(externalize(v, folder, tag) for v in obj)
-    return obj
+        return {k: _replace_leaves(v, leaf, str(k)) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_replace_leaves(v, leaf, tag) for v in obj)
+    return leaf(obj, tag)
+
+
+def externalize(obj, folder: ArrayFolder):
+    """A copy of obj whose large arrays are ArrayFiles."""
+    return _replace_leaves(obj, lambda x, tag: folder.put(x, tag) if isinstance(x, np.ndarray)
+                           and x.nbytes >= INLINE_BYTES else x)
 
 
 def internalize(obj):
     """The inverse of externalize: every ArrayFile read back (and its file removed)."""
-    if isinstance(obj, ArrayFile):
-        return ArrayFolder.take(obj)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        out = copy.copy(obj)
-        for f in dataclasses.fields(obj):
-            object.__setattr__(out, f.name, internalize(getattr(obj, f.name)))
-        return out
-    if isinstance(obj, dict):
-        return {k: internalize(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-        return type(obj)(internalize(v) for v in obj)
-    return obj
+    return _replace_leaves(obj, lambda x, tag: ArrayFolder.take(x) if isinstance(x, ArrayFile) else x)
 
 
 def _portable_exception(e: BaseException) -> BaseException:
@@ -298,7 +300,7 @@ class _Server:
         else:
             result = pipeline.segment_click(self.volume, args["ijk_to_ras"], args["point_ras"], predictor, card,
                                             args["settings"], progress, cancelled.is_set)
-        return externalize(result, ArrayFolder(Path(args["folder"]), Path(args["spill"])), "result")
+        return externalize(result, ArrayFolder(Path(args["folder"]), Path(args["spill"])))
 
 
 def _exit_when_orphaned(parent_pid: int, connected: threading.Event):
@@ -407,6 +409,7 @@ class InferenceClient:
         self._outbox: list = []
         self._runs: Dict[int, WorkerRun] = {}
         self._volume_key = None  # the volume the worker holds
+        self._load_run: Optional[WorkerRun] = None
         self._log = None
         self.info: Dict[str, Any] = {}  # what the worker said when its model was loaded
         _clients.add(self)
@@ -427,7 +430,11 @@ class InferenceClient:
     def start(self) -> WorkerRun:
         """Start the worker (if it is not running) and have it load the model; returns the load run."""
         if self.alive():
-            return next((r for r in self._runs.values() if r.op == "load"), None) or self._submit("load", {})
+            loading = self._load_run
+            if loading is not None and not (loading._finished and loading.error is not None):
+                return loading  # loading, or loaded: the model and its warm-up are not done twice
+            self._load_run = self._submit("load", {})  # an earlier load failed (e.g. torch was missing)
+            return self._load_run
         self._reset()
         self._folder = ArrayFolder.create()
         family = "AF_PIPE" if sys.platform == "win32" else "AF_UNIX"
@@ -449,7 +456,8 @@ class InferenceClient:
             self._reset()
             raise WorkerError(f"could not start the ARSeg worker with {self.python}: {e}") from e
         self._started_at = time.monotonic()
-        return self._submit("load", {})
+        self._load_run = self._submit("load", {})
+        return self._load_run
 
     def _reset(self):
         if self._conn is not None:
@@ -461,7 +469,7 @@ class InferenceClient:
             self._log.close()
         if self._folder is not None:
             self._folder.remove()
-        self._process = self._conn = self._folder = self._log = None
+        self._process = self._conn = self._folder = self._log = self._load_run = None
         self._outbox, self._volume_key = [], None
 
     def log_tail(self, n_chars: int = 2000) -> str:
@@ -491,14 +499,21 @@ class InferenceClient:
 
     # --- requests
 
-    def segment(self, volume: np.ndarray, ijk_to_ras, point_ras=None, settings=None, volume_key=None) -> WorkerRun:
+    def holds(self, volume_key) -> bool:
+        """Whether the running worker keeps the voxels of this key: then segment() needs none (volume=None)."""
+        return volume_key is not None and volume_key == self._volume_key and self.alive()
+
+    def segment(self, volume: Optional[np.ndarray], ijk_to_ras, point_ras=None, settings=None,
+                volume_key=None) -> WorkerRun:
         """A click at point_ras (RAS mm) or, with point_ras None, the whole volume. volume_key: anything that
         identifies these voxels (Slicer: the node's ID and modified time): a key the worker already holds sends
-        no voxels."""
+        no voxels, and volume may then be None (see holds())."""
         from .pipeline import SegmentSettings
 
         if not self.alive():
             self.start()
+        if volume is None and not self.holds(volume_key):
+            raise WorkerError("no voxels given, and the worker does not hold this volume")
         args = {"volume": None, "volume_key": volume_key, "ijk_to_ras": np.asarray(ijk_to_ras, dtype=np.float64),
                 "point_ras": None if point_ras is None else tuple(float(v) for v in point_ras),
                 "settings": settings or SegmentSettings(), "folder": str(self._folder.path),

@@ -243,6 +243,14 @@ def test_preload_starts_the_worker_and_the_click_reuses_it(arseg_module, tiny_mo
                                         samples=2, halfHeightMm=0)
         assert click.wait(120) and click.error is None
         assert logic.worker(str(tiny_model_card), "cpu").pid == pid  # the preloaded process served the click
+        real_read = mrml.volume_array
+        mrml.volume_array = None  # the worker keeps the voxels: a further click reads none on the main thread
+        try:
+            again = logic.startSegmentation(volume, (-28.0, -28.0, 4.0), model=str(tiny_model_card), device="cpu",
+                                            samples=2, halfHeightMm=0)
+            assert again.wait(120) and again.error is None
+        finally:
+            mrml.volume_array = real_read
         nodes = logic.applyResult(volume, click.result)
         assert nodes.segmentation.GetScene() is scene
 
@@ -269,12 +277,12 @@ def test_click_under_emulated_slicer_main_thread(arseg_module, lung1_dir):
     click run directly in this process, with no inference on the main thread and the same consensus. The two ways
     alternate, so that the machine's drift hits both alike. (With inference on a thread of this process, as before
     the worker, this click took 32-38 s instead of about 1 s.)"""
-    import ctypes
     import json
     import statistics
     import time
 
     from ARSegLib import mrml, pipeline
+    from ARSegLib.bench import run_like_slicer
     from ARSegLib.models import load_model
 
     module, slicer = arseg_module
@@ -285,7 +293,6 @@ def test_click_under_emulated_slicer_main_thread(arseg_module, lung1_dir):
     predictor, card = load_model("lidc-nodule", "cpu")
     settings = module.ARSegLogic.settings(16, None, 0, 20.0)
     logic = module.ARSegLogic()
-    hold_gil = ctypes.PyDLL(None).usleep  # PyDLL: the GIL stays held during the call, as in Qt's event loop
 
     def direct():
         t0 = time.perf_counter()
@@ -293,19 +300,15 @@ def test_click_under_emulated_slicer_main_thread(arseg_module, lung1_dir):
         return time.perf_counter() - t0, result
 
     def like_slicer():
-        t0 = time.perf_counter()
-        run = logic.startSegmentation(volume, point, device="cpu")
-        longest = time.perf_counter() - t0
-        while True:
-            hold_gil(25000)
-            tick = time.perf_counter()
-            finished = run.poll()
-            if finished:
-                assert run.error is None, run.error
-                nodes = logic.applyResult(volume, run.result)  # what onPoll does with a finished run
-            longest = max(longest, time.perf_counter() - tick)
-            if finished:
-                return time.perf_counter() - t0, longest, run.result, nodes
+        """The module's click path (startSegmentation; run.poll() each tick; applyResult, as onPoll does) under
+        the emulated main thread (bench.run_like_slicer: usleep through ctypes.PyDLL keeps the GIL held)."""
+        done = {}
+
+        def finish(result):
+            done["result"], done["nodes"] = result, logic.applyResult(volume, result)
+
+        seconds, longest = run_like_slicer(lambda: logic.startSegmentation(volume, point, device="cpu"), finish)
+        return seconds, longest, done["result"], done["nodes"]
 
     try:
         assert logic.preload("lidc-nodule", "cpu").wait(120)

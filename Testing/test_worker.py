@@ -58,6 +58,7 @@ def test_worker_click_equals_the_in_process_click(client, tiny):
     load = client.start()
     assert load.wait(120) and load.error is None, load.error
     assert load.result["model"] == "tiny-test" and load.result["pid"] == client.pid != os.getpid()
+    assert client.start() is load  # the module's every enter() asks again: the model is not loaded twice
 
     run = client.segment(volume, m, point, settings, volume_key="blob")
     assert run.wait(120) and run.error is None, run.error
