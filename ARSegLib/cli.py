@@ -345,13 +345,6 @@ def check_output(path, option: str, suffixes: Tuple[str, ...], inputs: Sequence[
     return path
 
 
-def write_preview_png(result, path, title: str = ""):
-    """The figure of one result (kept for callers of the earlier API); see ARSegLib.figure."""
-    from .figure import write_figure
-
-    return write_figure([result], path, title=title)
-
-
 def _check_model_mode(model: str, mode: str):
     from .models import read_card
     from .pipeline import MODE_VOLUME, check_mode
