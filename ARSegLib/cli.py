@@ -11,7 +11,7 @@ import platform
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 LIDC_CARD = {
     "description": "AR-Seg lung-nodule model: 2D 128 x 128 axial crops around a nodule, 16 samples, "
@@ -127,15 +127,25 @@ def cmd_train(args):
         ae_ckpt = args.autoencoder or str(Path(args.out) / "autoencoder.pt")
         init = None
         if args.init_model:
-            cfg, ae_ckpt, init = _init_from_model(args.init_model, Path(args.out), card)
-            tc.unet_pretrain_steps = 0  # its image encoder is trained already
+            segmentor_fields = json.loads(Path(args.config).read_text()).get("segmentor", {}) if args.config else {}
+            cfg, ae_ckpt, init, fresh = _init_from_model(args.init_model, Path(args.out), card, segmentor_fields)
+            # a trained image encoder needs no U-Net-only warm-up; a fresh (e.g. wider) one gets it
+            if not any(k.startswith("image_encoder.") for k in fresh):
+                tc.unet_pretrain_steps = 0
         SegmentorTrainer(cfg, train, val, tc, ae_ckpt, export_to=args.export, card_extra=card,
                          init_segmentor=init).fit()
 
 
-def _init_from_model(name, out: Path, card: dict):
+def _init_from_model(name, out: Path, card: dict, segmentor_fields: Optional[dict] = None):
     """Fine-tuning a shipped model: its autoencoder (frozen) as OUT/autoencoder.pt and its segmentor's
-    weights as the starting point (a resumed run keeps its own checkpoint instead)."""
+    weights as the starting point (a resumed run keeps its own checkpoint instead).
+
+    `segmentor_fields` change the segmentor's configuration (e.g. a wider image encoder): every weight whose
+    name and shape still fit is taken over, the others start fresh. Returns (config, autoencoder checkpoint,
+    initial segmentor state, names of the fresh weights)."""
+    import dataclasses
+
+    from .engine import SegmentorConfig, build_arseg
     from .models import load_model
     from .training.checkpoint import save_checkpoint
 
@@ -144,7 +154,22 @@ def _init_from_model(name, out: Path, card: dict):
     if not ae_ckpt.exists():
         save_checkpoint(ae_ckpt, {"kind": "autoencoder", "models": {"autoencoder": predictor.autoencoder.state_dict()}})
     card["training"]["initialised_from"] = {"model": base.name, "sha256": base.data["sha256"]}
-    return predictor.config, str(ae_ckpt), predictor.segmentor.state_dict()
+    config, old = predictor.config, predictor.segmentor.state_dict()
+    if not segmentor_fields:
+        return config, str(ae_ckpt), old, []
+    unknown = set(segmentor_fields) - {f.name for f in dataclasses.fields(SegmentorConfig)}
+    if unknown:
+        raise SystemExit(f"arseg train: unknown segmentor fields in --config: {sorted(unknown)}")
+    seg_cfg = dataclasses.replace(config.segmentor, **{k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in segmentor_fields.items()})
+    config = dataclasses.replace(config, segmentor=seg_cfg)
+    state = build_arseg(config)[1].state_dict()
+    fresh = [k for k, v in state.items() if k not in old or old[k].shape != v.shape]
+    state.update({k: v for k, v in old.items() if k in state and k not in fresh})
+    print(f"arseg train: {len(state) - len(fresh)} tensors from {base.name}, {len(fresh)} fresh "
+          f"({', '.join(sorted({k.split('.')[0] for k in fresh}))})", flush=True)
+    card["training"]["initialised_from"]["fresh"] = sorted({".".join(k.split(".")[:2]) for k in fresh})
+    return config, str(ae_ckpt), state, fresh
 
 
 def _train_decoder(args, cfg, train, val):
@@ -687,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="decoder stage: the model whose decoder is replaced on --export")
     p.add_argument("--init-model", default=None,
                    help="segmentor stage: fine-tune this model (name or card): its configuration, frozen "
-                        "autoencoder and segmentor weights are the start")
+                        "autoencoder and segmentor weights are the start; with --config, its \"segmentor\" "
+                        "fields change the architecture (e.g. a wider unet_channels): weights that still fit "
+                        "are taken over, the rest start fresh")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="GED, HM-IoU, Soft-Dice of a model on LIDC crops")

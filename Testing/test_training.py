@@ -156,3 +156,26 @@ def test_segmentor_validation_reports_the_protocol_metrics(tmp_path):
     val = SegmentorTrainer(cfg, data, data, tc, str(tmp_path / "autoencoder.pt")).validate()
     assert set(val) == {"val_ged", "val_hm_iou", "val_soft_dice", "val_soft_dice_strict", "val_presence_abs_err"}
     assert 0 <= val["val_hm_iou"] <= 1 and 0 <= val["val_soft_dice"] <= 1 and 0 <= val["val_soft_dice_strict"] <= 1
+
+
+def test_fine_tuning_with_a_wider_image_encoder_keeps_every_weight_that_fits(tmp_path):
+    from ARSegLib.cli import _init_from_model
+    from ARSegLib.models import load_model
+
+    shipped = load_model("lidc-nodule", "cpu")[0].segmentor.state_dict()
+    card = {"training": {}}
+    cfg, ae_ckpt, state, fresh = _init_from_model("lidc-nodule", tmp_path, card)
+    assert fresh == [] and all(torch.equal(state[k], shipped[k]) for k in shipped)
+    assert Path(ae_ckpt).exists() and card["training"]["initialised_from"]["model"] == "lidc-nodule"
+
+    wide, _, state, fresh = _init_from_model("lidc-nodule", tmp_path, {"training": {}},
+                                             {"unet_channels": [32, 48, 64, 80]})
+    assert wide.segmentor.unet_channels == (32, 48, 64, 80)
+    assert wide.autoencoder == cfg.autoencoder and wide.segmentor.embed_dim == cfg.segmentor.embed_dim
+    assert fresh and all(k.startswith("image_encoder.") for k in fresh)
+    assert state["image_encoder.stem.0.weight"].shape[0] == 32
+    for k, v in state.items():  # the transformer, its head and embeddings come over unchanged
+        if not k.startswith("image_encoder."):
+            assert torch.equal(v, shipped[k]), k
+    with pytest.raises(SystemExit, match="unknown segmentor fields"):
+        _init_from_model("lidc-nodule", tmp_path, {"training": {}}, {"unet_width": 3})
