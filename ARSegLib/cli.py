@@ -114,6 +114,10 @@ def cmd_train(args):
 
         return train_prob_unet(args, *_lidc_train_val(args))
     cfg = _engine_config(args)
+    if args.stage == "segmentor" and args.init_model:  # its --config is checked before the data loads
+        changes = json.loads(Path(args.config).read_text()) if args.config else {}
+        card = json.loads(json.dumps(LIDC_CARD))
+        cfg, ae_ckpt, init, fresh = _init_from_model(args.init_model, Path(args.out), card, changes)
     train, val = _lidc_train_val(args)
     if args.stage == "autoencoder":
         tc = _train_config(args, steps=2500, batch=64, lr=2e-3, eval_every=250, save_every=250)
@@ -122,26 +126,23 @@ def cmd_train(args):
         _train_decoder(args, cfg, train, val)
     else:
         tc = _train_config(args, steps=4000, batch=32, lr=1e-3, eval_every=400, save_every=100)
-        card = json.loads(json.dumps(LIDC_CARD))
+        if not args.init_model:
+            card, init = json.loads(json.dumps(LIDC_CARD)), None
+            ae_ckpt = args.autoencoder or str(Path(args.out) / "autoencoder.pt")
+        elif not any(k.startswith("image_encoder.") for k in fresh):
+            tc.unet_pretrain_steps = 0  # a trained image encoder needs no U-Net-only warm-up; a fresh one gets it
         card["training"]["hardware"] = hardware()
-        ae_ckpt = args.autoencoder or str(Path(args.out) / "autoencoder.pt")
-        init = None
-        if args.init_model:
-            segmentor_fields = json.loads(Path(args.config).read_text()).get("segmentor", {}) if args.config else {}
-            cfg, ae_ckpt, init, fresh = _init_from_model(args.init_model, Path(args.out), card, segmentor_fields)
-            # a trained image encoder needs no U-Net-only warm-up; a fresh (e.g. wider) one gets it
-            if not any(k.startswith("image_encoder.") for k in fresh):
-                tc.unet_pretrain_steps = 0
         SegmentorTrainer(cfg, train, val, tc, ae_ckpt, export_to=args.export, card_extra=card,
                          init_segmentor=init).fit()
 
 
-def _init_from_model(name, out: Path, card: dict, segmentor_fields: Optional[dict] = None):
+def _init_from_model(name, out: Path, card: dict, changes: Optional[dict] = None):
     """Fine-tuning a shipped model: its autoencoder (frozen) as OUT/autoencoder.pt and its segmentor's
     weights as the starting point (a resumed run keeps its own checkpoint instead).
 
-    `segmentor_fields` change the segmentor's configuration (e.g. a wider image encoder): every weight whose
-    name and shape still fit is taken over, the others start fresh. Returns (config, autoencoder checkpoint,
+    `changes` ({"segmentor": {...}}, the --config file) change the segmentor's configuration (e.g. a wider image
+    encoder): every weight whose name and shape still fit is taken over, the others start fresh. The autoencoder
+    is the model's own (frozen), so nothing else may change. Returns (config, autoencoder checkpoint,
     initial segmentor state, names of the fresh weights)."""
     import dataclasses
 
@@ -149,6 +150,14 @@ def _init_from_model(name, out: Path, card: dict, segmentor_fields: Optional[dic
     from .models import load_model
     from .training.checkpoint import save_checkpoint
 
+    changes = changes or {}
+    if set(changes) - {"segmentor"}:
+        raise SystemExit(f"arseg train: with --init-model, --config may change only \"segmentor\" fields (the "
+                         f"autoencoder and sampling come from {name}); found {sorted(set(changes) - {'segmentor'})}")
+    segmentor_fields = changes.get("segmentor", {})
+    unknown = set(segmentor_fields) - {f.name for f in dataclasses.fields(SegmentorConfig)}
+    if unknown:
+        raise SystemExit(f"arseg train: unknown segmentor fields in --config: {sorted(unknown)}")
     predictor, base = load_model(name, "cpu")
     ae_ckpt = out / "autoencoder.pt"
     if not ae_ckpt.exists():
@@ -157,17 +166,14 @@ def _init_from_model(name, out: Path, card: dict, segmentor_fields: Optional[dic
     config, old = predictor.config, predictor.segmentor.state_dict()
     if not segmentor_fields:
         return config, str(ae_ckpt), old, []
-    unknown = set(segmentor_fields) - {f.name for f in dataclasses.fields(SegmentorConfig)}
-    if unknown:
-        raise SystemExit(f"arseg train: unknown segmentor fields in --config: {sorted(unknown)}")
     seg_cfg = dataclasses.replace(config.segmentor, **{k: tuple(v) if isinstance(v, list) else v
                                                       for k, v in segmentor_fields.items()})
     config = dataclasses.replace(config, segmentor=seg_cfg)
     state = build_arseg(config)[1].state_dict()
     fresh = [k for k, v in state.items() if k not in old or old[k].shape != v.shape]
     state.update({k: v for k, v in old.items() if k in state and k not in fresh})
-    print(f"arseg train: {len(state) - len(fresh)} tensors from {base.name}, {len(fresh)} fresh "
-          f"({', '.join(sorted({k.split('.')[0] for k in fresh}))})", flush=True)
+    where = f" ({', '.join(sorted({k.split('.')[0] for k in fresh}))})" if fresh else ""
+    print(f"arseg train: {len(state) - len(fresh)} tensors from {base.name}, {len(fresh)} fresh{where}", flush=True)
     card["training"]["initialised_from"]["fresh"] = sorted({".".join(k.split(".")[:2]) for k in fresh})
     return config, str(ae_ckpt), state, fresh
 

@@ -169,7 +169,7 @@ def test_fine_tuning_with_a_wider_image_encoder_keeps_every_weight_that_fits(tmp
     assert Path(ae_ckpt).exists() and card["training"]["initialised_from"]["model"] == "lidc-nodule"
 
     wide, _, state, fresh = _init_from_model("lidc-nodule", tmp_path, {"training": {}},
-                                             {"unet_channels": [32, 48, 64, 80]})
+                                             {"segmentor": {"unet_channels": [32, 48, 64, 80]}})
     assert wide.segmentor.unet_channels == (32, 48, 64, 80)
     assert wide.autoencoder == cfg.autoencoder and wide.segmentor.embed_dim == cfg.segmentor.embed_dim
     assert fresh and all(k.startswith("image_encoder.") for k in fresh)
@@ -178,4 +178,6 @@ def test_fine_tuning_with_a_wider_image_encoder_keeps_every_weight_that_fits(tmp
         if not k.startswith("image_encoder."):
             assert torch.equal(v, shipped[k]), k
     with pytest.raises(SystemExit, match="unknown segmentor fields"):
-        _init_from_model("lidc-nodule", tmp_path, {"training": {}}, {"unet_width": 3})
+        _init_from_model("lidc-nodule", tmp_path, {"training": {}}, {"segmentor": {"unet_width": 3}})
+    with pytest.raises(SystemExit, match="only \"segmentor\" fields"):  # the autoencoder is the model's own
+        _init_from_model("lidc-nodule", tmp_path, {"training": {}}, {"autoencoder": {"vocab_size": 512}})
