@@ -146,6 +146,8 @@ def _init_from_model(name, out: Path, card: dict, changes: Optional[dict] = None
     initial segmentor state, names of the fresh weights)."""
     import dataclasses
 
+    import torch
+
     from .engine import SegmentorConfig, build_arseg
     from .models import load_model
     from .training.checkpoint import save_checkpoint
@@ -172,6 +174,11 @@ def _init_from_model(name, out: Path, card: dict, changes: Optional[dict] = None
     state = build_arseg(config)[1].state_dict()
     fresh = [k for k, v in state.items() if k not in old or old[k].shape != v.shape]
     state.update({k: v for k, v in old.items() if k in state and k not in fresh})
+    # a transformer block added on top starts as the identity (its attention and MLP outputs zero), so the deeper
+    # model starts as the model it grows from
+    for k in fresh:
+        if k.startswith("blocks.") and (".attn.proj." in k or ".mlp.2." in k):
+            state[k] = torch.zeros_like(state[k])
     where = f" ({', '.join(sorted({k.split('.')[0] for k in fresh}))})" if fresh else ""
     print(f"arseg train: {len(state) - len(fresh)} tensors from {base.name}, {len(fresh)} fresh{where}", flush=True)
     card["training"]["initialised_from"]["fresh"] = sorted({".".join(k.split(".")[:2]) for k in fresh})

@@ -181,3 +181,23 @@ def test_fine_tuning_with_a_wider_image_encoder_keeps_every_weight_that_fits(tmp
         _init_from_model("lidc-nodule", tmp_path, {"training": {}}, {"segmentor": {"unet_width": 3}})
     with pytest.raises(SystemExit, match="only \"segmentor\" fields"):  # the autoencoder is the model's own
         _init_from_model("lidc-nodule", tmp_path, {"training": {}}, {"autoencoder": {"vocab_size": 512}})
+
+
+def test_a_deeper_transformer_starts_as_the_model_it_grows_from(tmp_path):
+    from ARSegLib.cli import _init_from_model
+    from ARSegLib.engine import build_arseg
+    from ARSegLib.models import load_model
+
+    shipped = load_model("lidc-nodule", "cpu")[0]
+    deeper, _, state, fresh = _init_from_model("lidc-nodule", tmp_path, {"training": {}},
+                                               {"segmentor": {"depth": shipped.config.segmentor.depth + 2}})
+    assert fresh and all(k.startswith("blocks.") for k in fresh)
+    seg = build_arseg(deeper)[1]
+    seg.load_state_dict(state)
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(2, 1, 128, 128, generator=g)
+    x = torch.randn(2, deeper.autoencoder.n_tokens - 1, deeper.autoencoder.code_dim, generator=g)
+    with torch.no_grad():
+        want, _ = shipped.segmentor.eval()(img, x)
+        got, _ = seg.eval()(img, x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
