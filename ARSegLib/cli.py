@@ -113,11 +113,12 @@ def cmd_train(args):
         from .baselines.commands import train_prob_unet
 
         return train_prob_unet(args, *_lidc_train_val(args))
-    cfg = _engine_config(args)
-    if args.stage == "segmentor" and args.init_model:  # its --config is checked before the data loads
+    if args.stage == "segmentor" and args.init_model:  # the model and its --config changes, before the data loads
         changes = json.loads(Path(args.config).read_text()) if args.config else {}
         card = json.loads(json.dumps(LIDC_CARD))
         cfg, ae_ckpt, init, fresh = _init_from_model(args.init_model, Path(args.out), card, changes)
+    else:
+        cfg = _engine_config(args)
     train, val = _lidc_train_val(args)
     if args.stage == "autoencoder":
         tc = _train_config(args, steps=2500, batch=64, lr=2e-3, eval_every=250, save_every=250)
@@ -144,11 +145,9 @@ def _init_from_model(name, out: Path, card: dict, changes: Optional[dict] = None
     encoder): every weight whose name and shape still fit is taken over, the others start fresh. The autoencoder
     is the model's own (frozen), so nothing else may change. Returns (config, autoencoder checkpoint,
     initial segmentor state, names of the fresh weights)."""
-    import dataclasses
-
     import torch
 
-    from .engine import SegmentorConfig, build_arseg
+    from .engine import ARSegConfig, build_arseg
     from .models import load_model
     from .training.checkpoint import save_checkpoint
 
@@ -157,20 +156,20 @@ def _init_from_model(name, out: Path, card: dict, changes: Optional[dict] = None
         raise SystemExit(f"arseg train: with --init-model, --config may change only \"segmentor\" fields (the "
                          f"autoencoder and sampling come from {name}); found {sorted(set(changes) - {'segmentor'})}")
     segmentor_fields = changes.get("segmentor", {})
-    unknown = set(segmentor_fields) - {f.name for f in dataclasses.fields(SegmentorConfig)}
-    if unknown:
-        raise SystemExit(f"arseg train: unknown segmentor fields in --config: {sorted(unknown)}")
     predictor, base = load_model(name, "cpu")
+    config, old = predictor.config, predictor.segmentor.state_dict()
+    if segmentor_fields:
+        as_dict = config.to_dict()
+        try:
+            config = ARSegConfig.from_dict({**as_dict, "segmentor": {**as_dict["segmentor"], **segmentor_fields}})
+        except ValueError as e:
+            raise SystemExit(f"arseg train: unknown segmentor fields in --config ({e})") from None
     ae_ckpt = out / "autoencoder.pt"
     if not ae_ckpt.exists():
         save_checkpoint(ae_ckpt, {"kind": "autoencoder", "models": {"autoencoder": predictor.autoencoder.state_dict()}})
     card["training"]["initialised_from"] = {"model": base.name, "sha256": base.data["sha256"]}
-    config, old = predictor.config, predictor.segmentor.state_dict()
     if not segmentor_fields:
         return config, str(ae_ckpt), old, []
-    seg_cfg = dataclasses.replace(config.segmentor, **{k: tuple(v) if isinstance(v, list) else v
-                                                      for k, v in segmentor_fields.items()})
-    config = dataclasses.replace(config, segmentor=seg_cfg)
     state = build_arseg(config)[1].state_dict()
     fresh = [k for k, v in state.items() if k not in old or old[k].shape != v.shape]
     state.update({k: v for k, v in old.items() if k in state and k not in fresh})
