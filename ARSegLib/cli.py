@@ -237,14 +237,20 @@ def cmd_eval(args):
 
         return eval_prob_unet(args)
     predictor, card = load_model(args.model, resolve_device(args.device))
-    split, data = eval_data(args)
     s = predictor.config.sampling
     over = {"n_samples": args.samples, "seed": args.seed}
     if args.temperature is not None:
         over["temperature"] = args.temperature
-    if args.top_k is not None:
-        over["top_k"] = args.top_k
+    for name, value in (("top_k", args.top_k), ("views", args.views), ("oversample", args.oversample),
+                        ("presence_logit_shift", args.presence_shift)):
+        if value is not None:
+            over[name] = value
     s = dataclasses.replace(s, **over)
+    try:
+        s.check()
+    except ValueError as e:
+        raise SystemExit(f"arseg eval: error: {e}")
+    split, data = eval_data(args)
     images = (data.images_Nhw[:, None] / 255.0).astype(np.float32)
     if args.baseline == "unet":
         from .evaluation import dense_baseline_masks, evaluate_deterministic
@@ -261,7 +267,8 @@ def cmd_eval(args):
         with tqdm(total=len(data), desc=f"eval {card.name} on {args.split}") as bar:
             res = evaluate(predictor, images, data.masks_NRhw, s, progress=bar.update)
     res.update({"model": card.name, "split": split, "samples": args.samples, "seed": args.seed,
-                "temperature": s.temperature, "top_k": s.top_k, "data": " ".join(args.data)})
+                "temperature": s.temperature, "top_k": s.top_k, "views": s.views, "oversample": s.oversample,
+                "presence_logit_shift": s.presence_logit_shift, "data": " ".join(args.data)})
     print(json.dumps({k: res[k] for k in ("ged", "hm_iou", "soft_dice_strict", "soft_dice", "n_images")}, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -739,6 +746,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: the card's)")
     p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (0: off)")
+    p.add_argument("--views", type=int, default=None,
+                   help="draw the candidates from this many of each crop's 8 symmetric views (default: the card's)")
+    p.add_argument("--oversample", type=int, default=None,
+                   help="draw this many times --samples candidates, keep --samples by kernel herding "
+                        "(default: the card's)")
+    p.add_argument("--presence-shift", type=float, default=None,
+                   help="added to the presence head's logit (default: the card's)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N crops (0: all)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--json", default=None, help="write every metric to this JSON file")

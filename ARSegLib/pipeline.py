@@ -598,7 +598,9 @@ def _check_model(predictor, card, settings: SegmentSettings):
 def _settings_record(card, settings: SegmentSettings, sampling, pixel_spacing: float) -> Dict[str, Any]:
     record = settings.to_dict()
     record.update({"temperature": float(sampling.temperature), "top_k": int(sampling.top_k),
-                   "top_p": float(sampling.top_p), "pixel_spacing_mm": pixel_spacing,
+                   "top_p": float(sampling.top_p), "views": int(sampling.views),
+                   "oversample": int(sampling.oversample),
+                   "presence_logit_shift": float(sampling.presence_logit_shift), "pixel_spacing_mm": pixel_spacing,
                    "intensity": dict(card.intensity).get("method")})
     return record
 

@@ -150,6 +150,16 @@ def test_eval_writes_the_protocol_metrics(tiny_model_card, lung1_dir, tmp_path):
                      "--baseline", baseline, "--json", str(out)]) == 0
         res = json.loads(out.read_text())
         assert res["n_images"] == 9 and res["baseline"].startswith(baseline + ":")
+    # the sampling options reach the engine and the record; an impossible one is refused before any output
+    assert main(["eval", "--model", str(tiny_model_card), "--data", str(lung1_dir / "lidc-slices"), "--samples", "4",
+                 "--views", "4", "--oversample", "2", "--presence-shift=-0.5", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert (res["views"], res["oversample"], res["presence_logit_shift"]) == (4, 2, -0.5)
+    out.unlink()
+    with pytest.raises(SystemExit, match="views must be between 1 and 8"):
+        main(["eval", "--model", str(tiny_model_card), "--data", str(lung1_dir / "lidc-slices"), "--views", "9",
+              "--json", str(out)])
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------- issue 14

@@ -13,6 +13,8 @@ import torch
 from ARSegLib.engine import ARSegPredictor, aggregate, build_arseg, tiny_config
 from ARSegLib.engine.predictor import presence_gate
 from ARSegLib.engine.sampler import CropStreams, sample_from_logits, sample_tokens
+from ARSegLib.engine.selection import kernel_herding
+from ARSegLib.engine.views import dihedral, undo_dihedral
 
 
 def disks(n, size, seed=0):
@@ -156,10 +158,14 @@ def _always_drawing_predictor():
     return cfg, ARSegPredictor(cfg, ae, seg)
 
 
-def test_same_seed_same_result_other_seed_other_result():
+WAYS_OF_SAMPLING = [{}, {"views": 8}, {"oversample": 3}, {"views": 4, "oversample": 2}]
+
+
+@pytest.mark.parametrize("way", WAYS_OF_SAMPLING)
+def test_same_seed_same_result_other_seed_other_result(way):
     cfg, pred = _always_drawing_predictor()
     img = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
-    s = dataclasses.replace(cfg.sampling, n_samples=8, seed=11)
+    s = dataclasses.replace(cfg.sampling, n_samples=8, seed=11, **way)
     a, b = pred.segment(img, s), pred.segment(img, s)
     c = pred.segment(img, dataclasses.replace(s, seed=12))
     assert np.array_equal(a.samples_BNhw, b.samples_BNhw)
@@ -169,10 +175,11 @@ def test_same_seed_same_result_other_seed_other_result():
     assert np.array_equal(a.samples_BNhw, ref.samples_BNhw)
 
 
-def test_a_crops_samples_do_not_depend_on_the_other_crops_of_the_call():
+@pytest.mark.parametrize("way", WAYS_OF_SAMPLING)
+def test_a_crops_samples_do_not_depend_on_the_other_crops_of_the_call(way):
     cfg, pred = _always_drawing_predictor()
     img = np.random.default_rng(1).random((4, 32, 32)).astype(np.float32)
-    s = dataclasses.replace(cfg.sampling, n_samples=8, seed=3)
+    s = dataclasses.replace(cfg.sampling, n_samples=8, seed=3, **way)
     together = pred.segment(img, s, crop_ids=[10, 11, 12, 13])
     for i in range(4):
         alone = pred.segment(img[i:i + 1], s, crop_ids=[10 + i])
@@ -182,6 +189,72 @@ def test_a_crops_samples_do_not_depend_on_the_other_crops_of_the_call():
     assert np.array_equal(reordered.samples_BNhw[::-1], together.samples_BNhw)
     with pytest.raises(ValueError, match="crop ids"):
         pred.segment(img, s, crop_ids=[1, 2])
+
+
+def test_each_view_is_undone_exactly():
+    x = torch.arange(2 * 5 * 5).view(2, 5, 5)
+    views = [dihedral(x, k) for k in range(8)]
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8  # 8 distinct symmetries
+    for k, v in enumerate(views):
+        assert torch.equal(undo_dihedral(v, k), x)
+
+
+def test_test_time_views_map_each_candidate_back_from_its_own_view():
+    """Greedy sampling (temperature 0) makes a view's sample a function of the view's image alone: candidate i of
+    a crop must be the greedy sample of view i mod V, mapped back onto the crop."""
+    cfg, pred = _always_drawing_predictor()
+    img = np.random.default_rng(4).random((2, 32, 32)).astype(np.float32)
+    s = dataclasses.replace(cfg.sampling, n_samples=8, temperature=0.0)
+    got = pred.segment(img, dataclasses.replace(s, views=8)).samples_BNhw
+    for k in range(8):
+        seen = np.ascontiguousarray(dihedral(torch.from_numpy(img), k).numpy())
+        greedy = torch.from_numpy(pred.segment(seen, dataclasses.replace(s, n_samples=1)).samples_BNhw[:, 0])
+        assert np.array_equal(got[:, k], undo_dihedral(greedy, k).numpy()), k
+    assert not all(np.array_equal(got[:, 0], got[:, k]) for k in range(1, 8))  # the views do differ
+
+
+def test_kernel_herding_keeps_the_pools_proportions():
+    yy, xx = np.mgrid[:16, :16]
+    a = torch.from_numpy(((yy - 4) ** 2 + (xx - 4) ** 2 < 9).astype(np.uint8))
+    b = torch.from_numpy(((yy - 11) ** 2 + (xx - 11) ** 2 < 9).astype(np.uint8))
+    empty = torch.zeros(16, 16, dtype=torch.uint8)
+    # pool: 6 x a (one slightly grown), 3 x b, 3 x empty; keep 4 -> 2 a, 1 b, 1 empty
+    grown = a.clone()
+    grown[4, 7] = 1
+    pool = torch.stack([a, b, a, empty, a, a, b, empty, grown, a, b, empty])[None]
+    kept = kernel_herding(pool, 4)[0].tolist()
+    assert len(set(kept)) == 4
+    kinds = ["a" if torch.equal(pool[0, j], a) or torch.equal(pool[0, j], grown) else
+             "b" if torch.equal(pool[0, j], b) else "empty" for j in kept]
+    assert sorted(kinds) == ["a", "a", "b", "empty"]
+    assert kept[0] == 0  # the most typical first, ties to the lower index
+    assert torch.equal(kernel_herding(pool, 12)[0].sort().values, torch.arange(12))  # keeping all keeps each once
+    with pytest.raises(ValueError, match="cannot keep"):
+        kernel_herding(pool, 13)
+
+
+def test_oversampling_keeps_the_herded_subset_of_the_same_candidates():
+    """N kept of 4N candidates are exactly kernel herding's choice among the 4N samples a plain run draws (the
+    same streams), with every scale of the kept samples decoded."""
+    cfg, pred = _always_drawing_predictor()
+    img = np.random.default_rng(2).random((3, 32, 32)).astype(np.float32)
+    s = dataclasses.replace(cfg.sampling, n_samples=4, seed=7)
+    kept = pred.segment(img, dataclasses.replace(s, oversample=4))
+    pool = pred.segment(img, dataclasses.replace(s, n_samples=16))
+    choice = kernel_herding(torch.from_numpy(pool.samples_BNhw), 4).numpy()
+    for b in range(3):
+        assert np.array_equal(kept.samples_BNhw[b], pool.samples_BNhw[b][choice[b]])
+    assert kept.scale_consensus_BKhw.shape == (3, len(cfg.autoencoder.scales), 32, 32)
+    assert np.array_equal(kept.scale_consensus_BKhw[:, -1], kept.consensus_Bhw)
+
+
+@pytest.mark.parametrize("bad, message", [({"views": 9}, "views must be between 1 and 8"),
+                                          ({"views": 0}, "views must be between 1 and 8"),
+                                          ({"oversample": 0}, "oversample must be at least 1")])
+def test_impossible_sampling_settings_are_refused(bad, message):
+    cfg, pred = _always_drawing_predictor()
+    with pytest.raises(ValueError, match=message):
+        pred.segment(np.zeros((1, 32, 32), np.float32), dataclasses.replace(cfg.sampling, **bad))
 
 
 def test_top_k_one_is_greedy():

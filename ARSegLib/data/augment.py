@@ -9,6 +9,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from ..engine.views import dihedral  # the same 8 views the model is sampled on
+
 
 @dataclass
 class AugmentConfig:
@@ -19,12 +21,6 @@ class AugmentConfig:
     window_high: Tuple[float, float] = (0.8, 1.0)  # new white point
     gamma: Tuple[float, float] = (0.8, 1.25)
     intensity_prob: float = 0.5
-
-
-def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """One of the 8 symmetries of the square on the last two axes (k in 0..7)."""
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return torch.flip(x, dims=(-1,)) if k >= 4 else x
 
 
 def rotate(x_BChw: torch.Tensor, angle_B: torch.Tensor, mode: str) -> torch.Tensor:

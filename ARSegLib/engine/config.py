@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
@@ -48,6 +49,28 @@ class SamplingConfig:
     top_k: int = 0  # 0: off
     top_p: float = 0.0  # 0: off
     seed: int = 0
+    # Test-time augmentation: the candidates of a crop are drawn in turn from this many of its 8 symmetric
+    # views (views.py; training sees all 8) and mapped back; the presence gate averages the views. 1: off.
+    views: int = 1
+    # Draw oversample x n_samples candidates per crop and keep the n_samples that represent them best
+    # (kernel herding, selection.py): fewer chance over- or under-represented modes. 1: off.
+    oversample: int = 1
+    # Added to the presence head's logit before the gate: a calibration of the predicted fraction of readers,
+    # measured on val (the model card says how). 0: the head as trained.
+    presence_logit_shift: float = 0.0
+
+    def check(self):
+        """Refuses settings the engine cannot run, before any work."""
+        if not 1 <= int(self.views) <= 8:
+            raise ValueError(f"views must be between 1 and 8 (the symmetries of the square), got {self.views}")
+        if int(self.oversample) < 1:
+            raise ValueError(f"oversample must be at least 1, got {self.oversample}")
+        if not math.isfinite(float(self.presence_logit_shift)):
+            raise ValueError(f"presence_logit_shift must be finite, got {self.presence_logit_shift}")
+
+    @property
+    def n_candidates(self) -> int:
+        return int(self.n_samples) * int(self.oversample)
 
     def temperatures(self, n_scales: int) -> Tuple[float, ...]:
         if self.temperature_per_scale:

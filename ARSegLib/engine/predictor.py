@@ -1,5 +1,6 @@
-"""Inference only: crops -> image encoder (once per crop) -> presence gate -> N samples as one batch ->
-every scale of every sample decoded in one batch -> consensus. Knows nothing of volumes or MRML."""
+"""Inference only: crops -> image encoder (once per crop and view) -> presence gate -> the candidates as one
+batch -> (with oversampling: N of them kept by kernel herding) -> every scale of every kept sample decoded in one
+batch -> consensus. Knows nothing of volumes or MRML."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from .config import ARSegConfig, SamplingConfig
 from .consensus import MAX_SAMPLES, ConsensusResult, aggregate
 from .heap import keep_freed_memory
 from .sampler import CropStreams, sample_tokens
+from .selection import kernel_herding
 from .segmentor import NextScaleSegmentor
+from .views import dihedral, undo_dihedral
 
 
 class Cancelled(Exception):
@@ -96,6 +99,18 @@ class ARSegPredictor:
             b += pick.shape[0]
         return torch.stack(out)
 
+    @staticmethod
+    def _unviewed(masks_Rhw: torch.Tensor, view_R: torch.Tensor, n_views: int) -> torch.Tensor:
+        """Masks drawn on views of their crops (any leading dims before R, h, w) mapped back onto the crops."""
+        if n_views == 1:
+            return masks_Rhw
+        out = masks_Rhw.clone()
+        for k in range(1, n_views):
+            sel = view_R == k
+            if sel.any():
+                out[..., sel, :, :] = undo_dihedral(masks_Rhw[..., sel, :, :], k)
+        return out
+
     @torch.inference_mode()
     def segment(self, images, sampling: Optional[SamplingConfig] = None, use_cache: bool = True,
                 progress: Optional[Callable[[int, int], None]] = None,
@@ -107,30 +122,37 @@ class ARSegPredictor:
         crop_ids: one non-negative id per crop (default 0..B-1); a crop's samples depend on its image, the seed
         and its id only, so callers that split work into chunks pass ids that do not depend on the chunking.
         timings, when given, receives the seconds spent in each phase (image_encoder, transformer,
-        decoding, consensus)."""
+        selection (with oversampling), decoding, consensus)."""
         if self.device.type == "cpu":
             keep_freed_memory()  # large activations reuse freed blocks instead of fresh pages (see heap.py)
         phase = PhaseTimer(timings, self.device)
         s = sampling or self.config.sampling
+        s.check()
         x_BChw = self._images_tensor(images)
         B, N, K = x_BChw.shape[0], s.n_samples, len(self.config.autoencoder.scales)
+        V, P = int(s.views), s.n_candidates  # views of each crop; candidates drawn per crop, N of them kept
         if not 1 <= N <= MAX_SAMPLES:
             raise ValueError(f"n_samples must be between 1 and {MAX_SAMPLES}, got {N}")
         crop_ids = list(range(B)) if crop_ids is None else [int(c) for c in crop_ids]
         if len(crop_ids) != B:
             raise ValueError(f"{len(crop_ids)} crop ids for {B} crops")
-        streams = CropStreams(int(s.seed), crop_ids, self.device)
+        streams = CropStreams(int(s.seed), crop_ids, self.device, views=V)  # view-major, one per (view, crop)
         with phase("image_encoder"):
-            feats = self.segmentor.image_encoder(x_BChw)
+            feats = self.segmentor.image_encoder(x_BChw if V == 1 else
+                                                 torch.cat([dihedral(x_BChw, k) for k in range(V)]))
         if self.config.segmentor.presence_gate:
-            presence_B = torch.sigmoid(feats.presence_logit_B)
-            drawn_BN = presence_gate(presence_B, N, streams.uniform([1] * B, 1)[:, 0])
+            presence_B = torch.sigmoid(feats.presence_logit_B + s.presence_logit_shift).view(V, B).mean(0)
+            drawn_BP = presence_gate(presence_B, P, streams.uniform([1] * B + [0] * (B * V - B), 1)[:, 0])
         else:
             presence_B = torch.ones(B, device=self.device)
-            drawn_BN = torch.ones(B, N, dtype=torch.bool, device=self.device)
-        rows = drawn_BN.flatten().nonzero()[:, 0]  # which of the B*N sequences are drawn
+            drawn_BP = torch.ones(B, P, dtype=torch.bool, device=self.device)
+        crop_R, cand_R = drawn_BP.nonzero(as_tuple=True)  # the drawn candidates, grouped by crop
+        # candidate i of a crop is drawn on view i mod V; sequences are grouped by (view, crop), as the streams
+        order = torch.argsort((cand_R % V) * B + crop_R, stable=True)
+        crop_R, cand_R = crop_R[order], cand_R[order]
+        view_R = cand_R % V
         hw = (self.crop_size, self.crop_size)
-        scale_masks_KRhw = torch.zeros(K, B * N, *hw, dtype=torch.uint8, device=self.device)
+        scale_masks_KBNhw = torch.zeros(K, B, N, *hw, dtype=torch.uint8, device=self.device)
 
         def on_scale(si):
             if progress is not None:
@@ -138,14 +160,31 @@ class ARSegPredictor:
             if cancel is not None and cancel():
                 raise Cancelled()
 
-        if rows.numel():
+        if crop_R.numel():
             with phase("transformer"):
                 idx_list, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, feats,
                                                        s.temperatures(K), s.top_k, s.top_p, streams, use_cache,
-                                                       on_scale, crop_of_row=rows // N)
+                                                       on_scale, crop_of_row=view_R * B + crop_R)
+            rows = torch.arange(crop_R.numel(), device=self.device)
+            slot_R = cand_R
+            if P > N:
+                with phase("selection"):
+                    final_BPhw = torch.zeros(B, P, *hw, dtype=torch.uint8, device=self.device)
+                    final_BPhw[crop_R, cand_R] = self._unviewed(
+                        self.autoencoder.decode_masks(partial_sums[-1]), view_R, V)
+                    kept_BN = kernel_herding(final_BPhw, N)
+                    row_of_BP = torch.full((B, P), -1, dtype=torch.long, device=self.device)
+                    row_of_BP[crop_R, cand_R] = rows
+                    row_BN = row_of_BP.gather(1, kept_BN)  # -1: an empty (undrawn) candidate was kept
+                    keep = row_BN.flatten() >= 0
+                    rows = row_BN.flatten()[keep]
+                    slot_R = torch.arange(N, device=self.device).repeat(B)[keep]
             with phase("decoding"):
-                scale_masks_KRhw[:, rows] = self.decode_all_scales(idx_list, partial_sums)
+                if rows.numel() < crop_R.numel():
+                    idx_list, partial_sums = [t[rows] for t in idx_list], [f[rows] for f in partial_sums]
+                masks_KRhw = self.decode_all_scales(idx_list, partial_sums)
+                scale_masks_KBNhw[:, crop_R[rows], slot_R] = self._unviewed(masks_KRhw, view_R[rows], V)
         elif progress is not None:
             progress(K, K)
         with phase("consensus"):
-            return aggregate(scale_masks_KRhw.view(K, B, N, *hw), presence_B, self.n_classes)
+            return aggregate(scale_masks_KBNhw, presence_B, self.n_classes)

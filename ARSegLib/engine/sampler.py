@@ -20,11 +20,13 @@ from .segmentor import NextScaleSegmentor
 class CropStreams:
     """One random stream per crop, seeded by (seed, crop id): a crop's samples depend on its image, the seed and
     its id only, never on which other crops share the call (a click's chunks of planes, whole-volume tiles,
-    evaluation batches)."""
+    evaluation batches). With views > 1 (test-time augmentation), one stream per (view, crop), view-major;
+    view 0's are the crops' own streams."""
 
-    def __init__(self, seed: int, crop_ids: Sequence[int], device: torch.device):
+    def __init__(self, seed: int, crop_ids: Sequence[int], device: torch.device, views: int = 1):
         self.device = torch.device(device)
-        self.generators = [torch.Generator(device=self.device).manual_seed(stream_seed(seed, c)) for c in crop_ids]
+        self.generators = [torch.Generator(device=self.device).manual_seed(stream_seed(seed, c, k))
+                           for k in range(views) for c in crop_ids]
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -36,10 +38,11 @@ class CropStreams:
         return torch.cat(parts) if parts else torch.empty(0, per_row, device=self.device)
 
 
-def stream_seed(seed: int, crop_id: int) -> int:
+def stream_seed(seed: int, crop_id: int, view: int = 0) -> int:
     if crop_id < 0:
         raise ValueError(f"crop ids are non-negative, got {crop_id}")
-    return ((int(seed) & 0xFFFFFFFF) << 31) ^ (int(crop_id) & 0x7FFFFFFF)
+    base = ((int(seed) & 0xFFFFFFFF) << 31) ^ (int(crop_id) & 0x7FFFFFFF)
+    return (base + int(view) * 0x9E3779B97F4A7C15) % (1 << 64)  # views: far apart in the 64-bit seed space
 
 
 def sample_from_logits(logits_BlV: torch.Tensor, temperature: float, top_k: int, top_p: float,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.augment import dihedral
+from ..engine.views import dihedral
 from .trainer import TrainData
 
 
