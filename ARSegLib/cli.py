@@ -342,9 +342,11 @@ def _segment_settings(args):
     from .pipeline import SegmentSettings, SettingsError
 
     settings = SegmentSettings(n_samples=args.samples, temperature=args.temperature, seed=args.seed,
-                               half_height_mm=args.half_height)
+                               half_height_mm=args.half_height, views=args.views, oversample=args.oversample,
+                               presence_logit_shift=args.presence_shift)
     option = {"n_samples": "--samples", "temperature": "--temperature", "seed": "--seed",
-              "half_height_mm": "--half-height"}
+              "half_height_mm": "--half-height", "views": "--views", "oversample": "--oversample",
+              "presence_logit_shift": "--presence-shift"}
     try:
         return settings.check()
     except SettingsError as e:
@@ -650,8 +652,17 @@ def _add_sampling_args(p):
     p.add_argument("--model", default="lidc-nodule", help="model name or card path (default: the shipped lidc-nodule)")
     p.add_argument("--samples", type=int, default=16, help="samples per crop, 1 to 64 (default 16)")
     p.add_argument("--temperature", type=float, default=None,
-                   help="sampling temperature, above 0 and at most 5 (default: the model card's, 1.0)")
+                   help="sampling temperature, above 0 and at most 5 (default: the model card's)")
     p.add_argument("--seed", type=int, default=0, help="random seed >= 0: the same seed gives the same result")
+    p.add_argument("--views", type=int, default=None,
+                   help="draw the samples from this many of each crop's 8 rotated/mirrored views, 1 to 8 "
+                        "(default: the model card's)")
+    p.add_argument("--oversample", type=int, default=None,
+                   help="draw this many candidates per sample and keep the most representative, 1 to 8 "
+                        "(default: the model card's; 1 with --views 1 is the fastest)")
+    p.add_argument("--presence-shift", type=float, default=None,
+                   help="added to the presence head's logit, -5 to 5 (default: the model card's; 0: the head as "
+                        "trained)")
     p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--half-height", type=float, default=20.0,
                    help="millimetres above and below each click to segment, 0 to 200 (default 20)")

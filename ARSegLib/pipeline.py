@@ -101,6 +101,12 @@ class SegmentSettings:
     top_k: Optional[int] = None
     top_p: Optional[float] = None
     seed: int = 0
+    # how each crop is sampled (engine SamplingConfig): test-time views, candidates per kept sample, and the shift
+    # of the presence head's logit; e.g. views=1, oversample=1 for the fastest click, presence_logit_shift=0 for
+    # the head as trained
+    views: Optional[int] = None
+    oversample: Optional[int] = None
+    presence_logit_shift: Optional[float] = None
     # click mode: planes above and below the click, and how far from the click a component may start
     half_height_mm: float = 20.0
     component_tolerance_mm: float = 5.0
@@ -110,6 +116,8 @@ class SegmentSettings:
 
     # a temperature this high flattens the token distribution into noise (lung1: 100 gives an empty consensus)
     MAX_TEMPERATURE = 5.0
+    MAX_OVERSAMPLE = 8  # candidates per kept sample: memory and time grow with it
+    MAX_PRESENCE_SHIFT = 5.0  # a logit shift of 5 turns a presence of 0.5 into 0.993
     MAX_HALF_HEIGHT_MM = 200.0
 
     def check(self) -> SegmentSettings:
@@ -137,6 +145,11 @@ class SegmentSettings:
         if self.top_k is not None:
             whole("top_k", 0)
         real("top_p", 0.0, 1.0, optional=True)
+        if self.views is not None:
+            whole("views", 1, 8)
+        if self.oversample is not None:
+            whole("oversample", 1, self.MAX_OVERSAMPLE)
+        real("presence_logit_shift", -self.MAX_PRESENCE_SHIFT, self.MAX_PRESENCE_SHIFT, optional=True)
         whole("seed", 0, 2 ** 63 - 1)
         real("half_height_mm", 0.0, self.MAX_HALF_HEIGHT_MM)
         real("component_tolerance_mm", 0.0, 100.0)
@@ -146,7 +159,7 @@ class SegmentSettings:
     def sampling(self, base):
         """The engine's SamplingConfig with these overrides applied to the model's defaults."""
         over: Dict[str, Any] = {"n_samples": int(self.n_samples), "seed": int(self.seed)}
-        for name in ("temperature", "top_k", "top_p"):
+        for name in ("temperature", "top_k", "top_p", "views", "oversample", "presence_logit_shift"):
             value = getattr(self, name)
             if value is not None:
                 over[name] = value

@@ -280,6 +280,10 @@ def test_components_are_labelled_inside_the_bounding_box_exactly_as_on_the_whole
     ("seed", -1, "seed"),
     ("top_p", 1.5, "top_p"),
     ("batch_size", 0, "batch_size"),
+    ("views", 9, "views must be a whole number between 1 and 8"),
+    ("oversample", 0, "oversample"),
+    ("presence_logit_shift", float("nan"), "presence_logit_shift must be a finite number"),
+    ("presence_logit_shift", 6.0, "presence_logit_shift"),
 ])
 def test_settings_out_of_range_are_refused_before_any_work(field, value, words, lung1, tiny):
     predictor, card = tiny
@@ -288,6 +292,16 @@ def test_settings_out_of_range_are_refused_before_any_work(field, value, words, 
     with pytest.raises(pipeline.SettingsError, match=words):
         pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card, settings)
     assert SegmentSettings(temperature=0.5, half_height_mm=0.0, seed=2 ** 40).check()  # in range: accepted
+
+
+def test_sampling_settings_override_the_cards_and_none_keeps_them():
+    from ARSegLib.engine import SamplingConfig
+
+    card_sampling = SamplingConfig(temperature=0.5, views=4, oversample=2, presence_logit_shift=-0.4)
+    kept = SegmentSettings().check().sampling(card_sampling)
+    assert (kept.temperature, kept.views, kept.oversample, kept.presence_logit_shift) == (0.5, 4, 2, -0.4)
+    fast = SegmentSettings(views=1, oversample=1, presence_logit_shift=0.0).check().sampling(card_sampling)
+    assert (fast.views, fast.oversample, fast.presence_logit_shift) == (1, 1, 0.0)
 
 
 def test_presence_consensus_of_the_samples_that_mark_an_object():
