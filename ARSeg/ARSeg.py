@@ -102,10 +102,11 @@ class ARSegParameterNode:
     model: str = DEFAULT_MODEL
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
     samples: Annotated[int, WithinRange(1, 64)] = 16
-    temperature: Annotated[float, WithinRange(0.05, 5.0)] = 1.0
+    temperature: Annotated[float, WithinRange(0.0, 5.0)] = 0.0  # 0: the model card's, the one it was validated at
     seed: Annotated[int, WithinRange(0, 1000000)] = 0
     halfHeightMm: Annotated[float, WithinRange(0.0, 200.0)] = 20.0
     includeSamples: bool = False
+    fastSampling: bool = False  # no test-time views or candidate selection: about twice as fast
 
 
 #
@@ -290,8 +291,9 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.setupPythonRequirements():
                 return
             self._run = self.logic.startSegmentation(p.inputVolume, point, model=p.model, device=p.device,
-                                                     samples=p.samples, temperature=p.temperature, seed=p.seed,
-                                                     halfHeightMm=p.halfHeightMm)
+                                                     samples=p.samples, seed=p.seed, halfHeightMm=p.halfHeightMm,
+                                                     temperature=p.temperature if p.temperature > 0 else None,
+                                                     fast=bool(p.fastSampling))
             self._runVolume = p.inputVolume
             self._runIncludeSamples = bool(p.includeSamples)
             where = "whole volume" if point is None else "R {:.1f}, A {:.1f}, S {:.1f}".format(*point)
@@ -558,11 +560,13 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         worker.shutdown_shared()
 
     @staticmethod
-    def settings(samples=16, temperature=None, seed=0, halfHeightMm=20.0):
+    def settings(samples=16, temperature=None, seed=0, halfHeightMm=20.0, fast=False):
+        """fast: sample each slice as it is, every sample kept (no test-time views, no candidate selection)."""
         from ARSegLib.pipeline import SegmentSettings
 
         return SegmentSettings(n_samples=int(samples), temperature=None if temperature is None else float(temperature),
-                               seed=int(seed), half_height_mm=float(halfHeightMm))
+                               seed=int(seed), half_height_mm=float(halfHeightMm),
+                               views=1 if fast else None, oversample=1 if fast else None)
 
     # --- segmenting
 
@@ -575,14 +579,14 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
     def startSegmentation(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto",
                           samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
-                          halfHeightMm: float = 20.0):
+                          halfHeightMm: float = 20.0, fast: bool = False):
         """Check the input and send it to the worker (main thread: reading the volume is all it does here); returns
         the WorkerRun, which the caller polls (`run.poll()`, never blocking) and hands to `applyResult`."""
         from ARSegLib import mrml, pipeline
         from ARSegLib.models import read_card
 
         # bad input says so at once, before the worker sees it
-        settings = self.settings(samples, temperature, seed, halfHeightMm).check()
+        settings = self.settings(samples, temperature, seed, halfHeightMm, fast).check()
         pipeline.check_mode(read_card(model), pipeline.MODE_VOLUME if point is None else pipeline.MODE_CLICK)
         ijkToRas, key = mrml.world_ijk_to_ras(volumeNode), self.volumeKey(volumeNode)
         client = self.worker(model, device)
@@ -605,7 +609,7 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto", samples: int = 16,
                 temperature: Optional[float] = None, seed: int = 0, halfHeightMm: float = 20.0,
-                includeSamples: bool = False, progress=None, cancel=None, points=None):
+                includeSamples: bool = False, progress=None, cancel=None, points=None, fast: bool = False):
         """Segment volumeNode and wait: a nodule at each RAS point (point=(R, A, S) and/or points=[(R, A, S), ...]),
         or the whole volume when there is none (models validated for it only). Every point is checked before any
         runs. Returns the ResultNodes, which hold every nodule of the volume. For the console and scripts: the GUI
@@ -619,7 +623,7 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         nodes = None
         for p in clicks or [None]:
             run = self.startSegmentation(volumeNode, p, model=model, device=device, samples=samples,
-                                         temperature=temperature, seed=seed, halfHeightMm=halfHeightMm)
+                                         temperature=temperature, seed=seed, halfHeightMm=halfHeightMm, fast=fast)
             self._waitFor(run, progress, cancel)
             nodes = self.applyResult(volumeNode, run.result, includeSamples=includeSamples)
         return nodes
@@ -636,7 +640,7 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
     def segmentFiles(self, paths, outputDir, points=None, model: str = DEFAULT_MODEL, device: str = "auto",
                      samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
-                     includeSamples: bool = False):
+                     includeSamples: bool = False, fast: bool = False):
         """Each image file -> outputDir/NAME.seg.nrrd + NAME.report.json, in scenes of their own (the user's
         scene is not touched). points: {path: (R, A, S) or [(R, A, S), ...]}: a nodule at each; a file without points
         runs whole (models validated for it only). Returns reports."""
@@ -656,7 +660,7 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
             several = given is not None and len(given) and not isinstance(given[0], (int, float))
             nodes = self.segment(volumeNode, None if several else given, points=given if several else None,
                                  model=model, device=device, samples=samples, temperature=temperature, seed=seed,
-                                 includeSamples=includeSamples)
+                                 includeSamples=includeSamples, fast=fast)
             mrml.write_outputs(nodes, path, out, Path(outputDir) / f"{stem}.report.json")
             reports.append(dict(nodes.report, source=str(path), segmentation=str(out)))
         return reports

@@ -530,3 +530,32 @@ def test_module_follows_slicers_idioms():
                      cmake)
     license_text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0" in license_text  # ExtensionsIndex check_license_file
+
+
+def test_the_panel_samples_at_the_cards_temperature_unless_set_and_fast_sampling_drops_views(widget, arseg_module,
+                                                                                            monkeypatch):
+    """Before: the panel's temperature defaulted to 1.0 and was always sent, so clicks in Slicer sampled at 1.0 while
+    the model was validated at its card's temperature. Now 0 ("model's") sends none, and "Fast sampling" asks for
+    one view and no candidate selection."""
+    import types
+
+    from ARSegLib.engine import SamplingConfig
+
+    module, _ = arseg_module
+    w, scene, shown = widget
+    volume, _, _ = _blob(scene)
+    sent = []
+    monkeypatch.setattr(w.logic, "setupPythonRequirements", lambda: True)
+    monkeypatch.setattr(w.logic, "startSegmentation", lambda volume, point, **kw: sent.append(kw) or object())
+    w.setRunning = lambda running: None
+    base = dict(inputVolume=volume, model="lidc-nodule", device="cpu", samples=16, seed=0, halfHeightMm=20.0,
+                includeSamples=False)
+    card = SamplingConfig(temperature=0.5, views=4, oversample=2, presence_logit_shift=-0.4)
+    for temperature, fast, expected in ((0.0, False, (0.5, 4, 2)), (0.8, False, (0.8, 4, 2)), (0.0, True, (0.5, 1, 1))):
+        w._parameterNode = types.SimpleNamespace(**base, temperature=temperature, fastSampling=fast)
+        module.ARSegWidget.startRun(w, (1.0, 2.0, 3.0))
+        kw = sent[-1]
+        s = module.ARSegLogic.settings(kw["samples"], kw["temperature"], kw["seed"], kw["halfHeightMm"],
+                                             kw["fast"]).check().sampling(card)
+        assert (s.temperature, s.views, s.oversample) == expected
+    assert not shown["errors"]
