@@ -248,6 +248,23 @@ def test_oversampling_keeps_the_herded_subset_of_the_same_candidates():
     assert np.array_equal(kept.scale_consensus_BKhw[:, -1], kept.consensus_Bhw)
 
 
+def test_oversampling_may_keep_only_empty_candidates():
+    """A presence of 2 % draws one or two of 64 candidates; the 16 that represent the pool are then all empty
+    (before: decoding an empty selection raised)."""
+    cfg, pred = _always_drawing_predictor()
+    with torch.no_grad():
+        head = pred.segmentor.image_encoder.presence_head[-1]
+        head.weight.zero_()
+        head.bias.fill_(float(np.log(0.02 / 0.98)))
+    img = np.random.default_rng(5).random((2, 32, 32)).astype(np.float32)
+    s = dataclasses.replace(cfg.sampling, n_samples=16, oversample=4, views=2)
+    pool = pred.segment(img, dataclasses.replace(s, n_samples=64, oversample=1))
+    assert 1 <= pool.samples_BNhw.any((2, 3)).sum(1).min()  # some candidates were drawn
+    kept = pred.segment(img, s)
+    assert not kept.samples_BNhw.any() and not kept.scale_consensus_BKhw.any()
+    np.testing.assert_allclose(kept.presence_B, 0.02, rtol=1e-5)
+
+
 @pytest.mark.parametrize("bad, message", [({"views": 9}, "views must be between 1 and 8"),
                                           ({"views": 0}, "views must be between 1 and 8"),
                                           ({"oversample": 0}, "oversample must be at least 1")])

@@ -182,8 +182,9 @@ class ARSegPredictor:
             with phase("decoding"):
                 if rows.numel() < crop_R.numel():
                     idx_list, partial_sums = [t[rows] for t in idx_list], [f[rows] for f in partial_sums]
-                masks_KRhw = self.decode_all_scales(idx_list, partial_sums)
-                scale_masks_KBNhw[:, crop_R[rows], slot_R] = self._unviewed(masks_KRhw, view_R[rows], V)
+                if rows.numel():  # herding may keep only empty candidates (one drawn of many)
+                    masks_KRhw = self.decode_all_scales(idx_list, partial_sums)
+                    scale_masks_KBNhw[:, crop_R[rows], slot_R] = self._unviewed(masks_KRhw, view_R[rows], V)
         elif progress is not None:
             progress(K, K)
         with phase("consensus"):
