@@ -110,8 +110,9 @@ class SegmentSettings:
     # click mode: planes above and below the click, and how far from the click a component may start
     half_height_mm: float = 20.0
     component_tolerance_mm: float = 5.0
-    # crops per forward pass (memory grows with crops x samples): a click's planes of an ordinary CT go in one
-    # batch, a thin-slice scan's or a whole volume's in chunks
+    # crops per forward pass (memory grows with crops x candidates): a click's planes of an ordinary CT go in one
+    # batch, a thin-slice scan's or a whole volume's in chunks; fewer per pass when a crop draws more than 32
+    # candidates (samples x oversample), so a pass never holds more sequences than 32 crops of 32
     batch_size: int = 32
 
     # a temperature this high flattens the token distribution into noise (lung1: 100 gives an empty consensus)
@@ -155,6 +156,10 @@ class SegmentSettings:
         real("component_tolerance_mm", 0.0, 100.0)
         whole("batch_size", 1)
         return self
+
+    def crops_per_pass(self, sampling) -> int:
+        """batch_size, scaled down for crops that draw more than 32 candidates (results do not depend on it)."""
+        return max(1, self.batch_size * 32 // max(32, sampling.n_candidates))
 
     def sampling(self, base):
         """The engine's SamplingConfig with these overrides applied to the model's defaults."""
@@ -659,7 +664,7 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
     consensus = np.zeros((nz, h, w), dtype=np.uint8)
     rows = np.flatnonzero(has_signal)
     # one batch for an ordinary CT (17 planes of 2.5 mm); thin-slice scans are split so memory stays bounded
-    batch = max(1, settings.batch_size)
+    batch = settings.crops_per_pass(sampling)
     chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
     for ci, chunk in enumerate(chunks):
         res = _run_model(predictor, prepared[chunk], sampling, progress, cancel, ci * k, len(chunks) * k, chunk)
@@ -767,7 +772,7 @@ def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[Segme
 
     # tiles are cut plane by plane and sent in chunks; only planes of the current chunk are resampled
     tiles = [(z, tr, tc) for z in range(nz) for tr in range(tiles_r) for tc in range(tiles_c)]
-    batch = max(1, settings.batch_size)
+    batch = settings.crops_per_pass(sampling)
     chunks = [tiles[i:i + batch] for i in range(0, len(tiles), batch)]
     total_steps = len(chunks) * k
     plane_cache: Dict[int, np.ndarray] = {}

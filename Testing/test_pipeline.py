@@ -294,6 +294,15 @@ def test_settings_out_of_range_are_refused_before_any_work(field, value, words, 
     assert SegmentSettings(temperature=0.5, half_height_mm=0.0, seed=2 ** 40).check()  # in range: accepted
 
 
+def test_crops_per_pass_shrink_when_a_crop_draws_many_candidates():
+    from ARSegLib.engine import SamplingConfig
+
+    settings = SegmentSettings().check()
+    assert settings.crops_per_pass(SamplingConfig(n_samples=16, oversample=2)) == 32  # the shipped card: as before
+    assert settings.crops_per_pass(SamplingConfig(n_samples=64, oversample=8)) == 2
+    assert SegmentSettings(batch_size=1).crops_per_pass(SamplingConfig(n_samples=64, oversample=8)) == 1
+
+
 def test_sampling_settings_override_the_cards_and_none_keeps_them():
     from ARSegLib.engine import SamplingConfig
 
