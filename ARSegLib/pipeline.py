@@ -117,6 +117,7 @@ class SegmentSettings:
 
     # a temperature this high flattens the token distribution into noise (lung1: 100 gives an empty consensus)
     MAX_TEMPERATURE = 5.0
+    MAX_VIEWS = 8  # engine/views.py's N_VIEWS, the symmetries of the square (this module loads without torch)
     MAX_OVERSAMPLE = 8  # candidates per kept sample: memory and time grow with it
     MAX_PRESENCE_SHIFT = 5.0  # a logit shift of 5 turns a presence of 0.5 into 0.993
     MAX_HALF_HEIGHT_MM = 200.0
@@ -147,7 +148,7 @@ class SegmentSettings:
             whole("top_k", 0)
         real("top_p", 0.0, 1.0, optional=True)
         if self.views is not None:
-            whole("views", 1, 8)
+            whole("views", 1, self.MAX_VIEWS)
         if self.oversample is not None:
             whole("oversample", 1, self.MAX_OVERSAMPLE)
         real("presence_logit_shift", -self.MAX_PRESENCE_SHIFT, self.MAX_PRESENCE_SHIFT, optional=True)

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, Tuple
 
+from .views import N_VIEWS
+
 
 @dataclass
 class AutoencoderConfig:
@@ -61,8 +63,8 @@ class SamplingConfig:
 
     def check(self):
         """Refuses settings the engine cannot run, before any work."""
-        if not 1 <= int(self.views) <= 8:
-            raise ValueError(f"views must be between 1 and 8 (the symmetries of the square), got {self.views}")
+        if not 1 <= int(self.views) <= N_VIEWS:
+            raise ValueError(f"views must be between 1 and {N_VIEWS} (the symmetries of the square), got {self.views}")
         if int(self.oversample) < 1:
             raise ValueError(f"oversample must be at least 1, got {self.oversample}")
         if not math.isfinite(float(self.presence_logit_shift)):

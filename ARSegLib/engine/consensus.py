@@ -46,17 +46,26 @@ def majority(samples_BNhw: torch.Tensor, n_classes: int) -> torch.Tensor:
     return votes.argmax(1).to(torch.uint8)
 
 
-def iou_fg(a_BNhw: torch.Tensor, b_Bhw: torch.Tensor) -> torch.Tensor:
-    """IoU of foreground (label > 0) of each sample with a reference; IoU(empty, empty) = 1.
+def pairwise_iou_fg(a_BNhw: torch.Tensor, b_BMhw: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """(B, N, M) IoU of the foregrounds (label > 0) of each a with each b of the same crop; IoU(empty, empty) = 1.
 
-    The intersections are one batched matrix product of 0/1 floats (exact integer counts below 2^24 pixels):
-    summing boolean maps converts them to int64 first, which at a click's batch cost four times as much."""
-    dtype = torch.float32 if a_BNhw[0, 0].numel() < 2 ** 24 else torch.float64
-    a_BNP = (a_BNhw > 0).flatten(2).to(dtype)
-    b_BP1 = (b_Bhw > 0).flatten(1).to(dtype)[:, :, None]
-    inter = torch.bmm(a_BNP, b_BP1)[..., 0]
-    union = a_BNP.sum(-1) + b_BP1.sum((1, 2))[:, None] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).float()
+    The intersections are one batched matrix product of 0/1 floats, exact integer counts in float32 below 2^24
+    pixels (float64 above): summing boolean maps converts them to int64 first, which at a click's batch cost four
+    times as much. The ratios are taken in `dtype`, or in float64 where the counts are."""
+    counts = torch.float32 if a_BNhw[0, 0].numel() < 2 ** 24 else torch.float64
+    a_BNP = (a_BNhw > 0).flatten(2).to(counts)
+    b_BMP = a_BNP if b_BMhw is a_BNhw else (b_BMhw > 0).flatten(2).to(counts)  # a set against itself: once
+    ratio = torch.promote_types(counts, dtype)
+    inter = torch.bmm(a_BNP, b_BMP.transpose(1, 2)).to(ratio)
+    area_a = a_BNP.sum(-1).to(ratio)
+    area_b = area_a if b_BMP is a_BNP else b_BMP.sum(-1).to(ratio)
+    union = area_a[:, :, None] + area_b[:, None, :] - inter
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def iou_fg(a_BNhw: torch.Tensor, b_Bhw: torch.Tensor) -> torch.Tensor:
+    """IoU of foreground (label > 0) of each sample with a reference; IoU(empty, empty) = 1."""
+    return pairwise_iou_fg(a_BNhw, b_Bhw[:, None])[..., 0].float()
 
 
 def aggregate(scale_samples_KBNhw: torch.Tensor, presence_B: torch.Tensor, n_classes: int = 1) -> ConsensusResult:

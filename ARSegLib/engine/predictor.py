@@ -101,15 +101,13 @@ class ARSegPredictor:
 
     @staticmethod
     def _unviewed(masks_Rhw: torch.Tensor, view_R: torch.Tensor, n_views: int) -> torch.Tensor:
-        """Masks drawn on views of their crops (any leading dims before R, h, w) mapped back onto the crops."""
-        if n_views == 1:
-            return masks_Rhw
-        out = masks_Rhw.clone()
+        """Masks drawn on views of their crops (any leading dims before R, h, w) mapped back onto the crops, in
+        place (the caller's freshly decoded masks; indexing by a mask reads a copy first)."""
         for k in range(1, n_views):
             sel = view_R == k
             if sel.any():
-                out[..., sel, :, :] = undo_dihedral(masks_Rhw[..., sel, :, :], k)
-        return out
+                masks_Rhw[..., sel, :, :] = undo_dihedral(masks_Rhw[..., sel, :, :], k)
+        return masks_Rhw
 
     @torch.inference_mode()
     def segment(self, images, sampling: Optional[SamplingConfig] = None, use_cache: bool = True,

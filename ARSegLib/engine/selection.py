@@ -10,15 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def iou_kernel(masks_BPhw: torch.Tensor) -> torch.Tensor:
-    """(B, P, P) foreground IoU between every pair of a crop's candidates; IoU(empty, empty) = 1. The
-    intersections are exact integer counts in float32 (crops have fewer than 2^24 pixels)."""
-    fg_BPp = (masks_BPhw > 0).flatten(2).float()
-    inter = torch.bmm(fg_BPp, fg_BPp.transpose(1, 2)).double()
-    area = fg_BPp.sum(-1).double()
-    union = area[:, :, None] + area[:, None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+from .consensus import pairwise_iou_fg
 
 
 def kernel_herding(masks_BPhw: torch.Tensor, n: int) -> torch.Tensor:
@@ -27,7 +19,7 @@ def kernel_herding(masks_BPhw: torch.Tensor, n: int) -> torch.Tensor:
     B, P = masks_BPhw.shape[:2]
     if not 1 <= n <= P:
         raise ValueError(f"cannot keep {n} of {P} candidates")
-    k_BPP = iou_kernel(masks_BPhw)
+    k_BPP = pairwise_iou_fg(masks_BPhw, masks_BPhw, torch.float64)  # float64: herding sums P of them
     target_BP = k_BPP.mean(2)  # each candidate's mean similarity to the whole pool
     kept_sum_BP = torch.zeros(B, P, dtype=k_BPP.dtype, device=k_BPP.device)
     taken_BP = torch.zeros(B, P, dtype=torch.bool, device=k_BPP.device)

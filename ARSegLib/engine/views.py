@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-N_VIEWS = 8
+N_VIEWS = 8  # the symmetries of the square
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
