@@ -110,6 +110,11 @@ class SegmentSettings:
     # click mode: planes above and below the click, and how far from the click a component may start
     half_height_mm: float = 20.0
     component_tolerance_mm: float = 5.0
+    # a click off the object's centre is run again on a grid centred on the object the samples found there (the
+    # model saw only object-centred crops: 6 mm off lung1's nodule centre its consensus was empty), at most this
+    # many times, while that centre is farther than recentre_min_mm from the grid's; 0 runs the click as given
+    recentre_passes: int = 3
+    recentre_min_mm: float = 1.5
     # crops per forward pass (memory grows with crops x candidates): a click's planes of an ordinary CT go in one
     # batch, a thin-slice scan's or a whole volume's in chunks; fewer per pass when a crop draws more than 32
     # candidates (samples x oversample), so a pass never holds more sequences than 32 crops of 32
@@ -121,6 +126,7 @@ class SegmentSettings:
     MAX_OVERSAMPLE = 8  # candidates per kept sample: memory and time grow with it
     MAX_PRESENCE_SHIFT = 5.0  # a logit shift of 5 turns a presence of 0.5 into 0.993
     MAX_HALF_HEIGHT_MM = 200.0
+    MAX_RECENTRE_PASSES = 4  # each pass costs one click's inference
 
     def check(self) -> SegmentSettings:
         """SettingsError naming the first setting out of range; self otherwise. Called before any work."""
@@ -155,6 +161,8 @@ class SegmentSettings:
         whole("seed", 0, 2 ** 63 - 1)
         real("half_height_mm", 0.0, self.MAX_HALF_HEIGHT_MM)
         real("component_tolerance_mm", 0.0, 100.0)
+        whole("recentre_passes", 0, self.MAX_RECENTRE_PASSES)
+        real("recentre_min_mm", 0.0, 100.0)
         whole("batch_size", 1)
         return self
 
@@ -650,10 +658,73 @@ def _prepare_run(volume, ijk_to_ras, predictor, card, settings: Optional[Segment
 
 def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Optional[SegmentSettings] = None,
                   progress: ProgressFn = None, cancel: CancelFn = None) -> VolumeResult:
-    """Segment the object under a RAS point: the local grid's planes as one batch, the 3D component kept."""
+    """Segment the object under a RAS point: the local grid's planes as one batch, the 3D component kept.
+
+    The model saw only object-centred crops, so a click off the object's centre is answered again on a grid
+    centred on what the first pass found (the samples' mean mask kept at the click), up to
+    settings.recentre_passes times, while that centre lies more than settings.recentre_min_mm from the grid's.
+    The component kept is always the one at the user's click; a click near the centre runs once, unchanged."""
     t0 = time.perf_counter()
     settings, array, m, pixel_spacing, crop, sampling = _prepare_run(volume, ijk_to_ras, predictor, card, settings)
-    grid, click_plane = click_grid(point_ras, array.shape, m, crop, pixel_spacing, settings.half_height_mm)
+    click = np.asarray(point_ras, dtype=np.float64).reshape(3)
+    centre, centres, found = click, [], None
+    while True:
+        previous, pass_index = found, len(centres)
+
+        def pass_progress(done, total, p=pass_index):  # a re-centred pass is more work: the total grows
+            if progress is not None:
+                progress(p * total + done, (p + 1) * total)
+
+        found = _click_pass(array, m, click, centre, predictor, card, settings, sampling, pixel_spacing, crop,
+                            pass_progress, cancel)
+        if previous is not None and not found.samples.any():
+            found = previous  # re-centred, no sample marks anything at the click any more: keep what was found
+            break
+        centres.append([round(float(v), 3) for v in centre])
+        object_centre = found.object_centre_ras()
+        if object_centre is None or len(centres) > settings.recentre_passes:
+            break
+        grid_centre = found.grid.index_to_ras @ np.array([found.click_plane, (crop - 1) / 2.0, (crop - 1) / 2.0, 1.0])
+        if np.linalg.norm(object_centre - grid_centre[:3]) <= settings.recentre_min_mm:
+            break
+        centre = object_centre
+    result = _click_result(found, array, m, click, predictor, card, settings, sampling, pixel_spacing)
+    result.settings["grid_centres_ras_mm"] = centres  # the click's, then each re-centred one
+    result.timings_s = {"prepare": found.t_prepare, "model": found.t_model, "passes": len(centres),
+                        "total": time.perf_counter() - t0}
+    return result
+
+
+@dataclass
+class _ClickPass:
+    """One pass of a click on a grid centred at some point: the kept masks on that grid, before the volume."""
+
+    grid: AxialGrid
+    click_plane: int  # the plane through the user's click
+    click_index: Tuple[float, float, float]  # the user's click in grid (plane, row, column) coordinates
+    prepared: np.ndarray
+    raw: np.ndarray
+    consensus: np.ndarray  # bool (planes, h, w): the consensus component at the click
+    samples: np.ndarray  # bool (N, planes, h, w): each sample's components on it (or at the click)
+    scales: np.ndarray  # bool (K, planes, h, w)
+    t_prepare: float = 0.0
+    t_model: float = 0.0
+
+    def object_centre_ras(self) -> Optional[np.ndarray]:
+        """RAS centre of the object the samples mark at the click (their mean mask's centre of mass)."""
+        votes = self.samples.sum(0, dtype=np.float64)
+        if not votes.any():
+            return None
+        index = np.array(ndimage.center_of_mass(votes))
+        return (self.grid.index_to_ras @ np.append(index, 1.0))[:3]
+
+
+def _click_pass(array, m, click, centre, predictor, card, settings, sampling, pixel_spacing, crop, progress,
+                cancel) -> _ClickPass:
+    t0 = time.perf_counter()
+    grid, centre_plane = click_grid(centre, array.shape, m, crop, pixel_spacing, settings.half_height_mm)
+    click_index = (grid.ras_to_index @ np.append(click, 1.0))[:3]
+    click_plane = int(np.clip(np.round(click_index[0]), 0, grid.shape[0] - 1))
     raw = resample_to_grid(array, m, grid, fill_value=float(array.min()))
     prepared, has_signal = prepare_crops(raw, card.intensity)
     t_prep = time.perf_counter()
@@ -678,7 +749,8 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
 
     # keep what belongs to the clicked object: the consensus component through (or nearest) the click; for
     # samples and scales, their components that overlap it (or, if the consensus is empty, that reach the click)
-    click_index = (click_plane, (h - 1) / 2.0, (w - 1) / 2.0)
+    # the click on its nearest plane (the plane a centred grid has through it), in-plane where it falls
+    click_index = (float(click_plane), round(float(click_index[1]), 6), round(float(click_index[2]), 6))
     tol = settings.component_tolerance_mm
 
     def keep(mask, region):
@@ -687,23 +759,39 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
         return _component_near_point(mask, click_index, grid.spacing, tol)
 
     kept_consensus = _component_near_point(consensus, click_index, grid.spacing, tol)
-    kept_samples = np.stack([keep(samples[i], kept_consensus) for i in range(n)])
-    kept_scales = np.stack([keep(scales[s], kept_consensus) for s in range(k)])
+    return _ClickPass(grid=grid, click_plane=click_plane, click_index=click_index, prepared=prepared, raw=raw,
+                      consensus=kept_consensus, samples=np.stack([keep(samples[i], kept_consensus) for i in range(n)]),
+                      scales=np.stack([keep(scales[s], kept_consensus) for s in range(k)]),
+                      t_prepare=t_prep - t0, t_model=t_model - t_prep)
+
+
+def _click_result(found: _ClickPass, array, m, click, predictor, card, settings, sampling,
+                  pixel_spacing) -> VolumeResult:
+    """The last pass's kept masks as a VolumeResult on the volume's grid, with the preview through the click."""
+    grid, click_plane, n = found.grid, found.click_plane, settings.n_samples
+    kept_consensus, kept_samples, kept_scales = found.consensus, found.samples, found.scales
     disagreeing = (kept_samples != kept_consensus[None]).sum(0).astype(np.uint8)
     disagreement = disagreeing.astype(np.float32) / n
     marking, if_present = presence_consensus(kept_samples)
-    if_present = keep(if_present, kept_consensus).astype(np.uint8)
+    if kept_consensus.any():
+        if_present = _components_touching(if_present, kept_consensus)
+    else:
+        if_present = _component_near_point(if_present, found.click_index, grid.spacing,
+                                           settings.component_tolerance_mm)
+    if_present = if_present.astype(np.uint8)
 
     axis = _axis_nearest_s(m)
-    click_ijk = point_to_ijk(point_ras, m)
-    preview = Preview(image=prepared[click_plane], scale_consensus=kept_scales[:, click_plane].astype(np.uint8),
+    click_ijk = point_to_ijk(click, m)
+    k = kept_scales.shape[0]
+    preview = Preview(image=found.prepared[click_plane],
+                      scale_consensus=kept_scales[:, click_plane].astype(np.uint8),
                       consensus=kept_consensus[click_plane].astype(np.uint8),
                       disagreement=disagreement[click_plane], title="plane through the click",
-                      image_hu=raw[click_plane].copy(), if_present=if_present[click_plane].copy(),
+                      image_hu=found.raw[click_plane].copy(), if_present=if_present[click_plane].copy(),
                       pixel_spacing_mm=float(pixel_spacing),
                       plane_s_mm=float(grid.origin_ras[2] + click_plane * grid.spacing[0]),
                       slice_index=int(np.clip(np.round(click_ijk[axis]), 0, array.shape[::-1][axis] - 1)),
-                      n_slices=int(array.shape[::-1][axis]), click_rc=((h - 1) / 2.0, (w - 1) / 2.0),
+                      n_slices=int(array.shape[::-1][axis]), click_rc=found.click_index[1:],
                       scale_sides=tuple(int(v) for v in predictor.config.autoencoder.scales))
     result = _to_volume("click", array.shape, m, grid, kept_consensus.astype(np.uint8), disagreeing,
                         pack_masks(kept_scales), pack_masks(kept_samples), k, n, card, settings, sampling,
@@ -712,8 +800,7 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
     box = grid_box_in_volume(grid, array.shape, m)
     result.if_present = map_grid_to_volume({"m": if_present}, grid, m, box)["m"]
     result.if_present_volume_mm3 = float(result.if_present.sum()) * result.voxel_volume_mm3
-    result.point_ras = tuple(float(v) for v in np.asarray(point_ras, dtype=np.float64).reshape(3))
-    result.timings_s = {"prepare": t_prep - t0, "model": t_model - t_prep, "total": time.perf_counter() - t0}
+    result.point_ras = tuple(float(v) for v in click)
     return result
 
 
