@@ -416,6 +416,7 @@ def _progress_bar(desc: str):
         if not bars:
             bars.append(tqdm(total=total, desc=desc, leave=False,
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| scale {n}/{total} [{elapsed}<{remaining}]"))
+        bars[0].total = total  # a click off the nodule's centre runs again, re-centred: more scales to go
         bars[0].n = done
         bars[0].refresh()
 
@@ -469,6 +470,8 @@ def cmd_segment(args):
     print(f"{out}: {len(nodes.report['nodules'])} nodule(s) ({card.name}, {seconds:.1f} s)")
     for entry in nodes.report["nodules"]:
         print("  " + _nodule_line(entry))
+    for notice in nodes.notices:  # a later point inside an earlier nodule redoes it, or keeps it if it found nothing
+        print("  note: " + notice)
     for path in (png, report):
         if path is not None:
             print(f"  wrote {path}")

@@ -56,6 +56,9 @@ ROLE_PROXY = "scales-proxy"
 ROLE_REPORT = "report"
 ROLE_COLORMAP = "colormap"
 ROLE_DISAGREEMENTS = "disagreements-sequence"
+ROLE_HISTORY = "undo-history"  # what each run replaced, so that undo_last can restore it (kept across runs)
+HISTORY_STEPS_ATTRIBUTE = "ARSeg.UndoSteps"  # JSON list on the history sequence, oldest first
+MAX_UNDO_STEPS = 20
 HEAT_COLORMAP_NAME = "ARSeg Heat"
 
 # DICOM / SNOMED CT codes as Slicer's terminology strings serialise them (vtkSlicerTerminologiesModuleLogic):
@@ -96,6 +99,8 @@ class ResultNodes:
     nodule: Optional[str] = None  # the selected nodule's ID ("Nodule_2"): the slider and heat map show it
     disagreements: Any = None  # sequence of every nodule's disagreement fraction, indexed by nodule ID
     results: List[VolumeResult] = field(default_factory=list)  # every result of this call (several points)
+    # what the user should know about this call: a nodule redone (old -> new volume), an empty redo refused
+    notices: List[str] = field(default_factory=list)
 
     @property
     def nodule_ids(self) -> List[str]:
@@ -838,12 +843,16 @@ def _show_fraction(target, source):
 
 
 def write_result(scene, volume_node, result: VolumeResult, options: Optional[OutputOptions] = None,
-                 nodule: Optional[str] = None) -> ResultNodes:
+                 nodule: Optional[str] = None, replace_with_empty: bool = False) -> ResultNodes:
     """A run's result into the scene as a nodule of volume_node: a new one ("Nodule N", N one more than the
     highest so far), or, when the click lies inside an existing nodule, or its new mask lies mostly (half or
     more) on one, or nodule= names one, that nodule redone. The other nodules are kept as they were; the new
     one is selected. A whole-volume result is the entry "Whole volume". Atomic: every node is built first,
-    then added, then ARSeg's previous nodes for this volume are removed; on an error the scene is as it was."""
+    then added, then ARSeg's previous nodes for this volume are removed; on an error the scene is as it was.
+
+    Nothing is lost: a redo says so in the returned notices and undo_last restores the nodule's previous
+    result; a redo that found nothing does not replace a nodule that has a mask (the scene stays as it was and
+    a notice says why) unless replace_with_empty is set."""
     options = options or OutputOptions()
     if volume_node is None or volume_node.GetScene() is not scene:
         raise ResultError("the input volume must be a node of this scene")
@@ -864,6 +873,15 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
             nodule = _nodule_holding(previous, volume_node, result.point_ras) or \
                 _nodule_overlapping(previous, result, local_m)
         nodule = nodule or _new_nodule_id([n["id"] for n in kept])
+    replaced = next((n for n in kept if n["id"] == nodule), None)
+    if replaced is not None and _entry_marks(replaced) and not _result_marks(result) and not replace_with_empty:
+        # e.g. a click on a nodule's edge that the model answers with nothing: the user's nodule is kept
+        nodes = find_results(scene, volume_node)
+        nodes.results = [result]
+        nodes.notices = [f"{nodule_name(nodule)} kept as it was ({_entry_volume(replaced)}): the run at "
+                         f"{_ras_words(result.point_ras)} found nothing there ({result.samples_marking} of "
+                         f"{result.n_samples} samples mark anything)"]
+        return nodes
     entry = _nodule_entry(result, nodule)
     nodules = [entry if n["id"] == nodule else n for n in kept]
     if nodule not in [n["id"] for n in nodules]:
@@ -923,8 +941,11 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
     segmentation.SetAttribute(SELECTED_ATTRIBUTE, nodule)
     segmentation.SetAttribute(REPORT_ATTRIBUTE, json.dumps(report))
 
+    # what undo_last needs to put the nodule back as it was (taken before the earlier nodes go)
+    undo = _undo_step(previous, nodule, replaced, local_m, result.volume_shape)
+
     # then add; only when everything is in place, remove the earlier results; on failure, remove what was added
-    previous_nodes = result_nodes_of(scene, volume_node)
+    previous_nodes = [n for n in result_nodes_of(scene, volume_node) if n.GetAttribute(ROLE_ATTRIBUTE) != ROLE_HISTORY]
     added: list = []
     parent_id = volume_node.GetTransformNodeID()
     try:
@@ -990,9 +1011,148 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
                 scene.RemoveNode(node)
         raise
     _remove_nodes(scene, previous_nodes)
+    _push_undo(scene, volume_node, result.model_name, *undo)
+    notices = []
+    if replaced is not None:
+        notices.append(f"{nodule_name(nodule)} redone: {_entry_volume(replaced)} -> {_entry_volume(entry)} "
+                       f"(undo restores the previous result)")
     return ResultNodes(segmentation=segmentation, disagreement_volume=disagreement, sequence=sequence,
                        browser=browser, proxy=proxy, table=table, colormap=colormap, report=report, result=result,
-                       nodule=nodule, disagreements=disagreements, results=[result])
+                       nodule=nodule, disagreements=disagreements, results=[result], notices=notices)
+
+
+# --------------------------------------------------------------------------------------------- undo
+
+def _entry_marks(entry: Dict[str, Any]) -> bool:
+    return float(entry.get("consensus_volume_mm3", 0.0)) > 0 or float(entry.get("if_present_volume_mm3", 0.0)) > 0
+
+
+def _result_marks(result: VolumeResult) -> bool:
+    return bool(result.consensus.any()) or (result.if_present is not None and bool(result.if_present.any()))
+
+
+def _entry_volume(entry: Dict[str, Any]) -> str:
+    consensus = float(entry.get("consensus_volume_mm3", 0.0))
+    if consensus == 0 and float(entry.get("if_present_volume_mm3", 0.0)) > 0:
+        return f"0 mm3, {float(entry['if_present_volume_mm3']):.0f} mm3 if present"
+    return f"{consensus:.0f} mm3"
+
+
+def _ras_words(point) -> str:
+    return "the volume" if point is None else "R,A,S " + ", ".join(f"{float(v):.1f}" for v in point)
+
+
+def _undo_step(previous: Optional[ResultNodes], nid: str, replaced: Optional[Dict[str, Any]], local_m,
+               volume_shape):
+    """(step, segments, disagreement fraction) that puts nid back as it was before this write: gone again if
+    the write adds it; its segments, report row and disagreement fraction if the write replaces it."""
+    selected = previous.nodule if previous is not None else None
+    if replaced is None or previous is None:
+        return {"kind": "added", "nodule": nid, "selected": selected}, None, None
+    snapshot = _new_segmentation_node("undo", local_m, volume_shape)
+    display = previous.segmentation.GetDisplayNode()
+    visible = []
+    for sid in nodule_segment_ids(previous.segmentation, nid):
+        snapshot.GetSegmentation().AddSegment(_copy_segment(previous.segmentation.GetSegmentation().GetSegment(sid),
+                                                            local_m), sid)
+        if display is not None and display.GetSegmentVisibility(sid):
+            visible.append(sid)
+    fraction = previous.disagreements.GetDataNodeAtValue(nid) if previous.disagreements is not None else None
+    step = {"kind": "replaced", "nodule": nid, "selected": selected, "entry": replaced, "visible": visible}
+    return step, snapshot, fraction
+
+
+def _history_node(scene, volume_node, model_name: Optional[str] = None):
+    """The volume's undo history (a sequence node, hidden from editors); made when model_name is given."""
+    for node in result_nodes_of(scene, volume_node):
+        if node.GetAttribute(ROLE_ATTRIBUTE) == ROLE_HISTORY:
+            return node
+    if model_name is None:
+        return None
+    history = slicer.vtkMRMLSequenceNode()
+    history.SetName(f"{volume_node.GetName() or 'Volume'} ARSeg undo history")
+    history.SetIndexName("step")
+    history.SetIndexType(history.TextIndex)
+    history.SetHideFromEditors(True)
+    _mark(history, ROLE_HISTORY, volume_node, model_name)
+    scene.AddNode(history)
+    return history
+
+
+def _undo_steps(history) -> List[Dict[str, Any]]:
+    return json.loads(history.GetAttribute(HISTORY_STEPS_ATTRIBUTE) or "[]") if history is not None else []
+
+
+def _set_undo_steps(history, steps: List[Dict[str, Any]]) -> None:
+    history.SetAttribute(HISTORY_STEPS_ATTRIBUTE, json.dumps(steps))
+
+
+def _drop_step_items(history, step: Dict[str, Any]) -> None:
+    for value in (step["index"], f"{step['index']} disagreement"):
+        if history.GetDataNodeAtValue(value) is not None:
+            history.RemoveDataNodeAtValue(value)
+
+
+def _push_undo(scene, volume_node, model_name: str, step: Dict[str, Any], snapshot, fraction) -> None:
+    history = _history_node(scene, volume_node, model_name)
+    steps = _undo_steps(history)
+    step = dict(step, index=str(int(steps[-1]["index"]) + 1 if steps else 1))
+    if snapshot is not None:
+        history.SetDataNodeAtValue(snapshot, step["index"])
+    if fraction is not None:
+        history.SetDataNodeAtValue(fraction, f"{step['index']} disagreement")
+    steps.append(step)
+    while len(steps) > MAX_UNDO_STEPS:
+        _drop_step_items(history, steps.pop(0))
+    _set_undo_steps(history, steps)
+
+
+def can_undo(scene, volume_node) -> bool:
+    return bool(_undo_steps(_history_node(scene, volume_node)))
+
+
+def undo_last(scene, volume_node) -> Tuple[Optional[ResultNodes], str]:
+    """Undo the last run on this volume: a nodule it added goes, a nodule it redid gets its previous result
+    (segments, disagreement, report row) back. Returns (the nodes, or None when no nodule is left; what was
+    undone, in words). ResultError when there is nothing to undo."""
+    history = _history_node(scene, volume_node)
+    steps = _undo_steps(history)
+    if not steps:
+        raise ResultError(f"nothing to undo for {volume_node.GetName()!r}")
+    step = steps[-1]
+    nid = step["nodule"]
+    nodes = _results_or_error(scene, volume_node)
+    if step["kind"] == "added":
+        words = f"{nodule_name(nid)} removed (undo of the run that added it)"
+        _set_undo_steps(history, steps[:-1])
+        nodes = delete_nodule(scene, volume_node, nid)  # the last nodule takes the history with it
+        if nodes is not None and step.get("selected") in nodes.nodule_ids and step["selected"] != nodes.nodule:
+            nodes = select_nodule(scene, volume_node, step["selected"])
+        return nodes, words
+    local_m = local_ijk_to_ras(volume_node)
+    snapshot = history.GetDataNodeAtValue(step["index"])
+    segmentation = nodes.segmentation.GetSegmentation()
+    for sid in nodule_segment_ids(nodes.segmentation, nid):
+        segmentation.RemoveSegment(sid)
+    display = nodes.segmentation.GetDisplayNode()
+    saved = snapshot.GetSegmentation()
+    for i in range(saved.GetNumberOfSegments()):
+        sid = saved.GetNthSegmentID(i)
+        segmentation.AddSegment(_copy_segment(saved.GetSegment(sid), local_m), sid)
+        if display is not None:
+            display.SetSegmentVisibility(sid, sid in step.get("visible", []))
+    fraction = history.GetDataNodeAtValue(f"{step['index']} disagreement")
+    if fraction is not None and nodes.disagreements is not None:
+        nodes.disagreements.SetDataNodeAtValue(fraction, nid)
+    entries = [step["entry"] if n["id"] == nid else n for n in nodes.report.get("nodules", [])]
+    nodes.report = volume_report(nodes.report.get("source", ""), entries, nid)
+    nodes.segmentation.SetAttribute(REPORT_ATTRIBUTE, json.dumps(nodes.report))
+    if nodes.table is not None:
+        _fill_table(nodes.table, nodes.report)
+    _drop_step_items(history, step)
+    _set_undo_steps(history, steps[:-1])
+    nodes = select_nodule(scene, volume_node, nid)
+    return nodes, f"{nodule_name(nid)} back to its previous result ({_entry_volume(step['entry'])})"
 
 
 def select_scale(nodes: ResultNodes, k: int, show: bool = True):
@@ -1109,6 +1269,13 @@ def delete_nodule(scene, volume_node, nid: str) -> Optional[ResultNodes]:
         return None
     for sid in nodule_segment_ids(nodes.segmentation, nid):
         nodes.segmentation.GetSegmentation().RemoveSegment(sid)
+    history = _history_node(scene, volume_node)
+    if history is not None:  # undo steps of a deleted nodule have nothing left to act on
+        steps = _undo_steps(history)
+        for step in steps:
+            if step["nodule"] == nid:
+                _drop_step_items(history, step)
+        _set_undo_steps(history, [step for step in steps if step["nodule"] != nid])
     if nodes.disagreements is not None and nodes.disagreements.GetDataNodeAtValue(nid) is not None:
         nodes.disagreements.RemoveDataNodeAtValue(nid)
     selected = nodes.nodule if nodes.nodule != nid else remaining[-1]["id"]
@@ -1202,7 +1369,8 @@ def _as_points(point_ras=None, points=None) -> List[Tuple[float, float, float]]:
 
 
 def segment_node(volume_node, predictor, card, point_ras=None, settings=None, options: Optional[OutputOptions] = None,
-                 progress=None, cancel=None, points=None, nodule: Optional[str] = None):
+                 progress=None, cancel=None, points=None, nodule: Optional[str] = None,
+                 replace_with_empty: bool = False):
     """Segment a volume node in its scene: a nodule at each point (point_ras and/or points=[...]), or, with no
     point, the whole volume (only for models whose card lists that mode). Returns the ResultNodes.
 
@@ -1229,11 +1397,12 @@ def segment_node(volume_node, predictor, card, point_ras=None, settings=None, op
                 progress(index * total + done, len(clicks) * total)
 
         results.append(pipeline.segment_click(array, m, p, predictor, card, settings, progress=one, cancel=cancel))
-    nodes = None
+    nodes, notices = None, []
     for result in results:
         nodes = write_result(volume_node.GetScene(), volume_node, result, options,
-                             nodule=nodule if len(results) == 1 else None)
-    nodes.results = results
+                             nodule=nodule if len(results) == 1 else None, replace_with_empty=replace_with_empty)
+        notices += nodes.notices
+    nodes.results, nodes.notices = results, notices
     return nodes
 
 

@@ -192,12 +192,18 @@ def test_rerun_replaces_only_arsegs_nodes_and_never_touches_user_nodes(lung1, cl
     first = mrml.write_result(scene, volume, click_result)
     on_other = mrml.write_result(scene, other_volume, click_result)
     after_first = scene.GetNumberOfNodes()
-    first_ids = {n.GetID() for n in mrml.result_nodes_of(scene, volume)}
+    def ids_by_role():
+        nodes = mrml.result_nodes_of(scene, volume)
+        history = {n.GetID() for n in nodes if n.GetAttribute(mrml.ROLE_ATTRIBUTE) == mrml.ROLE_HISTORY}
+        return {n.GetID() for n in nodes} - history, history
+
+    first_ids, first_history = ids_by_role()
     second = mrml.write_result(scene, volume, click_result)
 
     assert scene.GetNumberOfNodes() == after_first  # replaced, not added
-    second_ids = {n.GetID() for n in mrml.result_nodes_of(scene, volume)}
+    second_ids, second_history = ids_by_role()
     assert len(second_ids) == len(first_ids) == 7 and not (first_ids & second_ids)
+    assert len(first_history) == 1 and second_history == first_history  # the undo history is kept across runs
     assert second.nodule_ids == ["Nodule_1"]  # the same click again: inside Nodule 1, which is redone
     assert first.segmentation.GetScene() is None and second.segmentation.GetScene() is scene
     assert on_other.segmentation.GetScene() is scene  # another volume's results stay
