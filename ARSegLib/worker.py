@@ -18,7 +18,8 @@ pipe. The worker keeps the last volume it was sent, so further clicks on it send
                        ("quit",)
     worker -> client   ("progress", id, done, total)
                        ("done", id, payload)                 the card's name, or a pipeline.VolumeResult
-                       ("error", id, exception)              the original exception where it pickles
+                       ("error", id, pickled, summary, tb)   the exception pickled where its classes import
+                                                             without torch (else None), "module.Class: message"
 
 The client never blocks the caller: `WorkerRun.poll()` (the module's 25 ms timer) connects, sends and reads
 what is there and returns. A worker that dies fails its runs with `WorkerCrashed` (with its exit code and
@@ -32,6 +33,7 @@ from __future__ import annotations
 import atexit
 import copy
 import dataclasses
+import io
 import itertools
 import os
 import pickle
@@ -164,19 +166,89 @@ def internalize(obj):
     return _replace_leaves(obj, lambda x, tag: ArrayFolder.take(x) if isinstance(x, ArrayFile) else x)
 
 
-def _portable_exception(e: BaseException) -> BaseException:
-    """The exception itself where it survives pickling (VolumeError, ModelError...), RunCancelled for the
-    engine's Cancelled, else a WorkerError with its type, message and traceback."""
+# Where the client may unpickle an error's classes from: modules that import without torch (Slicer's process never
+# imports torch, and may not even be able to) and that every client has. Testing/test_worker.py imports each in a
+# fresh process and checks that torch stays out.
+CLIENT_SAFE_MODULES = frozenset({"ARSegLib.worker", "ARSegLib.pipeline", "ARSegLib.models", "ARSegLib.demo"})
+CLIENT_SAFE_PACKAGES = ("numpy",)  # the client imports numpy itself
+
+
+def _stdlib_module(module: str) -> bool:
+    top = module.split(".")[0]
+    if top in sys.builtin_module_names:
+        return True
+    names = getattr(sys, "stdlib_module_names", None)  # Python 3.10+
+    if names is not None:
+        return top in names
+    import sysconfig  # Python 3.9: where the (already imported) module's file lies
+
+    path = getattr(sys.modules.get(top), "__file__", None)
+    if not path:
+        return False
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    path = os.path.realpath(path)
+    return path.startswith(stdlib + os.sep) and "site-packages" not in Path(path).parts
+
+
+def client_safe_module(module: str) -> bool:
+    """Whether the client can import this module without torch (and surely has it)."""
+    if module.split(".")[0] == "torch":
+        return False
+    return (module in CLIENT_SAFE_MODULES or _stdlib_module(module)
+            or any(module == p or module.startswith(p + ".") for p in CLIENT_SAFE_PACKAGES))
+
+
+class _ModulesOf(pickle.Unpickler):
+    """Unpickles (here, where every module is loaded already) to record which modules the pickle refers to."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.modules = set()
+
+    def find_class(self, module, name):
+        self.modules.add(module)
+        return super().find_class(module, name)
+
+
+def error_summary(e: BaseException) -> str:
+    """"module.Class: message" (builtins' classes by their name alone)."""
+    cls = type(e)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return f"{name}: {e}"
+
+
+def portable_error(e: BaseException) -> Tuple[Optional[bytes], str, str]:
+    """What the worker sends for an exception: (the pickled exception, or None where unpickling it would import
+    torch or anything else the client may lack; its "module.Class: message"; its traceback). The engine's
+    Cancelled becomes RunCancelled. A torch error (CUDA out of memory, torch.AcceleratorError) thus reaches the
+    client as a WorkerError naming it, and Slicer's process never imports torch to show it."""
     from .engine import Cancelled
 
     if isinstance(e, Cancelled):
-        return RunCancelled("cancelled")
+        e = RunCancelled("cancelled")
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        return WorkerError(f"{type(e).__name__}: {e}\n{text}")
+        blob = pickle.dumps(e)
+        recorder = _ModulesOf(blob)
+        recorder.load()
+        if not all(client_safe_module(m) for m in recorder.modules):
+            blob = None
+    except Exception:  # it does not survive pickling
+        blob = None
+    return blob, error_summary(e), text
+
+
+def error_from_worker(blob: Optional[bytes], summary: str, text: str = "") -> BaseException:
+    """The client's side of portable_error: the exception itself, or a WorkerError with its summary (and its
+    traceback as .details) where it cannot be unpickled here."""
+    if blob is not None:
+        try:
+            return pickle.loads(blob)
+        except Exception:  # e.g. a module the client does not have
+            pass
+    error = WorkerError(summary)
+    error.details = text
+    return error
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -238,7 +310,11 @@ class _Server:
                 payload = getattr(self, f"op_{op}")(job_id, args, cancelled)
                 self.send("done", job_id, payload)
             except BaseException as e:  # every failure goes back to the client, which shows it
-                self.send("error", job_id, _portable_exception(e))
+                blob, summary, text = portable_error(e)
+                if blob is None:  # its traceback stays in the log, which a crash report shows
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+                self.send("error", job_id, blob, summary, text)
             finally:
                 with self.flags_lock:
                     self.cancel_flags.pop(job_id, None)
@@ -552,6 +628,11 @@ class InferenceClient:
         except (EOFError, OSError):
             self._crashed()
             return
+        except Exception as e:  # a message this side cannot unpickle: its run is lost, so no run may wait forever
+            self._process.kill()
+            self._crashed(f"a message from the ARSeg worker could not be read here ({error_summary(e)}); "
+                          f"the next run starts it again")
+            return
         if self._process.poll() is not None:
             self._crashed()
 
@@ -604,7 +685,7 @@ class InferenceClient:
                 self.info = payload
             run._finish(result=payload)
         else:
-            error = message[2]
+            error = error_from_worker(*message[2:])
             if run.op == "segment" and not isinstance(error, RunCancelled):
                 self._volume_key = None  # the worker may have failed before it kept the volume
             run._finish(error=error)

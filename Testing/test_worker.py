@@ -225,3 +225,70 @@ def test_arrays_spill_to_disk_when_the_ram_disk_is_full(tmp_path, monkeypatch):
     assert not Path(ref.path).exists()
     folder.remove()
     assert not (tmp_path / "shm").exists() and not (tmp_path / "disk").exists()
+
+
+@pytest.mark.parametrize("torch_importable", [False, True])
+def test_a_torch_error_reaches_the_client_as_a_worker_error_without_torch(tmp_path, tiny_model_card,
+                                                                          torch_importable):
+    """CUDA out of memory or torch.AcceleratorError in the worker: the client (Slicer's process) must neither
+    import torch to unpickle it nor, where torch cannot be imported, lose the run (it stayed at "Segmenting...")."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "Testing" / "torch_error_worker.py"}" "$@"\n')
+    python.chmod(0o755)
+    block = "" if torch_importable else """
+        class NoTorch:  # a Slicer whose Python cannot import torch
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("torch cannot be imported in this process")
+        sys.meta_path.insert(0, NoTorch())
+    """
+    out = _run_script(f"""
+        import sys
+        {textwrap.indent(textwrap.dedent(block), " " * 8).strip()}
+        from ARSegLib import worker
+        c = worker.InferenceClient({str(tiny_model_card)!r}, "cpu", python={str(python)!r})
+        load = c.start()
+        assert load.wait(120), "the run never finished"
+        print(type(load.error).__name__)
+        print(load.error)
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+        c.shutdown()
+    """)
+    assert out.returncode == 0, out.stderr
+    kind, message, torch_modules = out.stdout.strip().split("\n")
+    assert kind == "WorkerError" and message.startswith("torch._C._LinAlgError: linalg.inv"), out.stdout
+    assert torch_modules == "[]"
+
+
+def test_errors_pass_through_only_where_the_client_can_unpickle_them_without_torch():
+    import torch
+
+    from ARSegLib.models import ModelError
+
+    def passes(e):
+        blob, summary, _ = worker.portable_error(e)
+        return blob is not None
+
+    assert passes(ModelError("no such model")) and passes(ValueError("bad")) and passes(MemoryError())
+    assert passes(pipeline.PointOutsideVolumeError("outside"))
+    assert not passes(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not passes(RuntimeError("shape", torch.Size([2, 3])))  # a plain class, but torch inside its args
+    try:
+        torch.linalg.inv(torch.zeros(2, 2))
+    except Exception as e:
+        blob, summary, text = worker.portable_error(e)
+    assert blob is None and summary.startswith("torch._C._LinAlgError: ") and "Traceback" in text
+    error = worker.error_from_worker(blob, summary, text)
+    assert isinstance(error, worker.WorkerError) and str(error) == summary and error.details == text
+
+
+def test_the_modules_errors_may_come_from_import_without_torch():
+    names = sorted(worker.CLIENT_SAFE_MODULES)
+    out = _run_script(f"""
+        import importlib, sys
+        for name in {names!r}:
+            importlib.import_module(name)
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
