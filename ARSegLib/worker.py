@@ -53,6 +53,9 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 AUTHKEY_ENV = "ARSEG_WORKER_AUTHKEY"
+FOLDERS_ENV = "ARSEG_WORKER_FOLDERS"  # the client's folders for this worker, which it removes when the client dies
+FOLDER_PREFIX = "arseg-worker-"
+LIBRARY_ROOT = Path(__file__).resolve().parent.parent  # the folder holding this copy of ARSegLib
 LOG_NAME = "worker.log"
 INLINE_BYTES = 1 << 16  # arrays smaller than this travel inside the message
 CONNECT_TIMEOUT_S = 120.0  # a worker nobody connects to within this gives up (its parent is gone)
@@ -280,10 +283,10 @@ class _Server:
                     self.flag(message[1])
                     self.jobs.put(message)
         except (EOFError, OSError):  # the client is gone: nothing left to serve
-            os._exit(0)
+            _client_gone()
         except BaseException:  # a message this worker cannot read: say why in the log, which the client shows
             traceback.print_exc()
-            sys.stderr.flush()
+            _last_words("exit code 3 (a message it could not read)")
             os._exit(3)
 
     def flag(self, job_id: int) -> threading.Event:
@@ -294,7 +297,7 @@ class _Server:
         try:
             self.conn.send(message)
         except (EOFError, OSError):
-            os._exit(0)
+            _client_gone()
 
     def serve(self):
         threading.Thread(target=self.read_messages, name="ARSeg worker messages", daemon=True).start()
@@ -379,6 +382,36 @@ class _Server:
         return externalize(result, ArrayFolder(Path(args["folder"]), Path(args["spill"])))
 
 
+LAST_WORDS = "ARSeg worker: "  # how the worker's own account of its end starts, in its log
+
+
+def _last_words(what: str):
+    """Say in the log how this process ends: through a launcher (PythonSlicer), the client cannot see it."""
+    try:
+        sys.stderr.write(f"\n{LAST_WORDS}{what}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _client_gone():
+    """The client is gone (its connection closed, its process died, or it never connected): remove the folders it
+    made for this worker, which a client killed outright (SIGKILL) could not, and end."""
+    for folder in os.environ.get(FOLDERS_ENV, "").split(os.pathsep):
+        if folder and Path(folder).name.startswith(FOLDER_PREFIX):
+            shutil.rmtree(folder, ignore_errors=True)
+    os._exit(0)
+
+
+def _report_signal(signum, frame):
+    """SIGTERM or SIGHUP: say so in the log, then end as that signal would have."""
+    import signal
+
+    _last_words(f"killed by {signal.Signals(signum).name}")
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def _exit_when_orphaned(parent_pid: int, connected: threading.Event):
     """A dead parent shows as a new parent pid (POSIX); one that never connects, as time running out. (Once
     connected, a closed connection also ends the worker: see _Server.read_messages.)"""
@@ -386,9 +419,9 @@ def _exit_when_orphaned(parent_pid: int, connected: threading.Event):
     while True:
         time.sleep(0.5)
         if hasattr(os, "getppid") and os.getppid() != parent_pid:
-            os._exit(0)
+            _client_gone()
         if not connected.is_set() and time.monotonic() > deadline:
-            os._exit(0)
+            _client_gone()
 
 
 def serve_main(argv=None) -> int:
@@ -400,6 +433,14 @@ def serve_main(argv=None) -> int:
     # Ctrl+C in the terminal that started Slicer (or `arseg view`) reaches the whole process group: the client
     # decides when the worker ends (its connection closes), so a half-finished run is never interrupted here
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # this process is ours: its handlers say in the log how it ended (a crash in native code, SIGTERM, SIGHUP),
+    # which the client reads when a launcher stands between them
+    import faulthandler
+
+    faulthandler.enable()
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name) and sys.platform != "win32":
+            signal.signal(getattr(signal, name), _report_signal)
     authkey = bytes.fromhex(os.environ.pop(AUTHKEY_ENV))
     family = "AF_PIPE" if sys.platform == "win32" else "AF_UNIX"
     connected = threading.Event()
@@ -407,12 +448,50 @@ def serve_main(argv=None) -> int:
         threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), connected), daemon=True).start()
         conn = listener.accept()
         connected.set()
-    _Server(conn, model, device).serve()
+    server = _Server(conn, model, device)
+    # who is serving: the client holds the launcher's process (PythonSlicer), not this one, and checks that this
+    # is its own copy of ARSegLib
+    server.send("started", 0, {"pid": os.getpid(), "library": str(LIBRARY_ROOT)})
+    try:
+        server.serve()
+    except BaseException:
+        traceback.print_exc()
+        _last_words("exit code 1 (an error outside any run)")
+        raise
     conn.close()
     return 0
 
 
 # --------------------------------------------------------------------------------------------- client side
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs under this pid (a zombie counts as gone). On Windows without os.kill, which would
+    terminate it."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return bool(ok) and code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
 
 class WorkerRun:
     """One request to the worker, polled by its caller (never blocking): progress, cancel, result or error."""
@@ -487,6 +566,7 @@ class InferenceClient:
         self._volume_key = None  # the volume the worker holds
         self._load_run: Optional[WorkerRun] = None
         self._log = None
+        self.worker_pid: Optional[int] = None  # the worker's own pid, which it reports (pid may be a launcher's)
         self.info: Dict[str, Any] = {}  # what the worker said when its model was loaded
         _clients.add(self)
 
@@ -519,15 +599,21 @@ class InferenceClient:
         self._authkey = secrets.token_bytes(32)
         env = dict(os.environ)
         env[AUTHKEY_ENV] = self._authkey.hex()
-        # ARSegLib's folder on the worker's path: in Slicer it is on sys.path only, not in PythonSlicer's default
-        library_root = str(Path(__file__).resolve().parent.parent)
+        env[FOLDERS_ENV] = os.pathsep.join(str(p) for p in {self._folder.path, self._folder.spill})
+        # This copy of ARSegLib, not another: `python -m` puts the working directory first on sys.path, so the
+        # worker starts in the folder that holds this ARSegLib. (PYTHONPATH alone is not enough: Slicer's
+        # launcher puts its own entries, every installed extension's qt-scripted-modules, before ours.)
+        library_root = str(LIBRARY_ROOT)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (library_root, env.get("PYTHONPATH", "")) if p)
+        env.pop("PYTHONSAFEPATH", None)  # it would leave the working directory off sys.path
+        # a model given as a path relative to this process's working directory, seen from the worker's
+        model = os.path.abspath(self.model) if os.path.exists(self.model) else self.model
         self._log = open(self._folder.path / LOG_NAME, "wb")
         kwargs = {"creationflags": subprocess.CREATE_NO_WINDOW} if sys.platform == "win32" else {}
         try:
-            self._process = subprocess.Popen([self.python, "-m", "ARSegLib.worker", self._address, self.model,
+            self._process = subprocess.Popen([self.python, "-m", "ARSegLib.worker", self._address, model,
                                               self.device], stdin=subprocess.DEVNULL, stdout=self._log,
-                                             stderr=subprocess.STDOUT, env=env, **kwargs)
+                                             stderr=subprocess.STDOUT, env=env, cwd=library_root, **kwargs)
         except OSError as e:
             self._reset()
             raise WorkerError(f"could not start the ARSeg worker with {self.python}: {e}") from e
@@ -545,7 +631,7 @@ class InferenceClient:
             self._log.close()
         if self._folder is not None:
             self._folder.remove()
-        self._process = self._conn = self._folder = self._log = self._load_run = None
+        self._process = self._conn = self._folder = self._log = self._load_run = self.worker_pid = None
         self._outbox, self._volume_key = [], None
 
     def log_tail(self, n_chars: int = 2000) -> str:
@@ -623,7 +709,7 @@ class InferenceClient:
             while self._outbox:
                 self._conn.send(self._outbox[0])
                 self._outbox.pop(0)
-            while self._conn.poll(0):
+            while self._conn is not None and self._conn.poll(0):  # (a dispatch may end the worker)
                 self._dispatch(self._conn.recv())
         except (EOFError, OSError):
             self._crashed()
@@ -633,7 +719,7 @@ class InferenceClient:
             self._crashed(f"a message from the ARSeg worker could not be read here ({error_summary(e)}); "
                           f"the next run starts it again")
             return
-        if self._process.poll() is not None:
+        if self._process is not None and self._process.poll() is not None:
             self._crashed()
 
     def _try_connect(self) -> bool:
@@ -668,6 +754,13 @@ class InferenceClient:
 
     def _dispatch(self, message):
         kind, job_id = message[0], message[1]
+        if kind == "started":
+            self.worker_pid = int(message[2]["pid"])
+            if Path(message[2]["library"]) != LIBRARY_ROOT:
+                self._process.kill()
+                self._crashed(f"the ARSeg worker imported another copy of ARSegLib ({message[2]['library']}) than "
+                              f"this one ({LIBRARY_ROOT}): remove the other copy from {self.python}'s path")
+            return
         run = self._runs.get(job_id)
         if run is None:
             return
@@ -698,14 +791,7 @@ class InferenceClient:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 code = self._process.wait()
-        how = f"exit code {code}"
-        if code is not None and code < 0:
-            try:
-                import signal
-
-                how += f", killed by {signal.Signals(-code).name}"
-            except ValueError:
-                pass
+        how = self._how_it_ended(code)
         tail = self.log_tail()
         message = why or (f"the ARSeg inference process stopped unexpectedly ({how}); "
                           f"the next run starts it again")
@@ -713,6 +799,39 @@ class InferenceClient:
             message += f"\n--- its last output ---\n{tail}"
         self._fail_all(WorkerCrashed(message))
         self._reset()
+
+    def _how_it_ended(self, code: Optional[int]) -> str:
+        """The exit code of the process this client holds and, where that is a launcher (PythonSlicer, which
+        says "exit code 1" whatever became of its child), what became of the worker process itself."""
+        held = f"exit code {code}"
+        if code is not None and code < 0:
+            try:
+                import signal
+
+                held += f", killed by {signal.Signals(-code).name}"
+            except ValueError:
+                pass
+        pid = self.worker_pid
+        if pid is None or self._process is None or pid == self._process.pid:
+            return held if pid is None else f"pid {pid}, {held}"
+        if pid_alive(pid):  # the launcher ended first: the worker would end by itself within a second
+            try:
+                import signal
+
+                os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+            except OSError:
+                pass
+            return f"its launcher ended ({held}) while the worker process (pid {pid}) ran: it has been stopped"
+        lines = self.log_tail(4000).splitlines()
+        said = [line[len(LAST_WORDS):] for line in lines if line.startswith(LAST_WORDS)]
+        fatal = [line for line in lines if line.startswith("Fatal Python error")]  # faulthandler's report
+        if said:
+            fate = said[-1]
+        elif fatal:
+            fate = f"crashed ({fatal[-1]})"
+        else:  # the worker reports SIGTERM, SIGHUP and fatal errors itself: only SIGKILL leaves it no word
+            fate = "killed by SIGKILL (by hand, or by the system when memory ran out)"
+        return f"the worker process (pid {pid}) ended: {fate}; its launcher: {held}"
 
     def _fail_all(self, error: BaseException):
         runs, self._runs = list(self._runs.values()), {}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launcher_standin import write_launcher
 
 from ARSegLib import pipeline, worker
 from ARSegLib.models import ModelError
@@ -152,10 +153,10 @@ def test_shutdown_leaves_no_process_and_no_files(client):
     client.shutdown()  # twice is fine
 
 
-def _run_script(code: str, timeout: float = 180):
+def _run_script(code: str, timeout: float = 180, cwd: Path = ROOT):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+                          timeout=timeout, env=env, cwd=cwd)
 
 
 def test_the_worker_exits_when_its_client_process_dies(tiny_model_card):
@@ -292,3 +293,68 @@ def test_the_modules_errors_may_come_from_import_without_torch():
     """)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _decoy_library(folder: Path) -> Path:
+    """A folder holding another ARSegLib, whose worker says so and fails."""
+    package = folder / "ARSegLib"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "worker.py").write_text(f"import sys\nprint('decoy ARSegLib in {folder}')\nsys.exit(7)\n")
+    return folder
+
+
+def test_the_worker_imports_this_arseglib_not_another_on_the_launchers_path_or_in_the_working_directory(
+        tmp_path, tiny_model_card):
+    """Slicer's launcher puts every installed extension's qt-scripted-modules on PYTHONPATH before ours, and
+    `python -m` puts the working directory first: the worker must still run the extension's own copy."""
+    launcher = write_launcher(tmp_path / "bin", [_decoy_library(tmp_path / "other-extension")])
+    cwd = _decoy_library(tmp_path / "cwd")
+    model = os.path.relpath(tiny_model_card, cwd)  # a model path relative to the client's working directory
+    out = _run_script(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})  # as Slicer puts the extension's folder on its sys.path
+        from ARSegLib import worker
+        c = worker.InferenceClient({model!r}, "cpu", python={str(launcher)!r})
+        load = c.start()
+        assert load.wait(120), "no answer"
+        print(load.error)
+        print(c.info.get("model"), c.worker_pid != c.pid)
+        c.shutdown()
+    """, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    error, loaded = out.stdout.strip().split("\n")[-2:]
+    assert error == "None" and loaded == "tiny-test True", out.stdout
+
+
+@pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM", "launcher"])
+def test_a_crash_through_a_launcher_says_what_became_of_the_worker_process(tmp_path, tiny_model_card, kill):
+    """The client holds the launcher (PythonSlicer), whose exit code is 1 whatever happened to its child: the
+    message must say what became of the worker itself."""
+    client = worker.InferenceClient(str(tiny_model_card), "cpu", python=str(write_launcher(tmp_path, [])))
+    try:
+        assert client.start().wait(120)
+        worker_pid, launcher_pid = client.worker_pid, client.pid
+        assert worker_pid is not None and worker_pid != launcher_pid
+        volume, m, _ = _blob_volume()
+        run = client.segment(np.tile(volume, (6, 3, 3)), m, None,
+                             pipeline.SegmentSettings(n_samples=8, batch_size=2))
+        while run.done_steps == 0 and not run.poll():
+            time.sleep(0.02)
+        if kill == "launcher":
+            os.kill(launcher_pid, signal.SIGKILL)
+        else:
+            os.kill(worker_pid, getattr(signal, kill))
+        assert run.wait(30)
+        message = str(run.error)
+        assert isinstance(run.error, worker.WorkerCrashed) and f"pid {worker_pid}" in message, message
+        if kill == "launcher":
+            assert "has been stopped" in message
+            deadline = time.monotonic() + 5
+            while _alive(worker_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _alive(worker_pid)
+        else:
+            assert f"killed by {kill}" in message, message
+    finally:
+        client.shutdown()
