@@ -37,6 +37,7 @@ import io
 import itertools
 import os
 import pickle
+import re
 import secrets
 import shutil
 import subprocess
@@ -48,7 +49,7 @@ import traceback
 import weakref
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -96,11 +97,17 @@ class ArrayFolder:
         self.spill = Path(spill) if spill is not None else self.path
         self._names = itertools.count()
 
+    REMOVE_TRIES = 5  # removing the folders at shutdown: Windows' antivirus or indexer may hold a file a moment
+
     @classmethod
     def create(cls) -> ArrayFolder:
+        """New folders, named after this process (arseg-worker-PID-..., arseg-worker-spill-PID-...), after removing
+        those that processes now dead left behind."""
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        path = Path(tempfile.mkdtemp(prefix="arseg-worker-", dir=shm))
-        return cls(path, Path(tempfile.mkdtemp(prefix="arseg-worker-spill-")) if shm else path)
+        remove_stale_folders([p for p in (shm, tempfile.gettempdir()) if p])
+        pid = os.getpid()
+        path = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{pid}-", dir=shm))
+        return cls(path, Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}spill-{pid}-")) if shm else path)
 
     def put(self, array: np.ndarray, tag: str) -> ArrayFile:
         array = np.ascontiguousarray(array)
@@ -115,30 +122,71 @@ class ArrayFolder:
             return self._write(self.spill, array, tag)  # the RAM disk filled up meanwhile
 
     def _write(self, folder: Path, array: np.ndarray, tag: str) -> ArrayFile:
+        # written under its final name: the reader learns of the file only from the message sent once it is
+        # complete (no rename, which Windows refuses while an antivirus or indexer holds the file)
         path = folder / f"{os.getpid()}-{next(self._names)}-{tag}.raw"
-        tmp = path.with_suffix(".tmp")
         try:
-            array.tofile(tmp)  # one copy, straight into the page cache
+            array.tofile(path)  # one copy, straight into the page cache
         except OSError:
-            tmp.unlink(missing_ok=True)
+            _unlink_quietly(path)
             raise
-        os.replace(tmp, path)  # the reader never sees a half-written file
         return ArrayFile(str(path), array.dtype.str, tuple(int(s) for s in array.shape))
 
     @staticmethod
     def take(ref: ArrayFile) -> np.ndarray:
-        """The array, in memory of its own; the file is gone afterwards."""
+        """The array, in memory of its own; the file is removed afterwards (or, where something holds it, with
+        the folder at shutdown)."""
         try:
             return np.fromfile(ref.path, dtype=np.dtype(ref.dtype)).reshape(ref.shape)
         finally:
-            try:
-                os.unlink(ref.path)
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(ref.path)
 
     def remove(self):
-        shutil.rmtree(self.path, ignore_errors=True)
-        shutil.rmtree(self.spill, ignore_errors=True)
+        for attempt in range(self.REMOVE_TRIES):
+            for folder in {self.path, self.spill}:
+                shutil.rmtree(folder, ignore_errors=True)
+            if not (self.path.exists() or self.spill.exists()):
+                return
+            time.sleep(0.05 * 2 ** attempt)  # 1.5 s in all, only where a file is held
+
+
+def _unlink_quietly(path):
+    """Remove a file that may be gone already or held by another program (Windows: an antivirus, an indexer);
+    what stays is removed with its folder."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+_FOLDER_NAME = re.compile(re.escape(FOLDER_PREFIX) + r"(?:spill-)?(\d+)-[a-z0-9_]+")
+
+
+def remove_stale_folders(places) -> List[Path]:
+    """Remove the array folders (arseg-worker-PID-...) in places whose owning process PID is dead, that this user
+    owns: a client killed outright leaves its folders behind (its worker removes them when it notices, unless it
+    died too). A live process's folder is never touched. Returns what was removed."""
+    removed = []
+    for place in places:
+        try:
+            entries = list(os.scandir(place))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _FOLDER_NAME.fullmatch(entry.name)
+            try:
+                if not match or not entry.is_dir(follow_symlinks=False):
+                    continue
+                pid = int(match.group(1))
+                if pid == os.getpid() or pid_alive(pid):
+                    continue
+                if hasattr(os, "getuid") and entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+            except OSError:
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 def _replace_leaves(obj, leaf, tag: str = "a"):
@@ -592,6 +640,7 @@ class InferenceClient:
             self._load_run = self._submit("load", {})  # an earlier load failed (e.g. torch was missing)
             return self._load_run
         self._reset()
+        _clean_up_on_termination()
         self._folder = ArrayFolder.create()
         family = "AF_PIPE" if sys.platform == "win32" else "AF_UNIX"
         self._address = (rf"\\.\pipe\arseg-{os.getpid()}-{secrets.token_hex(8)}" if family == "AF_PIPE"
@@ -633,6 +682,12 @@ class InferenceClient:
             self._folder.remove()
         self._process = self._conn = self._folder = self._log = self._load_run = self.worker_pid = None
         self._outbox, self._volume_key = [], None
+
+    def _abandon(self):
+        """This process is being terminated: stop the worker and remove the folders, waiting for nothing."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+        self._reset()
 
     def log_tail(self, n_chars: int = 2000) -> str:
         if self._folder is None:
@@ -837,6 +892,47 @@ class InferenceClient:
         runs, self._runs = list(self._runs.values()), {}
         for run in runs:
             run._finish(error=error)
+
+
+_TERMINATION_SIGNALS = ("SIGTERM", "SIGHUP")
+_handled_signals: set = set()
+
+
+def _terminated(signum, frame):
+    """SIGTERM or SIGHUP in a process whose handler was the default: remove every client's folders and stop its
+    worker (atexit does not run on a signal), then die of that signal as the default handler would."""
+    import signal
+
+    for client in list(_clients):
+        try:
+            client._abandon()
+        except Exception:
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _clean_up_on_termination():
+    """Install _terminated for SIGTERM and SIGHUP where that changes nothing else: on POSIX, from the main thread,
+    only where Python's handler is the default one (a handler of the application's own, a trame server's or an
+    asyncio loop's, ends the process through Python, and atexit then shuts the workers down), and never in
+    Slicer's application, whose process is not ours (its worker removes the folders when Slicer dies)."""
+    import signal
+
+    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+        return
+    if getattr(sys.modules.get("slicer"), "app", None) is not None:
+        return
+    for name in _TERMINATION_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is None or signum in _handled_signals:
+            continue
+        try:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, _terminated)
+                _handled_signals.add(signum)
+        except (ValueError, OSError):
+            pass
 
 
 @atexit.register

@@ -5,6 +5,7 @@ no process outliving its client, and no torch in the client's process."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -358,3 +359,85 @@ def test_a_crash_through_a_launcher_says_what_became_of_the_worker_process(tmp_p
             assert f"killed by {kill}" in message, message
     finally:
         client.shutdown()
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGHUP"])
+def test_a_killed_client_leaves_no_folders(tiny_model_card, sig):
+    """/dev/shm/arseg-worker-* and the spill folder outlived a client killed with SIGKILL, SIGTERM or SIGHUP."""
+    script = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from ARSegLib.worker import InferenceClient
+        c = InferenceClient({str(tiny_model_card)!r}, "cpu")
+        assert c.start().wait(120)
+        print(c.pid, c._folder.path, c._folder.spill, flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    try:
+        pid, *folders = script.stdout.readline().split()
+        assert folders and all(Path(f).is_dir() for f in folders)
+        script.send_signal(getattr(signal, sig))
+        assert script.wait(30) == -getattr(signal, sig)  # it still dies of that signal
+        deadline = time.monotonic() + 15
+        while (any(Path(f).exists() for f in folders) or _alive(int(pid))) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f).exists() for f in folders), folders
+        assert not _alive(int(pid))
+    finally:
+        script.kill()
+        script.wait()
+
+
+def test_stale_folders_of_dead_processes_are_removed_at_the_next_start(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [tmp_path / f"arseg-worker-{dead.pid}-ab12_x", tmp_path / f"arseg-worker-spill-{dead.pid}-q9"]
+        kept = [tmp_path / f"arseg-worker-{live.pid}-zz", tmp_path / f"arseg-worker-spill-{live.pid}-yy",
+                tmp_path / "arseg-worker-old_style", tmp_path / f"something-{dead.pid}-else"]
+        for folder in stale + kept:
+            folder.mkdir()
+            (folder / "worker.log").write_text("x")
+        assert sorted(worker.remove_stale_folders([tmp_path])) == sorted(stale)
+        assert all(f.exists() for f in kept) and not any(f.exists() for f in stale)
+    finally:
+        live.kill()
+        live.wait()
+    # and the client does it when it starts
+    shm = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(worker.tempfile.gettempdir())
+    leftover = shm / f"arseg-worker-{dead.pid}-testleft"
+    leftover.mkdir()
+    folder = worker.ArrayFolder.create()
+    try:
+        assert not leftover.exists() and folder.path.name.startswith(f"arseg-worker-{os.getpid()}-")
+    finally:
+        folder.remove()
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def test_array_files_held_by_another_program_do_not_fail_the_click(client, monkeypatch):
+    """Windows: an antivirus or indexer holding a file refuses its rename and its removal for a moment; the
+    click must still work, and the folder must go at shutdown once the file is let go."""
+    held = {}
+    real_unlink = os.unlink
+
+    def refuse_a_while(path, *args, **kwargs):  # refused twice per file, then allowed
+        name = os.fspath(path)
+        if name.endswith(".raw") and held.get(name, 0) < 2:
+            held[name] = held.get(name, 0) + 1
+            raise PermissionError(13, "The process cannot access the file because it is being used", name)
+        return real_unlink(path, *args, **kwargs)
+
+    def refuse(src, dst, *args, **kwargs):
+        raise PermissionError(13, "Access is denied", os.fspath(src))
+
+    volume, m, point = _blob_volume()
+    assert client.start().wait(120)
+    folder = client._folder.path
+    monkeypatch.setattr(os, "unlink", refuse_a_while)
+    monkeypatch.setattr(os, "replace", refuse)
+    run = client.segment(volume, m, point, pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
+    assert run.wait(120) and run.error is None, run.error
+    assert held  # the client's own removals were refused
+    client.shutdown()
+    assert not folder.exists()
