@@ -316,6 +316,7 @@ class _Server:
         self.cancel_flags: Dict[int, threading.Event] = {}
         self.flags_lock = threading.Lock()
         self.model = None  # (predictor, card)
+        self.device_note: Optional[str] = None
         self.volume_key, self.volume = None, None
 
     def read_messages(self):
@@ -373,9 +374,12 @@ class _Server:
     def loaded(self):
         if self.model is None:
             from .models import load_model
-            from .training.distributed import resolve_device
+            from .training.distributed import resolve_device_noting
 
-            self.model = load_model(self.model_name, resolve_device(self.device))
+            device, self.device_note = resolve_device_noting(self.device)
+            if self.device_note:
+                print(f"ARSeg: {self.device_note}", file=sys.stderr, flush=True)
+            self.model = load_model(self.model_name, device)
         return self.model
 
     def op_load(self, job_id, args, cancelled):
@@ -385,7 +389,8 @@ class _Server:
         warm_s = self.warm_up(predictor) if os.environ.get("ARSEG_WORKER_WARMUP", "1") != "0" else 0.0
         # (a click that arrives meanwhile stops the warm-up at its next scale: the click comes first)
         return {"model": card.name, "pid": os.getpid(), "torch": str(torch.__version__),  # a str, not TorchVersion
-                "threads": torch.get_num_threads(), "warm_up_s": warm_s}
+                "threads": torch.get_num_threads(), "warm_up_s": warm_s, "device": str(predictor.device),
+                "device_note": self.device_note}  # why "auto" did not take the GPU, for the user to see
 
     def warm_up(self, predictor) -> float:
         """One click-sized run on synthetic crops (a bright disc in dark lung), while the user is still finding

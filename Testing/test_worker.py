@@ -441,3 +441,37 @@ def test_array_files_held_by_another_program_do_not_fail_the_click(client, monke
     assert held  # the client's own removals were refused
     client.shutdown()
     assert not folder.exists()
+
+
+def test_cuda_arch_supported_follows_cudas_compatibility_rules():
+    from ARSegLib.training.distributed import cuda_arch_supported
+
+    cu126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+    assert cuda_arch_supported((8, 6), cu126) and cuda_arch_supported((8, 9), cu126)  # sm_86 code runs on 8.9
+    assert cuda_arch_supported((9, 0), cu126)
+    assert not cuda_arch_supported((12, 0), cu126)  # an RTX 50xx (Blackwell) with a CUDA 12.6 build
+    assert not cuda_arch_supported((3, 7), cu126)  # a K80: too old
+    assert not cuda_arch_supported((10, 0), ["sm_90a"]) and cuda_arch_supported((9, 0), ["sm_90a"])
+    assert cuda_arch_supported((12, 1), ["sm_120f"]) and not cuda_arch_supported((11, 0), ["sm_120f"])
+    assert cuda_arch_supported((12, 0), cu126 + ["compute_90"])  # PTX: compiled for the newer GPU at load
+    assert not cuda_arch_supported((8, 0), ["compute_90"])
+    assert cuda_arch_supported((10, 0), ["sm_100", "sm_120"]) and not cuda_arch_supported((11, 0), ["sm_100"])
+    assert cuda_arch_supported((9, 0), []) and cuda_arch_supported((9, 0), ["gfx90a"])  # nothing to judge by
+
+
+def test_auto_falls_back_to_the_cpu_when_the_torch_build_cannot_run_on_the_gpu(monkeypatch, capsys):
+    import torch
+
+    from ARSegLib.training import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA GeForce RTX 5090")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_50", "sm_80", "sm_86", "sm_90"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (12, 0))
+    device, note = distributed.resolve_device_noting("auto")
+    assert device == "cpu" and "RTX 5090" in note and "12.0" in note and "sm_90" in note
+    assert distributed.resolve_device("auto") == "cpu"
+    assert "running on the CPU" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 9))
+    assert distributed.resolve_device_noting("auto") == ("cuda", None)
