@@ -284,6 +284,12 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.startRun(None)
 
     def startRun(self, point) -> None:
+        try:
+            self._startRun(point)
+        except Exception:  # tryWithErrorDisplay has shown it: re-raised, it would print a traceback beside the dialog
+            self.ui.statusLabel.text = "Failed."
+
+    def _startRun(self, point) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("ARSeg could not start the segmentation.", waitCursor=True):
             if not p or not p.inputVolume:

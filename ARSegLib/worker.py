@@ -18,7 +18,8 @@ pipe. The worker keeps the last volume it was sent, so further clicks on it send
                        ("quit",)
     worker -> client   ("progress", id, done, total)
                        ("done", id, payload)                 the card's name, or a pipeline.VolumeResult
-                       ("error", id, exception)              the original exception where it pickles
+                       ("error", id, pickled, summary, tb)   the exception pickled where its classes import
+                                                             without torch (else None), "module.Class: message"
 
 The client never blocks the caller: `WorkerRun.poll()` (the module's 25 ms timer) connects, sends and reads
 what is there and returns. A worker that dies fails its runs with `WorkerCrashed` (with its exit code and
@@ -32,9 +33,11 @@ from __future__ import annotations
 import atexit
 import copy
 import dataclasses
+import io
 import itertools
 import os
 import pickle
+import re
 import secrets
 import shutil
 import subprocess
@@ -46,11 +49,14 @@ import traceback
 import weakref
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 AUTHKEY_ENV = "ARSEG_WORKER_AUTHKEY"
+FOLDERS_ENV = "ARSEG_WORKER_FOLDERS"  # the client's folders for this worker, which it removes when the client dies
+FOLDER_PREFIX = "arseg-worker-"
+LIBRARY_ROOT = Path(__file__).resolve().parent.parent  # the folder holding this copy of ARSegLib
 LOG_NAME = "worker.log"
 INLINE_BYTES = 1 << 16  # arrays smaller than this travel inside the message
 CONNECT_TIMEOUT_S = 120.0  # a worker nobody connects to within this gives up (its parent is gone)
@@ -91,11 +97,17 @@ class ArrayFolder:
         self.spill = Path(spill) if spill is not None else self.path
         self._names = itertools.count()
 
+    REMOVE_TRIES = 5  # removing the folders at shutdown: Windows' antivirus or indexer may hold a file a moment
+
     @classmethod
     def create(cls) -> ArrayFolder:
+        """New folders, named after this process (arseg-worker-PID-..., arseg-worker-spill-PID-...), after removing
+        those that processes now dead left behind."""
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-        path = Path(tempfile.mkdtemp(prefix="arseg-worker-", dir=shm))
-        return cls(path, Path(tempfile.mkdtemp(prefix="arseg-worker-spill-")) if shm else path)
+        remove_stale_folders([p for p in (shm, tempfile.gettempdir()) if p])
+        pid = os.getpid()
+        path = Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{pid}-", dir=shm))
+        return cls(path, Path(tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}spill-{pid}-")) if shm else path)
 
     def put(self, array: np.ndarray, tag: str) -> ArrayFile:
         array = np.ascontiguousarray(array)
@@ -110,30 +122,71 @@ class ArrayFolder:
             return self._write(self.spill, array, tag)  # the RAM disk filled up meanwhile
 
     def _write(self, folder: Path, array: np.ndarray, tag: str) -> ArrayFile:
+        # written under its final name: the reader learns of the file only from the message sent once it is
+        # complete (no rename, which Windows refuses while an antivirus or indexer holds the file)
         path = folder / f"{os.getpid()}-{next(self._names)}-{tag}.raw"
-        tmp = path.with_suffix(".tmp")
         try:
-            array.tofile(tmp)  # one copy, straight into the page cache
+            array.tofile(path)  # one copy, straight into the page cache
         except OSError:
-            tmp.unlink(missing_ok=True)
+            _unlink_quietly(path)
             raise
-        os.replace(tmp, path)  # the reader never sees a half-written file
         return ArrayFile(str(path), array.dtype.str, tuple(int(s) for s in array.shape))
 
     @staticmethod
     def take(ref: ArrayFile) -> np.ndarray:
-        """The array, in memory of its own; the file is gone afterwards."""
+        """The array, in memory of its own; the file is removed afterwards (or, where something holds it, with
+        the folder at shutdown)."""
         try:
             return np.fromfile(ref.path, dtype=np.dtype(ref.dtype)).reshape(ref.shape)
         finally:
-            try:
-                os.unlink(ref.path)
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(ref.path)
 
     def remove(self):
-        shutil.rmtree(self.path, ignore_errors=True)
-        shutil.rmtree(self.spill, ignore_errors=True)
+        for attempt in range(self.REMOVE_TRIES):
+            for folder in {self.path, self.spill}:
+                shutil.rmtree(folder, ignore_errors=True)
+            if not (self.path.exists() or self.spill.exists()):
+                return
+            time.sleep(0.05 * 2 ** attempt)  # 1.5 s in all, only where a file is held
+
+
+def _unlink_quietly(path):
+    """Remove a file that may be gone already or held by another program (Windows: an antivirus, an indexer);
+    what stays is removed with its folder."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+_FOLDER_NAME = re.compile(re.escape(FOLDER_PREFIX) + r"(?:spill-)?(\d+)-[a-z0-9_]+")
+
+
+def remove_stale_folders(places) -> List[Path]:
+    """Remove the array folders (arseg-worker-PID-...) in places whose owning process PID is dead, that this user
+    owns: a client killed outright leaves its folders behind (its worker removes them when it notices, unless it
+    died too). A live process's folder is never touched. Returns what was removed."""
+    removed = []
+    for place in places:
+        try:
+            entries = list(os.scandir(place))
+        except OSError:
+            continue
+        for entry in entries:
+            match = _FOLDER_NAME.fullmatch(entry.name)
+            try:
+                if not match or not entry.is_dir(follow_symlinks=False):
+                    continue
+                pid = int(match.group(1))
+                if pid == os.getpid() or pid_alive(pid):
+                    continue
+                if hasattr(os, "getuid") and entry.stat(follow_symlinks=False).st_uid != os.getuid():
+                    continue
+            except OSError:
+                continue
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
 
 
 def _replace_leaves(obj, leaf, tag: str = "a"):
@@ -164,19 +217,89 @@ def internalize(obj):
     return _replace_leaves(obj, lambda x, tag: ArrayFolder.take(x) if isinstance(x, ArrayFile) else x)
 
 
-def _portable_exception(e: BaseException) -> BaseException:
-    """The exception itself where it survives pickling (VolumeError, ModelError...), RunCancelled for the
-    engine's Cancelled, else a WorkerError with its type, message and traceback."""
+# Where the client may unpickle an error's classes from: modules that import without torch (Slicer's process never
+# imports torch, and may not even be able to) and that every client has. Testing/test_worker.py imports each in a
+# fresh process and checks that torch stays out.
+CLIENT_SAFE_MODULES = frozenset({"ARSegLib.worker", "ARSegLib.pipeline", "ARSegLib.models", "ARSegLib.demo"})
+CLIENT_SAFE_PACKAGES = ("numpy",)  # the client imports numpy itself
+
+
+def _stdlib_module(module: str) -> bool:
+    top = module.split(".")[0]
+    if top in sys.builtin_module_names:
+        return True
+    names = getattr(sys, "stdlib_module_names", None)  # Python 3.10+
+    if names is not None:
+        return top in names
+    import sysconfig  # Python 3.9: where the (already imported) module's file lies
+
+    path = getattr(sys.modules.get(top), "__file__", None)
+    if not path:
+        return False
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    path = os.path.realpath(path)
+    return path.startswith(stdlib + os.sep) and "site-packages" not in Path(path).parts
+
+
+def client_safe_module(module: str) -> bool:
+    """Whether the client can import this module without torch (and surely has it)."""
+    if module.split(".")[0] == "torch":
+        return False
+    return (module in CLIENT_SAFE_MODULES or _stdlib_module(module)
+            or any(module == p or module.startswith(p + ".") for p in CLIENT_SAFE_PACKAGES))
+
+
+class _ModulesOf(pickle.Unpickler):
+    """Unpickles (here, where every module is loaded already) to record which modules the pickle refers to."""
+
+    def __init__(self, data: bytes):
+        super().__init__(io.BytesIO(data))
+        self.modules = set()
+
+    def find_class(self, module, name):
+        self.modules.add(module)
+        return super().find_class(module, name)
+
+
+def error_summary(e: BaseException) -> str:
+    """"module.Class: message" (builtins' classes by their name alone)."""
+    cls = type(e)
+    name = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    return f"{name}: {e}"
+
+
+def portable_error(e: BaseException) -> Tuple[Optional[bytes], str, str]:
+    """What the worker sends for an exception: (the pickled exception, or None where unpickling it would import
+    torch or anything else the client may lack; its "module.Class: message"; its traceback). The engine's
+    Cancelled becomes RunCancelled. A torch error (CUDA out of memory, torch.AcceleratorError) thus reaches the
+    client as a WorkerError naming it, and Slicer's process never imports torch to show it."""
     from .engine import Cancelled
 
     if isinstance(e, Cancelled):
-        return RunCancelled("cancelled")
+        e = RunCancelled("cancelled")
+    text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
-        return WorkerError(f"{type(e).__name__}: {e}\n{text}")
+        blob = pickle.dumps(e)
+        recorder = _ModulesOf(blob)
+        recorder.load()
+        if not all(client_safe_module(m) for m in recorder.modules):
+            blob = None
+    except Exception:  # it does not survive pickling
+        blob = None
+    return blob, error_summary(e), text
+
+
+def error_from_worker(blob: Optional[bytes], summary: str, text: str = "") -> BaseException:
+    """The client's side of portable_error: the exception itself, or a WorkerError with its summary (and its
+    traceback as .details) where it cannot be unpickled here."""
+    if blob is not None:
+        try:
+            return pickle.loads(blob)
+        except Exception:  # e.g. a module the client does not have
+            pass
+    error = WorkerError(summary)
+    error.details = text
+    return error
 
 
 # --------------------------------------------------------------------------------------------- worker side
@@ -193,6 +316,7 @@ class _Server:
         self.cancel_flags: Dict[int, threading.Event] = {}
         self.flags_lock = threading.Lock()
         self.model = None  # (predictor, card)
+        self.device_note: Optional[str] = None
         self.volume_key, self.volume = None, None
 
     def read_messages(self):
@@ -208,10 +332,10 @@ class _Server:
                     self.flag(message[1])
                     self.jobs.put(message)
         except (EOFError, OSError):  # the client is gone: nothing left to serve
-            os._exit(0)
+            _client_gone()
         except BaseException:  # a message this worker cannot read: say why in the log, which the client shows
             traceback.print_exc()
-            sys.stderr.flush()
+            _last_words("exit code 3 (a message it could not read)")
             os._exit(3)
 
     def flag(self, job_id: int) -> threading.Event:
@@ -222,7 +346,7 @@ class _Server:
         try:
             self.conn.send(message)
         except (EOFError, OSError):
-            os._exit(0)
+            _client_gone()
 
     def serve(self):
         threading.Thread(target=self.read_messages, name="ARSeg worker messages", daemon=True).start()
@@ -238,7 +362,11 @@ class _Server:
                 payload = getattr(self, f"op_{op}")(job_id, args, cancelled)
                 self.send("done", job_id, payload)
             except BaseException as e:  # every failure goes back to the client, which shows it
-                self.send("error", job_id, _portable_exception(e))
+                blob, summary, text = portable_error(e)
+                if blob is None:  # its traceback stays in the log, which a crash report shows
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+                self.send("error", job_id, blob, summary, text)
             finally:
                 with self.flags_lock:
                     self.cancel_flags.pop(job_id, None)
@@ -246,9 +374,12 @@ class _Server:
     def loaded(self):
         if self.model is None:
             from .models import load_model
-            from .training.distributed import resolve_device
+            from .training.distributed import resolve_device_noting
 
-            self.model = load_model(self.model_name, resolve_device(self.device))
+            device, self.device_note = resolve_device_noting(self.device)
+            if self.device_note:
+                print(f"ARSeg: {self.device_note}", file=sys.stderr, flush=True)
+            self.model = load_model(self.model_name, device)
         return self.model
 
     def op_load(self, job_id, args, cancelled):
@@ -258,7 +389,8 @@ class _Server:
         warm_s = self.warm_up(predictor) if os.environ.get("ARSEG_WORKER_WARMUP", "1") != "0" else 0.0
         # (a click that arrives meanwhile stops the warm-up at its next scale: the click comes first)
         return {"model": card.name, "pid": os.getpid(), "torch": str(torch.__version__),  # a str, not TorchVersion
-                "threads": torch.get_num_threads(), "warm_up_s": warm_s}
+                "threads": torch.get_num_threads(), "warm_up_s": warm_s, "device": str(predictor.device),
+                "device_note": self.device_note}  # why "auto" did not take the GPU, for the user to see
 
     def warm_up(self, predictor) -> float:
         """One click-sized run on synthetic crops (a bright disc in dark lung), while the user is still finding
@@ -303,6 +435,36 @@ class _Server:
         return externalize(result, ArrayFolder(Path(args["folder"]), Path(args["spill"])))
 
 
+LAST_WORDS = "ARSeg worker: "  # how the worker's own account of its end starts, in its log
+
+
+def _last_words(what: str):
+    """Say in the log how this process ends: through a launcher (PythonSlicer), the client cannot see it."""
+    try:
+        sys.stderr.write(f"\n{LAST_WORDS}{what}\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _client_gone():
+    """The client is gone (its connection closed, its process died, or it never connected): remove the folders it
+    made for this worker, which a client killed outright (SIGKILL) could not, and end."""
+    for folder in os.environ.get(FOLDERS_ENV, "").split(os.pathsep):
+        if folder and Path(folder).name.startswith(FOLDER_PREFIX):
+            shutil.rmtree(folder, ignore_errors=True)
+    os._exit(0)
+
+
+def _report_signal(signum, frame):
+    """SIGTERM or SIGHUP: say so in the log, then end as that signal would have."""
+    import signal
+
+    _last_words(f"killed by {signal.Signals(signum).name}")
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
 def _exit_when_orphaned(parent_pid: int, connected: threading.Event):
     """A dead parent shows as a new parent pid (POSIX); one that never connects, as time running out. (Once
     connected, a closed connection also ends the worker: see _Server.read_messages.)"""
@@ -310,9 +472,9 @@ def _exit_when_orphaned(parent_pid: int, connected: threading.Event):
     while True:
         time.sleep(0.5)
         if hasattr(os, "getppid") and os.getppid() != parent_pid:
-            os._exit(0)
+            _client_gone()
         if not connected.is_set() and time.monotonic() > deadline:
-            os._exit(0)
+            _client_gone()
 
 
 def serve_main(argv=None) -> int:
@@ -324,6 +486,14 @@ def serve_main(argv=None) -> int:
     # Ctrl+C in the terminal that started Slicer (or `arseg view`) reaches the whole process group: the client
     # decides when the worker ends (its connection closes), so a half-finished run is never interrupted here
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # this process is ours: its handlers say in the log how it ended (a crash in native code, SIGTERM, SIGHUP),
+    # which the client reads when a launcher stands between them
+    import faulthandler
+
+    faulthandler.enable()
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name) and sys.platform != "win32":
+            signal.signal(getattr(signal, name), _report_signal)
     authkey = bytes.fromhex(os.environ.pop(AUTHKEY_ENV))
     family = "AF_PIPE" if sys.platform == "win32" else "AF_UNIX"
     connected = threading.Event()
@@ -331,12 +501,50 @@ def serve_main(argv=None) -> int:
         threading.Thread(target=_exit_when_orphaned, args=(os.getppid(), connected), daemon=True).start()
         conn = listener.accept()
         connected.set()
-    _Server(conn, model, device).serve()
+    server = _Server(conn, model, device)
+    # who is serving: the client holds the launcher's process (PythonSlicer), not this one, and checks that this
+    # is its own copy of ARSegLib
+    server.send("started", 0, {"pid": os.getpid(), "library": str(LIBRARY_ROOT)})
+    try:
+        server.serve()
+    except BaseException:
+        traceback.print_exc()
+        _last_words("exit code 1 (an error outside any run)")
+        raise
     conn.close()
     return 0
 
 
 # --------------------------------------------------------------------------------------------- client side
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process runs under this pid (a zombie counts as gone). On Windows without os.kill, which would
+    terminate it."""
+    if pid <= 0:
+        return False
+    if sys.platform == "win32":
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+        if not handle:
+            return ctypes.get_last_error() == 5  # access denied: it exists
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        kernel32.CloseHandle(handle)
+        return bool(ok) and code.value == 259  # STILL_ACTIVE
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
 
 class WorkerRun:
     """One request to the worker, polled by its caller (never blocking): progress, cancel, result or error."""
@@ -411,6 +619,7 @@ class InferenceClient:
         self._volume_key = None  # the volume the worker holds
         self._load_run: Optional[WorkerRun] = None
         self._log = None
+        self.worker_pid: Optional[int] = None  # the worker's own pid, which it reports (pid may be a launcher's)
         self.info: Dict[str, Any] = {}  # what the worker said when its model was loaded
         _clients.add(self)
 
@@ -436,6 +645,7 @@ class InferenceClient:
             self._load_run = self._submit("load", {})  # an earlier load failed (e.g. torch was missing)
             return self._load_run
         self._reset()
+        _clean_up_on_termination()
         self._folder = ArrayFolder.create()
         family = "AF_PIPE" if sys.platform == "win32" else "AF_UNIX"
         self._address = (rf"\\.\pipe\arseg-{os.getpid()}-{secrets.token_hex(8)}" if family == "AF_PIPE"
@@ -443,15 +653,21 @@ class InferenceClient:
         self._authkey = secrets.token_bytes(32)
         env = dict(os.environ)
         env[AUTHKEY_ENV] = self._authkey.hex()
-        # ARSegLib's folder on the worker's path: in Slicer it is on sys.path only, not in PythonSlicer's default
-        library_root = str(Path(__file__).resolve().parent.parent)
+        env[FOLDERS_ENV] = os.pathsep.join(str(p) for p in {self._folder.path, self._folder.spill})
+        # This copy of ARSegLib, not another: `python -m` puts the working directory first on sys.path, so the
+        # worker starts in the folder that holds this ARSegLib. (PYTHONPATH alone is not enough: Slicer's
+        # launcher puts its own entries, every installed extension's qt-scripted-modules, before ours.)
+        library_root = str(LIBRARY_ROOT)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (library_root, env.get("PYTHONPATH", "")) if p)
+        env.pop("PYTHONSAFEPATH", None)  # it would leave the working directory off sys.path
+        # a model given as a path relative to this process's working directory, seen from the worker's
+        model = os.path.abspath(self.model) if os.path.exists(self.model) else self.model
         self._log = open(self._folder.path / LOG_NAME, "wb")
         kwargs = {"creationflags": subprocess.CREATE_NO_WINDOW} if sys.platform == "win32" else {}
         try:
-            self._process = subprocess.Popen([self.python, "-m", "ARSegLib.worker", self._address, self.model,
+            self._process = subprocess.Popen([self.python, "-m", "ARSegLib.worker", self._address, model,
                                               self.device], stdin=subprocess.DEVNULL, stdout=self._log,
-                                             stderr=subprocess.STDOUT, env=env, **kwargs)
+                                             stderr=subprocess.STDOUT, env=env, cwd=library_root, **kwargs)
         except OSError as e:
             self._reset()
             raise WorkerError(f"could not start the ARSeg worker with {self.python}: {e}") from e
@@ -469,8 +685,14 @@ class InferenceClient:
             self._log.close()
         if self._folder is not None:
             self._folder.remove()
-        self._process = self._conn = self._folder = self._log = self._load_run = None
+        self._process = self._conn = self._folder = self._log = self._load_run = self.worker_pid = None
         self._outbox, self._volume_key = [], None
+
+    def _abandon(self):
+        """This process is being terminated: stop the worker and remove the folders, waiting for nothing."""
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+        self._reset()
 
     def log_tail(self, n_chars: int = 2000) -> str:
         if self._folder is None:
@@ -547,12 +769,17 @@ class InferenceClient:
             while self._outbox:
                 self._conn.send(self._outbox[0])
                 self._outbox.pop(0)
-            while self._conn.poll(0):
+            while self._conn is not None and self._conn.poll(0):  # (a dispatch may end the worker)
                 self._dispatch(self._conn.recv())
         except (EOFError, OSError):
             self._crashed()
             return
-        if self._process.poll() is not None:
+        except Exception as e:  # a message this side cannot unpickle: its run is lost, so no run may wait forever
+            self._process.kill()
+            self._crashed(f"a message from the ARSeg worker could not be read here ({error_summary(e)}); "
+                          f"the next run starts it again")
+            return
+        if self._process is not None and self._process.poll() is not None:
             self._crashed()
 
     def _try_connect(self) -> bool:
@@ -587,6 +814,13 @@ class InferenceClient:
 
     def _dispatch(self, message):
         kind, job_id = message[0], message[1]
+        if kind == "started":
+            self.worker_pid = int(message[2]["pid"])
+            if Path(message[2]["library"]) != LIBRARY_ROOT:
+                self._process.kill()
+                self._crashed(f"the ARSeg worker imported another copy of ARSegLib ({message[2]['library']}) than "
+                              f"this one ({LIBRARY_ROOT}): remove the other copy from {self.python}'s path")
+            return
         run = self._runs.get(job_id)
         if run is None:
             return
@@ -604,7 +838,7 @@ class InferenceClient:
                 self.info = payload
             run._finish(result=payload)
         else:
-            error = message[2]
+            error = error_from_worker(*message[2:])
             if run.op == "segment" and not isinstance(error, RunCancelled):
                 self._volume_key = None  # the worker may have failed before it kept the volume
             run._finish(error=error)
@@ -617,14 +851,7 @@ class InferenceClient:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 code = self._process.wait()
-        how = f"exit code {code}"
-        if code is not None and code < 0:
-            try:
-                import signal
-
-                how += f", killed by {signal.Signals(-code).name}"
-            except ValueError:
-                pass
+        how = self._how_it_ended(code)
         tail = self.log_tail()
         message = why or (f"the ARSeg inference process stopped unexpectedly ({how}); "
                           f"the next run starts it again")
@@ -633,10 +860,84 @@ class InferenceClient:
         self._fail_all(WorkerCrashed(message))
         self._reset()
 
+    def _how_it_ended(self, code: Optional[int]) -> str:
+        """The exit code of the process this client holds and, where that is a launcher (PythonSlicer, which
+        says "exit code 1" whatever became of its child), what became of the worker process itself."""
+        held = f"exit code {code}"
+        if code is not None and code < 0:
+            try:
+                import signal
+
+                held += f", killed by {signal.Signals(-code).name}"
+            except ValueError:
+                pass
+        pid = self.worker_pid
+        if pid is None or self._process is None or pid == self._process.pid:
+            return held if pid is None else f"pid {pid}, {held}"
+        if pid_alive(pid):  # the launcher ended first: the worker would end by itself within a second
+            try:
+                import signal
+
+                os.kill(pid, getattr(signal, "SIGKILL", signal.SIGTERM))
+            except OSError:
+                pass
+            return f"its launcher ended ({held}) while the worker process (pid {pid}) ran: it has been stopped"
+        lines = self.log_tail(4000).splitlines()
+        said = [line[len(LAST_WORDS):] for line in lines if line.startswith(LAST_WORDS)]
+        fatal = [line for line in lines if line.startswith("Fatal Python error")]  # faulthandler's report
+        if said:
+            fate = said[-1]
+        elif fatal:
+            fate = f"crashed ({fatal[-1]})"
+        else:  # the worker reports SIGTERM, SIGHUP and fatal errors itself: only SIGKILL leaves it no word
+            fate = "killed by SIGKILL (by hand, or by the system when memory ran out)"
+        return f"the worker process (pid {pid}) ended: {fate}; its launcher: {held}"
+
     def _fail_all(self, error: BaseException):
         runs, self._runs = list(self._runs.values()), {}
         for run in runs:
             run._finish(error=error)
+
+
+_TERMINATION_SIGNALS = ("SIGTERM", "SIGHUP")
+_handled_signals: set = set()
+
+
+def _terminated(signum, frame):
+    """SIGTERM or SIGHUP in a process whose handler was the default: remove every client's folders and stop its
+    worker (atexit does not run on a signal), then die of that signal as the default handler would."""
+    import signal
+
+    for client in list(_clients):
+        try:
+            client._abandon()
+        except Exception:
+            pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _clean_up_on_termination():
+    """Install _terminated for SIGTERM and SIGHUP where that changes nothing else: on POSIX, from the main thread,
+    only where Python's handler is the default one (a handler of the application's own, a trame server's or an
+    asyncio loop's, ends the process through Python, and atexit then shuts the workers down), and never in
+    Slicer's application, whose process is not ours (its worker removes the folders when Slicer dies)."""
+    import signal
+
+    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+        return
+    if getattr(sys.modules.get("slicer"), "app", None) is not None:
+        return
+    for name in _TERMINATION_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is None or signum in _handled_signals:
+            continue
+        try:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                signal.signal(signum, _terminated)
+                _handled_signals.add(signum)
+        except (ValueError, OSError):
+            pass
 
 
 @atexit.register

@@ -559,3 +559,26 @@ def test_the_panel_samples_at_the_cards_temperature_unless_set_and_fast_sampling
                                              kw["fast"]).check().sampling(card)
         assert (s.temperature, s.views, s.oversample) == expected
     assert not shown["errors"]
+
+
+def test_a_start_error_shows_one_message_and_no_traceback(widget, monkeypatch):
+    """slicer.util.tryWithErrorDisplay shows the error, then re-raises it: out of a Qt slot, PythonQt then printed
+    its traceback beside the dialog."""
+    import types
+
+    from ARSegLib.worker import WorkerError
+
+    w, scene, shown = widget
+    volume, _, _ = _blob(scene)
+    w._parameterNode = types.SimpleNamespace(inputVolume=volume, model="lidc-nodule", device="auto", samples=4,
+                                             seed=0, halfHeightMm=0.0, temperature=0.0, fastSampling=False,
+                                             includeSamples=False)
+    monkeypatch.setattr(w.logic, "setupPythonRequirements", lambda: True)
+
+    def no_worker(*args, **kwargs):
+        raise WorkerError("could not start the ARSeg worker with /no/PythonSlicer: No such file or directory")
+
+    monkeypatch.setattr(w.logic, "startSegmentation", no_worker)
+    type(w).startRun(w, (1.0, 2.0, 3.0))  # the real one (the fixture replaces it on the instance): must not raise
+    assert len(shown["errors"]) == 1 and "could not start the ARSeg worker" in shown["errors"][0]
+    assert w._run is None and w.ui.statusLabel.text == "Failed."

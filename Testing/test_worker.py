@@ -5,6 +5,7 @@ no process outliving its client, and no torch in the client's process."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launcher_standin import write_launcher
 
 from ARSegLib import pipeline, worker
 from ARSegLib.models import ModelError
@@ -152,10 +154,10 @@ def test_shutdown_leaves_no_process_and_no_files(client):
     client.shutdown()  # twice is fine
 
 
-def _run_script(code: str, timeout: float = 180):
+def _run_script(code: str, timeout: float = 180, cwd: Path = ROOT):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+                          timeout=timeout, env=env, cwd=cwd)
 
 
 def test_the_worker_exits_when_its_client_process_dies(tiny_model_card):
@@ -225,3 +227,251 @@ def test_arrays_spill_to_disk_when_the_ram_disk_is_full(tmp_path, monkeypatch):
     assert not Path(ref.path).exists()
     folder.remove()
     assert not (tmp_path / "shm").exists() and not (tmp_path / "disk").exists()
+
+
+@pytest.mark.parametrize("torch_importable", [False, True])
+def test_a_torch_error_reaches_the_client_as_a_worker_error_without_torch(tmp_path, tiny_model_card,
+                                                                          torch_importable):
+    """CUDA out of memory or torch.AcceleratorError in the worker: the client (Slicer's process) must neither
+    import torch to unpickle it nor, where torch cannot be imported, lose the run (it stayed at "Segmenting...")."""
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "Testing" / "torch_error_worker.py"}" "$@"\n')
+    python.chmod(0o755)
+    block = "" if torch_importable else """
+        class NoTorch:  # a Slicer whose Python cannot import torch
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "torch":
+                    raise ImportError("torch cannot be imported in this process")
+        sys.meta_path.insert(0, NoTorch())
+    """
+    out = _run_script(f"""
+        import sys
+        {textwrap.indent(textwrap.dedent(block), " " * 8).strip()}
+        from ARSegLib import worker
+        c = worker.InferenceClient({str(tiny_model_card)!r}, "cpu", python={str(python)!r})
+        load = c.start()
+        assert load.wait(120), "the run never finished"
+        print(type(load.error).__name__)
+        print(load.error)
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+        c.shutdown()
+    """)
+    assert out.returncode == 0, out.stderr
+    kind, message, torch_modules = out.stdout.strip().split("\n")
+    assert kind == "WorkerError" and message.startswith("torch._C._LinAlgError: linalg.inv"), out.stdout
+    assert torch_modules == "[]"
+
+
+def test_errors_pass_through_only_where_the_client_can_unpickle_them_without_torch():
+    import torch
+
+    from ARSegLib.models import ModelError
+
+    def passes(e):
+        blob, summary, _ = worker.portable_error(e)
+        return blob is not None
+
+    assert passes(ModelError("no such model")) and passes(ValueError("bad")) and passes(MemoryError())
+    assert passes(pipeline.PointOutsideVolumeError("outside"))
+    assert not passes(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not passes(RuntimeError("shape", torch.Size([2, 3])))  # a plain class, but torch inside its args
+    try:
+        torch.linalg.inv(torch.zeros(2, 2))
+    except Exception as e:
+        blob, summary, text = worker.portable_error(e)
+    assert blob is None and summary.startswith("torch._C._LinAlgError: ") and "Traceback" in text
+    error = worker.error_from_worker(blob, summary, text)
+    assert isinstance(error, worker.WorkerError) and str(error) == summary and error.details == text
+
+
+def test_the_modules_errors_may_come_from_import_without_torch():
+    names = sorted(worker.CLIENT_SAFE_MODULES)
+    out = _run_script(f"""
+        import importlib, sys
+        for name in {names!r}:
+            importlib.import_module(name)
+        print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+    """)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def _decoy_library(folder: Path) -> Path:
+    """A folder holding another ARSegLib, whose worker says so and fails."""
+    package = folder / "ARSegLib"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "worker.py").write_text(f"import sys\nprint('decoy ARSegLib in {folder}')\nsys.exit(7)\n")
+    return folder
+
+
+def test_the_worker_imports_this_arseglib_not_another_on_the_launchers_path_or_in_the_working_directory(
+        tmp_path, tiny_model_card):
+    """Slicer's launcher puts every installed extension's qt-scripted-modules on PYTHONPATH before ours, and
+    `python -m` puts the working directory first: the worker must still run the extension's own copy."""
+    launcher = write_launcher(tmp_path / "bin", [_decoy_library(tmp_path / "other-extension")])
+    cwd = _decoy_library(tmp_path / "cwd")
+    model = os.path.relpath(tiny_model_card, cwd)  # a model path relative to the client's working directory
+    out = _run_script(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})  # as Slicer puts the extension's folder on its sys.path
+        from ARSegLib import worker
+        c = worker.InferenceClient({model!r}, "cpu", python={str(launcher)!r})
+        load = c.start()
+        assert load.wait(120), "no answer"
+        print(load.error)
+        print(c.info.get("model"), c.worker_pid != c.pid)
+        c.shutdown()
+    """, cwd=cwd)
+    assert out.returncode == 0, out.stderr
+    error, loaded = out.stdout.strip().split("\n")[-2:]
+    assert error == "None" and loaded == "tiny-test True", out.stdout
+
+
+@pytest.mark.parametrize("kill", ["SIGKILL", "SIGTERM", "launcher"])
+def test_a_crash_through_a_launcher_says_what_became_of_the_worker_process(tmp_path, tiny_model_card, kill):
+    """The client holds the launcher (PythonSlicer), whose exit code is 1 whatever happened to its child: the
+    message must say what became of the worker itself."""
+    client = worker.InferenceClient(str(tiny_model_card), "cpu", python=str(write_launcher(tmp_path, [])))
+    try:
+        assert client.start().wait(120)
+        worker_pid, launcher_pid = client.worker_pid, client.pid
+        assert worker_pid is not None and worker_pid != launcher_pid
+        volume, m, _ = _blob_volume()
+        run = client.segment(np.tile(volume, (6, 3, 3)), m, None,
+                             pipeline.SegmentSettings(n_samples=8, batch_size=2))
+        while run.done_steps == 0 and not run.poll():
+            time.sleep(0.02)
+        if kill == "launcher":
+            os.kill(launcher_pid, signal.SIGKILL)
+        else:
+            os.kill(worker_pid, getattr(signal, kill))
+        assert run.wait(30)
+        message = str(run.error)
+        assert isinstance(run.error, worker.WorkerCrashed) and f"pid {worker_pid}" in message, message
+        if kill == "launcher":
+            assert "has been stopped" in message
+            deadline = time.monotonic() + 5
+            while _alive(worker_pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not _alive(worker_pid)
+        else:
+            assert f"killed by {kill}" in message, message
+    finally:
+        client.shutdown()
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGHUP"])
+def test_a_killed_client_leaves_no_folders(tiny_model_card, sig):
+    """/dev/shm/arseg-worker-* and the spill folder outlived a client killed with SIGKILL, SIGTERM or SIGHUP."""
+    script = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from ARSegLib.worker import InferenceClient
+        c = InferenceClient({str(tiny_model_card)!r}, "cpu")
+        assert c.start().wait(120)
+        print(c.pid, c._folder.path, c._folder.spill, flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    try:
+        pid, *folders = script.stdout.readline().split()
+        assert folders and all(Path(f).is_dir() for f in folders)
+        script.send_signal(getattr(signal, sig))
+        assert script.wait(30) == -getattr(signal, sig)  # it still dies of that signal
+        deadline = time.monotonic() + 15
+        while (any(Path(f).exists() for f in folders) or _alive(int(pid))) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f).exists() for f in folders), folders
+        assert not _alive(int(pid))
+    finally:
+        script.kill()
+        script.wait()
+
+
+def test_stale_folders_of_dead_processes_are_removed_at_the_next_start(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale = [tmp_path / f"arseg-worker-{dead.pid}-ab12_x", tmp_path / f"arseg-worker-spill-{dead.pid}-q9"]
+        kept = [tmp_path / f"arseg-worker-{live.pid}-zz", tmp_path / f"arseg-worker-spill-{live.pid}-yy",
+                tmp_path / "arseg-worker-old_style", tmp_path / f"something-{dead.pid}-else"]
+        for folder in stale + kept:
+            folder.mkdir()
+            (folder / "worker.log").write_text("x")
+        assert sorted(worker.remove_stale_folders([tmp_path])) == sorted(stale)
+        assert all(f.exists() for f in kept) and not any(f.exists() for f in stale)
+    finally:
+        live.kill()
+        live.wait()
+    # and the client does it when it starts
+    shm = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(worker.tempfile.gettempdir())
+    leftover = shm / f"arseg-worker-{dead.pid}-testleft"
+    leftover.mkdir()
+    folder = worker.ArrayFolder.create()
+    try:
+        assert not leftover.exists() and folder.path.name.startswith(f"arseg-worker-{os.getpid()}-")
+    finally:
+        folder.remove()
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def test_array_files_held_by_another_program_do_not_fail_the_click(client, monkeypatch):
+    """Windows: an antivirus or indexer holding a file refuses its rename and its removal for a moment; the
+    click must still work, and the folder must go at shutdown once the file is let go."""
+    held = {}
+    real_unlink = os.unlink
+
+    def refuse_a_while(path, *args, **kwargs):  # refused twice per file, then allowed
+        name = os.fspath(path)
+        if name.endswith(".raw") and held.get(name, 0) < 2:
+            held[name] = held.get(name, 0) + 1
+            raise PermissionError(13, "The process cannot access the file because it is being used", name)
+        return real_unlink(path, *args, **kwargs)
+
+    def refuse(src, dst, *args, **kwargs):
+        raise PermissionError(13, "Access is denied", os.fspath(src))
+
+    volume, m, point = _blob_volume()
+    assert client.start().wait(120)
+    folder = client._folder.path
+    monkeypatch.setattr(os, "unlink", refuse_a_while)
+    monkeypatch.setattr(os, "replace", refuse)
+    run = client.segment(volume, m, point, pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
+    assert run.wait(120) and run.error is None, run.error
+    assert held  # the client's own removals were refused
+    client.shutdown()
+    assert not folder.exists()
+
+
+def test_cuda_arch_supported_follows_cudas_compatibility_rules():
+    from ARSegLib.training.distributed import cuda_arch_supported
+
+    cu126 = ["sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90"]
+    assert cuda_arch_supported((8, 6), cu126) and cuda_arch_supported((8, 9), cu126)  # sm_86 code runs on 8.9
+    assert cuda_arch_supported((9, 0), cu126)
+    assert not cuda_arch_supported((12, 0), cu126)  # an RTX 50xx (Blackwell) with a CUDA 12.6 build
+    assert not cuda_arch_supported((3, 7), cu126)  # a K80: too old
+    assert not cuda_arch_supported((10, 0), ["sm_90a"]) and cuda_arch_supported((9, 0), ["sm_90a"])
+    assert cuda_arch_supported((12, 1), ["sm_120f"]) and not cuda_arch_supported((11, 0), ["sm_120f"])
+    assert cuda_arch_supported((12, 0), cu126 + ["compute_90"])  # PTX: compiled for the newer GPU at load
+    assert not cuda_arch_supported((8, 0), ["compute_90"])
+    assert cuda_arch_supported((10, 0), ["sm_100", "sm_120"]) and not cuda_arch_supported((11, 0), ["sm_100"])
+    assert cuda_arch_supported((9, 0), []) and cuda_arch_supported((9, 0), ["gfx90a"])  # nothing to judge by
+
+
+def test_auto_falls_back_to_the_cpu_when_the_torch_build_cannot_run_on_the_gpu(monkeypatch, capsys):
+    import torch
+
+    from ARSegLib.training import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA GeForce RTX 5090")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_50", "sm_80", "sm_86", "sm_90"])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (12, 0))
+    device, note = distributed.resolve_device_noting("auto")
+    assert device == "cpu" and "RTX 5090" in note and "12.0" in note and "sm_90" in note
+    assert distributed.resolve_device("auto") == "cpu"
+    assert "running on the CPU" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=0: (8, 9))
+    assert distributed.resolve_device_noting("auto") == ("cuda", None)
