@@ -559,3 +559,163 @@ def test_the_panel_samples_at_the_cards_temperature_unless_set_and_fast_sampling
                                              kw["fast"]).check().sampling(card)
         assert (s.temperature, s.views, s.oversample) == expected
     assert not shown["errors"]
+
+
+# ------------------------------------------------------------- issue 25: setup, console, slider, reload, Sample Data
+
+def _old_torch_installed(monkeypatch, tmp_path, version="2.0.1"):
+    """What importlib.metadata reads when another extension installed an old torch: a dist-info first on sys.path
+    (the importable torch stays this venv's; ARSeg reads the version from the metadata, never by importing)."""
+    site = tmp_path / "site"
+    info = site / f"torch-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
+    monkeypatch.syspath_prepend(str(site))
+
+
+class _PyTorchUtilsStandIn:
+    """fepegar/SlicerPyTorch's PyTorchUtils (e1c85cc) as far as ARSeg can reach it: installTorch runs light-the-torch
+    through slicer.util._executePythonModule and then imports torch into Slicer's process, as does the `torch`
+    property; both are recorded."""
+
+    def __init__(self, events, util):
+        events_ = events
+
+        class PyTorchUtilsLogic:
+            def __init__(self):
+                self._torch = None
+
+            @property
+            def torch(self):
+                events_.append("torch imported into Slicer's process (PyTorchUtilsLogic.torch)")
+                return object()
+
+            def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                             torchvisionVersionRequirement=None):
+                args = PyTorchUtilsLogic._getPipInstallArguments(forceComputationBackend, torchVersionRequirement,
+                                                                 torchvisionVersionRequirement)
+                util._executePythonModule("light_the_torch", args)
+                events_.append("torch imported into Slicer's process (installTorch)")
+                return object()
+
+            @staticmethod
+            def _getPipInstallArguments(forceComputationBackend=None, torchVersionRequirement=None,
+                                        torchvisionVersionRequirement=None):
+                args = ["install", "torch" + (torchVersionRequirement or ""),
+                        "torchvision" + (torchvisionVersionRequirement or "")]
+                if forceComputationBackend is not None:
+                    args.append(f"--pytorch-computation-backend={forceComputationBackend}")
+                return args
+
+            @staticmethod
+            def _installLightTheTorch():
+                util.pip_install("light-the-torch>=0.5")
+
+        self.PyTorchUtilsLogic = PyTorchUtilsLogic
+
+
+def _process_alive(pid) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_an_old_torch_is_upgraded_only_after_the_worker_stopped_and_never_imported(arseg_module, tiny_model_card,
+                                                                                   monkeypatch, tmp_path):
+    """Issue 25 items 1 and 13. Before: PyTorchUtils' installTorch ran while the worker (preloaded on the old torch)
+    was alive, which on Windows fails to delete torch's DLLs, and installTorch then imported torch into Slicer's
+    process. Now the worker is stopped before light-the-torch or pip runs, and torch is never imported."""
+    import types
+
+    from ARSegLib import worker
+
+    module, _ = arseg_module
+    logic = module.ARSegLogic()
+    events = []
+    try:
+        run = logic.preload(str(tiny_model_card), "cpu")  # the module opened before the old torch was seen
+        assert run.wait(120) and run.error is None
+        pid = run.result["pid"]
+
+        def install(what):
+            def record(*args):
+                events.append((what, args, "worker alive" if _process_alive(pid) else "worker stopped"))
+            return record
+
+        util = types.SimpleNamespace(confirmOkCancelDisplay=lambda *a, **k: True, pip_install=install("pip"))
+        util._executePythonModule = install("python -m")
+        monkeypatch.setattr(module.slicer, "util", util, raising=False)
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", _PyTorchUtilsStandIn(events, util))
+        monkeypatch.setitem(sys.modules, "safetensors", None)  # not installed either: find_spec finds none
+        _old_torch_installed(monkeypatch, tmp_path)
+        assert logic.installedTorchVersion() == "2.0.1" and logic.missingPythonPackages() == ["safetensors"]
+
+        assert logic.setupPythonRequirements(askConfirmation=False)
+        assert not [e for e in events if isinstance(e, str)], events  # torch never imported in this process
+        installs = [e for e in events if not isinstance(e, str)]
+        assert [(what, args) for what, args, _ in installs] == [
+            ("pip", ("light-the-torch>=0.5",)),  # this venv has no light-the-torch: PyTorchUtils' way to get it
+            ("python -m", ("light_the_torch", ["install", "torch>=2.1", "torchvision"])),
+            ("pip", ("safetensors",))]
+        assert all(state == "worker stopped" for _, _, state in installs), installs
+        assert worker._shared is None
+    finally:
+        logic.stopWorker()
+
+
+def test_the_module_does_not_preload_on_an_unsupported_torch(widget, tiny_model_card, monkeypatch, tmp_path):
+    """Issue 25 item 1: before, opening the module started the worker whenever torch was importable, old or not."""
+    import types
+
+    from ARSegLib import worker
+
+    w, scene, shown = widget
+    w._parameterNode = types.SimpleNamespace(model=str(tiny_model_card), device="cpu")
+    _old_torch_installed(monkeypatch, tmp_path)
+    try:
+        w.startPreload()
+        assert worker._shared is None  # no worker holds the old torch's files
+    finally:
+        w.logic.stopWorker()
+
+
+@pytest.mark.parametrize("missing", ["torch", "safetensors", "old torch"])
+def test_the_console_api_names_the_setup_call_when_packages_are_missing(arseg_module, tiny_model_card, missing,
+                                                                       monkeypatch, tmp_path):
+    """Issue 25 item 5: before, segment()/segmentFiles() on a fresh install started the worker and failed there
+    with "No module named 'torch'". Now one error before any work names the call that installs them; no worker
+    starts, the scene and the output folder are untouched."""
+    from arseg_volumes import Volume, write_nrrd
+
+    from ARSegLib import mrml, worker
+
+    module, _ = arseg_module
+    if missing == "old torch":
+        _old_torch_installed(monkeypatch, tmp_path)
+    else:
+        monkeypatch.setitem(sys.modules, missing, None)  # find_spec finds none, as on a fresh install
+    scene = mrml.new_scene()
+    volume, array, m = _blob(scene)
+    count = scene.GetNumberOfNodes()
+    logic = module.ARSegLogic()
+    expected = "2.0.1" if missing == "old torch" else missing
+    try:
+        for call in (lambda: logic.segment(volume, point=(-28.0, -28.0, 4.0), model=str(tiny_model_card),
+                                           device="cpu", samples=2, halfHeightMm=0),
+                     lambda: logic.startSegmentation(volume, (-28.0, -28.0, 4.0), model=str(tiny_model_card),
+                                                     device="cpu"),
+                     lambda: logic.preload(str(tiny_model_card), "cpu")):
+            with pytest.raises(RuntimeError, match=r"ARSegLogic\(\)\.setupPythonRequirements\(\)") as error:
+                call()
+            assert expected in str(error.value) and type(error.value).__name__ == "PythonRequirementsError"
+        path = write_nrrd(Volume(array=array, ijk_to_ras=m), tmp_path / "case.nrrd")
+        with pytest.raises(RuntimeError, match=expected):
+            logic.segmentFiles([path], tmp_path / "out", model=str(tiny_model_card), device="cpu")
+        assert not (tmp_path / "out").exists()
+        assert worker._shared is None and scene.GetNumberOfNodes() == count
+    finally:
+        logic.stopWorker()
