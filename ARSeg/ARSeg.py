@@ -420,11 +420,15 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.reportLabel.text = "No result yet: click on the image or segment the whole volume."
             return
         n = nodes.sequence.GetNumberOfDataNodes()
+        # the scale the views show: the browser's (a new result starts at the finest; any parameter change
+        # calls this too, and must not move the slider away from the scale the user chose)
+        shown = nodes.browser.GetSelectedItemNumber() + 1 if nodes.browser is not None else n
+        shown = shown if 1 <= shown <= n else n
         wasBlocked = self.ui.scaleSlider.blockSignals(True)
         self.ui.scaleSlider.minimum, self.ui.scaleSlider.maximum = 1, n
-        self.ui.scaleSlider.value = n
+        self.ui.scaleSlider.value = shown
         self.ui.scaleSlider.blockSignals(wasBlocked)
-        self.ui.scaleLabel.text = f"Scale {n}/{n}"
+        self.ui.scaleLabel.text = f"Scale {shown}/{n}"
         self.ui.reportLabel.text = self.logic.reportSummary(nodes.report)
         volume = self._selectedVolume()
         if volume is not None:

@@ -719,3 +719,26 @@ def test_the_console_api_names_the_setup_call_when_packages_are_missing(arseg_mo
         assert worker._shared is None and scene.GetNumberOfNodes() == count
     finally:
         logic.stopWorker()
+
+
+def test_a_parameter_change_keeps_the_slider_on_the_scale_shown(widget, tiny):
+    """Issue 25 item 4: before, every parameter change (the parameter node's ModifiedEvent -> showResults) put the
+    slider back on the finest scale while the views stayed on the scale the user had chosen."""
+    import types
+
+    w, scene, shown = widget
+    volume, array, m = _blob(scene)
+    w._parameterNode = types.SimpleNamespace(inputVolume=volume, model="lidc-nodule", includeSamples=False)
+    nodes = w.logic.applyResult(volume, _tiny_result(tiny, array, m, (-28, -28, 4)))
+    w.showResults(nodes)
+    n = nodes.sequence.GetNumberOfDataNodes()
+    assert w.ui.scaleSlider.value == n and w.ui.scaleLabel.text == f"Scale {n}/{n}"
+    w.ui.scaleSlider.value = 3  # the user drags the slider
+    w.onScaleChanged(3)
+    assert nodes.browser.GetSelectedItemNumber() == 2
+    w.updateResultsGui()  # what a parameter change (samples, seed, a toggle...) calls
+    assert (w.ui.scaleSlider.value, w.ui.scaleLabel.text) == (3, f"Scale 3/{n}")
+    assert nodes.browser.GetSelectedItemNumber() == 2
+    again = w.logic.applyResult(volume, _tiny_result(tiny, array, m, (-28, -28, 4)))
+    w.showResults(again)  # a new result opens on its finest scale, and so does the slider
+    assert again.browser.GetSelectedItemNumber() == n - 1 and w.ui.scaleSlider.value == n
