@@ -82,20 +82,25 @@ was trained on LIDC-IDRI (The Cancer Imaging Archive, CC BY 3.0).
 
 
 def registerSampleData():
-    """The bundled demo (a slab of LIDC-IDRI-0001 around its nodule, shipped with the extension) in Sample Data."""
+    """The bundled demo (a slab of LIDC-IDRI-0001 around its nodule, shipped with the extension) in Sample Data.
+
+    The module's button loads the file itself (customDownloader); the console's SampleData.downloadSample copies
+    it into Slicer's cache first and, without a checksum, reuses whatever file of that name the cache holds (an
+    older extension's demo): the checksum makes it compare and copy again (SampleDataLogic.downloadFile)."""
     import SampleData
 
-    from ARSegLib.demo import DEMO_NAME, DEMO_VOLUME, demo_volume_path
+    from ARSegLib.demo import DEMO_NAME, demo_volume_path, sample_data_source
 
     try:
         path = demo_volume_path()
+        source = sample_data_source()  # uris, fileNames, loadFileType, checksums ("SHA256:...")
     except FileNotFoundError as e:
         logging.warning(f"ARSeg: {e}")
         return
+    source["nodeNames"] = DEMO_NAME  # the node's name as the module's button gives it
     icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "ARSeg.png")
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="ARSeg", sampleName=DEMO_NAME, uris=path.as_uri(), fileNames=DEMO_VOLUME, nodeNames=DEMO_NAME,
-        thumbnailFileName=icon, loadFileTypes="VolumeFile",
+        **source, thumbnailFileName=icon,
         customDownloader=lambda source: slicer.util.loadVolume(str(path), {"name": DEMO_NAME}))
 
 

@@ -742,3 +742,33 @@ def test_a_parameter_change_keeps_the_slider_on_the_scale_shown(widget, tiny):
     again = w.logic.applyResult(volume, _tiny_result(tiny, array, m, (-28, -28, 4)))
     w.showResults(again)  # a new result opens on its finest scale, and so does the slider
     assert again.browser.GetSelectedItemNumber() == n - 1 and w.ui.scaleSlider.value == n
+
+
+def test_sample_data_registers_the_demos_checksum(arseg_module, monkeypatch):
+    """Issue 25 item 12: SampleData.downloadSample (the console's way) copies the demo into Slicer's cache and, with
+    no checksum, reuses any cached file of that name, an older extension's demo among them
+    (SampleDataLogic.downloadFile, Slicer 5.8-5.12). The stand-in has registerCustomSampleDataSource's signature
+    (the same in v5.8.1, v5.10.0 and main), so a keyword Slicer does not know fails here as there."""
+    import hashlib
+    import types
+
+    from ARSegLib import demo
+
+    module, _ = arseg_module
+    registered = []
+
+    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None, nodeNames=None,
+                                       customDownloader=None, thumbnailFileName=None, loadFileTypes=None,
+                                       loadFiles=None, loadFileProperties={}, checksums=None, loadFileType=None):  # noqa: B006 (Slicer's)
+        registered.append(dict(locals()))
+
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=registerCustomSampleDataSource)
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    module.registerSampleData()
+    (source,) = registered
+    digest = hashlib.sha256(demo.demo_volume_path().read_bytes()).hexdigest()
+    assert source["checksums"] == f"SHA256:{digest}"
+    assert source["uris"] == demo.demo_volume_path().as_uri() and source["fileNames"] == demo.DEMO_VOLUME
+    assert source["nodeNames"] == demo.DEMO_NAME and source["category"] == "ARSeg"
+    assert Path(source["thumbnailFileName"]).is_file() and callable(source["customDownloader"])
