@@ -55,6 +55,23 @@ def _ensureLibraryOnPath():
 _ensureLibraryOnPath()
 
 
+def reimportLibrary():
+    """Import every ARSegLib module that Slicer's process holds anew, in the order they were first imported.
+
+    Reload (developer mode) re-runs ARSeg.py only; without this, Slicer would keep the old ARSegLib while the
+    restarted worker imports the new one. Done as Slicer's WebServer module reloads its helper package, WebServerLib
+    (every module, not a list of them, so a new one cannot be forgotten); only modules already imported are, so
+    this imports no torch. Returns their names."""
+    import importlib
+
+    names = [name for name in sys.modules if name == "ARSegLib" or name.startswith("ARSegLib.")]
+    for name in names:
+        del sys.modules[name]
+    for name in names:
+        importlib.import_module(name)
+    return names
+
+
 #
 # ARSeg
 #
@@ -200,6 +217,13 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def enter(self) -> None:
         self.initializeParameterNode()
         self.startPreload()
+
+    def onReload(self) -> None:
+        """Developer mode's Reload: stop the worker with the code that started it (the reloaded module's cleanup
+        would ask a fresh ARSegLib.worker, which knows no worker), import ARSegLib anew, then reload ARSeg.py."""
+        self.logic.stopWorker()
+        reimportLibrary()
+        ScriptedLoadableModuleWidget.onReload(self)
 
     def exit(self) -> None:
         if self._parameterNode:

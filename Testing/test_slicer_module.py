@@ -744,6 +744,39 @@ def test_a_parameter_change_keeps_the_slider_on_the_scale_shown(widget, tiny):
     assert again.browser.GetSelectedItemNumber() == n - 1 and w.ui.scaleSlider.value == n
 
 
+def test_reload_stops_the_worker_and_imports_arseglib_anew(arseg_module, widget, tiny_model_card, monkeypatch):
+    """Issue 25 item 8: before, Reload re-ran ARSeg.py only: Slicer kept the old ARSegLib (mrml, the worker client)
+    while the restarted worker imported the new one. Now the worker stops first (by the old client, the one that
+    knows it), every ARSegLib module Slicer's process holds is imported anew, then Slicer's own reload runs."""
+    from ARSegLib import worker as old_worker
+
+    module, _ = arseg_module
+    w, scene, shown = widget
+    saved = {name: mod for name, mod in sys.modules.items() if name == "ARSegLib" or name.startswith("ARSegLib.")}
+    reloads = []
+    monkeypatch.setattr(module.ScriptedLoadableModuleWidget, "onReload",
+                        lambda self: reloads.append((old_worker._shared, dict(sys.modules))), raising=False)
+    try:
+        run = w.logic.preload(str(tiny_model_card), "cpu")
+        assert run.wait(120) and run.error is None
+        pid = run.result["pid"]
+        module.ARSegWidget.onReload(w)
+        assert len(reloads) == 1
+        shared, modules = reloads[0]
+        assert shared is None and not _process_alive(pid)  # stopped before Slicer's reload ran
+        for name, old in saved.items():
+            assert modules[name] is not old and modules[name].__file__ == old.__file__, name
+        # only what was imported is imported again: in Slicer's process that is no module that imports torch
+        assert {n for n in modules if n == "ARSegLib" or n.startswith("ARSegLib.")} == set(saved)
+    finally:
+        saved["ARSegLib.worker"].shutdown_shared()
+        if "ARSegLib.worker" in sys.modules:
+            sys.modules["ARSegLib.worker"].shutdown_shared()
+        for name in [n for n in sys.modules if n == "ARSegLib" or n.startswith("ARSegLib.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)  # the rest of the session keeps the classes it imported
+
+
 def test_sample_data_registers_the_demos_checksum(arseg_module, monkeypatch):
     """Issue 25 item 12: SampleData.downloadSample (the console's way) copies the demo into Slicer's cache and, with
     no checksum, reuses any cached file of that name, an older extension's demo among them
