@@ -837,22 +837,21 @@ def _show_fraction(target, source):
     target.SetIJKToRASMatrix(m)
 
 
-SURFACE_KINDS = (KIND_CONSENSUS, KIND_IF_PRESENT)  # what the 3D view shows of a nodule
+def add_closed_surfaces(segmentation_node, shown: Optional[Dict[str, bool]] = None) -> int:
+    """The closed surface (3D view) of every nodule's consensus, and of each "if present" segment that `shown`
+    marks visible (all of them if None), where it lacks one; returns how many were made.
 
-
-def add_closed_surfaces(segmentation_node, kinds: Sequence[str] = SURFACE_KINDS) -> int:
-    """The closed surface (3D view) of each segment of these kinds that lacks one; returns how many were made.
-
-    Only these: the scales, samples and disagreement are hidden, and a surface for each would cost the main thread
-    about 8 ms apiece on every click. The segments are converted in a scratch segmentation because
+    Only these: the scales, samples and disagreement are hidden, and a surface costs the main thread about 10 ms
+    apiece on every click (a lung1 nodule's). The segments are converted in a scratch segmentation because
     vtkSegmentation.CreateRepresentation converts every segment; each keeps its surface when it leaves the scratch
     one. The node's segmentation then contains the representation (Slicer asks its first segment, always a
     consensus), so the 3D view draws it, as after Segment Editor's "Show 3D"."""
     name = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
     segmentation = segmentation_node.GetSegmentation()
     wanted = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-    wanted = [sid for sid in wanted if segment_tag(segmentation.GetSegment(sid), KIND_TAG) in kinds
-              and segmentation.GetSegment(sid).GetRepresentation(name) is None]
+    kinds = {sid: segment_tag(segmentation.GetSegment(sid), KIND_TAG) for sid in wanted}
+    wanted = [sid for sid in wanted if segmentation.GetSegment(sid).GetRepresentation(name) is None and (
+        kinds[sid] == KIND_CONSENSUS or (kinds[sid] == KIND_IF_PRESENT and (shown or {}).get(sid, shown is None)))]
     if not wanted:
         return 0
     register_segmentation_converters()
@@ -951,7 +950,7 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
                 segmentation.GetSegmentation().AddSegment(_copy_segment(old, local_m), sid)
                 visibility[sid] = bool(old_display.GetSegmentVisibility(sid)) if old_display is not None else False
 
-    add_closed_surfaces(segmentation)  # the nodules in the 3D view
+    add_closed_surfaces(segmentation, visibility)  # the nodules in the 3D view
 
     # every nodule's disagreement fraction, kept for when it is selected again
     disagreements = slicer.vtkMRMLSequenceNode()

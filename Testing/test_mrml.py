@@ -515,8 +515,8 @@ def _surface(segmentation_node, segment_id):
 def test_each_nodules_consensus_gets_a_closed_surface_for_the_3d_view(lung1, tiny):
     """Issue 25 item 11: before, the segmentation had only labelmaps, so Slicer's 3D view drew nothing of the
     nodule until the user pressed Segment Editor's "Show 3D". Now every nodule's consensus has its surface (the
-    ball of the stand-in model: 12 mm across), the hidden scales and samples have none (each costs the click
-    about 8 ms), and the 3D view's representation is the closed surface."""
+    ball of the stand-in model: 12 mm across), the hidden segments have none (each costs the click about 10 ms),
+    and the 3D view's representation is the closed surface."""
     first, second = _disc_results(lung1, tiny, [(0, 0, 0), (30.0, -15.0, 0)])
     scene, volume = _scene_with_volume(lung1)
     mrml.write_result(scene, volume, first, mrml.OutputOptions(include_samples=True))
@@ -532,7 +532,7 @@ def test_each_nodules_consensus_gets_a_closed_surface_for_the_3d_view(lung1, tin
         assert centre == pytest.approx(list(result.point_ras[:2]), abs=1.5)
         for sid in mrml.nodule_segment_ids(seg, nid):
             kind = mrml.segment_tag(seg.GetSegmentation().GetSegment(sid), mrml.KIND_TAG)
-            if kind in (mrml.KIND_SCALE, mrml.KIND_SAMPLE, mrml.KIND_DISAGREEMENT):
+            if kind in (mrml.KIND_SCALE, mrml.KIND_SAMPLE, mrml.KIND_DISAGREEMENT, mrml.KIND_IF_PRESENT):
                 assert _surface(seg, sid) is None, sid
     display = seg.GetDisplayNode()
     assert display.GetVisibility3D() and display.GetSegmentVisibility3D("Nodule_1")
@@ -541,6 +541,18 @@ def test_each_nodules_consensus_gets_a_closed_surface_for_the_3d_view(lung1, tin
     after = mrml.delete_nodule(scene, volume, "Nodule_1")
     assert after.segmentation.GetDisplayNode().GetDisplayRepresentationName3D() == "Closed surface"
     assert _surface(after.segmentation, "Nodule_2").GetNumberOfPoints() > 100
+
+
+def test_a_nodule_shown_if_present_has_that_surface_in_3d(lung1, tiny):
+    """7 of 16 samples mark the nodule: the plain consensus is empty and its "if present" segment is the one shown,
+    in 3D too (the empty consensus still carries the representation, so that Slicer's 3D view uses it)."""
+    (split,) = _disc_results(lung1, tiny, [(0, 0, 0)], marking=7)
+    assert split.consensus_volume_mm3 == 0
+    scene, volume = _scene_with_volume(lung1)
+    nodes = mrml.write_result(scene, volume, split)
+    assert _surface(nodes.segmentation, "Nodule_1_IfPresent").GetNumberOfPoints() > 100
+    assert _surface(nodes.segmentation, "Nodule_1") is not None
+    assert nodes.segmentation.GetDisplayNode().GetDisplayRepresentationName3D() == "Closed surface"
 
 
 def test_results_go_under_the_volumes_study_in_subject_hierarchy(lung1, click_result):
