@@ -8,6 +8,9 @@ nodes), `models` (the model cards). Slicer's process never imports torch. The sa
     logic = ARSegLogic()
     nodes = logic.segment(volumeNode, point=(R, A, S))           # or point=None: the whole volume
     reports = logic.segmentFiles(["a.nrrd", "b.nrrd"], "/tmp/out")
+
+On a fresh install, `ARSegLogic().setupPythonRequirements()` installs torch and the other packages first (the
+module's first click does it too); the console calls say so when they are missing.
 """
 
 import logging
@@ -33,6 +36,11 @@ from slicer.util import VTKObservationMixin
 DEFAULT_MODEL = "lidc-nodule"
 PYTHON_PACKAGES = {"safetensors": "safetensors", "scipy": "scipy"}  # import name -> pip requirement
 MINIMUM_TORCH = (2, 1)  # scaled_dot_product_attention with masks, inference_mode, safetensors' torch API
+SETUP_CALL = "ARSegLogic().setupPythonRequirements()"
+
+
+class PythonRequirementsError(RuntimeError):
+    """The Python packages ARSeg's worker needs are missing or too old (the console API says so before any work)."""
 
 
 def _ensureLibraryOnPath():
@@ -45,6 +53,23 @@ def _ensureLibraryOnPath():
 
 
 _ensureLibraryOnPath()
+
+
+def reimportLibrary():
+    """Import every ARSegLib module that Slicer's process holds anew, in the order they were first imported.
+
+    Reload (developer mode) re-runs ARSeg.py only; without this, Slicer would keep the old ARSegLib while the
+    restarted worker imports the new one. Done as Slicer's WebServer module reloads its helper package, WebServerLib
+    (every module, not a list of them, so a new one cannot be forgotten); only modules already imported are, so
+    this imports no torch. Returns their names."""
+    import importlib
+
+    names = [name for name in sys.modules if name == "ARSegLib" or name.startswith("ARSegLib.")]
+    for name in names:
+        del sys.modules[name]
+    for name in names:
+        importlib.import_module(name)
+    return names
 
 
 #
@@ -74,20 +99,25 @@ was trained on LIDC-IDRI (The Cancer Imaging Archive, CC BY 3.0).
 
 
 def registerSampleData():
-    """The bundled demo (a slab of LIDC-IDRI-0001 around its nodule, shipped with the extension) in Sample Data."""
+    """The bundled demo (a slab of LIDC-IDRI-0001 around its nodule, shipped with the extension) in Sample Data.
+
+    The module's button loads the file itself (customDownloader); the console's SampleData.downloadSample copies
+    it into Slicer's cache first and, without a checksum, reuses whatever file of that name the cache holds (an
+    older extension's demo): the checksum makes it compare and copy again (SampleDataLogic.downloadFile)."""
     import SampleData
 
-    from ARSegLib.demo import DEMO_NAME, DEMO_VOLUME, demo_volume_path
+    from ARSegLib.demo import DEMO_NAME, demo_volume_path, sample_data_source
 
     try:
         path = demo_volume_path()
+        source = sample_data_source()  # uris, fileNames, loadFileType, checksums ("SHA256:...")
     except FileNotFoundError as e:
         logging.warning(f"ARSeg: {e}")
         return
+    source["nodeNames"] = DEMO_NAME  # the node's name as the module's button gives it
     icon = os.path.join(os.path.dirname(__file__), "Resources", "Icons", "ARSeg.png")
     SampleData.SampleDataLogic.registerCustomSampleDataSource(
-        category="ARSeg", sampleName=DEMO_NAME, uris=path.as_uri(), fileNames=DEMO_VOLUME, nodeNames=DEMO_NAME,
-        thumbnailFileName=icon, loadFileTypes="VolumeFile",
+        **source, thumbnailFileName=icon,
         customDownloader=lambda source: slicer.util.loadVolume(str(path), {"name": DEMO_NAME}))
 
 
@@ -188,6 +218,13 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
         self.startPreload()
 
+    def onReload(self) -> None:
+        """Developer mode's Reload: stop the worker with the code that started it (the reloaded module's cleanup
+        would ask a fresh ARSegLib.worker, which knows no worker), import ARSegLib anew, then reload ARSeg.py."""
+        self.logic.stopWorker()
+        reimportLibrary()
+        ScriptedLoadableModuleWidget.onReload(self)
+
     def exit(self) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
@@ -256,11 +293,13 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                     if allowed else why)
 
     def startPreload(self) -> None:
-        """Start the worker process and load the chosen model there when the Python packages are already installed,
-        so that the first click waits for neither. Never asks to install (the first click does). A worker that
-        fails to start is logged; the click that needs it shows the error."""
+        """Start the worker process and load the chosen model there when the Python packages are already installed
+        (and torch is new enough), so that the first click waits for neither. Never asks to install (the first
+        click does): a worker started on an old torch would hold its files while the click upgrades it (on
+        Windows pip cannot delete a DLL a live process maps). A worker that fails to start is logged; the click
+        that needs it shows the error."""
         p = self._parameterNode
-        if not p or self.logic.missingPythonPackages():
+        if not p or self.logic.pythonRequirementsProblem() is not None:
             return
         try:
             self.logic.preload(p.model, p.device)
@@ -416,11 +455,15 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.reportLabel.text = "No result yet: click on the image or segment the whole volume."
             return
         n = nodes.sequence.GetNumberOfDataNodes()
+        # the scale the views show: the browser's (a new result starts at the finest; any parameter change
+        # calls this too, and must not move the slider away from the scale the user chose)
+        shown = nodes.browser.GetSelectedItemNumber() + 1 if nodes.browser is not None else n
+        shown = shown if 1 <= shown <= n else n
         wasBlocked = self.ui.scaleSlider.blockSignals(True)
         self.ui.scaleSlider.minimum, self.ui.scaleSlider.maximum = 1, n
-        self.ui.scaleSlider.value = n
+        self.ui.scaleSlider.value = shown
         self.ui.scaleSlider.blockSignals(wasBlocked)
-        self.ui.scaleLabel.text = f"Scale {n}/{n}"
+        self.ui.scaleLabel.text = f"Scale {shown}/{n}"
         self.ui.reportLabel.text = self.logic.reportSummary(nodes.report)
         volume = self._selectedVolume()
         if volume is not None:
@@ -495,17 +538,45 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         match = re.match(r"(\d+)\.(\d+)", text or "")
         return match is None or (int(match.group(1)), int(match.group(2))) >= MINIMUM_TORCH
 
+    def pythonRequirementsProblem(self) -> Optional[str]:
+        """What keeps the worker from running, in a phrase ("the Python packages torch, safetensors are not
+        installed", "PyTorch 2.0.1 is installed, ARSeg needs >=2.1"), or None when nothing does. Reads what is
+        installed (find_spec, metadata), so Slicer's process imports no torch."""
+        missing = self.missingPythonPackages()
+        if missing:
+            return f"the Python packages {', '.join(missing)} are not installed"
+        installed = self.installedTorchVersion()
+        if installed is not None and not self.torchVersionIsSupported(installed):
+            return f"PyTorch {installed} is installed, ARSeg needs >={MINIMUM_TORCH[0]}.{MINIMUM_TORCH[1]}"
+        return None
+
+    def checkPythonRequirements(self) -> None:
+        """The console API's first step: one clear error that names the call that installs them, instead of the
+        worker's "No module named 'torch'" after the volume was sent."""
+        problem = self.pythonRequirementsProblem()
+        if problem is not None:
+            raise PythonRequirementsError(f"ARSeg cannot run yet: {problem}. Install them with {SETUP_CALL} "
+                                          f"(it asks before installing; the module's first click does the same).")
+
     def setupPythonRequirements(self, askConfirmation: bool = True) -> bool:
-        """torch from the PyTorch extension (PyTorchUtils), other packages by pip; both only once confirmed. An
-        older torch (another extension may have installed one) is offered an upgrade: the worker process imports
-        torch afresh, so the upgrade takes effect at the next run, without restarting Slicer."""
+        """torch from the PyTorch extension (PyTorchUtils' light-the-torch install), other packages by pip; both
+        only once confirmed. An older torch (another extension may have installed one) is offered an upgrade.
+        The worker process is stopped before anything is installed: it maps torch's and the packages' libraries,
+        and on Windows pip cannot delete a DLL that a live process maps ("Access is denied", torch half removed).
+        The next run's worker imports what was installed, without restarting Slicer. Returns whether everything
+        is in place."""
+        import importlib
         import importlib.util
 
         required = ">={}.{}".format(*MINIMUM_TORCH)
         installed = self.installedTorchVersion() if importlib.util.find_spec("torch") is not None else None
-        if installed is None or not self.torchVersionIsSupported(installed):
+        needTorch = installed is None or not self.torchVersionIsSupported(installed)
+        missing = [pip for module, pip in PYTHON_PACKAGES.items() if importlib.util.find_spec(module) is None]
+        if not needTorch and not missing:
+            return True
+        if needTorch:
             try:
-                import PyTorchUtils
+                import PyTorchUtils  # noqa: F401
             except ModuleNotFoundError as e:
                 raise RuntimeError("ARSeg needs the PyTorch extension: install 'PyTorch' from the Extensions "
                                    "Manager and restart Slicer.") from e
@@ -516,21 +587,43 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
                         "ARSeg: upgrade PyTorch"):
                     raise RuntimeError(f"ARSeg needs PyTorch {required}; {installed} is installed. Upgrade it in "
                                        f"the PyTorch Utils module (version requirement {required}).")
-                askConfirmation = False
-            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-            torch = torchLogic.installTorch(askConfirmation=askConfirmation, torchVersionRequirement=required)
-            if torch is None:
+            elif askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                    f"ARSeg needs PyTorch ({required}). Install it now through the PyTorch extension "
+                    f"(light-the-torch picks the build for this computer; needs a network connection, several "
+                    f"minutes)?", "ARSeg: install PyTorch"):
                 logging.info("ARSeg: PyTorch was not installed")
                 return False
-            self.stopWorker()  # a running worker has the old torch loaded
-        missing = [pip for module, pip in PYTHON_PACKAGES.items() if importlib.util.find_spec(module) is None]
+        if missing and askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                f"ARSeg needs the Python packages {', '.join(missing)}. Install them now? "
+                f"(needs a network connection, about a minute)", "ARSeg: install Python packages"):
+            return False
+        self.stopWorker()  # before any install: see above
+        if needTorch:
+            self._installTorch(required)
         if missing:
-            if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                    f"ARSeg needs the Python packages {', '.join(missing)}. Install them now? "
-                    f"(needs a network connection, about a minute)", "ARSeg: install Python packages"):
-                return False
             slicer.util.pip_install(" ".join(missing))
+        importlib.invalidate_caches()  # find_spec must see what was just installed
         return True
+
+    @staticmethod
+    def _installTorch(requirement: str) -> None:
+        """PyTorchUtils' own install (its light-the-torch arguments, run by PythonSlicer in a process of its own)
+        without PyTorchUtilsLogic.installTorch's last step, `import torch`, nor its `torch` property, which imports
+        it too: torch loaded in Slicer's process would hold its DLLs against the next upgrade on Windows, and
+        Slicer's process never imports torch."""
+        import importlib.util
+
+        from PyTorchUtils import PyTorchUtilsLogic
+
+        if not hasattr(PyTorchUtilsLogic, "_getPipInstallArguments"):  # before SlicerPyTorch of June 2023
+            raise RuntimeError("The PyTorch extension is too old for ARSeg: update it in the Extensions Manager.")
+        args = PyTorchUtilsLogic._getPipInstallArguments(torchVersionRequirement=requirement)
+        if importlib.util.find_spec("light_the_torch") is None:
+            PyTorchUtilsLogic._installLightTheTorch()
+        # executePythonModule from Slicer 5.11; _executePythonModule (what PyTorchUtils calls) before, deprecated
+        run = getattr(slicer.util, "executePythonModule", None) or slicer.util._executePythonModule
+        logging.info(f"ARSeg: installing PyTorch with light-the-torch {' '.join(args)}")
+        run("light_the_torch", args)
 
     # --- models and the worker process
 
@@ -557,6 +650,7 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
     def preload(self, model: str = DEFAULT_MODEL, device: str = "auto"):
         """Start the worker process and load the model there; returns the load WorkerRun (its result: what the
         worker loaded). A click started meanwhile queues behind it."""
+        self.checkPythonRequirements()
         return self.worker(model, device).start()
 
     @staticmethod
@@ -592,6 +686,7 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         from ARSegLib.models import read_card
 
         # bad input says so at once, before the worker sees it
+        self.checkPythonRequirements()
         settings = self.settings(samples, temperature, seed, halfHeightMm, fast).check()
         pipeline.check_mode(read_card(model), pipeline.MODE_VOLUME if point is None else pipeline.MODE_CLICK)
         ijkToRas, key = mrml.world_ijk_to_ras(volumeNode), self.volumeKey(volumeNode)
@@ -622,6 +717,7 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         polls startSegmentation's run instead."""
         from ARSegLib import mrml, pipeline
 
+        self.checkPythonRequirements()
         clicks = [tuple(float(v) for v in p) for p in ([point] if point is not None else []) + list(points or [])]
         shape, ijkToRas = mrml.volume_array_shape(volumeNode), mrml.world_ijk_to_ras(volumeNode)
         for p in clicks:
@@ -654,6 +750,7 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
         from ARSegLib import mrml
 
+        self.checkPythonRequirements()
         points = {str(Path(k)): v for k, v in (points or {}).items()}
         reports = []
         for path in paths:

@@ -509,3 +509,85 @@ def test_a_click_just_outside_a_nodule_that_finds_the_same_nodule_redoes_it(lung
     other = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, beside, DiscPredictor(predictor.config), card,
                                    settings)  # a ball around the new click: mostly not nodule 1
     assert mrml.write_result(scene, volume, other).nodule_ids == ["Nodule_1", "Nodule_2"]
+
+
+# --------------------------------------------------------------------------------------------- 3D view, hierarchy
+
+def _surface(segmentation_node, segment_id):
+    return segmentation_node.GetSegmentation().GetSegment(segment_id).GetRepresentation(
+        slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
+
+
+def test_each_nodules_consensus_gets_a_closed_surface_for_the_3d_view(lung1, tiny):
+    """Issue 25 item 11: before, the segmentation had only labelmaps, so Slicer's 3D view drew nothing of the
+    nodule until the user pressed Segment Editor's "Show 3D". Now every nodule's consensus has its surface (the
+    ball of the stand-in model: 12 mm across), the hidden segments have none (each costs the click about 10 ms),
+    and the 3D view's representation is the closed surface."""
+    first, second = _disc_results(lung1, tiny, [(0, 0, 0), (30.0, -15.0, 0)])
+    scene, volume = _scene_with_volume(lung1)
+    mrml.write_result(scene, volume, first, mrml.OutputOptions(include_samples=True))
+    nodes = mrml.write_result(scene, volume, second, mrml.OutputOptions(include_samples=True))
+    seg = nodes.segmentation
+    for nid, result in (("Nodule_1", first), ("Nodule_2", second)):
+        surface = _surface(seg, nid)  # nodule 1's consensus was copied into the new node: it has one again
+        assert surface is not None and surface.GetNumberOfPoints() > 100, nid
+        bounds = surface.GetBounds()
+        extent = [bounds[1] - bounds[0], bounds[3] - bounds[2]]
+        assert extent == pytest.approx([12.0, 12.0], abs=2.0), (nid, bounds)  # R and A across the ball
+        centre = [(bounds[0] + bounds[1]) / 2, (bounds[2] + bounds[3]) / 2]
+        assert centre == pytest.approx(list(result.point_ras[:2]), abs=1.5)
+        for sid in mrml.nodule_segment_ids(seg, nid):
+            kind = mrml.segment_tag(seg.GetSegmentation().GetSegment(sid), mrml.KIND_TAG)
+            if kind in (mrml.KIND_SCALE, mrml.KIND_SAMPLE, mrml.KIND_DISAGREEMENT, mrml.KIND_IF_PRESENT):
+                assert _surface(seg, sid) is None, sid
+    display = seg.GetDisplayNode()
+    assert display.GetVisibility3D() and display.GetSegmentVisibility3D("Nodule_1")
+    assert display.GetDisplayRepresentationName3D() == "Closed surface"
+    # deleting the first nodule leaves a first segment with a surface: the 3D view keeps drawing the rest
+    after = mrml.delete_nodule(scene, volume, "Nodule_1")
+    assert after.segmentation.GetDisplayNode().GetDisplayRepresentationName3D() == "Closed surface"
+    assert _surface(after.segmentation, "Nodule_2").GetNumberOfPoints() > 100
+
+
+def test_a_nodule_shown_if_present_has_that_surface_in_3d(lung1, tiny):
+    """7 of 16 samples mark the nodule: the plain consensus is empty and its "if present" segment is the one shown,
+    in 3D too (the empty consensus still carries the representation, so that Slicer's 3D view uses it)."""
+    (split,) = _disc_results(lung1, tiny, [(0, 0, 0)], marking=7)
+    assert split.consensus_volume_mm3 == 0
+    scene, volume = _scene_with_volume(lung1)
+    nodes = mrml.write_result(scene, volume, split)
+    assert _surface(nodes.segmentation, "Nodule_1_IfPresent").GetNumberOfPoints() > 100
+    assert _surface(nodes.segmentation, "Nodule_1") is not None
+    assert nodes.segmentation.GetDisplayNode().GetDisplayRepresentationName3D() == "Closed surface"
+
+
+def test_results_go_under_the_volumes_study_in_subject_hierarchy(lung1, click_result):
+    """Issue 25 item 10: before, ARSeg's nodes sat at the scene's top level, away from the CT's study. Now every
+    result node is an item of the CT's study (after a redo too), and the CT and the user's nodes stay where they
+    were."""
+    scene, volume = _scene_with_volume(lung1)
+    hierarchy = scene.GetSubjectHierarchyNode()
+    patient = hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "LIDC-IDRI-0001")
+    study = hierarchy.CreateStudyItem(patient, "CT chest")
+    volume_item = hierarchy.CreateItem(study, volume)
+    mine = _user_segmentation(scene, volume)
+    mine_item = hierarchy.CreateItem(hierarchy.GetSceneItemID(), mine)
+    for _ in range(2):  # the second run redoes nodule 1 with new nodes: they go under the study too
+        nodes = mrml.write_result(scene, volume, click_result)
+        placed = [nodes.segmentation, nodes.disagreement_volume, nodes.table, nodes.sequence, nodes.browser,
+                  nodes.proxy, nodes.disagreements]
+        for node in placed:
+            item = hierarchy.GetItemByDataNode(node)
+            assert item and hierarchy.GetItemParent(item) == study, node.GetName()
+        assert hierarchy.GetItemByDataNode(volume) == volume_item and hierarchy.GetItemParent(volume_item) == study
+        assert hierarchy.GetItemParent(mine_item) == hierarchy.GetSceneItemID()
+    children = vtk_id_list_ids(hierarchy, study)
+    assert volume_item in children and len(children) == 1 + len(placed)  # the first run's items went with its nodes
+
+
+def vtk_id_list_ids(hierarchy, parent):
+    import vtk
+
+    ids = vtk.vtkIdList()
+    hierarchy.GetItemChildren(parent, ids)
+    return [ids.GetId(i) for i in range(ids.GetNumberOfIds())]

@@ -582,3 +582,252 @@ def test_a_start_error_shows_one_message_and_no_traceback(widget, monkeypatch):
     type(w).startRun(w, (1.0, 2.0, 3.0))  # the real one (the fixture replaces it on the instance): must not raise
     assert len(shown["errors"]) == 1 and "could not start the ARSeg worker" in shown["errors"][0]
     assert w._run is None and w.ui.statusLabel.text == "Failed."
+
+
+# ------------------------------------------------------------- issue 25: setup, console, slider, reload, Sample Data
+
+def _old_torch_installed(monkeypatch, tmp_path, version="2.0.1"):
+    """What importlib.metadata reads when another extension installed an old torch: a dist-info first on sys.path
+    (the importable torch stays this venv's; ARSeg reads the version from the metadata, never by importing)."""
+    site = tmp_path / "site"
+    info = site / f"torch-{version}.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n")
+    monkeypatch.syspath_prepend(str(site))
+
+
+class _PyTorchUtilsStandIn:
+    """fepegar/SlicerPyTorch's PyTorchUtils (e1c85cc) as far as ARSeg can reach it: installTorch runs light-the-torch
+    through slicer.util._executePythonModule and then imports torch into Slicer's process, as does the `torch`
+    property; both are recorded."""
+
+    def __init__(self, events, util):
+        events_ = events
+
+        class PyTorchUtilsLogic:
+            def __init__(self):
+                self._torch = None
+
+            @property
+            def torch(self):
+                events_.append("torch imported into Slicer's process (PyTorchUtilsLogic.torch)")
+                return object()
+
+            def installTorch(self, askConfirmation=False, forceComputationBackend=None, torchVersionRequirement=None,
+                             torchvisionVersionRequirement=None):
+                args = PyTorchUtilsLogic._getPipInstallArguments(forceComputationBackend, torchVersionRequirement,
+                                                                 torchvisionVersionRequirement)
+                util._executePythonModule("light_the_torch", args)
+                events_.append("torch imported into Slicer's process (installTorch)")
+                return object()
+
+            @staticmethod
+            def _getPipInstallArguments(forceComputationBackend=None, torchVersionRequirement=None,
+                                        torchvisionVersionRequirement=None):
+                args = ["install", "torch" + (torchVersionRequirement or ""),
+                        "torchvision" + (torchvisionVersionRequirement or "")]
+                if forceComputationBackend is not None:
+                    args.append(f"--pytorch-computation-backend={forceComputationBackend}")
+                return args
+
+            @staticmethod
+            def _installLightTheTorch():
+                util.pip_install("light-the-torch>=0.5")
+
+        self.PyTorchUtilsLogic = PyTorchUtilsLogic
+
+
+def _process_alive(pid) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_an_old_torch_is_upgraded_only_after_the_worker_stopped_and_never_imported(arseg_module, tiny_model_card,
+                                                                                   monkeypatch, tmp_path):
+    """Issue 25 items 1 and 13. Before: PyTorchUtils' installTorch ran while the worker (preloaded on the old torch)
+    was alive, which on Windows fails to delete torch's DLLs, and installTorch then imported torch into Slicer's
+    process. Now the worker is stopped before light-the-torch or pip runs, and torch is never imported."""
+    import types
+
+    from ARSegLib import worker
+
+    module, _ = arseg_module
+    logic = module.ARSegLogic()
+    events = []
+    try:
+        run = logic.preload(str(tiny_model_card), "cpu")  # the module opened before the old torch was seen
+        assert run.wait(120) and run.error is None
+        pid = run.result["pid"]
+
+        def install(what):
+            def record(*args):
+                events.append((what, args, "worker alive" if _process_alive(pid) else "worker stopped"))
+            return record
+
+        util = types.SimpleNamespace(confirmOkCancelDisplay=lambda *a, **k: True, pip_install=install("pip"))
+        util._executePythonModule = install("python -m")
+        monkeypatch.setattr(module.slicer, "util", util, raising=False)
+        monkeypatch.setitem(sys.modules, "PyTorchUtils", _PyTorchUtilsStandIn(events, util))
+        monkeypatch.setitem(sys.modules, "safetensors", None)  # not installed either: find_spec finds none
+        _old_torch_installed(monkeypatch, tmp_path)
+        assert logic.installedTorchVersion() == "2.0.1" and logic.missingPythonPackages() == ["safetensors"]
+
+        assert logic.setupPythonRequirements(askConfirmation=False)
+        assert not [e for e in events if isinstance(e, str)], events  # torch never imported in this process
+        installs = [e for e in events if not isinstance(e, str)]
+        import importlib.util
+
+        # where light-the-torch is missing, PyTorchUtils' own way installs it first
+        ltt = [] if importlib.util.find_spec("light_the_torch") else [("pip", ("light-the-torch>=0.5",))]
+        assert [(what, args) for what, args, _ in installs] == ltt + [
+            ("python -m", ("light_the_torch", ["install", "torch>=2.1", "torchvision"])),
+            ("pip", ("safetensors",))]
+        assert all(state == "worker stopped" for _, _, state in installs), installs
+        assert worker._shared is None
+    finally:
+        logic.stopWorker()
+
+
+def test_the_module_does_not_preload_on_an_unsupported_torch(widget, tiny_model_card, monkeypatch, tmp_path):
+    """Issue 25 item 1: before, opening the module started the worker whenever torch was importable, old or not."""
+    import types
+
+    from ARSegLib import worker
+
+    w, scene, shown = widget
+    w._parameterNode = types.SimpleNamespace(model=str(tiny_model_card), device="cpu")
+    _old_torch_installed(monkeypatch, tmp_path)
+    try:
+        w.startPreload()
+        assert worker._shared is None  # no worker holds the old torch's files
+    finally:
+        w.logic.stopWorker()
+
+
+@pytest.mark.parametrize("missing", ["torch", "safetensors", "old torch"])
+def test_the_console_api_names_the_setup_call_when_packages_are_missing(arseg_module, tiny_model_card, missing,
+                                                                       monkeypatch, tmp_path):
+    """Issue 25 item 5: before, segment()/segmentFiles() on a fresh install started the worker and failed there
+    with "No module named 'torch'". Now one error before any work names the call that installs them; no worker
+    starts, the scene and the output folder are untouched."""
+    from arseg_volumes import Volume, write_nrrd
+
+    from ARSegLib import mrml, worker
+
+    module, _ = arseg_module
+    if missing == "old torch":
+        _old_torch_installed(monkeypatch, tmp_path)
+    else:
+        monkeypatch.setitem(sys.modules, missing, None)  # find_spec finds none, as on a fresh install
+    scene = mrml.new_scene()
+    volume, array, m = _blob(scene)
+    count = scene.GetNumberOfNodes()
+    logic = module.ARSegLogic()
+    expected = "2.0.1" if missing == "old torch" else missing
+    try:
+        for call in (lambda: logic.segment(volume, point=(-28.0, -28.0, 4.0), model=str(tiny_model_card),
+                                           device="cpu", samples=2, halfHeightMm=0),
+                     lambda: logic.startSegmentation(volume, (-28.0, -28.0, 4.0), model=str(tiny_model_card),
+                                                     device="cpu"),
+                     lambda: logic.preload(str(tiny_model_card), "cpu")):
+            with pytest.raises(RuntimeError, match=r"ARSegLogic\(\)\.setupPythonRequirements\(\)") as error:
+                call()
+            assert expected in str(error.value) and type(error.value).__name__ == "PythonRequirementsError"
+        path = write_nrrd(Volume(array=array, ijk_to_ras=m), tmp_path / "case.nrrd")
+        with pytest.raises(RuntimeError, match=expected):
+            logic.segmentFiles([path], tmp_path / "out", model=str(tiny_model_card), device="cpu")
+        assert not (tmp_path / "out").exists()
+        assert worker._shared is None and scene.GetNumberOfNodes() == count
+    finally:
+        logic.stopWorker()
+
+
+def test_a_parameter_change_keeps_the_slider_on_the_scale_shown(widget, tiny):
+    """Issue 25 item 4: before, every parameter change (the parameter node's ModifiedEvent -> showResults) put the
+    slider back on the finest scale while the views stayed on the scale the user had chosen."""
+    import types
+
+    w, scene, shown = widget
+    volume, array, m = _blob(scene)
+    w._parameterNode = types.SimpleNamespace(inputVolume=volume, model="lidc-nodule", includeSamples=False)
+    nodes = w.logic.applyResult(volume, _tiny_result(tiny, array, m, (-28, -28, 4)))
+    w.showResults(nodes)
+    n = nodes.sequence.GetNumberOfDataNodes()
+    assert w.ui.scaleSlider.value == n and w.ui.scaleLabel.text == f"Scale {n}/{n}"
+    w.ui.scaleSlider.value = 3  # the user drags the slider
+    w.onScaleChanged(3)
+    assert nodes.browser.GetSelectedItemNumber() == 2
+    w.updateResultsGui()  # what a parameter change (samples, seed, a toggle...) calls
+    assert (w.ui.scaleSlider.value, w.ui.scaleLabel.text) == (3, f"Scale 3/{n}")
+    assert nodes.browser.GetSelectedItemNumber() == 2
+    again = w.logic.applyResult(volume, _tiny_result(tiny, array, m, (-28, -28, 4)))
+    w.showResults(again)  # a new result opens on its finest scale, and so does the slider
+    assert again.browser.GetSelectedItemNumber() == n - 1 and w.ui.scaleSlider.value == n
+
+
+def test_reload_stops_the_worker_and_imports_arseglib_anew(arseg_module, widget, tiny_model_card, monkeypatch):
+    """Issue 25 item 8: before, Reload re-ran ARSeg.py only: Slicer kept the old ARSegLib (mrml, the worker client)
+    while the restarted worker imported the new one. Now the worker stops first (by the old client, the one that
+    knows it), every ARSegLib module Slicer's process holds is imported anew, then Slicer's own reload runs."""
+    from ARSegLib import worker as old_worker
+
+    module, _ = arseg_module
+    w, scene, shown = widget
+    saved = {name: mod for name, mod in sys.modules.items() if name == "ARSegLib" or name.startswith("ARSegLib.")}
+    reloads = []
+    monkeypatch.setattr(module.ScriptedLoadableModuleWidget, "onReload",
+                        lambda self: reloads.append((old_worker._shared, dict(sys.modules))), raising=False)
+    try:
+        run = w.logic.preload(str(tiny_model_card), "cpu")
+        assert run.wait(120) and run.error is None
+        pid = run.result["pid"]
+        module.ARSegWidget.onReload(w)
+        assert len(reloads) == 1
+        shared, modules = reloads[0]
+        assert shared is None and not _process_alive(pid)  # stopped before Slicer's reload ran
+        for name, old in saved.items():
+            assert modules[name] is not old and modules[name].__file__ == old.__file__, name
+        # only what was imported is imported again: in Slicer's process that is no module that imports torch
+        assert {n for n in modules if n == "ARSegLib" or n.startswith("ARSegLib.")} == set(saved)
+    finally:
+        saved["ARSegLib.worker"].shutdown_shared()
+        if "ARSegLib.worker" in sys.modules:
+            sys.modules["ARSegLib.worker"].shutdown_shared()
+        for name in [n for n in sys.modules if n == "ARSegLib" or n.startswith("ARSegLib.")]:
+            del sys.modules[name]
+        sys.modules.update(saved)  # the rest of the session keeps the classes it imported
+
+
+def test_sample_data_registers_the_demos_checksum(arseg_module, monkeypatch):
+    """Issue 25 item 12: SampleData.downloadSample (the console's way) copies the demo into Slicer's cache and, with
+    no checksum, reuses any cached file of that name, an older extension's demo among them
+    (SampleDataLogic.downloadFile, Slicer 5.8-5.12). The stand-in has registerCustomSampleDataSource's signature
+    (the same in v5.8.1, v5.10.0 and main), so a keyword Slicer does not know fails here as there."""
+    import hashlib
+    import types
+
+    from ARSegLib import demo
+
+    module, _ = arseg_module
+    registered = []
+
+    def registerCustomSampleDataSource(category="Custom", sampleName=None, uris=None, fileNames=None, nodeNames=None,
+                                       customDownloader=None, thumbnailFileName=None, loadFileTypes=None,
+                                       loadFiles=None, loadFileProperties={}, checksums=None, loadFileType=None):  # noqa: B006 (Slicer's)
+        registered.append(dict(locals()))
+
+    sample_data = types.ModuleType("SampleData")
+    sample_data.SampleDataLogic = types.SimpleNamespace(registerCustomSampleDataSource=registerCustomSampleDataSource)
+    monkeypatch.setitem(sys.modules, "SampleData", sample_data)
+    module.registerSampleData()
+    (source,) = registered
+    digest = hashlib.sha256(demo.demo_volume_path().read_bytes()).hexdigest()
+    assert source["checksums"] == f"SHA256:{digest}"
+    assert source["uris"] == demo.demo_volume_path().as_uri() and source["fileNames"] == demo.DEMO_VOLUME
+    assert source["nodeNames"] == demo.DEMO_NAME and source["category"] == "ARSeg"
+    assert Path(source["thumbnailFileName"]).is_file() and callable(source["customDownloader"])
