@@ -855,7 +855,13 @@ def cmd_view(args):
         import trame_slicer.core  # noqa: F401
     except ImportError as e:
         _fail("view", f"the review page needs trame-slicer: pip install -e \".[web]\" ({e})")
+    from .models import ModelError, read_card
     from .web.catalog import CatalogError
+
+    try:
+        model_notice(read_card(args.model), "view")  # a bad card is one line before the server starts
+    except ModelError as e:
+        _fail("view", str(e))
 
     options = ViewOptions(volumes=args.volumes, data_dirs=args.data_dir, host=args.host, port=args.port,
                           model=args.model, device=args.device, n_samples=args.samples)

@@ -8,7 +8,7 @@ A card is checked before anything is built from it: every field it has a use for
 one ModelError naming the field), and `card_sha256`, a digest of its result-changing fields (SEALED_FIELDS), so
 that a card edited after export is refused instead of changing results under the same model name. Then the
 weights: their size and sha256 against the card, their tensors' shapes against the card's architecture (built
-on torch's meta device, which allocates nothing), and only then the model itself.
+with shapes only, which allocates nothing), and only then the model itself.
 """
 
 from __future__ import annotations
@@ -225,7 +225,7 @@ def _check_config(c: _CardCheck, config: Any) -> None:
             elif not isinstance(value, bool):
                 c.fail(name, "true or false", value)
     # relations between fields, where the card states them (an export states every field; a missing one takes the
-    # engine's default, checked when the model is built on the meta device)
+    # engine's default, checked when the model is built with shapes only)
     ae, seg = config.get("autoencoder", {}), config.get("segmentor", {})
     scales = list(ae.get("scales", []))
     if scales and (any(b <= a for a, b in zip(scales, scales[1:])) or
@@ -405,15 +405,41 @@ def safetensors_shapes(path: Path, size: int) -> Dict[str, Tuple[int, ...]]:
     return shapes
 
 
-def _check_architecture(card: ModelCard, config, shapes: Dict[str, Tuple[int, ...]]) -> None:
-    """The weights' tensor names and shapes against the card's architecture, built on the meta device (no memory,
-    no time): a card whose architecture differs from its weights is refused before the model is built."""
+def _shapes_only():
+    """A torch function mode in which a module's constructor allocates nothing: every new tensor (torch.empty,
+    zeros, ones, full, rand, randn) is one element broadcast to its shape (no memory), and torch.nn.init leaves
+    tensors as they are. The parameters then have their true shapes, which is all a shape check needs. (torch's
+    meta device would do the same, but its first use imports torch._dynamo: 3 s more for the first model load.)"""
     import torch
+    from torch.overrides import TorchFunctionMode
 
+    skipped = {f for name, f in vars(torch.nn.init).items() if callable(f) and name.endswith("_")}
+    factories = {torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full}
+
+    class ShapesOnly(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in skipped:
+                return args[0] if args else kwargs.get("tensor")
+            name = getattr(func, "__name__", "")
+            if name.endswith("_") and not name.endswith("__") and args and isinstance(args[0], torch.Tensor):
+                return args[0]  # an in-place write (zero_, fill_, masked_fill_): values do not matter here
+            if func in factories:
+                size = args[0] if func is torch.full else args
+                size = tuple(size[0]) if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)) else size
+                return torch.zeros((), dtype=kwargs.get("dtype") or torch.get_default_dtype()).expand(*size)
+            return func(*args, **kwargs)
+
+    return ShapesOnly()
+
+
+def _check_architecture(card: ModelCard, config, shapes: Dict[str, Tuple[int, ...]]) -> None:
+    """The weights' tensor names and shapes against the card's architecture, built with shapes only (no memory,
+    no time): a card whose architecture differs from its weights is refused before the model is built."""
     from .engine import build_arseg
 
     try:
-        with torch.device("meta"):
+        with _shapes_only():
             autoencoder, segmentor = build_arseg(config)
     except (ValueError, RuntimeError, TypeError, ZeroDivisionError) as e:
         raise ModelError(f"model card {card.path}: its configuration cannot be built ({e})") from None
@@ -451,7 +477,8 @@ def check_weights(card: ModelCard, verify: bool = True) -> Dict[str, Tuple[int, 
 def load_model(name_or_path=DEFAULT_MODEL, device: str = "cpu", verify: bool = True):
     """Returns (predictor, card). In this order, each step refusing with one ModelError before the next: find the
     card (a name cannot leave the model folders), read and check it, check the weights' size and sha256 against it
-    and their shapes against its architecture, and only then build the model and load the weights."""
+    and their shapes against its architecture (built with shapes only), and only then build the model and load the
+    weights."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

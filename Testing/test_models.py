@@ -93,20 +93,21 @@ def _set(path: str, value):
 
 @pytest.fixture
 def builds(monkeypatch):
-    """The devices on which the model was built: 'meta' for the shape check (no memory), anything else for real."""
-    import torch
-
+    """Each build of a model: 'shapes' when its parameters hold (almost) no memory (the shape check), else 'real'."""
     from ARSegLib import engine
 
-    devices = []
+    kinds = []
     real = engine.build_arseg
 
     def recording(config):
-        devices.append(str(torch.get_default_device()))
-        return real(config)
+        modules = real(config)
+        params = [p for m in modules for p in m.parameters()]
+        held = sum(p.untyped_storage().nbytes() for p in params)
+        kinds.append("shapes" if held < 0.01 * sum(p.numel() * p.element_size() for p in params) else "real")
+        return modules
 
     monkeypatch.setattr(engine, "build_arseg", recording)
-    return devices
+    return kinds
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -195,15 +196,19 @@ def test_weights_size_hash_and_shapes_are_checked_before_the_model_is_built(tmp_
         f.write(b"\0")
     with pytest.raises(ModelError, match="have 7895813 bytes, but the card .* says 7895812"):
         load_model(card)
-    # an architecture that the weights do not have (valid, sealed): refused from the weights' header, the model
-    # built on the meta device only
-    card = edited_copy(tmp_path / "wider", _set("config.segmentor.embed_dim", 192), seal=True)
-    with pytest.raises(ModelError, match="do not fit the architecture"):
+    # an architecture that the weights do not have (valid, sealed; 4096 would take gigabytes): refused from the
+    # weights' header, the model built with shapes only (no memory)
+    import resource
+
+    card = edited_copy(tmp_path / "wider", _set("config.segmentor.embed_dim", 4096), seal=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ModelError, match=r"do not fit the architecture .*\[960\] in the weights, \[24576\] by"):
         load_model(card)
-    assert builds and set(builds) == {"meta"}, builds
+    assert builds == ["shapes"], builds
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 200_000  # kB: the real model is ~3 GB
     builds.clear()
     predictor, card = load_model("lidc-nodule")
-    assert builds == ["meta", "cpu"] and predictor.config.segmentor.embed_dim == 160
+    assert builds == ["shapes", "real"] and predictor.config.segmentor.embed_dim == 160
 
 
 def test_a_shipped_name_is_not_shadowed_and_names_stay_in_the_model_folders(tmp_path, monkeypatch):
