@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import json
 import math
 import os
@@ -229,13 +230,19 @@ def cmd_eval(args):
     from tqdm import tqdm
 
     from .evaluation import evaluate
-    from .models import load_model
+    from .models import ModelError, load_model, read_card
+    from .pipeline import SegmentSettings
     from .training.distributed import resolve_device
 
     if args.baseline == "prob-unet":
         from .baselines.commands import eval_prob_unet
 
         return eval_prob_unet(args)
+    try:  # the engine's SamplingConfig.check knows no temperature range: NaN or 0 would run (issue 21)
+        check_settings(SegmentSettings(temperature=args.temperature))
+        model_notice(read_card(args.model), "eval")
+    except (CommandError, ModelError) as e:
+        _fail("eval", str(e))
     predictor, card = load_model(args.model, resolve_device(args.device))
     s = predictor.config.sampling
     over = {"n_samples": args.samples, "seed": args.seed}
@@ -249,7 +256,7 @@ def cmd_eval(args):
     try:
         s.check()
     except ValueError as e:
-        raise SystemExit(f"arseg eval: error: {e}")
+        raise SystemExit(f"arseg eval: error: {e}") from None
     split, data = eval_data(args)
     images = (data.images_Nhw[:, None] / 255.0).astype(np.float32)
     if args.baseline == "unet":
@@ -338,15 +345,13 @@ def check_device(device: str) -> str:
                        f"'cuda' is any NVIDIA GPU torch sees)")
 
 
-def _segment_settings(args):
-    from .pipeline import SegmentSettings, SettingsError
+def check_settings(settings):
+    """settings.check(), its message naming the command-line option instead of the field (CommandError)."""
+    from .pipeline import SettingsError
 
-    settings = SegmentSettings(n_samples=args.samples, temperature=args.temperature, seed=args.seed,
-                               half_height_mm=args.half_height, views=args.views, oversample=args.oversample,
-                               presence_logit_shift=args.presence_shift)
     option = {"n_samples": "--samples", "temperature": "--temperature", "seed": "--seed",
               "half_height_mm": "--half-height", "views": "--views", "oversample": "--oversample",
-              "presence_logit_shift": "--presence-shift"}
+              "presence_logit_shift": "--presence-shift", "top_k": "--top-k"}
     try:
         return settings.check()
     except SettingsError as e:
@@ -355,6 +360,65 @@ def _segment_settings(args):
             if message.startswith(name + " "):
                 message = flag + message[len(name):]
         raise CommandError(message) from None
+
+
+def _segment_settings(args):
+    from .pipeline import SegmentSettings
+
+    return check_settings(SegmentSettings(n_samples=args.samples, temperature=args.temperature, seed=args.seed,
+                                          half_height_mm=args.half_height, views=args.views,
+                                          oversample=args.oversample, presence_logit_shift=args.presence_shift))
+
+
+def model_notice(card, command: str) -> None:
+    """Which folder the model came from, when cards of the same name were passed over (models.locate_card)."""
+    notice = card.notice()
+    if notice:
+        print(f"arseg {command}: note: {notice}", file=sys.stderr)
+
+
+def unique_points(points: Sequence[tuple], command: str, where: str = "") -> List[tuple]:
+    """The points without repeats (each would run the same inference again and redo the same nodule), said."""
+    kept: List[tuple] = []
+    for p in points:
+        if p not in kept:
+            kept.append(p)
+    for p in kept:
+        n = points.count(p)
+        if n > 1:
+            print(f"arseg {command}: note: {where}point {','.join(f'{v:g}' for v in p)} given {n} times: segmented "
+                  f"once", file=sys.stderr)
+    return kept
+
+
+_TEMPORARY_NAME = re.compile(r"\.arseg-tmp-\d+-")  # mrml._temporary_name: the user knows only the final names
+
+
+def failure_message(e: BaseException, outputs: Sequence[Path] = ()) -> str:
+    """One line for a failure. A full disk says so and where (the raw error names a temporary file, or no file);
+    temporary names are shown as the final names they stand for."""
+    message = _TEMPORARY_NAME.sub("", str(e).replace("\n", " "))
+    folders = []
+    for path in outputs:
+        if path is not None and Path(path).parent not in folders:
+            folders.append(Path(path).parent)
+    full = [d for d in folders if _free_bytes(d) is not None and _free_bytes(d) < (1 << 20)]
+    no_space = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if no_space or (full and "could not write" in message):
+        where = ", ".join(str(d) for d in (full or folders)) or "the output folder"
+        return (f"the disk is full: no space left in {where} to write the results ({message}); nothing was written; "
+                f"free some space and run again")
+    return message
+
+
+def _free_bytes(folder: Path) -> Optional[int]:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        stat = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return None
+    return stat.f_bavail * stat.f_frsize
 
 
 def _user_errors():
@@ -441,7 +505,7 @@ def cmd_segment(args):
     try:
         settings = _segment_settings(args)
         check_device(args.device)
-        points = [parse_point(p) for p in (args.point or [])]
+        points = unique_points([parse_point(p) for p in (args.point or [])], "segment")
         volume = Path(args.volume)
         if not volume.is_file():
             raise CommandError(f"volume file not found: {volume}")
@@ -454,7 +518,7 @@ def cmd_segment(args):
         chosen = [p for p in (out, png, report) if p is not None]
         if len({p.resolve() for p in chosen}) < len(chosen):
             raise CommandError("--out, --png and --report must be different files")
-        _check_model_mode(args.model, MODE_CLICK if points else MODE_VOLUME)
+        model_notice(_check_model_mode(args.model, MODE_CLICK if points else MODE_VOLUME), "segment")
         predictor, card = _load_predictor(args.model, args.device)
         progress, bars = _progress_bar(f"arseg segment {volume.name}")
         try:
@@ -465,7 +529,10 @@ def cmd_segment(args):
             for bar in bars:
                 bar.close()
     except _user_errors() as e:
-        _fail("segment", str(e).replace("\n", " "))
+        _fail("segment", failure_message(e, [args.out, args.png, args.report]))
+    warning = _small_input_warning(nodes, card)
+    if warning:
+        print(f"arseg segment: warning: {volume.name}: {warning}", file=sys.stderr)
     seconds = sum(r.timings_s.get("total", 0) for r in nodes.results)
     print(f"{out}: {len(nodes.report['nodules'])} nodule(s) ({card.name}, {seconds:.1f} s)")
     for entry in nodes.report["nodules"]:
@@ -475,6 +542,15 @@ def cmd_segment(args):
     for path in (png, report):
         if path is not None:
             print(f"  wrote {path}")
+
+
+def _small_input_warning(nodes, card) -> Optional[str]:
+    from .pipeline import small_input_warning
+
+    result = nodes.results[-1] if getattr(nodes, "results", None) else None
+    if result is None or not card.pixel_spacing_mm:
+        return None
+    return small_input_warning(result.volume_shape, result.ijk_to_ras, card.crop_size, card.pixel_spacing_mm)
 
 
 # ------------------------------------------------------------------------------------ batch: which points
@@ -574,7 +650,40 @@ def _case_outputs(case: Path, input_dir: Path, output_dir: Path):
             base.with_name(base.name + ".png"))
 
 
+def check_case_outputs(cases: Sequence[Path], input_dir: Path, output_dir: Path, png: bool) -> None:
+    """CommandError, before any work, when two cases would write the same output (a.nrrd, a.nii.gz and a.mha all
+    make a.seg.nrrd: two results would be silently overwritten) or an output would overwrite an input."""
+    writers: Dict[Path, List[Path]] = {}
+    for case in cases:
+        rel, seg, report, figure = _case_outputs(case, input_dir, output_dir)
+        for path in (seg, report, figure) if png else (seg, report):
+            writers.setdefault(path.resolve(), []).append(rel)
+    clashes = {path: rels for path, rels in writers.items() if len(rels) > 1}
+    if clashes:
+        path, rels = next(iter(clashes.items()))
+        raise CommandError(f"{' and '.join(map(str, rels))} would all be written to {path.name} "
+                           f"({len(clashes)} output name(s) shared by several scans): rename them, or choose one "
+                           f"with --pattern; nothing was segmented")
+    overwritten = sorted(set(writers) & {case.resolve() for case in cases})
+    if overwritten:
+        raise CommandError(f"an output would overwrite the scan {overwritten[0]}: choose another OUTPUT_DIR")
+
+
+def _interruptible():
+    """SIGTERM as Ctrl-C while cases run, so that a stopped batch still writes what finished (restored after)."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        return None
+
+
 def cmd_batch(args):
+    import signal
     import time
 
     import torch.distributed as dist
@@ -590,8 +699,10 @@ def cmd_batch(args):
         cases = find_cases(input_dir, args.pattern)
         if not cases:
             raise CommandError(f"no files match {args.pattern!r} in {input_dir}")
+        check_case_outputs(cases, input_dir, output_dir, args.png)
         points = points_for_cases(cases, input_dir, read_points_file(Path(args.points)) if args.points else {})
-        _check_model_mode(args.model, MODE_CLICK)
+        points = {case: unique_points(p, "batch", f"{case.relative_to(input_dir)}: ") for case, p in points.items()}
+        model_notice(_check_model_mode(args.model, MODE_CLICK), "batch")
         if args.whole_volume:
             _check_model_mode(args.model, MODE_VOLUME)
         check_output(output_dir / "batch.json", "OUTPUT_DIR", (".json",))
@@ -604,30 +715,55 @@ def cmd_batch(args):
 
     mine = cases[rank::world]  # ranks take every world-th case: no scheduler, no shared state
     records = []
-    for case in tqdm(mine, desc=f"arseg batch rank {rank}/{world}", unit="case",
-                     disable=not args.progress and not is_main()):
-        rel, seg_path, report_path, png_path = _case_outputs(case, input_dir, output_dir)
-        record = {"case": str(rel), "rank": rank, "segmentation": str(seg_path), "report": str(report_path),
-                  "points_ras_mm": [list(p) for p in points[case]]}
-        t0 = time.perf_counter()
-        if not points[case] and not args.whole_volume:
-            record.update(status="no-points", error="no points for this case: not segmented (give them in --points "
-                                                    "or a .mrk.json beside the scan)")
-            print(f"arseg batch: {rel}: no points: not segmented", file=sys.stderr)
+    previous_sigterm = _interruptible()
+    interrupted = False
+    try:
+        for case in tqdm(mine, desc=f"arseg batch rank {rank}/{world}", unit="case",
+                         disable=not args.progress and not is_main()):
+            rel, seg_path, report_path, png_path = _case_outputs(case, input_dir, output_dir)
+            # which file made which output: the source, and every file written for it
+            record = {"case": str(rel), "source": str(case), "rank": rank, "segmentation": str(seg_path),
+                      "report": str(report_path), "points_ras_mm": [list(p) for p in points[case]]}
+            if args.png:
+                record["png"] = str(png_path)
+            t0 = time.perf_counter()
+            if not points[case] and not args.whole_volume:
+                record.update(status="no-points", error="no points for this case: not segmented (give them in "
+                                                        "--points or a .mrk.json beside the scan)")
+                print(f"arseg batch: {rel}: no points: not segmented", file=sys.stderr)
+                records.append(record)
+                continue
             records.append(record)
-            continue
-        try:
-            _, nodes = segment_file(case, seg_path, predictor, card, None, settings,
-                                    OutputOptions(include_samples=args.include_samples), report_path=report_path,
-                                    points=points[case], png_path=png_path if args.png else None)
-            record.update(status="ok", mode=nodes.report["mode"], n_nodules=len(nodes.report["nodules"]),
-                          consensus_volume_mm3=[n["consensus_volume_mm3"] for n in nodes.report["nodules"]])
-        except _user_errors() as e:
-            record.update(status="error", error=str(e))
-            print(f"arseg batch: {rel}: error: {e}", file=sys.stderr)
-        record["seconds"] = round(time.perf_counter() - t0, 3)
-        records.append(record)
+            record["status"] = "interrupted"  # until it finishes: a stop now leaves none of its files
+            try:
+                _, nodes = segment_file(case, seg_path, predictor, card, None, settings,
+                                        OutputOptions(include_samples=args.include_samples), report_path=report_path,
+                                        points=points[case], png_path=png_path if args.png else None)
+                record.update(status="ok", mode=nodes.report["mode"], n_nodules=len(nodes.report["nodules"]),
+                              consensus_volume_mm3=[n["consensus_volume_mm3"] for n in nodes.report["nodules"]])
+                warning = _small_input_warning(nodes, card)
+                if warning:
+                    record["warning"] = warning
+                    print(f"arseg batch: {rel}: warning: {warning}", file=sys.stderr)
+            except _user_errors() as e:
+                outputs = [seg_path, report_path, png_path if args.png else None]
+                record.update(status="error", error=failure_message(e, outputs))
+                print(f"arseg batch: {rel}: error: {record['error']}", file=sys.stderr)
+            record["seconds"] = round(time.perf_counter() - t0, 3)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
+    if interrupted:  # no collective: the other ranks may be stopping too; each rank writes what it finished
+        done = {r["case"] for r in records}
+        records += [{"case": str(case.relative_to(input_dir)), "source": str(case), "rank": rank,
+                     "status": "not-started"} for case in mine if str(case.relative_to(input_dir)) not in done]
+        summary_path = output_dir / ("batch.json" if world == 1 else f"batch.rank{rank}-of-{world}.json")
+        _write_batch_summary(summary_path, card, world, records, interrupted=True)
+        print(f"arseg batch: interrupted; what finished is in {summary_path}", file=sys.stderr)
+        raise KeyboardInterrupt
     everyone = [records]
     if dist.is_initialized():
         everyone = [None] * world
@@ -637,18 +773,26 @@ def cmd_batch(args):
     unpointed = [r for r in all_records if r["status"] == "no-points"]
     n_ok = len(all_records) - len(failed) - len(unpointed)
     if is_main():
-        from .mrml import write_files_atomically
-
-        summary = {"model": card.name, "world_size": world, "cases": all_records, "n_ok": n_ok,
-                   "n_failed": len(failed), "n_without_points": len(unpointed)}
-        write_files_atomically({output_dir / "batch.json":
-                                lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n")})
+        _write_batch_summary(output_dir / "batch.json", card, world, all_records)
         print(f"arseg batch: {n_ok} of {len(all_records)} cases segmented on {world} rank(s); "
               f"{len(failed)} failed, {len(unpointed)} without points; summary in {output_dir / 'batch.json'}")
     if dist.is_initialized():
         dist.destroy_process_group()
     if failed or unpointed:
         raise SystemExit(1)
+
+
+def _write_batch_summary(path: Path, card, world: int, records: List[dict], interrupted: bool = False) -> None:
+    from .mrml import write_files_atomically
+
+    count = {status: sum(r["status"] == status for r in records)
+             for status in ("ok", "error", "no-points", "interrupted", "not-started")}
+    summary = {"model": card.name, "model_card": str(card.path), "card_sha256": card.data.get("card_sha256"),
+               "world_size": world, "cases": sorted(records, key=lambda r: r["case"]), "n_ok": count["ok"],
+               "n_failed": count["error"], "n_without_points": count["no-points"]}
+    if interrupted:
+        summary.update(interrupted=True, n_interrupted=count["interrupted"], n_not_started=count["not-started"])
+    write_files_atomically({path: lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n")})
 
 
 def _add_sampling_args(p):
@@ -703,11 +847,24 @@ def cmd_bench(args):
 
 def cmd_view(args):
     """The review page (ARSegLib.web): needs the `web` extra; input errors are one line, as for segment."""
+    from .web.serve import ViewOptions, prepare_rendering, serve  # no trame yet
+
     try:
-        from .web.serve import ViewOptions, serve
+        # what the page imports only when it starts (web/serve.py, web/app.py): a missing one is the hint, not a
+        # traceback from inside the server; rendering is set up first, as serve() does before these imports
+        prepare_rendering()
+        import trame.app  # noqa: F401
+        import trame.widgets.vuetify3  # noqa: F401
+        import trame_slicer.core  # noqa: F401
     except ImportError as e:
         _fail("view", f"the review page needs trame-slicer: pip install -e \".[web]\" ({e})")
+    from .models import ModelError, read_card
     from .web.catalog import CatalogError
+
+    try:
+        model_notice(read_card(args.model), "view")  # a bad card is one line before the server starts
+    except ModelError as e:
+        _fail("view", str(e))
 
     options = ViewOptions(volumes=args.volumes, data_dirs=args.data_dir, host=args.host, port=args.port,
                           model=args.model, device=args.device, n_samples=args.samples)

@@ -306,6 +306,21 @@ def _volume_corners_ras(volume_shape, m: np.ndarray) -> np.ndarray:
     return (m[:3, :3] @ corners.T).T + m[:3, 3]
 
 
+def small_input_warning(volume_shape, ijk_to_ras, crop_size: int, pixel_spacing: float) -> Optional[str]:
+    """A warning when the volume's in-plane extent is smaller than the model's crop (None otherwise): the rest of
+    every crop is padding, which the model never saw in training, so what it marks there means little (a 10 x 10
+    x 3 noise volume was called a 330.8 mm3 nodule)."""
+    corners = _volume_corners_ras(volume_shape, _as_matrix(ijk_to_ras))
+    width_r, width_a = corners.max(0)[:2] - corners.min(0)[:2]
+    side = crop_size * pixel_spacing
+    if min(width_r, width_a) >= side:
+        return None
+    covered = min(width_r, side) * min(width_a, side) / side ** 2
+    return (f"the volume covers {width_r:.1f} x {width_a:.1f} mm in-plane, less than the model's crop of {side:.1f} "
+            f"x {side:.1f} mm ({crop_size} pixels of {pixel_spacing:g} mm): {100 * (1 - covered):.0f} % of each crop "
+            f"lies outside the image, which the model was not trained for; the result may be meaningless")
+
+
 def whole_volume_grid(volume_shape, ijk_to_ras, crop_size: int, pixel_spacing: float) -> AxialGrid:
     """Axial planes at the volume's own slice positions, each covering the volume's R-A extent in whole tiles."""
     m = _as_matrix(ijk_to_ras)
@@ -977,4 +992,5 @@ __all__: List[str] = [
     "UnsupportedModeError", "SettingsError", "card_modes", "check_mode", "presence_consensus",
     "check_volume", "check_point", "click_grid", "whole_volume_grid", "resample_to_grid", "prepare_crops",
     "grid_box_in_volume", "map_grid_to_volume", "pack_masks", "unpack_mask", "segment_click", "segment_volume",
+    "small_input_warning",
 ]

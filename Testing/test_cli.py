@@ -360,3 +360,220 @@ def test_batch_whole_volume_is_refused_for_the_click_only_shipped_model(cases, t
         main(["batch", str(cases), str(tmp_path / "out"), "--whole-volume"])
     assert info.value.code == 2 and "not validated for whole volume" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------- issue 26
+
+@pytest.fixture
+def disc(tiny, monkeypatch):
+    """The ball-drawing stand-in model, one instance (its `calls` count the forward passes), with the tiny card."""
+    from arseg_volumes import DiscPredictor
+
+    from ARSegLib import cli
+
+    predictor, card = tiny
+    disc = DiscPredictor(predictor.config)
+    monkeypatch.setattr(cli, "_load_predictor", lambda model, device: (disc, card))
+    return disc, card
+
+
+def test_batch_refuses_scans_that_would_write_the_same_output(cases, lung1, disc, tmp_path, capsys):
+    """a.nrrd, a.nii.gz and a.mha made one a.seg.nrrd ("3 of 3 cases segmented", two results overwritten)."""
+    import SimpleITK as sitk
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    image = sitk.ReadImage(str(cases / "lung1.nrrd"))
+    for name in ("a.nrrd", "a.nii.gz", "a.mha", "b.nrrd"):
+        sitk.WriteImage(image, str(folder / name))
+    points = tmp_path / "points.json"
+    points.write_text(json.dumps({name: list(lung1.nodule_ras) for name in ("a.nrrd", "a.nii.gz", "a.mha", "b")}))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--pattern", "*", "--points", str(points),
+              "--half-height", "2.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert "a.mha and a.nii.gz and a.nrrd would all be written to a.seg.nrrd" in err[0], err
+    assert not out.exists() and disc[0].calls == 0  # refused before any work
+
+    # one of them chosen: batch.json says which file made which output
+    points.write_text(json.dumps({"a.nrrd": list(lung1.nodule_ras), "b.nrrd": list(lung1.nodule_ras)}))
+    assert main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--pattern", "*.nrrd",
+                 "--points", str(points), "--half-height", "2.5", "--png"]) == 0
+    summary = json.loads((out / "batch.json").read_text())
+    assert summary["card_sha256"] == disc[1].data["card_sha256"] and summary["model_card"] == str(disc[1].path)
+    for record in summary["cases"]:
+        assert record["source"] == str(folder / record["case"]) and record["status"] == "ok"
+        stem = record["case"].split(".")[0]
+        assert [record[k] for k in ("segmentation", "report", "png")] == \
+            [str(out / f"{stem}{suffix}") for suffix in (".seg.nrrd", ".report.json", ".png")]
+        assert json.loads(Path(record["report"]).read_text())["source"] == record["source"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_batch_writes_what_finished(signal_name, cases, lung1, disc, tmp_path, monkeypatch):
+    """Ctrl-C (or a SIGTERM) during the second of three cases: the first case's files and a batch.json that says
+    it finished, the second left no file, the third did not start; exit status 130."""
+    import shutil
+    import signal
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for name in ("c1.nrrd", "c2.nrrd", "c3.nrrd"):
+        shutil.copy(cases / "lung1.nrrd", folder / name)
+    real, calls = mrml.segment_file, []
+
+    def stopped_during_the_second(*args, **kwargs):
+        calls.append(args[0])
+        if len(calls) == 2:
+            os.kill(os.getpid(), getattr(signal, signal_name))  # a real signal, delivered during the real work
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mrml, "segment_file", stopped_during_the_second)
+    points = tmp_path / "points.csv"
+    points.write_text("".join(f"{c},{','.join(map(str, lung1.nodule_ras))}\n" for c in ("c1", "c2", "c3")))
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--points", str(points),
+                 "--half-height", "2.5"]) == 130
+    assert signal.getsignal(signal.SIGTERM) == before
+    summary = json.loads((out / "batch.json").read_text())
+    status = {c["case"]: c["status"] for c in summary["cases"]}
+    assert status == {"c1.nrrd": "ok", "c2.nrrd": "interrupted", "c3.nrrd": "not-started"}
+    assert summary["interrupted"] is True and summary["n_ok"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["batch.json", "c1.report.json", "c1.seg.nrrd"]
+
+
+def test_a_repeated_point_is_segmented_once_with_a_note(cases, lung1, disc, tmp_path, capsys):
+    out, report = tmp_path / "x.seg.nrrd", tmp_path / "x.json"
+    point = _point_arg(lung1.nodule_ras)
+    assert main(["segment", str(cases / "lung1.nrrd"), point, point, "--model", str(disc[1].path), "--out", str(out),
+                 "--report", str(report), "--half-height", "2.5"]) == 0
+    assert disc[0].calls == 1  # one forward pass (the click's planes are one batch), not two
+    err = capsys.readouterr().err
+    assert "given 2 times: segmented once" in err
+    assert len(json.loads(report.read_text())["nodules"]) == 1
+
+
+def test_a_volume_smaller_than_the_crop_is_segmented_with_a_warning(lung1, disc, tmp_path, capsys):
+    """A 10 x 10 x 3 noise volume was called a 330.8 mm3 nodule without a word."""
+    rng = np.random.default_rng(0)
+    small = Volume(rng.integers(-1000, 400, (3, 10, 10)).astype(np.int16), np.diag([0.7, 0.7, 2.5, 1.0]))
+    write_nrrd(small, tmp_path / "small.nrrd")
+    centre = small.ijk_to_ras @ np.array([4.5, 4.5, 1, 1])
+    assert main(["segment", str(tmp_path / "small.nrrd"), _point_arg(centre[:3]), "--model", str(disc[1].path),
+                 "--out", str(tmp_path / "s.seg.nrrd"), "--half-height", "2.5"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(err) == 1 and "small.nrrd: the volume covers 7.0 x 7.0 mm in-plane, less than the model's crop of " \
+                               "89.6 x 89.6 mm" in err[0] and "99 % of each crop lies outside" in err[0], err
+    # a CT region wider than the crop: no warning
+    assert main(["segment", str(write_nrrd(lung1, tmp_path / "lung1.nrrd")), _point_arg(lung1.nodule_ras),
+                 "--model", str(disc[1].path), "--out", str(tmp_path / "l.seg.nrrd"), "--half-height", "2.5"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_view_without_trame_is_the_one_line_hint(tmp_path):
+    """Without the web extra (trame's modules missing), `arseg view` printed a traceback from inside the server."""
+    code = ("import sys\n"
+            "class NoTrame:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0].startswith('trame'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, NoTrame())\n"
+            "from ARSegLib.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, "view", str(ROOT / "Resources" / "Demo" / "lung1-slab.nrrd"),
+                           "--port", "0"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert err[0].startswith("arseg view: error: the review page needs trame-slicer: pip install") and \
+        "No module named 'trame" in err[0]
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real file system of 64 KiB, nearly full (tmpfs; needs the right to mount, else the test is skipped)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        (mount / "filler").write_bytes(b"\0" * (62 << 10))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_is_said_not_a_temporary_file(cases, lung1, disc, full_disk, tmp_path, capsys):
+    out = full_disk / "o" / "x.seg.nrrd"
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(cases / "lung1.nrrd"), _point_arg(lung1.nodule_ras), "--model", str(disc[1].path),
+              "--out", str(out), "--half-height", "2.5"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and err.startswith("arseg segment: error: the disk is full"), err
+    assert str(full_disk / "o") in err and ".arseg-tmp" not in err, err
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
+
+
+def test_no_space_from_the_system_is_said_as_a_full_disk(cases, lung1, disc, tmp_path, capsys):
+    """The report's write fails with ENOSPC (its temporary name points at /dev/full, which refuses every write)."""
+    folder = tmp_path / "o"
+    folder.mkdir()
+    (folder / f".arseg-tmp-{os.getpid()}-x.json").symlink_to("/dev/full")
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(cases / "lung1.nrrd"), _point_arg(lung1.nodule_ras), "--model", str(disc[1].path),
+              "--out", str(folder / "x.seg.nrrd"), "--report", str(folder / "x.json"), "--half-height", "2.5"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and err.startswith(f"arseg segment: error: the disk is full: no space left in "
+                                                   f"{folder}"), err
+    assert list(folder.iterdir()) == []  # neither output, nor the temporary name
+
+
+def _edited_shipped_card(folder: Path, **sampling) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    models = ROOT / "Resources" / "Models"
+    data = json.loads((models / "lidc-nodule.json").read_text())
+    data["config"]["sampling"].update(sampling)
+    (folder / "lidc-nodule.json").write_text(json.dumps(data, indent=2))
+    (folder / "lidc-nodule.safetensors").symlink_to(models / "lidc-nodule.safetensors")
+    return folder / "lidc-nodule.json"
+
+
+def test_a_card_with_a_nan_temperature_is_refused_in_one_line(cases, lung1, tmp_path, capsys):
+    """Issue 26: an edited card with temperature NaN gave a 175,534 mm3 "nodule" with exit status 0."""
+    card = _edited_shipped_card(tmp_path / "models", temperature=float("nan"))
+    out = tmp_path / "o" / "x.seg.nrrd"
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(cases / "lung1.nrrd"), _point_arg(lung1.nodule_ras), "--model", str(card),
+              "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1, err
+    assert "config.sampling.temperature must be a finite number above 0" in err[0] and "nan" in err[0]
+    assert not out.parent.exists()
+
+
+def test_a_shadowed_shipped_model_is_said(cases, lung1, disc, tmp_path, monkeypatch, capsys):
+    """A card named lidc-nodule on ARSEG_MODEL_PATH silently took the shipped one's place."""
+    mine = _edited_shipped_card(tmp_path / "mine", temperature=0.9)
+    monkeypatch.setenv("ARSEG_MODEL_PATH", str(mine.parent))
+    assert main(["segment", str(cases / "lung1.nrrd"), _point_arg(lung1.nodule_ras), "--out",
+                 str(tmp_path / "x.seg.nrrd"), "--half-height", "2.5"]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "note" in line]
+    assert len(err) == 1 and str(ROOT / "Resources" / "Models" / "lidc-nodule.json") in err[0] and \
+        str(mine) in err[0] and "(shipped)" in err[0], err
+
+
+def test_eval_checks_the_temperature_before_any_work(tiny_model_card, lung1_dir, tmp_path, monkeypatch, capsys):
+    from ARSegLib import cli
+
+    monkeypatch.setattr(cli, "eval_data", lambda args: (_ for _ in ()).throw(AssertionError("data loaded")))
+    for value, words in (("nan", "--temperature must be a finite number"), ("0", "above 0"), ("9", "at most 5")):
+        with pytest.raises(SystemExit) as info:
+            main(["eval", "--model", str(tiny_model_card), "--data", str(lung1_dir / "lidc-slices"),
+                  "--temperature", value, "--json", str(tmp_path / "e.json")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(err) == 1 and err[0].startswith("arseg eval: error: --temperature") \
+            and words in err[0], err
+    assert not (tmp_path / "e.json").exists()
