@@ -80,7 +80,8 @@ def test_click_on_lung1_keeps_one_component_through_the_click(lung1, tiny):
     predictor, card = tiny
     steps = []
     r = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card,
-                               SegmentSettings(n_samples=6, half_height_mm=10), progress=lambda d, t: steps.append((d, t)))
+                               SegmentSettings(n_samples=6, half_height_mm=10),
+                               progress=lambda d, t: steps.append((d, t)))
     # progress ends at its total: the scales of every forward pass (planes are run outward from the click, in
     # waves, while anything kept reaches the last plane)
     assert steps[-1][0] == steps[-1][1] and steps[-1][0] % r.n_scales == 0 and r.mode == "click"

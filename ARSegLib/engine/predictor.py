@@ -16,8 +16,8 @@ from .config import ARSegConfig, SamplingConfig
 from .consensus import MAX_SAMPLES, ConsensusResult, aggregate
 from .heap import keep_freed_memory
 from .sampler import CropStreams, sample_tokens
-from .selection import kernel_herding
 from .segmentor import NextScaleSegmentor
+from .selection import kernel_herding
 from .views import dihedral, undo_dihedral
 
 
