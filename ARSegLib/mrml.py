@@ -29,8 +29,10 @@ first and added last: an error leaves the scene as it was.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1386,7 +1388,21 @@ def save_segmentation(segmentation_node, path, crop_to_minimum_extent: bool = Tr
     # a temporary storage node, not the node's own: saving a copy must not redirect where the node is saved
     if not _quietly(lambda: storage.WriteData(segmentation_node)):
         raise ResultError(f"could not write {path}")
+    _check_readable(path)
     return path
+
+
+def _check_readable(path: Path) -> None:
+    """VTK's NRRD writer reports no failed write: on a full disk it left a truncated .seg.nrrd that looked
+    written. Reading the file back (its header and compressed voxels) is what shows it is whole."""
+    import SimpleITK as sitk
+
+    try:
+        sitk.ReadImage(str(path))
+    except RuntimeError:
+        if shutil.disk_usage(path.parent).free < (1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        raise ResultError(f"{path} was not written completely: it cannot be read back") from None
 
 
 def load_segmentation(scene, path, name: Optional[str] = None):

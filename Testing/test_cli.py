@@ -491,19 +491,40 @@ def test_view_without_trame_is_the_one_line_hint(tmp_path):
         "No module named 'trame" in err[0]
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A real file system of 64 KiB, nearly full (tmpfs; needs the right to mount, else the test is skipped)."""
+def _small_disk(tmp_path, free_kib: int):
+    """A real file system of 64 KiB with free_kib left (tmpfs; needs the right to mount, else the test skips)."""
     mount = tmp_path / "disk"
     mount.mkdir()
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.decode().strip()}")
     try:
-        (mount / "filler").write_bytes(b"\0" * (62 << 10))
+        (mount / "filler").write_bytes(b"\0" * ((64 - free_kib) << 10))
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    yield from _small_disk(tmp_path, 2)
+
+
+@pytest.fixture
+def nearly_full_disk(tmp_path):
+    """Room for part of a .seg.nrrd (about 10 KiB here): VTK's writer left a truncated file and reported success."""
+    yield from _small_disk(tmp_path, 8)
+
+
+def test_a_segmentation_cut_short_by_a_full_disk_is_not_taken_as_written(cases, lung1, disc, nearly_full_disk,
+                                                                        capsys):
+    out = nearly_full_disk / "x.seg.nrrd"
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(cases / "lung1.nrrd"), _point_arg(lung1.nodule_ras), "--model", str(disc[1].path),
+              "--out", str(out), "--half-height", "2.5"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert info.value.code == 2 and err.startswith("arseg segment: error: the disk is full"), err
+    assert sorted(p.name for p in nearly_full_disk.iterdir()) == ["filler"]
 
 
 def test_a_full_disk_is_said_not_a_temporary_file(cases, lung1, disc, full_disk, tmp_path, capsys):
