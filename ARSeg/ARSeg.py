@@ -189,6 +189,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.showSamplesCheckBox.toggled.connect(self.onShowSamplesToggled)
         self.ui.noduleList.currentRowChanged.connect(self.onNoduleSelected)
         self.ui.deleteNoduleButton.clicked.connect(self.onDeleteNodule)
+        self.ui.undoButton.clicked.connect(self.onUndo)
         self.ui.clearNodulesButton.clicked.connect(self.onClearNodules)
         # the results follow the input volume through the parameter node's ModifiedEvent (setParameterNode), not
         # the selector's currentNodeChanged: Qt calls slots in connection order, and that signal reaches a slot
@@ -377,7 +378,8 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             else:
                 nodes = self.logic.applyResult(volume, run.result, includeSamples=self._runIncludeSamples)
                 seconds = run.seconds if run.seconds is not None else run.result.timings_s.get("total", 0.0)
-                self.ui.statusLabel.text = f"Done in {seconds:.1f} s."
+                # a redo says what it replaced (Undo brings it back); an empty redo that kept the nodule says why
+                self.ui.statusLabel.text = " ".join([f"Done in {seconds:.1f} s."] + list(nodes.notices))
                 self.showResults(nodes)
         except Exception as e:
             self.ui.statusLabel.text = "Failed."
@@ -417,6 +419,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.noduleList.blockSignals(wasBlocked)
         self.ui.deleteNoduleButton.enabled = bool(nodules)
         self.ui.clearNodulesButton.enabled = bool(nodules)
+        self.ui.undoButton.enabled = volume is not None and self.logic.canUndo(volume)
 
     def _onNoduleRow(self, row, action, what: str) -> None:
         """action(volume, nodule id) for the list's row, its returned results shown."""
@@ -431,6 +434,15 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onDeleteNodule(self) -> None:
         self._onNoduleRow(self.ui.noduleList.currentRow, self.logic.deleteNodule, "delete")
+
+    def onUndo(self) -> None:
+        volume = self._selectedVolume()
+        if volume is None:
+            return
+        with slicer.util.tryWithErrorDisplay("ARSeg could not undo its last run."):
+            nodes, what = self.logic.undo(volume)
+            self.ui.statusLabel.text = f"Undone: {what}."
+            self.showResults(nodes)
 
     def onClearNodules(self) -> None:
         volume = self._selectedVolume()
@@ -786,6 +798,17 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         from ARSegLib import mrml
 
         return mrml.delete_nodule(volumeNode.GetScene(), volumeNode, noduleId)
+
+    def undo(self, volumeNode):
+        """Undo the last run on volumeNode: (the results, or None when no nodule is left; what was undone)."""
+        from ARSegLib import mrml
+
+        return mrml.undo_last(volumeNode.GetScene(), volumeNode)
+
+    def canUndo(self, volumeNode) -> bool:
+        from ARSegLib import mrml
+
+        return mrml.can_undo(volumeNode.GetScene(), volumeNode)
 
     def clearNodules(self, volumeNode) -> int:
         from ARSegLib import mrml

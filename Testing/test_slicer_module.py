@@ -397,7 +397,8 @@ def widget(arseg_module, monkeypatch):
         statusLabel=_Widget(text=""), progressBar=_Widget(visible=False, value=0), cancelButton=_Widget(enabled=False),
         segmentWholeVolumeButton=_Widget(enabled=True, toolTip=""), noduleList=_ListWidget(),
         deleteNoduleButton=_Widget(enabled=False), clearNodulesButton=_Widget(enabled=False),
-        resultsCollapsibleButton=_Widget(enabled=False), reportLabel=_Widget(text=""),
+        undoButton=_Widget(enabled=False), resultsCollapsibleButton=_Widget(enabled=False),
+        reportLabel=_Widget(text=""),
         scaleSlider=_Widget(minimum=1, maximum=8, value=8), scaleLabel=_Widget(text=""),
         disagreementCheckBox=_Widget(checked=False), showSamplesCheckBox=_Widget(checked=False),
         inputVolumeSelector=_Widget(sortFilterProxyModel=lambda: proxy))
@@ -831,3 +832,52 @@ def test_sample_data_registers_the_demos_checksum(arseg_module, monkeypatch):
     assert source["uris"] == demo.demo_volume_path().as_uri() and source["fileNames"] == demo.DEMO_VOLUME
     assert source["nodeNames"] == demo.DEMO_NAME and source["category"] == "ARSeg"
     assert Path(source["thumbnailFileName"]).is_file() and callable(source["customDownloader"])
+
+
+def test_a_redo_says_what_it_replaced_and_undo_brings_it_back(widget, tiny):
+    """Issue 26 item 4 in the panel: the status says 'Nodule 1 redone: ...', Undo restores the nodule's previous
+    result, then removes the nodule the first click added; a redo that found nothing keeps the nodule."""
+    import types
+
+    from ARSegLib import mrml
+
+    w, scene, shown = widget
+    volume, array, m = _blob(scene)
+    w._parameterNode = types.SimpleNamespace(inputVolume=volume, model="lidc-nodule", includeSamples=False)
+    first = _tiny_result(tiny, array, m, (-28, -28, 4))
+    w._run, w._runVolume = _FinishedRun(result=first), volume
+    w.onPoll()
+    assert w.ui.statusLabel.text == "Done in 1.0 s." and w.ui.undoButton.enabled is True
+    again = _changed_result(first, grow=True)
+    w._run, w._runVolume = _FinishedRun(result=again), volume
+    w.onPoll()
+    assert "Nodule 1 redone:" in w.ui.statusLabel.text
+    assert mrml.list_nodules(scene, volume)[0].consensus_volume_mm3 == pytest.approx(again.consensus_volume_mm3)
+    empty = _changed_result(first, grow=False)
+    w._run, w._runVolume = _FinishedRun(result=empty), volume
+    w.onPoll()
+    assert "Nodule 1 kept as it was" in w.ui.statusLabel.text
+    assert mrml.list_nodules(scene, volume)[0].consensus_volume_mm3 == pytest.approx(again.consensus_volume_mm3)
+    w.onUndo()
+    assert w.ui.statusLabel.text.startswith("Undone: Nodule 1 back to its previous result")
+    assert mrml.list_nodules(scene, volume)[0].consensus_volume_mm3 == pytest.approx(first.consensus_volume_mm3)
+    w.onUndo()
+    assert mrml.list_nodules(scene, volume) == [] and w.ui.undoButton.enabled is False
+    assert shown["errors"] == []
+
+
+def _changed_result(result, grow: bool):
+    """The same click's result with its consensus one voxel layer bigger in-plane (grow) or empty."""
+    import copy
+
+    from scipy import ndimage
+
+    out = copy.deepcopy(result)
+    if grow:
+        out.consensus = ndimage.binary_dilation(result.consensus > 0, np.ones((1, 3, 3), bool)).astype(np.uint8)
+    else:
+        out.consensus = np.zeros_like(result.consensus)
+        out.if_present = np.zeros_like(result.consensus)
+        out.samples_marking = 0
+    out.consensus_volume_mm3 = float(out.consensus.sum()) * out.voxel_volume_mm3
+    return out
