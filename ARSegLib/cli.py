@@ -6,13 +6,13 @@ import argparse
 import csv
 import errno
 import json
-import math
 import os
-import platform
 import re
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from .command_args import CommandError, config_from_args, eval_data, hardware, parse_point, train_config
 
 LIDC_CARD = {
     "description": "AR-Seg lung-nodule model: 2D 128 x 128 axial crops around a nodule, 16 samples, "
@@ -50,26 +50,6 @@ def _add_common_train(p):
     p.add_argument("--eval-images", type=int, default=None, help="val crops used for each validation")
 
 
-def _train_config(args, **defaults):
-    from .training.trainer import TrainConfig
-
-    tc = TrainConfig(out_dir=args.out, device=args.device, threads=args.threads, **defaults)
-    for name in ("steps", "minutes", "batch", "lr", "eval_every", "eval_images"):
-        v = getattr(args, name, None)
-        if v is not None:
-            setattr(tc, name, v)
-    return tc
-
-
-def config_from_args(args, config_class, tiny_factory):
-    """A training configuration: --tiny (tests, smoke runs), --config FILE (JSON of its fields), else the defaults."""
-    if args.tiny:
-        return tiny_factory(crop_size=128)
-    if args.config:
-        return config_class.from_dict(json.loads(Path(args.config).read_text()))
-    return config_class()
-
-
 def _engine_config(args):
     from .engine import ARSegConfig, tiny_config
 
@@ -90,23 +70,6 @@ def _lidc_train_val(args):
     return TrainData.from_lidc(train), val
 
 
-def hardware() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    import os
-
-    return f"{cpu}, {os.cpu_count()} logical cores{gpu}, torch {torch.__version__}"
-
-
 def cmd_train(args):
     from .training.trainer import AutoencoderTrainer, SegmentorTrainer
 
@@ -122,12 +85,12 @@ def cmd_train(args):
         cfg = _engine_config(args)
     train, val = _lidc_train_val(args)
     if args.stage == "autoencoder":
-        tc = _train_config(args, steps=2500, batch=64, lr=2e-3, eval_every=250, save_every=250)
+        tc = train_config(args, steps=2500, batch=64, lr=2e-3, eval_every=250, save_every=250)
         AutoencoderTrainer(cfg, train, val, tc).fit()
     elif args.stage == "decoder":
         _train_decoder(args, cfg, train, val)
     else:
-        tc = _train_config(args, steps=4000, batch=32, lr=1e-3, eval_every=400, save_every=100)
+        tc = train_config(args, steps=4000, batch=32, lr=1e-3, eval_every=400, save_every=100)
         if not args.init_model:
             card, init = json.loads(json.dumps(LIDC_CARD)), None
             ae_ckpt = args.autoencoder or str(Path(args.out) / "autoencoder.pt")
@@ -195,7 +158,7 @@ def _train_decoder(args, cfg, train, val):
     if args.decoder_channels:
         cfg = dataclasses.replace(cfg, autoencoder=dataclasses.replace(cfg.autoencoder,
                                                                        decoder_channels=args.decoder_channels))
-    tc = _train_config(args, steps=1000, batch=64, lr=2e-3, eval_every=250, save_every=250, ae_plain_steps=0)
+    tc = train_config(args, steps=1000, batch=64, lr=2e-3, eval_every=250, save_every=250, ae_plain_steps=0)
     ae_ckpt = args.autoencoder or str(Path(args.out) / "autoencoder.pt")
     trainer = DecoderTrainer(cfg, train, val, tc, ae_ckpt)
     trainer.fit()
@@ -206,21 +169,6 @@ def _train_decoder(args, cfg, train, val):
         extra.setdefault("training", {})["decoder"] = {"steps": trainer.step, "minutes": round(trainer.elapsed / 60, 1),
                                                        "val": trainer.best}
         print(f"wrote {export_model(args.export, config, trainer.ae.cpu(), predictor.segmentor, extra)}")
-
-
-def eval_data(args):
-    """(split, crops) for `arseg eval`: --split from splits.json beside the data (every crop without one), --limit."""
-    from .data.lidc import load_lidc, read_split_file
-
-    split = args.split
-    if split != "all" and read_split_file(args.data) is None:
-        print(f"arseg eval: no splits.json beside {' '.join(args.data)}: evaluating every crop (--split all)",
-              file=sys.stderr)
-        split = "all"
-    data = load_lidc(args.data, split)
-    if args.limit:
-        data = data.subset(range(min(args.limit, len(data))))
-    return split, data
 
 
 def cmd_eval(args):
@@ -284,10 +232,6 @@ def cmd_eval(args):
 
 # ------------------------------------------------------------------------------------ segment / batch
 
-class CommandError(Exception):
-    """A user-facing failure of `arseg segment` / `arseg batch`: printed as one line, exit status 2."""
-
-
 def _fail(command: str, message: str):
     print(f"arseg {command}: error: {message}", file=sys.stderr)
     raise SystemExit(2)
@@ -319,20 +263,6 @@ def join_point_arguments(argv: Sequence[str]) -> List[str]:
         out.append(word)
         i += 1
     return out
-
-
-def parse_point(text) -> tuple:
-    """'R,A,S' (or three separate values) in millimetres -> (R, A, S)."""
-    tokens = [t for part in (text if isinstance(text, (list, tuple)) else [text]) for t in str(part).split(",") if t]
-    try:
-        values = tuple(float(t) for t in tokens)
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(v) for v in values):
-        given = " ".join(map(str, text if isinstance(text, (list, tuple)) else [text]))
-        raise CommandError(f"--point takes three finite numbers R,A,S in millimetres (e.g. --point "
-                           f"-56.4,-86.3,-116.0), got {given!r}")
-    return values
 
 
 DEVICES = ("auto", "cpu", "cuda")

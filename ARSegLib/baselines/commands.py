@@ -1,4 +1,4 @@
-"""`arseg train prob-unet` and `arseg eval --baseline prob-unet` (wired in ARSegLib/cli.py)."""
+"""`arseg train prob-unet` and `arseg eval --baseline prob-unet` (wired in ARSegLib/cli.py, which calls here)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def prob_unet_config(args):
-    from ..cli import config_from_args
+    from ..command_args import config_from_args
     from .prob_unet import ProbUNetConfig, tiny_prob_unet_config
 
     return config_from_args(args, ProbUNetConfig, tiny_prob_unet_config)
@@ -18,12 +18,12 @@ def prob_unet_config(args):
 
 def train_prob_unet(args, train, val):
     """Defaults sized for ~45 minutes on one 2.8 GHz core (about 0.9 s per step of 32 crops)."""
-    from ..cli import _train_config, hardware
+    from ..command_args import hardware, train_config
     from .prob_unet import count_parameters
     from .prob_unet_trainer import ProbUNetTrainer
 
     cfg = prob_unet_config(args)
-    tc = _train_config(args, steps=2800, batch=32, lr=1e-3, warmup_steps=100, eval_every=250, save_every=100,
+    tc = train_config(args, steps=2800, batch=32, lr=1e-3, warmup_steps=100, eval_every=250, save_every=100,
                        eval_images=128, eval_samples=16)
     extra = {"hardware": hardware(), "threads": args.threads, "data": " ".join(map(str, args.data)),
              "train_crops": len(train), "batch": tc.batch}
@@ -39,7 +39,7 @@ def eval_prob_unet(args):
     import numpy as np
     from tqdm import tqdm
 
-    from ..cli import eval_data
+    from ..command_args import eval_data
     from ..training.distributed import resolve_device
     from .prob_unet import evaluate_prob_unet, load_prob_unet
 

@@ -91,7 +91,7 @@ def plain_timings(volume: Path, point, clicks: int) -> dict:
 
 
 def main(argv=None) -> int:
-    from ..cli import parse_point
+    from ..command_args import parse_point
 
     ap = argparse.ArgumentParser(prog="python -m ARSegLib.web.speed", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,0 +1,69 @@
+"""The house's dependency rules, read from the source: nothing imports the `arseg` command (cli.py is the top,
+not a library), and ARSegLib's modules import each other without a circle, counting the imports inside
+functions too (a lazy import still ties two modules together)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARY = ROOT / "ARSegLib"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported_modules(path: Path, known) -> set:
+    """The ARSegLib modules a file imports (from X import Y counts X.Y where that is a module, else X)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[:len(anchor) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        out |= {t for t in targets if t in known and t != name}
+    return out
+
+
+def _graph():
+    files = {_module_name(p): p for p in LIBRARY.rglob("*.py")}
+    return {name: _imported_modules(path, files) for name, path in files.items()}
+
+
+def test_nothing_imports_the_command():
+    importers = sorted(name for name, deps in _graph().items() if "ARSegLib.cli" in deps)
+    assert importers == [], f"these import ARSegLib.cli (move what they need into the library): {importers}"
+
+
+def test_the_library_has_no_import_circle():
+    graph = _graph()
+    graph = {name: {d for d in deps if not name.startswith(d + ".")} for name, deps in graph.items()}  # a package
+    state, path, circles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        path.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == "open":
+                circles.append(path[path.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep)
+        path.pop()
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert circles == [], "import circles: " + "; ".join(" -> ".join(c) for c in circles)
