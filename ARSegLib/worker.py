@@ -53,7 +53,8 @@ import numpy as np
 AUTHKEY_ENV = "ARSEG_WORKER_AUTHKEY"
 LOG_NAME = "worker.log"
 INLINE_BYTES = 1 << 16  # arrays smaller than this travel inside the message
-CONNECT_TIMEOUT_S = 120.0  # a worker nobody connects to within this gives up (its parent is gone)
+# a worker nobody connects to within this gives up (its parent is gone); tests shorten it through the environment
+CONNECT_TIMEOUT_S = float(os.environ.get("ARSEG_WORKER_CONNECT_TIMEOUT_S", "120"))
 
 
 class WorkerError(RuntimeError):
