@@ -59,7 +59,8 @@ FOLDER_PREFIX = "arseg-worker-"
 LIBRARY_ROOT = Path(__file__).resolve().parent.parent  # the folder holding this copy of ARSegLib
 LOG_NAME = "worker.log"
 INLINE_BYTES = 1 << 16  # arrays smaller than this travel inside the message
-CONNECT_TIMEOUT_S = 120.0  # a worker nobody connects to within this gives up (its parent is gone)
+# a worker nobody connects to within this gives up (its parent is gone); tests shorten it through the environment
+CONNECT_TIMEOUT_S = float(os.environ.get("ARSEG_WORKER_CONNECT_TIMEOUT_S", "120"))
 
 
 class WorkerError(RuntimeError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import time
 from typing import Optional
 
@@ -27,18 +28,24 @@ from trame_slicer.core import LayoutManager, SlicerApp
 from trame_slicer.rca_view import register_rca_factories
 
 from .. import mrml
+from . import page_state
+from .page_state import ViewChoices
 from .review import WINDOW_PRESETS, ReviewError, ReviewSession, ReviewSettings, user_message
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1  # progress polling while a run is in flight: a tenth of a second is smooth and costs nothing
+PRELOAD_POLL_S = 0.25  # talking to the worker while it loads the model (nothing is shown meanwhile)
 LAYOUT = "Axial Primary"  # a large axial view (where one clicks) beside 3D, coronal and sagittal
 CLICK_COLOR = (0.2, 0.8, 1.0)  # the click's point: cyan, unlike the consensus (amber) and the heat map (red)
 
 
 def parse_ras(text) -> tuple:
     """'R, A, S' in millimetres -> (R, A, S); a ReviewError with the expected form otherwise."""
-    parts = [p for p in str(text).replace(";", ",").replace(" ", ",").split(",") if p]
+    if not isinstance(text, str) or len(text) > page_state.MAX_TEXT:
+        raise ReviewError(f"a point is three numbers R, A, S in millimetres (e.g. -56.4, -86.3, -116.0), "
+                          f"got {page_state.shown(text)}")
+    parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
     try:
         values = tuple(float(p) for p in parts)
     except ValueError:
@@ -73,7 +80,9 @@ class ARSegWebApp(TrameApp):
             vtk.vtkObject.GlobalWarningDisplayOn()
         self.session = ReviewSession(self.slicer_app.scene, catalog, client_, card, settings)
         self._poll_task = None
+        self._preload_task = None
         self._click_started = 0.0
+        self.choices = ViewChoices()  # the state values the server acts on, checked (page_state.py)
         self.title = title
         self._clicks = self._click_list()
         self._init_state()
@@ -112,6 +121,35 @@ class ARSegWebApp(TrameApp):
     def _fail(self, message: str):
         self.state.error_message = message
 
+    def _refuse(self, error: ReviewError, **good):
+        """A state value the server will not act on: say why, and set the keys back to their last good values."""
+        self._fail(str(error))
+        for key, value in good.items():
+            self.state[key] = value
+
+    # ------------------------------------------------------------------------------------------ the worker
+
+    def preload(self, load_run):
+        """Keep talking to the worker from the server's loop while it loads the model. Started at the server's
+        start, the worker waits for its client to connect, and gives up after ARSegLib.worker's connect deadline
+        when nobody does; without this the client would first connect at the page's first click, which may come
+        long after (the first click then started a new worker: cold, twice as slow)."""
+        if self._preload_task is None or self._preload_task.done():
+            self._preload_task = create_task(self._pump_until_loaded(load_run))
+
+    async def _pump_until_loaded(self, load_run):
+        t0 = time.perf_counter()
+        while not load_run.poll():
+            await asyncio.sleep(PRELOAD_POLL_S)
+        if load_run.error is not None:
+            message = user_message(load_run.error)
+            print(f"arseg view: the model could not be loaded: {message}", file=sys.stderr, flush=True)
+            with self.state:
+                self._fail(message)
+        else:
+            print(f"arseg view: model loaded in the worker ({time.perf_counter() - t0:.1f} s after the page "
+                  f"started serving)", flush=True)
+
     # ------------------------------------------------------------------------------------------ volumes
 
     def _on_volume_key(self, volume_key=None, **_):
@@ -120,7 +158,7 @@ class ARSegWebApp(TrameApp):
         try:
             node = self.session.open_volume(volume_key)
         except ReviewError as e:
-            self._fail(str(e))
+            self._refuse(e, volume_key=self.session.volume_key)
             return
         self.state.error_message = ""
         self.state.volume_loaded = True
@@ -129,12 +167,20 @@ class ARSegWebApp(TrameApp):
         display.show_volume_in_slice_background(node)
         display.show_volume_in_slice_foreground(None)
         display.reset_views()
-        self._on_window_preset(self.state.window_preset)
+        self._apply_window()
         self._refresh_results()
 
     def _on_window_preset(self, window_preset="Auto", **_):
         try:
-            self.session.set_window(window_preset)
+            self.choices.window_preset = page_state.as_choice("the window", window_preset, WINDOW_PRESETS)
+        except ReviewError as e:
+            self._refuse(e, window_preset=self.choices.window_preset)
+            return
+        self._apply_window()
+
+    def _apply_window(self):
+        try:
+            self.session.set_window(self.choices.window_preset)
         except ReviewError as e:
             self._fail(str(e))
 
@@ -237,14 +283,15 @@ class ARSegWebApp(TrameApp):
         s.nodules = [{"id": n.id, "name": n.name, "volume": f"{n.consensus_volume_mm3:.0f}", "selected": n.selected}
                      for n in self.session.nodules()]
         s.n_samples_kept = self.session.samples_kept()
-        s.sample_shown = 0
-        if nodes is not None:
-            self.session.show_disagreement(s.show_disagreement, s.disagreement_opacity)
+        s.sample_shown = self.choices.sample_shown = 0
+        self.choices.scale = s.scale
+        if nodes is not None:  # the checked values, never the raw state: a client may have set anything there
+            self.session.show_disagreement(self.choices.show_disagreement, self.choices.disagreement_opacity)
 
-    def select_nodule(self, nid):
+    def select_nodule(self, nid=None):
         self._nodule_action(self.session.select_nodule, nid)
 
-    def delete_nodule(self, nid):
+    def delete_nodule(self, nid=None):
         self._nodule_action(self.session.delete_nodule, nid)
 
     def clear_nodules(self):
@@ -253,7 +300,7 @@ class ARSegWebApp(TrameApp):
 
     def _nodule_action(self, action, *args):
         try:
-            action(*args)
+            action(*(page_state.as_nodule_id(a) for a in args))
         except ReviewError as e:
             self._fail(str(e))
             return
@@ -261,24 +308,53 @@ class ARSegWebApp(TrameApp):
         self._refresh_results()
 
     def _on_scale(self, scale=0, **_):
-        if self.state.has_result and scale:
-            try:
-                self.session.select_scale(int(scale))
-            except (ReviewError, IndexError) as e:
-                self._fail(str(e))
+        n = self.session.n_scales()
+        if self.session.results() is None or n == 0:  # no result: nothing to scrub; the slider is hidden
+            if scale != self.choices.scale:
+                self.state.scale = self.choices.scale
+            return
+        try:
+            k = page_state.as_index("the scale", scale, 1, n)
+        except ReviewError as e:
+            self._refuse(e, scale=self.choices.scale)
+            return
+        try:
+            self.session.select_scale(k)
+        except (ReviewError, IndexError) as e:
+            self._fail(str(e))
+            return
+        self.choices.scale = k
 
     def _on_disagreement(self, show_disagreement=False, disagreement_opacity=0.5, **_):
-        self.session.show_disagreement(show_disagreement, disagreement_opacity)
+        try:
+            show = page_state.as_bool("the disagreement heat map", show_disagreement)
+            opacity = page_state.as_fraction("the heat map's opacity", disagreement_opacity)
+        except ReviewError as e:
+            self._refuse(e, show_disagreement=self.choices.show_disagreement,
+                         disagreement_opacity=self.choices.disagreement_opacity)
+            return
+        self.choices.show_disagreement, self.choices.disagreement_opacity = show, opacity
+        self.session.show_disagreement(show, opacity)
 
     def _on_include_samples(self, include_samples=False, **_):
-        self.session.settings.include_samples = bool(include_samples)
+        try:
+            self.choices.include_samples = page_state.as_bool("keeping the samples", include_samples)
+        except ReviewError as e:
+            self._refuse(e, include_samples=self.choices.include_samples)
+            return
+        self.session.settings.include_samples = self.choices.include_samples
 
     def _on_sample_shown(self, sample_shown=0, **_):
-        if self.state.has_result:
-            try:
-                self.session.show_sample(int(sample_shown or 0))
-            except ReviewError as e:
-                self._fail(str(e))
+        if self.session.results() is None:
+            return
+        try:
+            i = page_state.as_index("the sample shown", 0 if sample_shown is None else sample_shown, 0,
+                                    self.session.samples_kept())
+            self.session.show_sample(i)
+        except ReviewError as e:
+            self._refuse(e, sample_shown=self.choices.sample_shown)
+            return
+        self.choices.sample_shown = i
 
     def download_segmentation(self):
         try:

@@ -9,6 +9,7 @@ loaded, and a one-shot screenshot captures only the loading splash.
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 from selenium.webdriver.common.by import By
@@ -36,8 +37,10 @@ def _free_port() -> int:
 class Page:
     """The running server and one Chromium on it: start, drive, grab the views, stop (close() ends both)."""
 
-    def __init__(self, tmp: Path, volume: Path, nodule: Sequence[float], extra_args: Sequence[str] = ()):
+    def __init__(self, tmp: Path, volume: Path, nodule: Sequence[float], extra_args: Sequence[str] = (),
+                 env: Optional[Dict[str, str]] = None):
         self.tmp = Path(tmp)
+        self.env = dict(env or {})  # on top of this process's environment, for the server
         self.volume, self.nodule = Path(volume).resolve(), tuple(nodule)
         self.extra_args = list(extra_args)
         self.port = _free_port()
@@ -54,7 +57,8 @@ class Page:
         with open(self.log, "wb") as log:
             command = [sys.executable, "-m", "ARSegLib.cli", "view", str(self.volume), "--port", str(self.port),
                        *self.extra_args]
-            self.server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp)
+            self.server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
+                                           env={**os.environ, **self.env})
         while "arseg view: serving" not in self.log.read_text(errors="replace"):
             if self.server.poll() is not None or time.perf_counter() - t0 > timeout_s:
                 raise AssertionError(f"the server did not start:\n{self.log.read_text(errors='replace')[-3000:]}")
@@ -76,14 +80,31 @@ class Page:
         self.driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
         self.driver.set_page_load_timeout(60)
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
     def open(self, timeout_s: float = 60.0) -> float:
         """Load the page; seconds until every view has drawn an image."""
         t0 = time.perf_counter()
-        self.driver.get(f"http://127.0.0.1:{self.port}/")
+        self.driver.get(self.url)
         self.wait(lambda: len(self.views()) >= 4 and all(self.driver.execute_script(
             "return arguments[0].complete && arguments[0].naturalWidth > 0", img) for img in self.views()),
             timeout_s, "the four views to draw")
         return time.perf_counter() - t0
+
+    def worker_pids(self):
+        """The inference worker processes the server started (its children running ARSegLib.worker)."""
+        pids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            if ppid == self.server.pid and b"ARSegLib.worker" in cmdline:
+                pids.append(int(stat.parent.name))
+        return pids
 
     def close(self):
         if self.driver is not None:

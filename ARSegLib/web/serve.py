@@ -1,8 +1,9 @@
 """Start the review page: `arseg view` and tests come through `serve()`.
 
 Headless rendering: VTK draws offscreen with EGL (Mesa's llvmpipe without a GPU; no X server needed).
-Safe by default: the server binds the loopback address unless a host is given (then it says so, loudly), and
-serves only the catalog built from the command line.
+Safe by default: the server binds the loopback address unless a host is given (then it says so, loudly),
+serves only the catalog built from the command line, and lets only its own page in (guard.py: host and origin
+checked, a random secret per server, bounded messages).
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from .catalog import VOLUME_SUFFIXES, CatalogError, VolumeCatalog
 
 LOOPBACK = "127.0.0.1"
+ORIGINS_ENV = "ARSEG_VIEW_ORIGINS"  # origins of an HTTPS proxy in front of the page (comma-separated)
 
 
 @dataclass
@@ -30,6 +32,7 @@ class ViewOptions:
     device: str = "auto"
     n_samples: int = 16
     open_first: bool = True  # open the first volume of the catalog when the page starts
+    extra_origins: Tuple[str, ...] = ()  # besides the page's own origin (a proxy's); also from $ARSEG_VIEW_ORIGINS
 
 
 def exposure_warning(host: str) -> str:
@@ -68,18 +71,34 @@ def build_app(options: ViewOptions, server=None, client=None):
     return app
 
 
+def make_guard(options: ViewOptions):
+    """The server's door (guard.py) for these options; a malformed allowed origin is one clear error, now."""
+    from .guard import ServerGuard, extra_origins_from
+
+    origins = tuple(options.extra_origins) + extra_origins_from(os.environ.get(ORIGINS_ENV))
+    try:
+        return ServerGuard(bind_host=options.host or LOOPBACK, extra_origins=origins)
+    except ValueError as e:
+        raise CatalogError(f"{ORIGINS_ENV}: {e}") from e
+
+
 def serve(options: ViewOptions) -> int:
     """Build the app, start the inference client, serve until interrupted; the client is shut down on the way out."""
+    from .guard import install
+
     t0 = time.perf_counter()
+    guard = make_guard(options)
     app = build_app(options)
+    install(app.server, guard)
     host = options.host or LOOPBACK
     if options.host is not None and options.host not in (LOOPBACK, "localhost", "::1"):
         print(exposure_warning(host), file=sys.stderr, flush=True)
     if app.session.catalog.truncated:
         print(f"arseg view: only the first {len(app.session.catalog)} volumes are listed", file=sys.stderr)
-    app.session.client.start()
+    load_run = app.session.client.start()
 
     def ready(**_):
+        app.preload(load_run)  # from the loop, now that it runs: the worker is connected to at once
         port = app.server.port
         print(f"arseg view: serving {len(app.session.catalog)} volume(s) at http://{host}:{port}/ "
               f"(ready in {time.perf_counter() - t0:.1f} s)", flush=True)
