@@ -375,6 +375,13 @@ def test_browser_keeps_samples_on_demand_and_clears(page):
     assert page.wait_run() == "done", page.text("arseg-run-message")
     page.wait(lambda: page.driver.find_elements(By.ID, "arseg-sample"), 10, "the sample chooser")
     with_result = page.settled_axial()
+    # the same nodule again: a redo, said on the page; Undo gives the nodule its previous result back
+    assert "Nodule 1 redone:" in page.text("arseg-run-message"), page.text("arseg-run-message")
+    page.by_id("arseg-undo").click()
+    page.wait(lambda: page.text("arseg-run-message").startswith("Undone: Nodule 1 back to its previous result"),
+              20, "the undo")
+    page.wait(lambda: not page.driver.find_elements(By.ID, "arseg-sample"), 10, "the samples to go with the redo")
+    assert len(page.nodules()) == 1
     page.by_id("arseg-clear-nodules").click()
     cleared = page.settled_axial(with_result)
     assert consensus_pixels(with_result) > 300 and consensus_pixels(cleared) < 20

@@ -108,6 +108,7 @@ class ARSegWebApp(TrameApp):
         s.include_samples, s.n_samples_kept, s.sample_shown = False, 0, 0
         s.report_rows = []
         s.nodules = []
+        s.can_undo = False
         s.has_result = False
         s.whole_volume_allowed = "volume" in self.session.modes
         s.timings = {}
@@ -282,6 +283,7 @@ class ARSegWebApp(TrameApp):
         s.report_rows = self.session.report_rows()
         s.nodules = [{"id": n.id, "name": n.name, "volume": f"{n.consensus_volume_mm3:.0f}", "selected": n.selected}
                      for n in self.session.nodules()]
+        s.can_undo = self.session.can_undo()
         s.n_samples_kept = self.session.samples_kept()
         s.sample_shown = self.choices.sample_shown = 0
         self.choices.scale = s.scale
@@ -297,6 +299,16 @@ class ARSegWebApp(TrameApp):
     def clear_nodules(self):
         self._nodule_action(self.session.clear_nodules)
         self._clicks.RemoveAllControlPoints()
+
+    def undo(self):
+        try:
+            what = self.session.undo()
+        except ReviewError as e:
+            self._fail(str(e))
+            return
+        self.state.error_message = ""
+        self.state.run_message = f"Undone: {what}."
+        self._refresh_results()
 
     def _nodule_action(self, action, *args):
         try:
@@ -415,6 +427,8 @@ class ARSegWebApp(TrameApp):
                     with html.Div(classes="d-flex align-center"):
                         html.Span("Nodules", classes="text-body-2")
                         v3.VSpacer()
+                        v3.VBtn("Undo", id="arseg-undo", v_if="can_undo", click=self.undo, density="compact",
+                                variant="text", size="small", disabled=("run_state === 'running'",))
                         v3.VBtn("Clear all", id="arseg-clear-nodules", click=self.clear_nodules, density="compact",
                                 variant="text", size="small", disabled=("run_state === 'running'",))
                     with html.Div(v_for="n in nodules", key="n.id", classes="d-flex align-center arseg-nodule",

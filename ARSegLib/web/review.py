@@ -175,8 +175,10 @@ class ReviewSession:
             return self.status
         r = nodes.report
         vols = r["sample_volume_mm3"]
-        self.status = RunStatus("done", 1.0, f"consensus {r['consensus_volume_mm3']:.0f} mm\u00b3, {r['n_samples']} "
-                                             f"samples {vols['min']:.0f}-{vols['max']:.0f} mm\u00b3",
+        # a redo says what it replaced (Undo brings it back); an empty redo that kept the nodule says why
+        message = " ".join([f"consensus {r['consensus_volume_mm3']:.0f} mm\u00b3, {r['n_samples']} samples "
+                            f"{vols['min']:.0f}-{vols['max']:.0f} mm\u00b3."] + list(nodes.notices))
+        self.status = RunStatus("done", 1.0, message,
                                 {"model": round(model_s, 3), "overlay": round(time.perf_counter() - t0, 3)})
         return self.status
 
@@ -220,6 +222,20 @@ class ReviewSession:
     def clear_nodules(self) -> int:
         self._require_nodule_action()
         return mrml.clear_nodules(self.scene, self.volume_node) if self.volume_node is not None else 0
+
+    def undo(self) -> str:
+        """Undo the last run on the volume (a redone nodule gets its previous result back, an added one goes);
+        returns what was undone, in words."""
+        self._require_nodule_action()
+        if self.volume_node is None:
+            raise ReviewError("open a volume first")
+        try:
+            return mrml.undo_last(self.scene, self.volume_node)[1]
+        except mrml.ResultError as e:
+            raise ReviewError(str(e)) from e
+
+    def can_undo(self) -> bool:
+        return self.volume_node is not None and mrml.can_undo(self.scene, self.volume_node)
 
     def _require_nodule_action(self):
         if self.status.running:  # the run's result is written against the nodules as they are
