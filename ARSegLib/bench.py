@@ -2,7 +2,13 @@
 
 Every number is a median over repeated runs after a warm-up, each run producing the full output
 (consensus, disagreement, every scale decoded). Without the shipped model a tiny untrained model is
-used and the output says so."""
+used and the output says so.
+
+On a CPU with AVX-512 every figure is measured twice in one run: natively in this process, then in a child
+process whose libraries are capped at AVX2 (cpu_isa.py; the child checks that the cap took effect and refuses to
+measure otherwise), as on most reviewers' machines. Each run also counts the arithmetic of one lung1 click
+(FLOPs) and measures the rate a plain fp32 matrix product of the model's shape reaches on that instruction set,
+so achieved / attainable is a ratio that holds from machine to machine."""
 
 from __future__ import annotations
 
@@ -12,6 +18,9 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
@@ -19,6 +28,7 @@ from typing import Any, Callable, Dict, Optional
 import numpy as np
 import torch
 
+from .cpu_isa import avx2_environment, avx512_in_use, has_avx512, instruction_sets
 from .engine.heap import keeping_freed_memory
 
 DATA = Path(os.environ.get("ARSEG_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
@@ -62,6 +72,99 @@ def matmul_gflops(device: torch.device, seconds: float = 0.3) -> float:
             torch.cuda.synchronize()
         n += 1
     return 2 * 512 ** 3 * n / (time.perf_counter() - t0) / 1e9
+
+
+# rows x inputs x outputs: the MLP's first layer at a middle scale of a lung1 click (17 planes x 32 candidates,
+# 16 tokens each), the shape that carries most of the click's FLOPs
+GEMM_SHAPE = (8192, 160, 640)
+
+
+def _rate(fn: Callable[[], Any], flop: float, seconds: float) -> float:
+    fn()  # warm-up (oneDNN builds its kernel on the first call)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        fn()
+        n += 1
+    return flop * n / (time.perf_counter() - t0) / 1e9
+
+
+def gemm_gflops(device: torch.device, seconds: float = 0.4) -> Dict[str, float]:
+    """What plain fp32 matrix products reach here, now, on this process's instruction set (GFLOP/s): torch.mm
+    (MKL) at the model's shape GEMM_SHAPE, and the model's own kernel (oneDNN linear with a prepacked weight,
+    engine/fused.py) at that shape. `attainable` is the faster: the rate the click's arithmetic could run at if
+    it were all one large product."""
+    from .engine import fused
+
+    m, k, n = GEMM_SHAPE
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g).to(device), torch.randn(k, n, generator=g).to(device)
+    layer = torch.nn.Linear(k, n).to(device)
+    sync = device.type == "cuda"
+
+    def mm():
+        x @ w
+        if sync:
+            torch.cuda.synchronize()
+
+    def linear():
+        with torch.inference_mode():
+            fused.linear(layer, x)
+        if sync:
+            torch.cuda.synchronize()
+
+    out = {"shape_m_k_n": [m, k, n], "mm": _rate(mm, 2.0 * m * k * n, seconds),
+           "linear": _rate(linear, 2.0 * m * k * n, seconds)}
+    out["attainable"] = max(out["mm"], out["linear"])
+    return out
+
+
+def _flop_formulas() -> Dict[Any, Callable]:
+    """FLOP formulas for the kernels the engine calls that torch's FlopCounterMode does not know: oneDNN's fused
+    linear and convolution (engine/fused.py) and CPU flash attention (the cached path's attention)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    def linear(x, w, b, *args, out_shape=None, **kwargs):
+        return 2 * int(x[-1]) * int(torch.Size(out_shape).numel())
+
+    def conv(x, w, b, *args, out_shape=None, **kwargs):
+        return 2 * int(torch.Size(out_shape).numel()) * int(torch.Size(w[1:]).numel())
+
+    def attention(q, k, v, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(q, k, v)
+
+    mkldnn, aten = torch.ops.mkldnn, torch.ops.aten
+    formulas = {mkldnn._linear_pointwise: linear, mkldnn._convolution_pointwise: conv}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = attention
+    return formulas
+
+
+def counted_flops(fn: Callable[[], Any]) -> Dict[str, Any]:
+    """The multiply-adds (as 2 FLOPs each) of fn's matrix products, convolutions and attention, by torch's
+    FlopCounterMode with the engine's oneDNN kernels added; `by_part` groups them by the module they ran in."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False, custom_mapping=_flop_formulas()) as counter:
+        fn()
+    counts = counter.get_flop_counts()
+    total = counter.get_total_flops()
+
+    def of(*names):
+        return sum(sum(counts.get(n, {}).values()) for n in names)
+
+    encoder, blocks = of("UNetImageEncoder"), of("AdaLNBlock", "AdaLNHead")
+    by_op: Dict[str, float] = {}
+    for op, v in counts.get("Global", {}).items():
+        name = str(op).split(".")[-1] if "." in str(op) else str(op)
+        by_op[name] = by_op.get(name, 0.0) + v / 1e9
+    return {"gflop": total / 1e9,
+            "by_part_gflop": {"image_encoder": encoder / 1e9, "transformer_blocks_and_head": blocks / 1e9,
+                              "rest": (total - encoder - blocks) / 1e9},
+            "by_op_gflop": by_op,
+            "counts": "matrix products, convolutions (the mask decoder's fused oneDNN ones included), attention "
+                      "(QK^T and AV, no causal discount: the cached path has no mask), 2 FLOPs per multiply-add",
+            "misses": "element-wise work (layer norms, AdaLN modulation, GELU in oneDNN's epilogue, softmax, "
+                      "sampling), copies and indexing, and the pipeline's numpy work (resampling, components)"}
 
 
 def minor_page_faults() -> int:
@@ -169,10 +272,11 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
     scene, volume, point = _lung1_click_input()  # the scene is held here: a node does not keep it alive
     settings = pipeline.SegmentSettings(n_samples=16)
     array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
-    last = {}
+    last, model_s = {}, []
 
     def click():
         last["nodes"] = mrml.segment_node(volume, predictor, card, point, settings)
+        model_s.append(last["nodes"].result.timings_s["model"])
 
     client = InferenceClient(model, str(predictor.device))
     slicer_blocks = []
@@ -193,6 +297,7 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
         slicer_blocks.clear()
         times: Dict[str, list] = {"main": [], "slicer": []}
         faults = []
+        model_s.clear()
         for _ in range(runs):
             faults0 = minor_page_faults()
             times["main"].append(median_time(click, 1, warmup=0, sync=sync))
@@ -200,6 +305,8 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
             times["slicer"].append(click_as_the_module_does())
     finally:
         client.shutdown()
+    click_model_s = statistics.median(model_s)
+    flops = counted_flops(click)  # once, untimed: the counter slows every kernel call
     res = last["nodes"].result
     out: Dict[str, Any] = {"click_lung1_s": statistics.median(times["main"]),
                            "click_lung1_slices": int(res.grid.shape[0]),
@@ -207,7 +314,8 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
                            "click_lung1_consensus_mm3": last["nodes"].report.get("consensus_volume_mm3"),
                            "click_lung1_page_faults": statistics.median(faults),
                            "click_lung1_slicer_s": statistics.median(times["slicer"]),
-                           "click_lung1_slicer_longest_block_s": max(slicer_blocks)}
+                           "click_lung1_slicer_longest_block_s": max(slicer_blocks),
+                           "click_lung1_model_s": click_model_s, "click_lung1_flops": flops}
     # whole-volume mode on a slab of slices (the full 133-slice volume takes minutes on a CPU); a volume needs
     # at least two slices
     volume_slices = max(2, volume_slices)
@@ -256,11 +364,68 @@ def bench_first_click(model: str, device: torch.device, repeats: int) -> Dict[st
     return {key: statistics.median(r[key] for r in rows) for key in rows[0]} | {"repeats": repeats}
 
 
+ISA_CHOICES = ("both", "native", "avx2")
+
+
 def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, threads: int = 0,
-              volume_slices: int = 4, lung1: bool = True) -> Dict[str, Any]:
+              volume_slices: int = 4, lung1: bool = True, isa: str = "both") -> Dict[str, Any]:
+    """isa: "native" measures in this process only; "avx2" in a child capped at AVX2 only (its result, with the
+    cap's check); "both" (default) natively, then the same in the child, its figures under "avx2"."""
+    if isa not in ISA_CHOICES:
+        raise ValueError(f"isa must be one of {ISA_CHOICES}, got {isa!r}")
+    kw = {"model": model, "device": device, "runs": runs, "threads": threads, "volume_slices": volume_slices,
+          "lung1": lung1}
+    capped = str(device) == "cpu" and has_avx512()
+    if isa == "avx2":
+        if not capped:
+            raise ValueError("--isa avx2 needs a CPU run on a CPU with AVX-512 (otherwise the native figures are "
+                             "already without it)")
+        return run_in_child(kw)
+    out = _run_here(**kw)
+    if isa == "both":
+        out["avx2"] = run_in_child(kw) if capped else {
+            "skipped": "not a CPU run" if str(device) != "cpu" else
+            "this CPU has no AVX-512: the figures above are already without it"}
+    return out
+
+
+def run_in_child(kw: Dict[str, Any], env: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """The bench in a new process with `env` (default: AVX-512 off, cpu_isa.avx2_environment()), which inherits it
+    into the inference workers it starts. The child checks the cap before any measurement; a cap that did not take
+    effect gives {"refused": why, "instruction_sets": what the child found} instead of figures."""
+    env = dict(avx2_environment() if env is None else env)
+    with tempfile.TemporaryDirectory(prefix="arseg-bench-") as tmp:
+        result = Path(tmp) / "child.json"
+        proc = subprocess.run([sys.executable, "-m", "ARSegLib.bench", json.dumps(kw), str(result)],
+                              env={**os.environ, **env}, capture_output=True, text=True,
+                              cwd=str(Path(__file__).resolve().parents[1]))
+        if not result.exists():
+            raise RuntimeError(f"the capped bench process failed (exit {proc.returncode}): "
+                               f"{(proc.stdout + proc.stderr)[-2000:]}")
+        out = json.loads(result.read_text())
+    out["environment"] = env
+    return out
+
+
+def _child_main(argv) -> int:
+    kw, path = json.loads(argv[0]), Path(argv[1])
+    report = instruction_sets()  # first: oneDNN and MKL name their instruction set on first use only
+    problems = avx512_in_use(report)
+    if problems:
+        out = {"refused": "AVX-512 still in use in the capped process, so no figures were measured: "
+                          + "; ".join(problems), "instruction_sets": report}
+    else:
+        out = _run_here(**kw)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    return 3 if problems else 0
+
+
+def _run_here(model: str, device: str, runs: int, threads: int, volume_slices: int,
+              lung1: bool) -> Dict[str, Any]:
     from .models import ModelError, load_model
     from .training.distributed import resolve_device
 
+    isa_report = instruction_sets() if str(device) == "cpu" else {}
     if threads:
         torch.set_num_threads(threads)
     device = resolve_device(device)
@@ -279,9 +444,10 @@ def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, t
         "cpu_features": cpu_features(),
         "gpu": torch.cuda.get_device_name(0) if predictor.device.type == "cuda" else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs, "crop_source": crop_source,
-        "n_tokens": predictor.config.autoencoder.n_tokens,
+        "n_tokens": predictor.config.autoencoder.n_tokens, "instruction_sets": isa_report,
     }
     out["matmul_gflops_before"] = matmul_gflops(predictor.device)
+    out["gemm_gflops"] = gemm_gflops(predictor.device)
     out["crop"] = bench_crop(predictor, crop, sampling, runs)
     out["split_s"] = bench_split(predictor, crop, sampling, runs)
     # the same phases for the no-cache reference: only the transformer should differ
@@ -291,6 +457,13 @@ def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, t
         if "click_lung1_s" in out and not note:
             out["first_click_lung1"] = bench_first_click(model, predictor.device, max(1, runs // 3))
     out["matmul_gflops_after"] = matmul_gflops(predictor.device)
+    if "click_lung1_flops" in out:
+        # achieved / attainable: the click's counted arithmetic per second of the click (end to end, and of its
+        # model part), over what a plain product of the model's shape reaches in this process
+        gflop, attainable = out["click_lung1_flops"]["gflop"], out["gemm_gflops"]["attainable"]
+        out["click_lung1_gflops_achieved"] = gflop / out["click_lung1_s"]
+        out["click_lung1_efficiency"] = out["click_lung1_gflops_achieved"] / attainable
+        out["click_lung1_model_efficiency"] = gflop / out["click_lung1_model_s"] / attainable
     out["heap_keeps_freed_memory"] = keeping_freed_memory()
     out["peak_rss_mb"] = peak_rss_mb()
     return out
@@ -340,13 +513,67 @@ def format_table(r: Dict[str, Any]) -> str:
                      f"click after that takes {f['click_after_load_s']:.2f} s")
     lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB; machine speed (512x512 matmul) {r['matmul_gflops_before']:.0f} "
                  f"GFLOP/s before, {r['matmul_gflops_after']:.0f} after")
+    if r.get("instruction_sets"):
+        lines.append("instruction sets in use: " + "; ".join(f"{k} {v}" for k, v in r["instruction_sets"].items()))
+    g = r.get("gemm_gflops")
+    if g:
+        m, k, n = g["shape_m_k_n"]
+        lines.append(f"fp32 product {m}x{k} @ {k}x{n} (the model's shape): {g['mm']:.0f} GFLOP/s torch.mm, "
+                     f"{g['linear']:.0f} GFLOP/s the model's oneDNN linear")
+    if "click_lung1_efficiency" in r:
+        f = r["click_lung1_flops"]
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in f["by_part_gflop"].items())
+        lines.append(f"lung1 click arithmetic: {f['gflop']:.1f} GFLOP ({parts}); achieved "
+                     f"{r['click_lung1_gflops_achieved']:.0f} GFLOP/s = {100 * r['click_lung1_efficiency']:.0f} % of "
+                     f"the attainable {g['attainable']:.0f} (model part alone: "
+                     f"{100 * r['click_lung1_model_efficiency']:.0f} %)")
+    return "\n".join(lines)
+
+
+# the figures set side by side, native against AVX2: (label, path into the result, format)
+_COMPARED = (("N = 16 on one crop, s", ("crop", "16", "cached_s"), "{:.3f}"),
+             ("lung1 click in process, s", ("click_lung1_s",), "{:.2f}"),
+             ("lung1 click, the Slicer module's way, s", ("click_lung1_slicer_s",), "{:.2f}"),
+             ("first click after the module opens, s", ("first_click_lung1", "open_to_result_s"), "{:.2f}"),
+             ("plain product of the model's shape, GFLOP/s", ("gemm_gflops", "attainable"), "{:.0f}"),
+             ("lung1 click efficiency (achieved / attainable)", ("click_lung1_efficiency",), "{:.1%}"))
+
+
+def _at(r: Dict[str, Any], path):
+    for key in path:
+        if not isinstance(r, dict) or key not in r:
+            return None
+        r = r[key]
+    return r
+
+
+def format_comparison(r: Dict[str, Any]) -> str:
+    a = r.get("avx2")
+    if not a:
+        return ""
+    if "refused" in a or "skipped" in a:
+        return "AVX2 figures: " + ("NOT MEASURED: " + a["refused"] if "refused" in a else "none: " + a["skipped"])
+    lines = [f"{'':48} {'native':>9} {'AVX2':>9}"]
+    for label, path, fmt in _COMPARED:
+        cells = [_at(r, path), _at(a, path)]
+        lines.append(f"{label:48} " + " ".join(f"{fmt.format(v) if v is not None else '-':>9}" for v in cells))
     return "\n".join(lines)
 
 
 def main_bench(json_out: Optional[str], **kw) -> Dict[str, Any]:
     r = run_bench(**kw)
     print(format_table(r))
+    if isinstance(r.get("avx2"), dict) and "crop" in r["avx2"]:
+        print("\nthe same with AVX-512 off (a child process capped at AVX2, checked):")
+        print(format_table(r["avx2"]))
+    comparison = format_comparison(r)
+    if comparison:
+        print("\n" + comparison)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(r, indent=2) + "\n")
     return r
+
+
+if __name__ == "__main__":  # the capped child of run_in_child
+    sys.exit(_child_main(sys.argv[1:]))

@@ -772,7 +772,7 @@ def cmd_bench(args):
     from .bench import main_bench
 
     main_bench(args.json, model=args.model, device=args.device, runs=args.runs, threads=args.threads,
-               volume_slices=args.volume_slices, lung1=not args.no_lung1)
+               volume_slices=args.volume_slices, lung1=not args.no_lung1, isa=args.isa)
 
 
 def cmd_view(args):
@@ -880,6 +880,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--volume-slices", type=int, default=4, help="lung1 slices timed in whole-volume mode")
     p.add_argument("--no-lung1", action="store_true", help="skip the lung1 click and volume timings")
+    p.add_argument("--isa", choices=["both", "native", "avx2"], default="both",
+                   help="both (default): every figure natively and again with AVX-512 off (a child process capped "
+                        "at AVX2, checked; under \"avx2\" in the JSON); native or avx2: one of them only")
     p.add_argument("--json", default=None, help="write the measurements to this JSON file")
     p.set_defaults(func=cmd_bench)
 
