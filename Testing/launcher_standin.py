@@ -15,6 +15,15 @@ from pathlib import Path
 from typing import Sequence
 
 
+def decoy_library(folder: Path) -> Path:
+    """A folder holding another ARSegLib (another extension's, a stray copy), whose worker says so and fails."""
+    package = folder / "ARSegLib"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "worker.py").write_text(f"import sys\nprint('decoy ARSegLib in {folder}')\nsys.exit(7)\n")
+    return folder
+
+
 def write_launcher(folder: Path, first_on_path: Sequence[Path], python: str = sys.executable) -> Path:
     """An executable `PythonSlicer` in folder that puts first_on_path before everything else on PYTHONPATH."""
     Path(folder).mkdir(parents=True, exist_ok=True)

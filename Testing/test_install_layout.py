@@ -15,24 +15,16 @@ from pathlib import Path
 
 import pytest
 from install_layout import install_plan, lay_out
-from launcher_standin import write_launcher
+from launcher_standin import decoy_library, write_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _decoy_library(folder: Path) -> Path:
-    package = folder / "ARSegLib"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "worker.py").write_text(f"import sys\nprint('decoy ARSegLib in {folder}')\nsys.exit(7)\n")
-    return folder
 
 
 def _segment_demo_from(layout: Path, tmp_path: Path) -> dict:
     """In a fresh process that sees only the layout (as Slicer puts qt-scripted-modules on sys.path): click the
     demo's nodule through the worker, started by the launcher stand-in; returns what it printed (JSON)."""
-    launcher = write_launcher(tmp_path / "bin", [_decoy_library(tmp_path / "other-extension")])
-    cwd = _decoy_library(tmp_path / "cwd")
+    launcher = write_launcher(tmp_path / "bin", [decoy_library(tmp_path / "other-extension")])
+    cwd = decoy_library(tmp_path / "cwd")
     code = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {str(layout)!r})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launcher_standin import write_launcher
+from launcher_standin import decoy_library, write_launcher
 
 from ARSegLib import pipeline, worker
 from ARSegLib.models import ModelError
@@ -296,21 +296,12 @@ def test_the_modules_errors_may_come_from_import_without_torch():
     assert out.stdout.strip() == "[]"
 
 
-def _decoy_library(folder: Path) -> Path:
-    """A folder holding another ARSegLib, whose worker says so and fails."""
-    package = folder / "ARSegLib"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text("")
-    (package / "worker.py").write_text(f"import sys\nprint('decoy ARSegLib in {folder}')\nsys.exit(7)\n")
-    return folder
-
-
 def test_the_worker_imports_this_arseglib_not_another_on_the_launchers_path_or_in_the_working_directory(
         tmp_path, tiny_model_card):
     """Slicer's launcher puts every installed extension's qt-scripted-modules on PYTHONPATH before ours, and
     `python -m` puts the working directory first: the worker must still run the extension's own copy."""
-    launcher = write_launcher(tmp_path / "bin", [_decoy_library(tmp_path / "other-extension")])
-    cwd = _decoy_library(tmp_path / "cwd")
+    launcher = write_launcher(tmp_path / "bin", [decoy_library(tmp_path / "other-extension")])
+    cwd = decoy_library(tmp_path / "cwd")
     model = os.path.relpath(tiny_model_card, cwd)  # a model path relative to the client's working directory
     out = _run_script(f"""
         import sys
