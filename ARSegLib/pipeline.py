@@ -706,7 +706,7 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
         object_centre = found.object_centre_ras()
         if object_centre is None or len(centres) > settings.recentre_passes:
             break
-        grid_centre = found.grid.index_to_ras @ np.array([found.click_plane, (crop - 1) / 2.0, (crop - 1) / 2.0, 1.0])
+        grid_centre = found.grid.index_to_ras @ np.array([found.centre_plane, (crop - 1) / 2.0, (crop - 1) / 2.0, 1.0])
         if np.linalg.norm(object_centre - grid_centre[:3]) <= settings.recentre_min_mm:
             break
         centre = object_centre
@@ -723,6 +723,7 @@ class _ClickPass:
 
     grid: AxialGrid
     click_plane: int  # the plane through the user's click
+    centre_plane: int  # the plane through the grid's centre (the click's on the first pass)
     click_index: Tuple[float, float, float]  # the user's click in grid (plane, row, column) coordinates
     prepared: np.ndarray
     raw: np.ndarray
@@ -818,7 +819,8 @@ def _click_pass(array, m, click, centre, predictor, card, settings, sampling, pi
         progress(k, k)
     t_model = time.perf_counter()
     kept_consensus, kept_samples, kept_scales = kept
-    return _ClickPass(grid=grid, click_plane=click_plane, click_index=click_index, prepared=prepared, raw=raw,
+    return _ClickPass(grid=grid, click_plane=click_plane, centre_plane=centre_plane, click_index=click_index,
+                      prepared=prepared, raw=raw,
                       consensus=kept_consensus, samples=kept_samples, scales=kept_scales,
                       planes_run=steps["planes"],
                       t_prepare=t_prep - t0, t_model=t_model - t_prep)
