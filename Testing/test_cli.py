@@ -431,12 +431,21 @@ def test_an_interrupted_batch_writes_what_finished(signal_name, cases, lung1, di
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mrml, "segment_file", stopped_during_the_second)
+    if signal_name == "SIGINT":  # Ctrl-C as a terminal delivers it: a shell's background job has SIGINT ignored
+        previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    else:
+        previous_int = None
     points = tmp_path / "points.csv"
     points.write_text("".join(f"{c},{','.join(map(str, lung1.nodule_ras))}\n" for c in ("c1", "c2", "c3")))
     out = tmp_path / "out"
     before = signal.getsignal(signal.SIGTERM)
-    assert main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--points", str(points),
-                 "--half-height", "2.5"]) == 130
+    try:
+        code = main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--points", str(points),
+                     "--half-height", "2.5"])
+    finally:
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
+    assert code == 130
     assert signal.getsignal(signal.SIGTERM) == before
     summary = json.loads((out / "batch.json").read_text())
     status = {c["case"]: c["status"] for c in summary["cases"]}
