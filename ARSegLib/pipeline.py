@@ -115,11 +115,6 @@ class SegmentSettings:
     # many times, while that centre is farther than recentre_min_mm from the grid's; 0 runs the click as given
     recentre_passes: int = 3
     recentre_min_mm: float = 1.5
-    # click mode: run the planes outward from the click, FIRST_PLANES_MM either side first, then MORE_PLANES_MM
-    # more on a side while anything kept reaches that side's last plane (results identical to running every
-    # plane). Off by default: on lung1's 25 mm nodule the samples reach 15 of the 17 planes, and three smaller
-    # forward passes took 1.8x the time of one (AVX2, 2 cores); a nodule within +-7.5 mm needs one pass of 7
-    outward_planes: bool = False
     # crops per forward pass (memory grows with crops x candidates): a click's planes of an ordinary CT go in one
     # batch, a thin-slice scan's or a whole volume's in chunks; fewer per pass when a crop draws more than 32
     # candidates (samples x oversample), so a pass never holds more sequences than 32 crops of 32
@@ -132,8 +127,6 @@ class SegmentSettings:
     MAX_PRESENCE_SHIFT = 5.0  # a logit shift of 5 turns a presence of 0.5 into 0.993
     MAX_HALF_HEIGHT_MM = 200.0
     MAX_RECENTRE_PASSES = 4  # each pass costs one click's inference
-    FIRST_PLANES_MM = 7.5  # at least component_tolerance_mm: no kept component can start past them
-    MORE_PLANES_MM = 5.0
 
     def check(self) -> SegmentSettings:
         """SettingsError naming the first setting out of range; self otherwise. Called before any work."""
@@ -713,7 +706,7 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
     result = _click_result(found, array, m, click, predictor, card, settings, sampling, pixel_spacing)
     result.settings["grid_centres_ras_mm"] = centres  # the click's, then each re-centred one
     result.timings_s = {"prepare": found.t_prepare, "model": found.t_model, "passes": len(centres),
-                        "planes": found.planes_run, "total": time.perf_counter() - t0}
+                        "total": time.perf_counter() - t0}
     return result
 
 
@@ -730,7 +723,6 @@ class _ClickPass:
     consensus: np.ndarray  # bool (planes, h, w): the consensus component at the click
     samples: np.ndarray  # bool (N, planes, h, w): each sample's components on it (or at the click)
     scales: np.ndarray  # bool (K, planes, h, w)
-    planes_run: int = 0  # planes the model ran (visited outward from the click), of the grid's
     t_prepare: float = 0.0
     t_model: float = 0.0
 
@@ -758,72 +750,39 @@ def _click_pass(array, m, click, centre, predictor, card, settings, sampling, pi
     samples = np.zeros((n, nz, h, w), dtype=np.uint8)
     scales = np.zeros((k, nz, h, w), dtype=np.uint8)
     consensus = np.zeros((nz, h, w), dtype=np.uint8)
+    rows = np.flatnonzero(has_signal)
+    # one batch for an ordinary CT (17 planes of 2.5 mm); thin-slice scans are split so memory stays bounded
     batch = settings.crops_per_pass(sampling)
-    steps = {"done": 0, "total": 0, "planes": 0}  # scales of forward passes (progress), planes run
-
-    def run(planes):
-        # one batch for the planes of an ordinary CT; thin-slice scans are split so memory stays bounded
-        chunks = [planes[i:i + batch] for i in range(0, len(planes), batch)]
-        steps["total"] += len(chunks) * k
-        steps["planes"] += len(planes)
-        for chunk in chunks:
-            res = _run_model(predictor, prepared[chunk], sampling, progress, cancel, steps["done"], steps["total"],
-                             chunk)
-            steps["done"] += k
-            samples[:, chunk] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
-            scales[:, chunk] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
-            consensus[chunk] = res.consensus_Bhw > 0
+    chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+    for ci, chunk in enumerate(chunks):
+        res = _run_model(predictor, prepared[chunk], sampling, progress, cancel, ci * k, len(chunks) * k, chunk)
+        samples[:, chunk] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
+        scales[:, chunk] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
+        consensus[chunk] = res.consensus_Bhw > 0
+    if not chunks and progress is not None:
+        progress(k, k)
+    t_model = time.perf_counter()
 
     # keep what belongs to the clicked object: the consensus component through (or nearest) the click; for
-    # samples and scales, their components that overlap it (or, if the consensus is empty, that reach the click)
+    # samples and scales, their components that overlap it (or, if the consensus is empty, that reach the click);
     # the click on its nearest plane (the plane a centred grid has through it), in-plane where it falls
     click_index = (float(click_plane), round(float(click_index[1]), 6), round(float(click_index[2]), 6))
     tol = settings.component_tolerance_mm
-
-    def keep(mask, region):
-        if region.any():
-            return _components_touching(mask, region)
-        return _component_near_point(mask, click_index, grid.spacing, tol)
-
-    def kept_masks():
-        kept = _component_near_point(consensus, click_index, grid.spacing, tol)
-        return (kept, np.stack([keep(samples[i], kept) for i in range(n)]),
-                np.stack([keep(scales[s], kept) for s in range(k)]))
-
-    # planes are visited outward from the click, a few at a time, and no further on a side once nothing kept
-    # reaches that side's last plane: what is kept is connected, so it cannot reach past a plane it does not touch
-    # (each plane has its own random stream, so the planes run give the samples they give in one batch); the
-    # first planes reach past the component tolerance, so no kept component can start beyond them
-    with_signal = has_signal.astype(bool)
-    dz = grid.spacing[0]
-    reach = int(math.ceil(max(settings.FIRST_PLANES_MM, tol) / dz)) if settings.outward_planes else nz
-    step = max(1, int(math.ceil(settings.MORE_PLANES_MM / dz)))
-    lo, hi = max(0, click_plane - reach), min(nz - 1, click_plane + reach)
-    run(np.flatnonzero(with_signal[lo:hi + 1]) + lo)
-    kept = kept_masks()
-
-    def reaches(plane):
-        return bool(kept[0][plane].any() or kept[1][:, plane].any() or kept[2][:, plane].any())
-
-    while True:
-        grow_lo, grow_hi = lo > 0 and reaches(lo), hi < nz - 1 and reaches(hi)
-        if not (grow_lo or grow_hi):
-            break
-        new_lo, new_hi = (max(0, lo - step) if grow_lo else lo), (min(nz - 1, hi + step) if grow_hi else hi)
-        planes = [p for p in [*range(new_lo, lo), *range(hi + 1, new_hi + 1)] if with_signal[p]]
-        lo, hi = new_lo, new_hi
-        if planes:  # else the new planes hold nothing, and nothing reaches them: the loop ends
-            run(np.array(planes))
-            kept = kept_masks()
-    if steps["total"] == 0 and progress is not None:
-        progress(k, k)
-    t_model = time.perf_counter()
-    kept_consensus, kept_samples, kept_scales = kept
+    kept_consensus = _component_near_point(consensus, click_index, grid.spacing, tol)
+    kept_samples = np.stack([_keep(samples[i], kept_consensus, click_index, grid.spacing, tol) for i in range(n)])
+    kept_scales = np.stack([_keep(scales[s], kept_consensus, click_index, grid.spacing, tol) for s in range(k)])
     return _ClickPass(grid=grid, click_plane=click_plane, centre_plane=centre_plane, click_index=click_index,
                       prepared=prepared, raw=raw,
                       consensus=kept_consensus, samples=kept_samples, scales=kept_scales,
-                      planes_run=steps["planes"],
                       t_prepare=t_prep - t0, t_model=t_model - t_prep)
+
+
+def _keep(mask, region, click_index, spacing, tol) -> np.ndarray:
+    """A sample's (or scale's, or if-present's) part of the clicked object: its components that overlap the kept
+    consensus, or, where that is empty, its component at (or within tol of) the click."""
+    if region.any():
+        return _components_touching(mask, region)
+    return _component_near_point(mask, click_index, spacing, tol)
 
 
 def _click_result(found: _ClickPass, array, m, click, predictor, card, settings, sampling,
@@ -834,12 +793,8 @@ def _click_result(found: _ClickPass, array, m, click, predictor, card, settings,
     disagreeing = (kept_samples != kept_consensus[None]).sum(0).astype(np.uint8)
     disagreement = disagreeing.astype(np.float32) / n
     marking, if_present = presence_consensus(kept_samples)
-    if kept_consensus.any():
-        if_present = _components_touching(if_present, kept_consensus)
-    else:
-        if_present = _component_near_point(if_present, found.click_index, grid.spacing,
-                                           settings.component_tolerance_mm)
-    if_present = if_present.astype(np.uint8)
+    if_present = _keep(if_present, kept_consensus, found.click_index, grid.spacing,
+                       settings.component_tolerance_mm).astype(np.uint8)
 
     axis = _axis_nearest_s(m)
     click_ijk = point_to_ijk(click, m)

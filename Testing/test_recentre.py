@@ -72,30 +72,3 @@ def test_recentre_settings_are_checked():
     with pytest.raises(pipeline.SettingsError, match="recentre_min_mm"):
         SegmentSettings(recentre_min_mm=float("nan")).check()
 
-
-def test_planes_visited_outward_give_what_every_plane_gives(lung1, shipped, centroid_click):
-    """With outward_planes the click's planes are run outward from it and stop on a side where nothing kept
-    reaches: the same samples, scales and consensus as running all 17 planes, from fewer planes."""
-    predictor, card = shipped
-    outward = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card,
-                                     SegmentSettings(outward_planes=True))
-    assert centroid_click.timings_s["planes"] == 17 and outward.timings_s["planes"] < 17
-    for name in ("consensus", "sample_bits", "scale_bits", "disagreement", "if_present"):
-        np.testing.assert_array_equal(getattr(outward, name), getattr(centroid_click, name), err_msg=name)
-
-
-def test_planes_visited_outward_on_a_small_object_stop_early(lung1, tiny):
-    """A 3 mm ball (the stand-in model) needs the first planes only: 7 of 17, the same answer as all 17."""
-    from arseg_volumes import DiscPredictor
-
-    predictor, card = tiny
-    fake = DiscPredictor(predictor.config, radius_mm=3.0, centre_id=8)  # round around the grid's middle plane
-    steps = []
-    outward = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, fake, card,
-                                     SegmentSettings(n_samples=4, outward_planes=True),
-                                     progress=lambda d, t: steps.append((d, t)))
-    every = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, fake, card,
-                                   SegmentSettings(n_samples=4))
-    assert (outward.timings_s["planes"], every.timings_s["planes"]) == (7, 17)
-    np.testing.assert_array_equal(outward.sample_bits, every.sample_bits)
-    assert steps[-1][0] == steps[-1][1]
