@@ -89,6 +89,8 @@ def test_undo_restores_a_redone_nodule_and_removes_an_added_one(lung1, tiny):
     assert "Nodule 1 back to its previous result" in words
     assert restored.nodule_ids == ["Nodule_1", "Nodule_2"] and restored.nodule == "Nodule_1"
     back = _segments(restored, "Nodule_1")
+    surface = slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName()
+    assert restored.segmentation.GetSegmentation().GetSegment("Nodule_1").GetRepresentation(surface) is not None
     assert back.keys() == original.keys() and all(np.array_equal(back[k], original[k]) for k in original)
     assert restored.report["nodules"][0] == original_entry
     assert all(np.array_equal(_segments(restored, "Nodule_2")[k], nodule_2[k]) for k in nodule_2)
