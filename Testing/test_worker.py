@@ -341,7 +341,9 @@ def test_a_crash_through_a_launcher_says_what_became_of_the_worker_process(tmp_p
         message = str(run.error)
         assert isinstance(run.error, worker.WorkerCrashed) and f"pid {worker_pid}" in message, message
         if kill == "launcher":
-            assert "has been stopped" in message
+            # the worker either outlived its launcher and was stopped by the client, or ended first on its own
+            # (it watches its parent): a race whose both outcomes say what became of the worker and leave none
+            assert "has been stopped" in message or ("ended" in message and "its launcher" in message), message
             deadline = time.monotonic() + 5
             while _alive(worker_pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
