@@ -13,6 +13,7 @@ On a fresh install, `ARSegLogic().setupPythonRequirements()` installs torch and 
 module's first click does it too); the console calls say so when they are missing.
 """
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -376,7 +377,8 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             elif volume is None or volume.GetScene() is None:
                 self.ui.statusLabel.text = "The volume was removed before the result arrived."
             else:
-                nodes = self.logic.applyResult(volume, run.result, includeSamples=self._runIncludeSamples)
+                nodes = self.logic.applyResult(volume, run.result, includeSamples=self._runIncludeSamples,
+                                               request=getattr(run, "request", None))
                 seconds = run.seconds if run.seconds is not None else run.result.timings_s.get("total", 0.0)
                 # a redo says what it replaced (Undo brings it back); an empty redo that kept the nodule says why
                 self.ui.statusLabel.text = " ".join([f"Done in {seconds:.1f} s."] + list(nodes.notices))
@@ -686,39 +688,44 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
     def volumeKey(volumeNode):
         """What identifies a volume's voxels to the worker, which keeps the last volume it was sent: a later click
         on the same, unmodified volume sends no voxels."""
-        image = volumeNode.GetImageData()
-        return (id(volumeNode.GetScene()), volumeNode.GetID(), image.GetMTime() if image is not None else 0)
+        from ARSegLib import runs
+
+        return runs.volume_key_of(volumeNode)
+
+    def service(self, model: str = DEFAULT_MODEL, device: str = "auto"):
+        """The run service on the shared worker (ARSegLib.runs): every run of the module and the console goes
+        through it, and it keeps each nodule's current result for a refinement (shared by every ARSegLogic)."""
+        from ARSegLib import runs
+        from ARSegLib.models import read_card
+
+        return runs.RunService(runs.WorkerBackend(self.worker(model, device), read_card(model)),
+                               memory=runs.shared_memory())
 
     def startSegmentation(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto",
                           samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
                           halfHeightMm: float = 20.0, fast: bool = False):
         """Check the input and send it to the worker (main thread: reading the volume is all it does here); returns
-        the WorkerRun, which the caller polls (`run.poll()`, never blocking) and hands to `applyResult`."""
-        from ARSegLib import mrml, pipeline
-        from ARSegLib.models import read_card
+        the run, which the caller polls (`run.poll()`, never blocking) and hands to `applyResult`."""
+        from ARSegLib.prompts import include
 
         # bad input says so at once, before the worker sees it
         self.checkPythonRequirements()
         settings = self.settings(samples, temperature, seed, halfHeightMm, fast).check()
-        pipeline.check_mode(read_card(model), pipeline.MODE_VOLUME if point is None else pipeline.MODE_CLICK)
-        ijkToRas, key = mrml.world_ijk_to_ras(volumeNode), self.volumeKey(volumeNode)
-        client = self.worker(model, device)
-        if client.holds(key):  # checked when it was sent: a further click reads no voxels on the main thread
-            array, shape = None, mrml.volume_array_shape(volumeNode)
-        else:  # a view, not a copy: the voxels go straight into the file the worker reads
-            array = mrml.volume_array(volumeNode, copy=False)
-            pipeline.check_volume(array, ijkToRas)
-            shape = array.shape
-        if point is not None:
-            pipeline.check_point(point, shape, ijkToRas)
-        return client.segment(array, ijkToRas, point, settings, volume_key=key)
+        service = self.service(model, device)
+        request = service.request_for_node(volumeNode, click=None if point is None else include(point),
+                                           settings=settings)
+        return service.start(request)
 
-    def applyResult(self, volumeNode, result, includeSamples: bool = False):
-        """Main thread: the finished run's nodes into the scene (replacing ARSeg's earlier ones for the volume)."""
-        from ARSegLib import mrml
+    def applyResult(self, volumeNode, result, includeSamples: bool = False, request=None):
+        """Main thread: the finished run's nodes into the scene (replacing ARSeg's earlier ones for the volume).
+        request: the run's (run.request), which says which nodule it refines and with which settings."""
+        from ARSegLib import mrml, runs
 
-        return mrml.write_result(volumeNode.GetScene(), volumeNode, result,
-                                 mrml.OutputOptions(include_samples=includeSamples))
+        return runs.apply_result(volumeNode, result, mrml.OutputOptions(include_samples=includeSamples),
+                                 nodule=getattr(request, "nodule", None),
+                                 replace_with_empty=bool(getattr(request, "replace_with_empty", False)),
+                                 memory=runs.shared_memory(), volume_key=getattr(request, "volume_key", None),
+                                 settings=getattr(request, "settings", None))
 
     def segment(self, volumeNode, point=None, model: str = DEFAULT_MODEL, device: str = "auto", samples: int = 16,
                 temperature: Optional[float] = None, seed: int = 0, halfHeightMm: float = 20.0,
@@ -727,30 +734,43 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         or the whole volume when there is none (models validated for it only). Every point is checked before any
         runs. Returns the ResultNodes, which hold every nodule of the volume. For the console and scripts: the GUI
         polls startSegmentation's run instead."""
-        from ARSegLib import mrml, pipeline
+        from ARSegLib import mrml, runs
 
         self.checkPythonRequirements()
         clicks = [tuple(float(v) for v in p) for p in ([point] if point is not None else []) + list(points or [])]
-        shape, ijkToRas = mrml.volume_array_shape(volumeNode), mrml.world_ijk_to_ras(volumeNode)
-        for p in clicks:
-            pipeline.check_point(p, shape, ijkToRas)
-        nodes = None
-        for p in clicks or [None]:
-            run = self.startSegmentation(volumeNode, p, model=model, device=device, samples=samples,
-                                         temperature=temperature, seed=seed, halfHeightMm=halfHeightMm, fast=fast)
-            self._waitFor(run, progress, cancel)
-            nodes = self.applyResult(volumeNode, run.result, includeSamples=includeSamples)
-        return nodes
+        settings = self.settings(samples, temperature, seed, halfHeightMm, fast)
+        return self.service(model, device).segment_node(
+            volumeNode, runs.clicks(clicks), settings, mrml.OutputOptions(include_samples=includeSamples),
+            progress, cancel)
 
-    @staticmethod
-    def _waitFor(run, progress=None, cancel=None):
-        while not run.wait(0.1):
-            if progress is not None:
-                progress(run.done_steps, run.total_steps)
-            if cancel is not None and cancel():
-                run.cancel()
-        if run.error is not None:
-            raise run.error
+    def refine(self, volumeNode, nodule, exclude=(), include=(), lock_scales: int = 0, sample: Optional[int] = None,
+               model: str = DEFAULT_MODEL, device: str = "auto", includeSamples: bool = False, progress=None,
+               cancel=None):
+        """Refine a nodule (its ID "Nodule_2", name "Nodule 2" or number 2) from its current result and wait:
+        exclude points its samples must not mark, include points they must all mark, lock_scales=k keeps scales
+        1..k of sample `sample` (or of the most typical sample) and draws the finer ones again; sample alone makes
+        that sample the result. Runs with the settings that made the nodule; the nodule keeps its name. Returns
+        the ResultNodes."""
+        from ARSegLib import mrml, prompts
+
+        self.checkPythonRequirements()
+        nid = self._noduleId(volumeNode, nodule)
+        refinement = prompts.refinement(include_points=include, exclude_points=exclude, lock_scales=int(lock_scales),
+                                        from_sample=sample if lock_scales else None,
+                                        use_sample=None if lock_scales else sample)
+        return self.service(model, device).refine(volumeNode, nid, refinement,
+                                                  options=mrml.OutputOptions(include_samples=includeSamples),
+                                                  progress=progress, cancel=cancel)
+
+    def _noduleId(self, volumeNode, nodule) -> str:
+        from ARSegLib import mrml
+
+        if isinstance(nodule, int) and not isinstance(nodule, bool):
+            return mrml.nodule_id(nodule)
+        for info in self.nodules(volumeNode):
+            if nodule in (info.id, info.name):
+                return info.id
+        return str(nodule)  # the service says it has no result of it
 
     def segmentFiles(self, paths, outputDir, points=None, model: str = DEFAULT_MODEL, device: str = "auto",
                      samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
@@ -760,23 +780,23 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         runs whole (models validated for it only). Returns reports."""
         from pathlib import Path
 
-        from ARSegLib import mrml
+        from ARSegLib import mrml, runs
 
         self.checkPythonRequirements()
         points = {str(Path(k)): v for k, v in (points or {}).items()}
+        settings = self.settings(samples, temperature, seed, 20.0, fast)
+        service = self.service(model, device)
         reports = []
         for path in paths:
             path = Path(path)
             stem = mrml.volume_stem(path)
             out = Path(outputDir) / f"{stem}.seg.nrrd"
-            scene = mrml.new_scene()
-            volumeNode = mrml.load_volume(scene, path)
             given = points.get(str(path))
             several = given is not None and len(given) and not isinstance(given[0], (int, float))
-            nodes = self.segment(volumeNode, None if several else given, points=given if several else None,
-                                 model=model, device=device, samples=samples, temperature=temperature, seed=seed,
-                                 includeSamples=includeSamples, fast=fast)
-            mrml.write_outputs(nodes, path, out, Path(outputDir) / f"{stem}.report.json")
+            clicks = [] if given is None else (list(given) if several else [given])
+            nodes = service.segment_file(path, out, runs.clicks(clicks), settings,
+                                         mrml.OutputOptions(include_samples=includeSamples),
+                                         report_path=Path(outputDir) / f"{stem}.report.json")
             reports.append(dict(nodes.report, source=str(path), segmentation=str(out)))
         return reports
 
@@ -795,15 +815,25 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
     def deleteNodule(self, volumeNode, noduleId):
         """Returns the remaining results, or None when that was the last nodule."""
-        from ARSegLib import mrml
+        from ARSegLib import mrml, runs
 
-        return mrml.delete_nodule(volumeNode.GetScene(), volumeNode, noduleId)
+        nodes = mrml.delete_nodule(volumeNode.GetScene(), volumeNode, noduleId)
+        runs.shared_memory().forget(runs.volume_key_of(volumeNode), noduleId)
+        return nodes
 
     def undo(self, volumeNode):
-        """Undo the last run on volumeNode: (the results, or None when no nodule is left; what was undone)."""
-        from ARSegLib import mrml
+        """Undo the last run on volumeNode: (the results, or None when no nodule is left; what was undone). The
+        service forgets the result of the nodule it changed: a refinement must start from what the scene shows."""
+        from ARSegLib import mrml, runs
 
-        return mrml.undo_last(volumeNode.GetScene(), volumeNode)
+        before = self.nodules(volumeNode)
+        undone = mrml.undo_last(volumeNode.GetScene(), volumeNode)
+        after = {n.id: n for n in self.nodules(volumeNode)}
+        for n in before:
+            now = after.get(n.id)
+            if now is None or dataclasses.replace(now, selected=n.selected) != n:
+                runs.shared_memory().forget(runs.volume_key_of(volumeNode), n.id)
+        return undone
 
     def canUndo(self, volumeNode) -> bool:
         from ARSegLib import mrml
@@ -811,8 +841,9 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         return mrml.can_undo(volumeNode.GetScene(), volumeNode)
 
     def clearNodules(self, volumeNode) -> int:
-        from ARSegLib import mrml
+        from ARSegLib import mrml, runs
 
+        runs.shared_memory().forget(runs.volume_key_of(volumeNode))
         return mrml.clear_nodules(volumeNode.GetScene(), volumeNode)
 
     @staticmethod

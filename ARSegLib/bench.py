@@ -264,7 +264,8 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
     """Click at lung1's nodule through the MRML adapter, end to end (array out of the node, pipeline, nodes
     written), in this process and the Slicer module's way (the worker process, polled under an emulated Slicer
     main thread); and whole-volume mode on a slab of lung1's slices around the nodule."""
-    from . import mrml, pipeline
+    from . import mrml, pipeline, runs
+    from .prompts import include
     from .worker import InferenceClient
 
     if not (LUNG1 / "image.nrrd").exists():
@@ -275,7 +276,8 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
     last, model_s = {}, []
 
     def click():
-        last["nodes"] = mrml.segment_node(volume, predictor, card, point, settings)
+        last["nodes"] = runs.RunService(runs.LocalBackend(predictor, card)).segment_node(
+            volume, runs.clicks([point]), settings)
         model_s.append(last["nodes"].result.timings_s["model"])
 
     client = InferenceClient(model, str(predictor.device))
@@ -283,7 +285,7 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
 
     def click_as_the_module_does():
         seconds, block = run_like_slicer(
-            lambda: client.segment(array, m, point, settings, volume_key="lung1"),
+            lambda: client.segment(array, m, include(point), settings, volume_key="lung1"),
             lambda result: mrml.write_result(scene, volume, result))
         slicer_blocks.append(block)
         return seconds
@@ -335,7 +337,7 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
     m_slab = m.copy()
     m_slab[:3, 3] = (m @ np.array([0, 0, k0, 1.0]))[:3]
     t0 = time.perf_counter()
-    pipeline.segment_volume(slab, m_slab, predictor, card, settings)
+    runs.compute(slab, m_slab, None, settings, predictor, card)
     out["volume_slices_per_s"] = volume_slices / (time.perf_counter() - t0)
     out["volume_slices_measured"] = volume_slices
     return out
@@ -348,6 +350,7 @@ def bench_first_click(model: str, device: torch.device, repeats: int) -> Dict[st
     `load_s`: worker start until the model is loaded (what the module does in the background when it opens);
     `click_after_load_s`: the first click once that is done (its voxels cross to the worker too)."""
     from . import mrml, pipeline
+    from .prompts import include
     from .worker import InferenceClient
 
     scene, volume, point = _lung1_click_input()
@@ -359,7 +362,7 @@ def bench_first_click(model: str, device: torch.device, repeats: int) -> Dict[st
         client = InferenceClient(model, str(device))
         try:
             row["open_to_result_s"], _ = run_like_slicer(
-                lambda c=client: (c.start(), c.segment(array, m, point, settings, volume_key="lung1"))[1],
+                lambda c=client: (c.start(), c.segment(array, m, include(point), settings, volume_key="lung1"))[1],
                 lambda result: mrml.write_result(scene, volume, result))
         finally:
             client.shutdown()
@@ -367,7 +370,7 @@ def bench_first_click(model: str, device: torch.device, repeats: int) -> Dict[st
         try:
             row["load_s"], _ = run_like_slicer(client.start, lambda result: None)
             row["click_after_load_s"], _ = run_like_slicer(
-                lambda c=client: c.segment(array, m, point, settings, volume_key="lung1"),
+                lambda c=client: c.segment(array, m, include(point), settings, volume_key="lung1"),
                 lambda result: mrml.write_result(scene, volume, result))
         finally:
             client.shutdown()

@@ -237,12 +237,14 @@ def _fail(command: str, message: str):
     raise SystemExit(2)
 
 
+POINT_OPTIONS = ("--point", "--include", "--exclude")
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity)"
 _NUMBERS = re.compile(rf"^(?:{_NUMBER})(?:,(?:{_NUMBER}))*,?$", re.IGNORECASE)
 
 
 def join_point_arguments(argv: Sequence[str]) -> List[str]:
-    """`--point -56.4,-86.34,-115.96` and `--point -56.4 -86.34 -115.96` as `--point=-56.4,-86.34,-115.96`.
+    """`--point -56.4,-86.34,-115.96` and `--point -56.4 -86.34 -115.96` as `--point=-56.4,-86.34,-115.96` (and
+    so for --include and --exclude).
 
     argparse takes a word starting with '-' for an option, and in RAS the first coordinate is negative on the
     patient's left half: half of all clicks. The numbers after --point (up to three) are joined to it."""
@@ -250,14 +252,14 @@ def join_point_arguments(argv: Sequence[str]) -> List[str]:
     i = 0
     while i < len(argv):
         word = argv[i]
-        if word == "--point":
+        if word in POINT_OPTIONS:
             values: List[str] = []
             j = i + 1
             while j < len(argv) and len(values) < 3 and _NUMBERS.match(argv[j]):
                 values += [v for v in argv[j].split(",") if v]
                 j += 1
             if values:
-                out.append("--point=" + ",".join(values))
+                out.append(f"{word}=" + ",".join(values))
                 i = j
                 continue
         out.append(word)
@@ -307,18 +309,94 @@ def model_notice(card, command: str) -> None:
         print(f"arseg {command}: note: {notice}", file=sys.stderr)
 
 
-def unique_points(points: Sequence[tuple], command: str, where: str = "") -> List[tuple]:
-    """The points without repeats (each would run the same inference again and redo the same nodule), said."""
-    kept: List[tuple] = []
-    for p in points:
-        if p not in kept:
-            kept.append(p)
-    for p in kept:
-        n = points.count(p)
-        if n > 1:
-            print(f"arseg {command}: note: {where}point {','.join(f'{v:g}' for v in p)} given {n} times: segmented "
-                  f"once", file=sys.stderr)
-    return kept
+# the options that refine the nodule of the --point before them, and the Refinement field each sets
+REFINE_OPTIONS = {"include": "--include", "exclude": "--exclude", "lock_scales": "--lock-scales",
+                  "from_sample": "--from-sample", "use_sample": "--use-sample"}
+PROMPT_KINDS = ("point", "include", "exclude")  # arseg batch's CSV column: a nodule's click, or a refinement point
+
+
+def _refinement_error(e: Exception, where: str = "") -> CommandError:
+    message = str(e)
+    for name, flag in REFINE_OPTIONS.items():
+        message = message.replace(name, flag)
+    return CommandError(f"{where}{message}")
+
+
+def nodule_steps(steps: Sequence[Tuple[str, object]], command: str, where: str = "") -> list:
+    """[(kind, value)] in the order given, kind "point" (a nodule's click) or a REFINE_OPTIONS field (its value
+    a point or a whole number) -> runs.NoduleSteps: each point's click and the one refinement its options make.
+    A point given again is segmented once (said), its refinements gathered. CommandError for an option before any
+    point or a refinement that cannot be (checked again against the model and the volume before any work)."""
+    from .prompts import EXCLUDE, INCLUDE, Prompt, PromptError, Refinement
+    from .runs import NoduleSteps
+
+    order: List[tuple] = []
+    given: Dict[tuple, dict] = {}
+    current = None
+    def point(value, kind):
+        try:
+            return parse_point(value)
+        except CommandError as e:
+            raise CommandError(f"{where}{str(e).replace('--point', '--' + kind)}") from None
+
+    for kind, value in steps:
+        if kind in ("point", "include", "exclude"):
+            value = point(value, kind)
+        if kind == "point":
+            current = tuple(value)
+            if current not in given:
+                order.append(current)
+                given[current] = {"prompts": [], "times": 0}
+            given[current]["times"] += 1
+            continue
+        if current is None:
+            raise CommandError(f"{where}{REFINE_OPTIONS[kind]} refines the nodule of the --point before it: give "
+                               f"a --point first")
+        fields = given[current]
+        if kind in ("include", "exclude"):
+            fields["prompts"].append(Prompt(INCLUDE if kind == "include" else EXCLUDE, tuple(value)))
+        elif kind in fields:
+            raise CommandError(f"{where}{REFINE_OPTIONS[kind]} given twice for the point "
+                               f"{','.join(f'{v:g}' for v in current)}")
+        else:
+            fields[kind] = value
+    out = []
+    for point in order:
+        fields = dict(given[point])
+        times = fields.pop("times")
+        if times > 1:
+            print(f"arseg {command}: note: {where}point {','.join(f'{v:g}' for v in point)} given {times} times: "
+                  f"segmented once", file=sys.stderr)
+        prompts = tuple(fields.pop("prompts"))
+        try:
+            refinement = Refinement(prompts=prompts, lock_scales=int(fields.pop("lock_scales", 0)), **fields)
+        except PromptError as e:
+            raise _refinement_error(e, where) from None
+        out.append(NoduleSteps(Prompt(INCLUDE, point), () if refinement.empty else (refinement,)))
+    return out
+
+
+def check_refinements(nodules, card, settings, where: str = "") -> None:
+    """Each refinement against the model's scales and the samples its click will have, before any work."""
+    from .prompts import PromptError
+    from .runs import card_scales
+
+    scales = card_scales(card)
+    for steps in nodules:
+        for refinement in steps.refinements:
+            try:
+                refinement.check_against(scales or 1 << 30, settings.n_samples)
+            except PromptError as e:
+                raise _refinement_error(e, where) from None
+
+
+class _InOrder(argparse.Action):
+    """--point and the options that refine its nodule, kept in the order given (args.steps: [(kind, value)])."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        steps = list(getattr(namespace, "steps", None) or [])
+        namespace.steps = steps + [(self.dest, values)]
+        setattr(namespace, self.dest, (getattr(namespace, self.dest, None) or []) + [values])
 
 
 _TEMPORARY_NAME = re.compile(r"\.arseg-tmp-\d+-")  # mrml._temporary_name: the user knows only the final names
@@ -435,11 +513,12 @@ def cmd_segment(args):
     try:
         settings = _segment_settings(args)
         check_device(args.device)
-        points = unique_points([parse_point(p) for p in (args.point or [])], "segment")
+        nodules = nodule_steps(getattr(args, "steps", None) or [], "segment")
         volume = Path(args.volume)
         if not volume.is_file():
             raise CommandError(f"volume file not found: {volume}")
-        from .mrml import OutputOptions, check_image_file, segment_file
+        from .mrml import OutputOptions, check_image_file
+        from .runs import LocalBackend, RunService
 
         check_image_file(volume)
         out = check_output(args.out, "--out", (".seg.nrrd",), [volume])
@@ -448,13 +527,15 @@ def cmd_segment(args):
         chosen = [p for p in (out, png, report) if p is not None]
         if len({p.resolve() for p in chosen}) < len(chosen):
             raise CommandError("--out, --png and --report must be different files")
-        model_notice(_check_model_mode(args.model, MODE_CLICK if points else MODE_VOLUME), "segment")
+        read = _check_model_mode(args.model, MODE_CLICK if nodules else MODE_VOLUME)
+        model_notice(read, "segment")
+        check_refinements(nodules, read, settings)
         predictor, card = _load_predictor(args.model, args.device)
         progress, bars = _progress_bar(f"arseg segment {volume.name}")
         try:
-            result, nodes = segment_file(volume, out, predictor, card, None, settings,
-                                         OutputOptions(include_samples=args.include_samples), report_path=report,
-                                         progress=progress, points=points, png_path=png)
+            nodes = RunService(LocalBackend(predictor, card)).segment_file(
+                volume, out, nodules, settings, OutputOptions(include_samples=args.include_samples),
+                report_path=report, png_path=png, progress=progress)
         finally:
             for bar in bars:
                 bar.close()
@@ -510,13 +591,15 @@ def read_markups_points(path: Path) -> List[Tuple[float, float, float]]:
     return points
 
 
-def read_points_file(path: Path) -> Dict[str, List[Tuple[float, float, float]]]:
-    """--points: a CSV `case,R,A,S` (a header line optional, several rows per case) or a JSON object
-    {case: [R, A, S] or [[R, A, S], ...]}. A case is a path relative to INPUT_DIR, a file name or a stem."""
+def read_points_file(path: Path) -> Dict[str, List[Tuple[str, Tuple[float, float, float]]]]:
+    """--points: a CSV `case,R,A,S[,kind]` (a header line optional, several rows per case) or a JSON object
+    {case: [R, A, S] or [[R, A, S], ...]}. A case is a path relative to INPUT_DIR, a file name or a stem. kind
+    (PROMPT_KINDS): point (the default: a nodule's click), include or exclude (a point that refines the nodule of
+    the case's point row before it). Returns {case: [(kind, (R, A, S))]} in file order."""
     path = Path(path)
     if not path.is_file():
         raise CommandError(f"--points file not found: {path}")
-    out: Dict[str, List[Tuple[float, float, float]]] = {}
+    out: Dict[str, List[Tuple[str, Tuple[float, float, float]]]] = {}
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(path.read_text())
@@ -526,7 +609,7 @@ def read_points_file(path: Path) -> Dict[str, List[Tuple[float, float, float]]]:
             raise CommandError("--points JSON must be an object {\"case\": [R, A, S] or [[R, A, S], ...]}")
         for case, value in data.items():
             rows = value if value and isinstance(value[0], (list, tuple)) else [value]
-            out[str(case)] = [parse_point(list(r)) for r in rows]
+            out[str(case)] = [("point", parse_point(list(r))) for r in rows]
         return out
     with open(path, newline="") as f:
         for n, row in enumerate(csv.reader(f), 1):
@@ -535,19 +618,28 @@ def read_points_file(path: Path) -> Dict[str, List[Tuple[float, float, float]]]:
                 continue
             if n == 1 and cells[0].lower() == "case":
                 continue  # header
-            if len(cells) != 4:
-                raise CommandError(f"--points {path} line {n}: expected case,R,A,S, got {','.join(cells)!r}")
+            if len(cells) not in (4, 5):
+                raise CommandError(f"--points {path} line {n}: expected case,R,A,S or case,R,A,S,kind, got "
+                                   f"{','.join(cells)!r}")
             try:
-                point = parse_point(cells[1:])
+                point = parse_point(cells[1:4])
             except CommandError:
                 raise CommandError(f"--points {path} line {n}: R, A, S must be finite numbers in mm, got "
-                                   f"{','.join(cells[1:])!r}") from None
-            out.setdefault(cells[0], []).append(point)
+                                   f"{','.join(cells[1:4])!r}") from None
+            kind = (cells[4] if len(cells) == 5 else "") .lower() or "point"
+            if kind not in PROMPT_KINDS:
+                raise CommandError(f"--points {path} line {n}: the kind is one of {', '.join(PROMPT_KINDS)}, got "
+                                   f"{cells[4]!r}")
+            if kind != "point" and not any(k == "point" for k, _ in out.get(cells[0], [])):
+                raise CommandError(f"--points {path} line {n}: an {kind} point refines the nodule of a point row "
+                                   f"of case {cells[0]!r} before it; there is none")
+            out.setdefault(cells[0], []).append((kind, point))
     return out
 
 
 def points_for_cases(cases: Sequence[Path], input_dir: Path, table: Dict[str, list]) -> Dict[Path, list]:
-    """Each case's points: from the table (by relative path, file name or stem) and from NAME.mrk.json beside it.
+    """Each case's [(kind, point)]: from the table (by relative path, file name or stem) and from NAME.mrk.json
+    beside it (clicks).
     A table row that names no case, or more than one, is an error: better refused than guessed."""
     from .mrml import volume_stem
 
@@ -567,7 +659,7 @@ def points_for_cases(cases: Sequence[Path], input_dir: Path, table: Dict[str, li
     for case in cases:
         markups = case.with_name(volume_stem(case) + ".mrk.json")
         if markups.is_file():
-            points[case] += read_markups_points(markups)
+            points[case] += [("point", p) for p in read_markups_points(markups)]
     return points
 
 
@@ -631,15 +723,20 @@ def cmd_batch(args):
             raise CommandError(f"no files match {args.pattern!r} in {input_dir}")
         check_case_outputs(cases, input_dir, output_dir, args.png)
         points = points_for_cases(cases, input_dir, read_points_file(Path(args.points)) if args.points else {})
-        points = {case: unique_points(p, "batch", f"{case.relative_to(input_dir)}: ") for case, p in points.items()}
-        model_notice(_check_model_mode(args.model, MODE_CLICK), "batch")
+        nodules = {case: nodule_steps(p, "batch", f"{case.relative_to(input_dir)}: ") for case, p in points.items()}
+        read = _check_model_mode(args.model, MODE_CLICK)
+        model_notice(read, "batch")
+        for case, steps in nodules.items():
+            check_refinements(steps, read, settings, f"{case.relative_to(input_dir)}: ")
         if args.whole_volume:
             _check_model_mode(args.model, MODE_VOLUME)
         check_output(output_dir / "batch.json", "OUTPUT_DIR", (".json",))
         rank, world = init_distributed(resolve_device(args.device))
-        from .mrml import OutputOptions, segment_file
+        from .mrml import OutputOptions
+        from .runs import LocalBackend, RunService
 
         predictor, card = _load_predictor(args.model, args.device)  # under torchrun, each rank takes its own GPU
+        service = RunService(LocalBackend(predictor, card))
     except _user_errors() as e:
         _fail("batch", str(e).replace("\n", " "))
 
@@ -653,11 +750,14 @@ def cmd_batch(args):
             rel, seg_path, report_path, png_path = _case_outputs(case, input_dir, output_dir)
             # which file made which output: the source, and every file written for it
             record = {"case": str(rel), "source": str(case), "rank": rank, "segmentation": str(seg_path),
-                      "report": str(report_path), "points_ras_mm": [list(p) for p in points[case]]}
+                      "report": str(report_path),
+                      "points_ras_mm": [list(steps.click.point_ras) for steps in nodules[case]]}
+            if any(steps.refinements for steps in nodules[case]):
+                record["refinements"] = [[r.to_dict() for r in steps.refinements] for steps in nodules[case]]
             if args.png:
                 record["png"] = str(png_path)
             t0 = time.perf_counter()
-            if not points[case] and not args.whole_volume:
+            if not nodules[case] and not args.whole_volume:
                 record.update(status="no-points", error="no points for this case: not segmented (give them in "
                                                         "--points or a .mrk.json beside the scan)")
                 print(f"arseg batch: {rel}: no points: not segmented", file=sys.stderr)
@@ -666,9 +766,9 @@ def cmd_batch(args):
             records.append(record)
             record["status"] = "interrupted"  # until it finishes: a stop now leaves none of its files
             try:
-                _, nodes = segment_file(case, seg_path, predictor, card, None, settings,
-                                        OutputOptions(include_samples=args.include_samples), report_path=report_path,
-                                        points=points[case], png_path=png_path if args.png else None)
+                nodes = service.segment_file(case, seg_path, nodules[case], settings,
+                                             OutputOptions(include_samples=args.include_samples),
+                                             report_path=report_path, png_path=png_path if args.png else None)
                 record.update(status="ok", mode=nodes.report["mode"], n_nodules=len(nodes.report["nodules"]),
                               consensus_volume_mm3=[n["consensus_volume_mm3"] for n in nodes.report["nodules"]])
                 warning = _small_input_warning(nodes, card)
@@ -679,6 +779,7 @@ def cmd_batch(args):
                 outputs = [seg_path, report_path, png_path if args.png else None]
                 record.update(status="error", error=failure_message(e, outputs))
                 print(f"arseg batch: {rel}: error: {record['error']}", file=sys.stderr)
+            service.memory.forget()  # each case's nodules are its own
             record["seconds"] = round(time.perf_counter() - t0, 3)
     except KeyboardInterrupt:
         interrupted = True
@@ -893,9 +994,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "writes for a segmentation node; all outputs appear together at the end or not "
                                    "at all.")
     p.add_argument("volume", help="image file (NRRD, NIfTI, MHA, ...): a 3D single-component volume")
-    p.add_argument("--point", action="append", default=None, metavar="R,A,S",
+    p.add_argument("--point", action=_InOrder, default=None, metavar="R,A,S",
                    help="a nodule's RAS point in mm (Slicer's coordinates), e.g. --point -56.4,-86.34,-115.96; "
                         "repeat for several nodules")
+    p.add_argument("--include", action=_InOrder, default=None, metavar="R,A,S",
+                   help="refine the nodule of the --point before it: its samples must all mark this point "
+                        "(repeatable)")
+    p.add_argument("--exclude", action=_InOrder, default=None, metavar="R,A,S",
+                   help="refine the nodule of the --point before it: its samples must not mark this point "
+                        "(repeatable)")
+    p.add_argument("--lock-scales", action=_InOrder, type=int, default=None, metavar="K",
+                   help="refine the nodule of the --point before it: keep scales 1..K of a sample (--from-sample, "
+                        "else the most typical one) and draw only the finer scales again")
+    p.add_argument("--from-sample", action=_InOrder, type=int, default=None, metavar="I",
+                   help="with --lock-scales: the sample (1-based) whose coarse scales are kept")
+    p.add_argument("--use-sample", action=_InOrder, type=int, default=None, metavar="I",
+                   help="refine the nodule of the --point before it: its sample I (1-based) becomes the result")
     p.add_argument("--out", required=True, help="output segmentation, OUT.seg.nrrd (every nodule)")
     p.add_argument("--png", default=None,
                    help="figure (.png): each nodule's axial plane through the click, the scales, the consensus and "
@@ -916,8 +1030,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="folder for the results (made if missing)")
     p.add_argument("--pattern", default="*.nrrd", help="glob under INPUT_DIR (default *.nrrd; **/ recurses)")
     p.add_argument("--points", default=None,
-                   help="CSV case,R,A,S (mm, RAS; a header line allowed; several rows per case) or JSON "
-                        "{\"case\": [[R, A, S], ...]}; case = path relative to INPUT_DIR, file name or stem")
+                   help="CSV case,R,A,S[,kind] (mm, RAS; a header line allowed; several rows per case; kind: point, "
+                        "the default, a nodule's click; include or exclude, a point that refines the nodule of the "
+                        "case's point row before it) or JSON {\"case\": [[R, A, S], ...]}; case = path relative "
+                        "to INPUT_DIR, file name or stem")
     p.add_argument("--whole-volume", action="store_true",
                    help="segment cases without points as whole volumes (only models whose card lists that mode)")
     p.add_argument("--png", action="store_true", help="also write each case's figure, NAME.png")

@@ -18,6 +18,7 @@ The node contract (DESIGN.md, "What the user sees"), per input volume, holding e
   it and its volume if present, each sample's IoU range with the consensus, the click); the JSON report
   (attribute ARSeg.Report) has the same per nodule under "nodules", the selected nodule's numbers at its top.
 
+The MRML adapter only: runs (ARSegLib/runs.py) does the runs and applies their results through write_result.
 The API for the GUI, the console and the web page: write_result (a run's result -> a new or redone nodule),
 list_nodules, nodule_at_point, select_nodule, delete_nodule, clear_nodules, nodule_report, select_scale,
 show_disagreement, find_results.
@@ -1435,58 +1436,6 @@ def segment_ids(segmentation_node) -> List[str]:
     return [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
 
 
-# --------------------------------------------------------------------------------------------- node -> nodes
-
-def _as_points(point_ras=None, points=None) -> List[Tuple[float, float, float]]:
-    """point_ras (one point) and/or points (several) as one list; a list of points passed as point_ras is taken too."""
-    out: List[Tuple[float, float, float]] = []
-    for p in ([point_ras] if point_ras is not None else []) + list(points or []):
-        array = np.asarray(p, dtype=np.float64)
-        if array.ndim == 2:
-            out += [tuple(float(v) for v in row) for row in array]
-        else:
-            out.append(tuple(float(v) for v in array.reshape(-1)))
-    return out
-
-
-def segment_node(volume_node, predictor, card, point_ras=None, settings=None, options: Optional[OutputOptions] = None,
-                 progress=None, cancel=None, points=None, nodule: Optional[str] = None,
-                 replace_with_empty: bool = False):
-    """Segment a volume node in its scene: a nodule at each point (point_ras and/or points=[...]), or, with no
-    point, the whole volume (only for models whose card lists that mode). Returns the ResultNodes.
-
-    Everything is checked first (settings, mode, every point inside the volume), then every point is inferred,
-    then the nodules are written: a bad second point costs no inference and changes nothing. Synchronous, for
-    the console and tests; the module runs the same steps with the inference in its worker."""
-    from . import pipeline
-
-    settings = (settings or pipeline.SegmentSettings()).check()
-    clicks = _as_points(point_ras, points)
-    pipeline.check_mode(card, pipeline.MODE_CLICK if clicks else pipeline.MODE_VOLUME)
-    array, m = volume_array(volume_node), world_ijk_to_ras(volume_node)
-    pipeline.check_volume(array, m)
-    for p in clicks:
-        pipeline.check_point(p, array.shape, m)
-    if not clicks:
-        result = pipeline.segment_volume(array, m, predictor, card, settings, progress=progress, cancel=cancel)
-        return write_result(volume_node.GetScene(), volume_node, result, options)
-
-    results = []
-    for index, p in enumerate(clicks):
-        def one(done, total, index=index):  # several points: one bar over all of them
-            if progress is not None:
-                progress(index * total + done, len(clicks) * total)
-
-        results.append(pipeline.segment_click(array, m, p, predictor, card, settings, progress=one, cancel=cancel))
-    nodes, notices = None, []
-    for result in results:
-        nodes = write_result(volume_node.GetScene(), volume_node, result, options,
-                             nodule=nodule if len(results) == 1 else None, replace_with_empty=replace_with_empty)
-        notices += nodes.notices
-    nodes.results, nodes.notices = results, notices
-    return nodes
-
-
 # --------------------------------------------------------------------------------------------- file -> file
 
 def _temporary_name(path: Path) -> Path:
@@ -1530,26 +1479,10 @@ def write_files_atomically(writers: Dict[Path, Any]) -> List[Path]:
     return [final for _, final in temporary]
 
 
-def segment_file(volume_path, out_path, predictor, card, point_ras=None, settings=None,
-                 options: Optional[OutputOptions] = None, report_path=None, progress=None, cancel=None,
-                 scene=None, points=None, png_path=None):
-    """One image file -> its .seg.nrrd (every nodule), report JSON and figure, through a scene of its own unless
-    one is given. All outputs are written to temporary names and moved into place at the end: a failure leaves
-    none of them.
-
-    The CLI (`arseg segment`, `arseg batch`) and ARSegLogic.segmentFiles share this path. Returns
-    (the last VolumeResult, ResultNodes); nodes.results holds every point's result."""
-    scene = scene if scene is not None else new_scene()
-    volume_node = load_volume(scene, volume_path)
-    nodes = segment_node(volume_node, predictor, card, point_ras, settings, options, progress, cancel, points=points)
-    write_outputs(nodes, volume_path, out_path, report_path, png_path)
-    return nodes.result, nodes
-
-
 def write_outputs(nodes: ResultNodes, volume_path, out_path, report_path=None, png_path=None) -> List[Path]:
     """A volume's results as files: the .seg.nrrd (every nodule), the report JSON and the figure (which needs
-    nodes.results), written under temporary names and moved into place together. Shared by segment_file and
-    the Slicer module's segmentFiles (whose inference runs in its worker process)."""
+    nodes.results), written under temporary names and moved into place together (runs.RunService.segment_file:
+    the CLI and the Slicer module's segmentFiles)."""
     out_path = Path(out_path)
     writers: Dict[Path, Any] = {out_path: lambda tmp: save_segmentation(nodes.segmentation, tmp)}
     if report_path is not None:

@@ -43,8 +43,9 @@ class Prompt:
             raise PromptError(f"a prompt's kind is one of {', '.join(PROMPT_KINDS)}, got {self.kind!r}")
         object.__setattr__(self, "point_ras", _point3(self.point_ras, f"the {self.kind} point"))
 
-    def to_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "point_ras": [round(v, 3) for v in self.point_ras]}
+    def to_dict(self, digits: Optional[int] = 3) -> Dict[str, Any]:
+        """digits: the point rounded for a report; None keeps it exact (the worker protocol)."""
+        return {"kind": self.kind, "point_ras": [v if digits is None else round(v, digits) for v in self.point_ras]}
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> Prompt:
@@ -108,8 +109,8 @@ class Refinement:
                 raise PromptError(f"{name} {v} does not exist: the result has {n_samples} samples")
         return self
 
-    def to_dict(self) -> Dict[str, Any]:
-        d: Dict[str, Any] = {"prompts": [p.to_dict() for p in self.prompts]}
+    def to_dict(self, digits: Optional[int] = 3) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"prompts": [p.to_dict(digits) for p in self.prompts]}
         for name in ("lock_scales", "from_sample", "use_sample"):
             if getattr(self, name):
                 d[name] = getattr(self, name)

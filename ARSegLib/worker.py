@@ -13,7 +13,9 @@ travel as raw files in a private folder on a RAM disk where there is one (`/dev/
 pipe. The worker keeps the last volume it was sent, so further clicks on it send no voxels at all.
 
     client -> worker   ("load", id, {})                      load the model (sent when the worker starts)
-                       ("segment", id, {volume, key, ...})   a click (point_ras) or the whole volume
+                       ("segment", id, {volume, key, ...})   a click (a prompts.Prompt as a dict) or the whole
+                                                             volume; a refinement (a prompts.Refinement as a dict)
+                                                             with the nodule's previous VolumeResult
                        ("cancel", id)                        stop that run at its next step
                        ("quit",)
     worker -> client   ("progress", id, done, total)
@@ -221,7 +223,8 @@ def internalize(obj):
 # Where the client may unpickle an error's classes from: modules that import without torch (Slicer's process never
 # imports torch, and may not even be able to) and that every client has. Testing/test_worker.py imports each in a
 # fresh process and checks that torch stays out.
-CLIENT_SAFE_MODULES = frozenset({"ARSegLib.worker", "ARSegLib.pipeline", "ARSegLib.models", "ARSegLib.demo"})
+CLIENT_SAFE_MODULES = frozenset({"ARSegLib.worker", "ARSegLib.pipeline", "ARSegLib.models", "ARSegLib.demo",
+                                 "ARSegLib.prompts"})
 CLIENT_SAFE_PACKAGES = ("numpy",)  # the client imports numpy itself
 
 
@@ -412,7 +415,8 @@ class _Server:
         return time.perf_counter() - t0
 
     def op_segment(self, job_id, args, cancelled):
-        from . import pipeline
+        from .prompts import Prompt, Refinement
+        from .runs import compute
 
         predictor, card = self.loaded()
         if args["volume"] is not None:
@@ -427,12 +431,11 @@ class _Server:
                 last[0] = now
                 self.send("progress", job_id, int(done), int(total))
 
-        if args["point_ras"] is None:
-            result = pipeline.segment_volume(self.volume, args["ijk_to_ras"], predictor, card, args["settings"],
-                                             progress, cancelled.is_set)
-        else:
-            result = pipeline.segment_click(self.volume, args["ijk_to_ras"], args["point_ras"], predictor, card,
-                                            args["settings"], progress, cancelled.is_set)
+        click = None if args["click"] is None else Prompt.from_dict(args["click"])
+        refinement = None if args.get("refinement") is None else Refinement.from_dict(args["refinement"])
+        previous = None if args.get("previous") is None else internalize(args["previous"])
+        result = compute(self.volume, args["ijk_to_ras"], click, args["settings"], predictor, card, refinement,
+                         previous, progress, cancelled.is_set)
         return externalize(result, ArrayFolder(Path(args["folder"]), Path(args["spill"])))
 
 
@@ -726,19 +729,28 @@ class InferenceClient:
         """Whether the running worker keeps the voxels of this key: then segment() needs none (volume=None)."""
         return volume_key is not None and volume_key == self._volume_key and self.alive()
 
-    def segment(self, volume: Optional[np.ndarray], ijk_to_ras, point_ras=None, settings=None,
-                volume_key=None) -> WorkerRun:
-        """A click at point_ras (RAS mm) or, with point_ras None, the whole volume. volume_key: anything that
-        identifies these voxels (Slicer: the node's ID and modified time): a key the worker already holds sends
-        no voxels, and volume may then be None (see holds())."""
+    def segment(self, volume: Optional[np.ndarray], ijk_to_ras, click=None, settings=None, volume_key=None,
+                refinement=None, previous=None) -> WorkerRun:
+        """A click (a prompts.Prompt, include((R, A, S))) or, with click None, the whole volume; with a refinement
+        (a prompts.Refinement), that click's nodule refined from previous, its current VolumeResult. volume_key:
+        anything that identifies these voxels (Slicer: the node's ID and modified time): a key the worker already
+        holds sends no voxels, and volume may then be None (see holds()). Checking is the caller's (runs.py)."""
         from .pipeline import SegmentSettings
+        from .prompts import Prompt, Refinement
 
+        if click is not None and not isinstance(click, Prompt):
+            raise TypeError(f"click must be a prompts.Prompt (prompts.include((R, A, S))), got {click!r}")
+        if refinement is not None and (not isinstance(refinement, Refinement) or previous is None):
+            raise TypeError("a refinement is a prompts.Refinement and comes with the nodule's previous result")
         if not self.alive():
             self.start()
         if volume is None and not self.holds(volume_key):
             raise WorkerError("no voxels given, and the worker does not hold this volume")
+        # prompts travel as plain dicts, unrounded (a click rounded to 1 um would cut a different grid)
         args = {"volume": None, "volume_key": volume_key, "ijk_to_ras": np.asarray(ijk_to_ras, dtype=np.float64),
-                "point_ras": None if point_ras is None else tuple(float(v) for v in point_ras),
+                "click": None if click is None else click.to_dict(digits=None),
+                "refinement": None if refinement is None else refinement.to_dict(digits=None),
+                "previous": None if refinement is None else externalize(previous, self._folder),
                 "settings": settings or SegmentSettings(), "folder": str(self._folder.path),
                 "spill": str(self._folder.spill)}
         if volume_key is None or volume_key != self._volume_key:

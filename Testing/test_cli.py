@@ -422,15 +422,17 @@ def test_an_interrupted_batch_writes_what_finished(signal_name, cases, lung1, di
     folder.mkdir()
     for name in ("c1.nrrd", "c2.nrrd", "c3.nrrd"):
         shutil.copy(cases / "lung1.nrrd", folder / name)
-    real, calls = mrml.segment_file, []
+    from ARSegLib import runs
 
-    def stopped_during_the_second(*args, **kwargs):
+    real, calls = runs.RunService.segment_file, []
+
+    def stopped_during_the_second(self, *args, **kwargs):
         calls.append(args[0])
         if len(calls) == 2:
             os.kill(os.getpid(), getattr(signal, signal_name))  # a real signal, delivered during the real work
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(mrml, "segment_file", stopped_during_the_second)
+    monkeypatch.setattr(runs.RunService, "segment_file", stopped_during_the_second)
     if signal_name == "SIGINT":  # Ctrl-C as a terminal delivers it: a shell's background job has SIGINT ignored
         previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     else:

@@ -31,6 +31,7 @@ def _segment_demo_from(layout: Path, tmp_path: Path) -> dict:
         import numpy as np
         import SimpleITK as sitk
         from ARSegLib import demo, worker
+        from ARSegLib.prompts import include
 
         def read(path):  # (k, j, i) array and IJK->RAS of an LPS NRRD, as Slicer reads it
             image = sitk.ReadImage(str(path))
@@ -47,7 +48,7 @@ def _segment_demo_from(layout: Path, tmp_path: Path) -> dict:
         assert load.wait(300), "the model did not load"
         out = {{"load_error": None if load.error is None else str(load.error)}}
         if load.error is None:
-            run = client.segment(volume, m, demo.demo_point_ras())
+            run = client.segment(volume, m, include(demo.demo_point_ras()))
             assert run.wait(300), "the click did not finish"
             out["run_error"] = None if run.error is None else str(run.error)
             if run.error is None:

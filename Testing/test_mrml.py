@@ -25,6 +25,13 @@ def click_result(lung1, tiny):
                                   SegmentSettings(n_samples=N_SAMPLES, half_height_mm=7.5))
 
 
+
+def _segment(volume, predictor, card, points, settings):
+    """The console's path (the run service in this process): a nodule at each point."""
+    from ARSegLib import runs
+
+    return runs.RunService(runs.LocalBackend(predictor, card)).segment_node(volume, runs.clicks(points), settings)
+
 def _scene_with_volume(lung1, name="lung1"):
     scene = slicer.vtkMRMLScene()
     volume = mrml.add_scalar_volume(scene, name, lung1.array, lung1.ijk_to_ras)
@@ -241,7 +248,7 @@ def test_bad_input_gets_a_clear_error_and_leaves_the_scene_unchanged(case, lung1
         target, point = volume, (500.0, 0.0, 0.0)
     before = _snapshot(scene)
     with pytest.raises(pipeline.VolumeError) as info:
-        mrml.segment_node(target, predictor, card, point_ras=point, settings=SegmentSettings(n_samples=2))
+        _segment(target, predictor, card, [point], SegmentSettings(n_samples=2))
     message = str(info.value)
     assert len(message) > 20 and "\n" not in message
     _assert_unchanged(scene, before)
@@ -284,8 +291,7 @@ def test_parent_transform_is_followed(lung1, click_result, tiny):
     transform.SetMatrixTransformToParent(mrml._numpy_to_matrix(shift))
     volume.SetAndObserveTransformNodeID(transform.GetID())
     world_point = np.asarray(lung1.nodule_ras) + shift[:3, 3]
-    nodes = mrml.segment_node(volume, predictor, card, point_ras=world_point,
-                              settings=SegmentSettings(n_samples=N_SAMPLES, half_height_mm=7.5))
+    nodes = _segment(volume, predictor, card, [world_point], SegmentSettings(n_samples=N_SAMPLES, half_height_mm=7.5))
     assert nodes.segmentation.GetTransformNodeID() == transform.GetID()
     m, shape = mrml.reference_geometry_of(nodes.segmentation)
     np.testing.assert_array_equal(mrml.segment_array(nodes.segmentation, "Nodule_1", shape, m),
@@ -461,31 +467,6 @@ def test_terminology_falls_back_to_the_tag_where_set_terminology_is_missing():
     assert mrml.segment_tag(real, "TerminologyEntry") == mrml.NODULE_TERMINOLOGY
     assert mrml.get_terminology(old) == mrml.NODULE_TERMINOLOGY
     assert real.GetTerminology() == mrml.NODULE_TERMINOLOGY  # what Slicer >= 5.10 reads back
-
-
-def test_console_segment_node_takes_several_points_and_checks_them_all_first(lung1, tiny):
-    from arseg_volumes import DiscPredictor
-
-    from ARSegLib.models import read_card
-
-    predictor, card = tiny
-    fake = DiscPredictor(predictor.config)
-    scene, volume = _scene_with_volume(lung1)
-    before = _snapshot(scene)
-    far = np.add(lung1.nodule_ras, (30.0, -15.0, 0.0))
-    with pytest.raises(pipeline.PointOutsideVolumeError):  # the second point is outside: nothing runs
-        mrml.segment_node(volume, fake, card, points=[lung1.nodule_ras, (0.0, 0.0, 900.0)],
-                          settings=SegmentSettings(n_samples=4, half_height_mm=5))
-    assert fake.calls == 0
-    _assert_unchanged(scene, before)
-    with pytest.raises(pipeline.UnsupportedModeError):  # no point, a click-only card: refused, not guessed
-        mrml.segment_node(volume, fake, read_card("lidc-nodule"))
-    _assert_unchanged(scene, before)
-
-    nodes = mrml.segment_node(volume, fake, card, points=[lung1.nodule_ras, far],
-                              settings=SegmentSettings(n_samples=4, half_height_mm=5))
-    assert nodes.nodule_ids == ["Nodule_1", "Nodule_2"] and len(nodes.results) == 2
-    assert [n.id for n in mrml.list_nodules(scene, volume)] == ["Nodule_1", "Nodule_2"]
 
 
 def test_a_click_just_outside_a_nodule_that_finds_the_same_nodule_redoes_it(lung1, tiny):

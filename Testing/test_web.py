@@ -121,9 +121,13 @@ class _HeldClient:
     def __init__(self):
         self.runs = []
 
-    def segment(self, volume, ijk_to_ras, point_ras=None, settings=None, volume_key=None):
+    def holds(self, volume_key):
+        return False
+
+    def segment(self, volume, ijk_to_ras, click=None, settings=None, volume_key=None, refinement=None,
+                previous=None):
         self.runs.append(_HeldRun())
-        self.runs[-1].args = (volume, ijk_to_ras, point_ras, settings, volume_key)
+        self.runs[-1].args = (volume, ijk_to_ras, click, settings, volume_key)
         return self.runs[-1]
 
 
@@ -168,7 +172,8 @@ def test_session_runs_one_click_at_a_time_and_cancels(small_volume_file):
     centre = mrml.world_ijk_to_ras(node) @ np.array([20, 20, 4, 1.0])
     session.start(tuple(centre[:3]))
     assert session.status.running and len(client.runs) == 1
-    assert client.runs[0].args[2] == pytest.approx(tuple(centre[:3]))
+    assert client.runs[0].args[2].kind == "include"  # a typed prompt, not a bare point
+    assert client.runs[0].args[2].point_ras == pytest.approx(tuple(centre[:3]))
     with pytest.raises(ReviewError, match="still working"):
         session.start(tuple(centre[:3]))  # refused, not queued
     with pytest.raises(ReviewError, match="in progress"):

@@ -19,6 +19,7 @@ from launcher_standin import decoy_library, write_launcher
 
 from ARSegLib import pipeline, worker
 from ARSegLib.models import ModelError
+from ARSegLib.prompts import include
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,7 +63,7 @@ def test_worker_click_equals_the_in_process_click(client, tiny):
     assert load.result["model"] == "tiny-test" and load.result["pid"] == client.pid != os.getpid()
     assert client.start() is load  # the module's every enter() asks again: the model is not loaded twice
 
-    run = client.segment(volume, m, point, settings, volume_key="blob")
+    run = client.segment(volume, m, include(point), settings, volume_key="blob")
     assert run.wait(120) and run.error is None, run.error
     here = pipeline.segment_click(volume, m, point, predictor, card, settings)
     there = run.result
@@ -85,13 +86,14 @@ def test_a_volume_is_sent_once_then_only_its_key(client, monkeypatch):
 
     monkeypatch.setattr(worker.ArrayFolder, "put", counting_put)
     settings = pipeline.SegmentSettings(n_samples=2, half_height_mm=0)
-    first = client.segment(volume, m, point, settings, volume_key=("blob", 1))
+    first = client.segment(volume, m, include(point), settings, volume_key=("blob", 1))
     assert first.wait(120) and first.error is None, first.error
-    second = client.segment(volume, m, point, settings, volume_key=("blob", 1))
+    second = client.segment(volume, m, include(point), settings, volume_key=("blob", 1))
     assert second.wait(120) and second.error is None
     np.testing.assert_array_equal(first.result.consensus, second.result.consensus)
     assert sent == ["volume"]
-    changed = client.segment(volume + 1, m, point, settings, volume_key=("blob", 2))  # modified voxels: a new key
+    # modified voxels: a new key
+    changed = client.segment(volume + 1, m, include(point), settings, volume_key=("blob", 2))
     assert changed.wait(120) and changed.error is None
     assert sent == ["volume", "volume"]
     leftovers = [p.name for p in client._folder.path.iterdir() if p.suffix in (".raw", ".tmp")]
@@ -107,7 +109,7 @@ def test_cancel_stops_a_run_and_the_worker_serves_the_next(client):
     run.cancel()
     assert run.wait(60)
     assert run.cancelled and isinstance(run.error, worker.RunCancelled)
-    after = client.segment(volume, m, point, pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
+    after = client.segment(volume, m, include(point), pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
     assert after.wait(120) and after.error is None
 
 
@@ -123,7 +125,7 @@ def test_a_killed_worker_fails_its_run_clearly_and_the_next_run_restarts_it(clie
     assert isinstance(run.error, worker.WorkerCrashed)
     assert "stopped unexpectedly" in str(run.error) and str(-signal.SIGKILL) in str(run.error)
     assert not client.alive()
-    again = client.segment(volume, m, point, pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
+    again = client.segment(volume, m, include(point), pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
     assert again.wait(120) and again.error is None, again.error
     assert client.pid != first_pid
 
@@ -139,7 +141,7 @@ def test_errors_keep_their_type(tiny_model_card):
     good = worker.InferenceClient(str(tiny_model_card), "cpu")
     try:
         volume, m, _ = _blob_volume()
-        run = good.segment(volume, m, (500.0, 0.0, 0.0))  # outside the volume: the pipeline's own error
+        run = good.segment(volume, m, include((500.0, 0.0, 0.0)))  # outside the volume: the pipeline's own error
         assert run.wait(120)
         assert isinstance(run.error, pipeline.PointOutsideVolumeError)
     finally:
@@ -185,10 +187,11 @@ def test_the_client_process_never_imports_torch(tiny_model_card):
         import sys
         import numpy as np
         from ARSegLib import pipeline, worker
+        from ARSegLib.prompts import include
         k, j, i = np.mgrid[:8, :80, :80]
         volume = np.where((j - 40) ** 2 + (i - 40) ** 2 < 100, 40, -850).astype(np.int16)
         c = worker.InferenceClient({str(tiny_model_card)!r}, "cpu")
-        run = c.segment(volume, np.diag([-0.7, -0.7, 2.0, 1.0]), (-28.0, -28.0, 8.0),
+        run = c.segment(volume, np.diag([-0.7, -0.7, 2.0, 1.0]), include((-28.0, -28.0, 8.0)),
                         pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
         assert run.wait(120) and run.error is None, run.error
         print(sorted(m for m in sys.modules if m.split(".")[0] == "torch" or m == "ARSegLib.engine.heap"))
@@ -432,7 +435,7 @@ def test_array_files_held_by_another_program_do_not_fail_the_click(client, monke
     folder = client._folder.path
     monkeypatch.setattr(os, "unlink", refuse_a_while)
     monkeypatch.setattr(os, "replace", refuse)
-    run = client.segment(volume, m, point, pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
+    run = client.segment(volume, m, include(point), pipeline.SegmentSettings(n_samples=2, half_height_mm=0))
     assert run.wait(120) and run.error is None, run.error
     assert held  # the client's own removals were refused
     client.shutdown()

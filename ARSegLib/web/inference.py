@@ -2,10 +2,9 @@
 one the Slicer module uses. The server's event loop only starts a run and polls it; the model never runs on the
 loop's thread, nor in the server's process.
 
-The interface (ARSegLib.worker's InferenceClient):
-    client.start(); run = client.segment(volume_kji, ijk_to_ras, point_ras=(R, A, S) or None, settings=...,
-    volume_key=...); run.poll() -> finished; run.fraction; run.result; run.error; run.cancel(); run.wait(t);
-    client.shutdown()
+The interface (ARSegLib.worker's InferenceClient), reached through the run service (ARSegLib.runs.WorkerBackend,
+which review.py's session holds): client.start(); run = service.start(request); run.poll() -> finished;
+run.fraction; run.result; run.error; run.cancel(); run.wait(t); client.shutdown()
 """
 
 from __future__ import annotations

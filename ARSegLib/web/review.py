@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .. import mrml, pipeline
+from .. import mrml, pipeline, runs
+from ..prompts import PromptError, include
 from .catalog import VolumeCatalog
 from .inference import is_cancelled
 
@@ -61,19 +62,19 @@ def user_message(error: BaseException) -> str:
     """One line for the page, as the CLI prints for bad input; anything unexpected is named as such."""
     from ..models import ModelError
 
-    if isinstance(error, (pipeline.VolumeError, mrml.ResultError, ModelError, ReviewError)):
+    if isinstance(error, (pipeline.VolumeError, mrml.ResultError, ModelError, ReviewError, PromptError)):
         return str(error)
     return f"ARSeg failed: {type(error).__name__}: {error}"
 
 
 class ReviewSession:
-    """One scene, one catalog, one inference client; the volume on show and its run."""
+    """One scene, one catalog, one inference client (a run service on it); the volume on show and its run."""
 
     def __init__(self, scene, catalog: VolumeCatalog, client, card=None, settings: Optional[ReviewSettings] = None):
         self.scene = scene
         self.catalog = catalog
         self.client = client
-        self.card = card  # the model card: which modes the page offers
+        self.service = runs.RunService(runs.WorkerBackend(client, card))
         self.settings = settings or ReviewSettings()
         self.volume_node = None
         self.volume_key: Optional[str] = None
@@ -81,6 +82,15 @@ class ReviewSession:
         self._run = None
         self._run_started = 0.0
         self.status = RunStatus()
+
+    @property
+    def card(self):
+        """The model card: which modes the page offers and what a run is checked against."""
+        return self.service.backend.card
+
+    @card.setter
+    def card(self, card) -> None:
+        self.service.backend.card = card
 
     # ------------------------------------------------------------------------------------------ volumes
 
@@ -130,18 +140,14 @@ class ReviewSession:
             raise ReviewError("open a volume first")
         if self.status.running:
             raise ReviewError("ARSeg is still working on the previous click: wait for it or cancel it")
-        if point_ras is None:
-            if self.card is None:
-                raise ReviewError("whole-volume runs need a model card that allows them")
-            pipeline.check_mode(self.card, pipeline.MODE_VOLUME)  # the card's own words when it does not
-        settings = self.settings.segment_settings().check()  # a bad setting: said now, before any work
-        array = mrml.volume_array(self.volume_node)
-        m = mrml.world_ijk_to_ras(self.volume_node)
-        if point_ras is not None:
-            pipeline.check_point(point_ras, array.shape, m)  # a click outside the CT: say so now, run nothing
-        self._run = self.client.segment(array, m, point_ras=None if point_ras is None else tuple(point_ras),
-                                        settings=settings,
-                                        volume_key=(self.volume_key, self.volume_node.GetID()))
+        if point_ras is None and self.card is None:
+            raise ReviewError("whole-volume runs need a model card that allows them")
+        # checked by the service before any work: the mode (the card's own words), the settings, a click off the CT
+        request = self.service.request_for_node(self.volume_node,
+                                                click=None if point_ras is None else include(point_ras),
+                                                settings=self.settings.segment_settings(),
+                                                volume_key=self._run_key())
+        self._run = self.service.start(request)
         self._run_started = time.perf_counter()
         where = "the whole volume" if point_ras is None else "R {:.1f}, A {:.1f}, S {:.1f}".format(*point_ras)
         self.status = RunStatus("running", 0.0, f"segmenting at {where}")
@@ -169,7 +175,8 @@ class ReviewSession:
             return self.status
         t0 = time.perf_counter()
         try:
-            nodes = mrml.write_result(self.scene, self.volume_node, run.result, self.settings.output_options())
+            nodes = self.service.apply(self.volume_node, run.result, self.settings.output_options(),
+                                       request=run.request)
         except Exception as e:  # a result that does not fit the scene: the scene is left as it was
             self.status = RunStatus("failed", 0.0, user_message(e))
             return self.status
@@ -218,10 +225,16 @@ class ReviewSession:
             mrml.delete_nodule(self.scene, self.volume_node, nid)
         except mrml.ResultError as e:
             raise ReviewError(str(e)) from e
+        self.service.memory.forget(self._run_key(), nid)
 
     def clear_nodules(self) -> int:
         self._require_nodule_action()
+        self.service.memory.forget(self._run_key())
         return mrml.clear_nodules(self.scene, self.volume_node) if self.volume_node is not None else 0
+
+    def _run_key(self):
+        """The volume's key for the worker and the service's memory of its nodules."""
+        return (self.volume_key, self.volume_node.GetID()) if self.volume_node is not None else None
 
     def undo(self) -> str:
         """Undo the last run on the volume (a redone nodule gets its previous result back, an added one goes);
@@ -230,9 +243,11 @@ class ReviewSession:
         if self.volume_node is None:
             raise ReviewError("open a volume first")
         try:
-            return mrml.undo_last(self.scene, self.volume_node)[1]
+            undone = mrml.undo_last(self.scene, self.volume_node)[1]
         except mrml.ResultError as e:
             raise ReviewError(str(e)) from e
+        self.service.memory.forget(self._run_key())  # a refinement starts from what the scene shows again
+        return undone
 
     def can_undo(self) -> bool:
         return self.volume_node is not None and mrml.can_undo(self.scene, self.volume_node)

@@ -7,7 +7,7 @@
 - click-to-overlay: a click at the point (the slice views centred on it first, every nodule cleared before)
   until the consensus colour is on the axial view's image in the browser; the server's own split beside it
   (the run in the worker, the write into MRML);
-- plain click: pipeline.segment_click on the same volume and point in this process, the model loaded once;
+- plain click: the same volume and point in this process (runs.compute), the model loaded once;
   and the same click through the inference worker's client, as the page and the Slicer module run it.
 
 Every click after the first is warm; the first of each is reported apart. Needs what the browser test needs.
@@ -60,8 +60,9 @@ def page_timings(volume: Path, point, clicks: int, tmp: Path) -> dict:
 
 
 def plain_timings(volume: Path, point, clicks: int) -> dict:
-    from .. import mrml, pipeline
+    from .. import mrml, pipeline, runs
     from ..models import load_model
+    from ..prompts import include
     from ..worker import InferenceClient
 
     scene = mrml.new_scene()
@@ -71,7 +72,7 @@ def plain_timings(volume: Path, point, clicks: int) -> dict:
     in_process = []
     for _ in range(clicks):
         t0 = time.perf_counter()
-        pipeline.segment_click(array, m, point, predictor, card, pipeline.SegmentSettings())
+        runs.compute(array, m, include(point), pipeline.SegmentSettings(), predictor, card)
         in_process.append(time.perf_counter() - t0)
     client = InferenceClient("lidc-nodule", "auto")
     worker = []
@@ -79,7 +80,7 @@ def plain_timings(volume: Path, point, clicks: int) -> dict:
         client.start().wait(120)
         for _ in range(clicks):
             t0 = time.perf_counter()
-            run = client.segment(array, m, point_ras=point, settings=pipeline.SegmentSettings(), volume_key="speed")
+            run = client.segment(array, m, include(point), settings=pipeline.SegmentSettings(), volume_key="speed")
             run.wait(300)
             if run.error is not None:
                 raise run.error
