@@ -609,3 +609,87 @@ def test_eval_checks_the_temperature_before_any_work(tiny_model_card, lung1_dir,
         assert info.value.code == 2 and len(err) == 1 and err[0].startswith("arseg eval: error: --temperature") \
             and words in err[0], err
     assert not (tmp_path / "e.json").exists()
+
+
+@pytest.fixture()
+def refinements_recorded(monkeypatch):
+    """pipeline.segment_click recording what a refinement brings, answering with the plain click (the refinement's
+    effect is pipeline.py's)."""
+    from ARSegLib import pipeline
+
+    real, calls = pipeline.segment_click, []
+
+    def recording(*args, refinement=None, previous=None, **kwargs):
+        calls.append({"refinement": refinement, "previous": previous})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "segment_click", recording)
+    return calls
+
+
+def test_refinement_options_refine_the_nodule_of_the_point_before_them(cases, lung1, disc, tmp_path,
+                                                                      refinements_recorded):
+    from ARSegLib.prompts import EXCLUDE, INCLUDE
+
+    r, a, s = lung1.nodule_ras
+    out, report = tmp_path / "x.seg.nrrd", tmp_path / "x.json"
+    assert main(["segment", str(cases / "lung1.nrrd"), "--point", f"{r},{a},{s}", "--exclude", f"{r - 20}", f"{a}",
+                 f"{s}", "--include", f"{r + 1},{a},{s}", "--lock-scales", "2", "--from-sample", "3",
+                 "--point", f"{r + 30},{a - 15},{s}", "--model", str(disc[1].path), "--out", str(out),
+                 "--report", str(report), "--samples", "4", "--half-height", "2.5"]) == 0
+    first, refined, second = refinements_recorded
+    assert first["refinement"] is None and second["refinement"] is None
+    kinds = [(p.kind, p.point_ras) for p in refined["refinement"].prompts]
+    assert kinds == [(EXCLUDE, (r - 20, a, s)), (INCLUDE, (r + 1, a, s))]  # a negative R after a space, too
+    assert (refined["refinement"].lock_scales, refined["refinement"].from_sample) == (2, 3)
+    assert refined["previous"] is not None and refined["previous"].point_ras == pytest.approx((r, a, s))
+    assert len(json.loads(report.read_text())["nodules"]) == 2  # refined in place: no third nodule
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--exclude", "1,2,3", "--point", "P"], "--exclude refines the nodule of the --point before it"),
+    (["--point", "P", "--lock-scales", "99"], "--lock-scales keeps scales"),
+    (["--point", "P", "--use-sample", "5"], "--use-sample 5 does not exist"),
+    (["--point", "P", "--from-sample", "2"], "give --lock-scales too"),
+    (["--point", "P", "--use-sample", "1", "--exclude", "1,2,3"], "does not combine"),
+    (["--point", "P", "--exclude", "1,2"], "--exclude takes three finite numbers"),
+    (["--point", "P", "--exclude", "0,0,900"], "outside the volume"),
+])
+def test_a_refinement_that_cannot_be_is_refused_before_any_work(extra, words, cases, lung1, disc, tmp_path,
+                                                                capsys):
+    point = ",".join(f"{v:.3f}" for v in lung1.nodule_ras)
+    out = tmp_path / "x.seg.nrrd"
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(cases / "lung1.nrrd"), *[point if w == "P" else w for w in extra], "--model",
+              str(disc[1].path), "--out", str(out), "--samples", "4"])
+    assert info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("arseg")]
+    assert len(err) == 1 and words in err[0], err
+    assert disc[0].calls == 0 and not out.exists()
+
+
+def test_batch_csv_kind_column_refines_a_case_nodule(cases, lung1, disc, tmp_path, capsys, refinements_recorded):
+    import shutil
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(cases / "lung1.nrrd", folder / "c1.nrrd")
+    r, a, s = lung1.nodule_ras
+    points = tmp_path / "points.csv"
+    out = tmp_path / "out"
+    points.write_text(f"case,R,A,S,kind\nc1,{r},{a},{s},exclude\n")
+    with pytest.raises(SystemExit):  # a refinement row before any point row of its case
+        main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--points", str(points)])
+    assert "refines the nodule of a point row" in capsys.readouterr().err and disc[0].calls == 0
+    points.write_text(f"c1,{r},{a},{s},sideways\n")
+    with pytest.raises(SystemExit):
+        main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--points", str(points)])
+    assert "the kind is one of point, include, exclude" in capsys.readouterr().err and not out.exists()
+
+    points.write_text(f"case,R,A,S,kind\nc1,{r},{a},{s},point\nc1,{r - 20},{a},{s},exclude\nc1,{r + 30},{a},{s}\n")
+    assert main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--points", str(points),
+                 "--half-height", "2.5", "--samples", "4"]) == 0
+    assert [c["refinement"] is not None for c in refinements_recorded] == [False, True, False]
+    assert refinements_recorded[1]["refinement"].points("exclude") == ((r - 20, a, s),)
+    record = json.loads((out / "batch.json").read_text())["cases"][0]
+    assert record["n_nodules"] == 2 and record["refinements"][0][0]["prompts"][0]["kind"] == "exclude"

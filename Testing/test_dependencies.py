@@ -67,3 +67,28 @@ def test_the_library_has_no_import_circle():
         if node not in state:
             visit(node)
     assert circles == [], "import circles: " + "; ".join(" -> ".join(c) for c in circles)
+
+
+def _calls_of(path: Path, names) -> set:
+    """The names of `names` this file calls (f(...) or x.f(...))."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            f = node.func
+            name = f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
+            if name in names:
+                found.add(name)
+    return found
+
+
+def test_only_the_run_service_runs_the_pipeline():
+    """One way through the code: the front ends (the Slicer module, the CLI, the page, the bench) run a click or a
+    volume through ARSegLib/runs.py, never pipeline.segment_click / segment_volume themselves, and mrml (the MRML
+    adapter) runs nothing. The worker serves requests with runs.compute too."""
+    runners = {"segment_click", "segment_volume"}
+    files = list(LIBRARY.rglob("*.py")) + [ROOT / "ARSeg" / "ARSeg.py"]
+    callers = sorted(str(p.relative_to(ROOT)) for p in files
+                     if p.name not in ("runs.py", "pipeline.py") and _calls_of(p, runners))
+    assert callers == [], f"these run the pipeline themselves (go through ARSegLib/runs.py): {callers}"
+    assert "ARSegLib.runs" not in _graph()["ARSegLib.mrml"]  # mrml is below the service, not beside it
+    assert not _calls_of(LIBRARY / "mrml.py", {"segment_node", "segment_file", "segment"})

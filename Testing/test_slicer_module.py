@@ -221,6 +221,47 @@ def test_console_api_segment_and_segment_files_on_slicer_core(arseg_module, lung
     assert run.wait(120) and run.error is None
 
 
+def test_console_refine_goes_through_the_service_to_the_worker(arseg_module, lung1_dir, tiny_model_card):
+    """ARSegLogic().refine(volume, nodule, exclude=[...], ...): checked before any work against the nodule's result
+    the service remembers, then sent to the worker with that result, which runs pipeline.segment_click with the
+    refinement (whose effect comes with pipeline.py's refinement; until then the worker says it takes none)."""
+    import inspect
+
+    from arseg_volumes import lung1_region
+
+    from ARSegLib import mrml, pipeline, runs
+    from ARSegLib.prompts import PromptError
+
+    module, slicer = arseg_module
+    lung1 = lung1_region(lung1_dir)
+    scene = slicer.vtkMRMLScene()
+    volume = mrml.add_scalar_volume(scene, "lung1", lung1.array, lung1.ijk_to_ras)
+    logic = module.ARSegLogic()
+    kw = dict(model=str(tiny_model_card), device="cpu")
+    try:
+        with pytest.raises(PromptError, match="segment it"):
+            logic.refine(volume, 1, exclude=[lung1.nodule_ras], **kw)  # no nodule yet: nothing starts
+        assert logic.worker(**kw).pid is None
+        nodes = logic.segment(volume, point=lung1.nodule_ras, samples=2, halfHeightMm=5, **kw)
+        remembered = runs.shared_memory().get(runs.volume_key_of(volume), "Nodule_1")
+        assert remembered is not None and remembered.result is nodes.results[0]
+        assert remembered.settings.n_samples == 2
+        with pytest.raises(pipeline.PointOutsideVolumeError):
+            logic.refine(volume, "Nodule 1", exclude=[(0.0, 0.0, 900.0)], **kw)
+        with pytest.raises(PromptError, match="sample 3 does not exist"):
+            logic.refine(volume, "Nodule_1", sample=3, **kw)  # 2 samples
+        if "refinement" in inspect.signature(pipeline.segment_click).parameters:
+            refined = logic.refine(volume, 1, lock_scales=1, **kw)
+            assert refined.nodule_ids == ["Nodule_1"]
+        else:
+            with pytest.raises(TypeError, match="refinement"):
+                logic.refine(volume, 1, lock_scales=1, **kw)
+        logic.deleteNodule(volume, "Nodule_1")
+        assert runs.shared_memory().get(runs.volume_key_of(volume), "Nodule_1") is None
+    finally:
+        logic.stopWorker()
+
+
 def test_preload_starts_the_worker_and_the_click_reuses_it(arseg_module, tiny_model_card):
     """The module starts the worker and loads the model when it opens; the click then goes to that same process,
     and a model that cannot load says why through the run, not on the GUI thread."""
