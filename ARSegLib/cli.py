@@ -186,8 +186,10 @@ def cmd_eval(args):
         from .baselines.commands import eval_prob_unet
 
         return eval_prob_unet(args)
-    try:  # the engine's SamplingConfig.check knows no temperature range: NaN or 0 would run (issue 21)
-        check_settings(SegmentSettings(temperature=args.temperature))
+    try:  # the sampling limits are SegmentSettings' (one place); the engine's check knows no temperature range
+        check_settings(SegmentSettings(temperature=args.temperature, top_k=args.top_k, views=args.views,
+                                       oversample=args.oversample, presence_logit_shift=args.presence_shift,
+                                       seed=args.seed))
         model_notice(read_card(args.model), "eval")
     except (CommandError, ModelError) as e:
         _fail("eval", str(e))

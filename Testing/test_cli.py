@@ -131,7 +131,7 @@ def test_batch_shards_cases_across_two_torchrun_ranks(cases, tiny_model_card, tm
         assert Path(c["segmentation"]).is_file()
 
 
-def test_eval_writes_the_protocol_metrics(tiny_model_card, lung1_dir, tmp_path):
+def test_eval_writes_the_protocol_metrics(tiny_model_card, lung1_dir, tmp_path, capsys):
     import json
 
     from ARSegLib.cli import main
@@ -156,9 +156,10 @@ def test_eval_writes_the_protocol_metrics(tiny_model_card, lung1_dir, tmp_path):
     res = json.loads(out.read_text())
     assert (res["views"], res["oversample"], res["presence_logit_shift"]) == (4, 2, -0.5)
     out.unlink()
-    with pytest.raises(SystemExit, match="views must be between 1 and 8"):
+    with pytest.raises(SystemExit) as info:  # SegmentSettings' limits, as for arseg segment
         main(["eval", "--model", str(tiny_model_card), "--data", str(lung1_dir / "lidc-slices"), "--views", "9",
               "--json", str(out)])
+    assert info.value.code == 2 and "--views must be a whole number between 1 and 8" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -601,12 +602,14 @@ def test_eval_checks_the_temperature_before_any_work(tiny_model_card, lung1_dir,
     from ARSegLib import cli
 
     monkeypatch.setattr(cli, "eval_data", lambda args: (_ for _ in ()).throw(AssertionError("data loaded")))
-    for value, words in (("nan", "--temperature must be a finite number"), ("0", "above 0"), ("9", "at most 5")):
-        with pytest.raises(SystemExit) as info:
+    for option, value, words in (("--temperature", "nan", "must be a finite number"), ("--temperature", "0", "above 0"),
+                                 ("--temperature", "9", "at most 5"), ("--views", "9", "between 1 and 8"),
+                                 ("--oversample", "0", "between 1 and 8"), ("--presence-shift", "6", "at most 5")):
+        with pytest.raises(SystemExit) as info:  # the same limits as arseg segment's (SegmentSettings.check)
             main(["eval", "--model", str(tiny_model_card), "--data", str(lung1_dir / "lidc-slices"),
-                  "--temperature", value, "--json", str(tmp_path / "e.json")])
+                  option, value, "--json", str(tmp_path / "e.json")])
         err = capsys.readouterr().err.strip().splitlines()
-        assert info.value.code == 2 and len(err) == 1 and err[0].startswith("arseg eval: error: --temperature") \
+        assert info.value.code == 2 and len(err) == 1 and err[0].startswith(f"arseg eval: error: {option}") \
             and words in err[0], err
     assert not (tmp_path / "e.json").exists()
 
