@@ -1,12 +1,14 @@
 """ARSeg: click-to-segment with an autoregressive next-scale model; every scale, samples, consensus, disagreement.
 
-The module is the GUI only. Everything else is ARSegLib: `worker` (the persistent inference process: Slicer's
+The module is the GUI only. Everything else is ARSegLib: `runs` (the run service every run goes through: checked
+once, run in the worker, applied to the scene), `worker` (the persistent inference process: Slicer's
 main thread holds Python's GIL inside Qt's event loop, so inference runs in a process of its own, started with
 Slicer's Python, that keeps the model loaded), `pipeline` (volume <-> crops, the 3D component), `mrml` (the
 nodes), `models` (the model cards). Slicer's process never imports torch. The same calls serve the console:
 
     logic = ARSegLogic()
     nodes = logic.segment(volumeNode, point=(R, A, S))           # or point=None: the whole volume
+    nodes = logic.refine(volumeNode, 1, exclude=[(R, A, S)])     # refine nodule 1 (also include, lock_scales, sample)
     reports = logic.segmentFiles(["a.nrrd", "b.nrrd"], "/tmp/out")
 
 On a fresh install, `ARSegLogic().setupPythonRequirements()` installs torch and the other packages first (the
