@@ -408,7 +408,7 @@ class RunService:
         inference and changes nothing. nodule: the nodule a single click redoes. Returns the ResultNodes, whose
         results hold every run's result and notices every run's notices."""
         settings = settings if settings is not None else pipeline.SegmentSettings()
-        base = self.request_for_node(volume_node, settings=settings, copy=True)
+        base = self.request_for_node(volume_node, settings=settings)  # a view: this call waits for its runs
         base = dataclasses.replace(base, replace_with_empty=replace_with_empty)
         if not nodules:
             self.check(base)
