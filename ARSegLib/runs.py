@@ -436,10 +436,18 @@ class RunService:
 
         nodes, notices, written = None, [], {}
         for (index, request), result in zip(plan, results):
-            target = written.get(index) if request.refines else request.nodule
+            if request.refines:
+                target = written[index]
+                if target is None:  # its click found nothing and wrote no nodule: there is nothing to refine
+                    notices.append(f"the refinement of the point {_words(request.click.point_ras)} was not applied: "
+                                   f"its click found nothing")
+                    continue
+            else:
+                target = request.nodule
             nodes = self.apply(volume_node, result, options, nodule=target,
                                request=dataclasses.replace(request, nodule=target))
-            written.setdefault(index, nodes.nodule)
+            if not request.refines:
+                written[index] = nodes.nodule if nodes.result is result else None
             notices += nodes.notices
         nodes.results, nodes.notices = results, notices
         return nodes
@@ -472,6 +480,10 @@ class RunService:
         nodes = self.segment_node(volume_node, nodules, settings, options, progress, cancel)
         mrml.write_outputs(nodes, volume_path, out_path, report_path, png_path)
         return nodes
+
+
+def _words(point) -> str:
+    return "R {:.1f}, A {:.1f}, S {:.1f}".format(*point)
 
 
 def clicks(points: Sequence) -> List[NoduleSteps]:

@@ -199,3 +199,20 @@ def test_the_whole_volume_through_the_service_equals_the_pipeline(tiny):
     got = service.run(runs.RunRequest(ijk_to_ras=m, volume=volume, settings=settings))
     want = pipeline.segment_volume(volume, m, predictor, card, settings)
     np.testing.assert_array_equal(got.sample_bits, want.sample_bits)
+
+
+def test_a_refinement_whose_click_found_nothing_is_not_applied_to_another_nodule(lung1, tiny, refinements_recorded):
+    from arseg_volumes import DiscPredictor
+
+    predictor, card = tiny
+    scene, volume = _scene_with_volume(lung1)
+    settings = SegmentSettings(n_samples=4, half_height_mm=5)
+    runs.RunService(runs.LocalBackend(DiscPredictor(predictor.config), card)).segment_node(
+        volume, runs.clicks([lung1.nodule_ras]), settings)
+    before = mrml.list_nodules(scene, volume)
+    nothing = runs.RunService(runs.LocalBackend(DiscPredictor(predictor.config, marking=0), card))
+    steps = [runs.NoduleSteps(include(lung1.nodule_ras), (Refinement(lock_scales=1),))]
+    nodes = nothing.segment_node(volume, steps, settings)
+    assert any("kept as it was" in n for n in nodes.notices)
+    assert any("refinement of the point" in n and "not applied" in n for n in nodes.notices)
+    assert mrml.list_nodules(scene, volume) == before  # the nodule the click landed in is as it was
