@@ -27,7 +27,7 @@ from .heap import keep_freed_memory
 from .predictor import ARSegPredictor, Cancelled, PhaseTimer, presence_gate
 from .sampler import CropStreams, sample_tokens
 from .selection import kernel_herding
-from .views import dihedral
+from .views import N_VIEWS, dihedral
 
 Pixel = Tuple[int, int]
 
@@ -75,6 +75,10 @@ class SteeringConfig:
     # candidate pools (each n_samples x oversample) drawn per crop at most, until n_samples distinct candidates
     # satisfy its prompts: the first is the plain run's, each further one costs that crop's sampling again
     max_rounds: int = 4
+    # an exclude point means "not this", not "nothing here": among the satisfying candidates the drawn ones are
+    # kept (and counted towards the N satisfying) first, the presence gate's empty ones only when no drawn one
+    # satisfies; False treats an empty candidate as any other (chosen on val, BENCHMARKS.md)
+    prefer_drawn: bool = True
     ROUND_SEED_STRIDE = 0x5DEECE66D  # later pools' seeds: far from the user's seed and from each other
 
     def check(self) -> SteeringConfig:
@@ -167,7 +171,8 @@ def sample_under_prompts(predictor: ARSegPredictor, images, sampling: Optional[S
 
     for rnd in range(steering.max_rounds):
         if rnd:
-            short = [b for b in range(B) if prompts[b].n_prompts and _distinct_satisfying(pool_sat[b]) < N]
+            short = [b for b in range(B) if prompts[b].n_prompts
+                     and _distinct_satisfying(pool_sat[b], pool_idx[b] if steering.prefer_drawn else None) < N]
             if not short:
                 break
             streams = CropStreams(round_seed(s.seed, rnd), crop_ids, dev, views=V)
@@ -198,21 +203,22 @@ def sample_under_prompts(predictor: ARSegPredictor, images, sampling: Optional[S
             with phase("selection"):
                 masks_Rhw = predictor._unviewed(predictor.autoencoder.decode_masks(partial_sums[-1]), view_R, V)
             idx_RL = torch.cat(idx_list, 1)
-        crop_np = crop_R.cpu().numpy()
+        crop_np, cand_np = crop_R.cpu().numpy(), cand_R.cpu().numpy()
         for b in np.flatnonzero(active.cpu().numpy()):
+            # the pool in candidate order, the presence gate's empty candidates in their places (a sample of the
+            # model's distribution too): round 0 is then exactly the plain run's pool, herded the same way
             rows = np.flatnonzero(crop_np == b)
-            n_empty = P - len(rows)
+            masks_Phw = torch.zeros(P, *hw, dtype=torch.uint8, device=dev)
+            idx_P: List[Optional[torch.Tensor]] = [None] * P
+            view_P = [0] * P
             if len(rows):
-                pool_masks[b].append(masks_Rhw[rows])
-                pool_idx[b].extend(idx_RL[rows].unbind(0))
-                pool_view[b].extend(view_R[rows].tolist())
-                pool_sat[b].append(prompts[b].satisfied_RQ(masks_Rhw[rows]))
-            if n_empty:  # the presence gate's empty candidates: a sample of the model's distribution too
-                empty = torch.zeros(n_empty, *hw, dtype=torch.uint8, device=dev)
-                pool_masks[b].append(empty)
-                pool_idx[b].extend([None] * n_empty)
-                pool_view[b].extend([0] * n_empty)
-                pool_sat[b].append(prompts[b].satisfied_RQ(empty))
+                masks_Phw[cand_np[rows]] = masks_Rhw[rows]
+                for row, cand, idx in zip(rows.tolist(), cand_np[rows].tolist(), idx_RL[rows].unbind(0)):
+                    idx_P[cand], view_P[cand] = idx, int(view_R[row])
+            pool_masks[b].append(masks_Phw)
+            pool_idx[b].extend(idx_P)
+            pool_view[b].extend(view_P)
+            pool_sat[b].append(prompts[b].satisfied_RQ(masks_Phw))
 
     with phase("selection"):
         tokens = predictor.empty_tokens(B, N)
@@ -226,7 +232,11 @@ def sample_under_prompts(predictor: ARSegPredictor, images, sampling: Optional[S
             satisfying.append(sat_RQ.sum(0).tolist())
             all_R = sat_RQ.all(1)
             sat_all[b] = int(all_R.sum())
-            pool = all_R if all_R.any() else sat_RQ.sum(1) == sat_RQ.sum(1).max()
+            drawn_R = torch.tensor([i is not None for i in pool_idx[b]], device=dev)
+            if steering.prefer_drawn and (all_R & drawn_R).any():
+                pool = all_R & drawn_R
+            else:
+                pool = all_R if all_R.any() else sat_RQ.sum(1) == sat_RQ.sum(1).max()
             members = torch.nonzero(pool).flatten()
             picks = kernel_herding(masks[members][None], N, repeat=len(members) < N)[0]
             chosen = members[picks].tolist()
@@ -257,7 +267,38 @@ def sample_under_prompts(predictor: ARSegPredictor, images, sampling: Optional[S
                          satisfying_all_B=sat_all, kept_satisfy_B=kept_ok, distinct_kept_B=distinct)
 
 
-def _distinct_satisfying(sat_parts: List[torch.Tensor]) -> int:
+def _distinct_satisfying(sat_parts: List[torch.Tensor], idx: Optional[List] = None) -> int:
+    """Candidates satisfying every prompt (with idx: drawn ones only)."""
     if not sat_parts:
         return 0
-    return int(torch.cat(sat_parts).all(1).sum())
+    ok = torch.cat(sat_parts).all(1)
+    if idx is not None:
+        ok &= torch.tensor([i is not None for i in idx], device=ok.device)
+    return int(ok.sum())
+
+
+@torch.inference_mode()
+def samples_from_tokens(predictor: ARSegPredictor, tokens: SampleTokens) -> ConsensusResult:
+    """The samples kept as token maps, decoded again on their views (no transformer): what a refinement keeps on
+    the planes it does not redraw. Empty (undrawn) samples stay empty; presence is not known here (zeros)."""
+    B, N = tokens.drawn_BN.shape
+    scales = tuple(predictor.config.autoencoder.scales)
+    hw = (predictor.crop_size, predictor.crop_size)
+    dev = predictor.device
+    scale_masks_KBNhw = torch.zeros(len(scales), B, N, *hw, dtype=torch.uint8, device=dev)
+    crop_k, slot_k = (torch.as_tensor(a, device=dev) for a in np.nonzero(tokens.drawn_BN))
+    if crop_k.numel():
+        idx_kL = torch.as_tensor(tokens.idx_BNL[crop_k.cpu().numpy(), slot_k.cpu().numpy()].astype(np.int64),
+                                 device=dev)
+        view_k = torch.as_tensor(tokens.view_BN[crop_k.cpu().numpy(), slot_k.cpu().numpy()].astype(np.int64),
+                                 device=dev)
+        idx_list, b0 = [], 0
+        for pn in scales:
+            idx_list.append(idx_kL[:, b0:b0 + pn * pn])
+            b0 += pn * pn
+        partial_sums = predictor.autoencoder.quantizer.idx_to_partial_sums(idx_list)
+        scale_masks_KBNhw[:, crop_k, slot_k] = predictor._unviewed(predictor.decode_all_scales(idx_list, partial_sums),
+                                                                   view_k, N_VIEWS)
+    result = aggregate(scale_masks_KBNhw, torch.zeros(B, device=dev), predictor.n_classes)
+    result.tokens = tokens
+    return result
