@@ -907,9 +907,11 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
     if refinement.lock_scales:
         prefix_source = (refinement.from_sample or int(np.argmax(previous.sample_iou)) + 1) - 1
         redraw = [z for z in range(nz) if has_signal[z]]
-        # a fresh draw of the finer scales each time the same lock is asked for again
+        # a fresh draw of the finer scales each time the same lock is asked for again; N candidates, not N x
+        # oversample: the locked coarse scales fix the mode whose share herding would otherwise balance, and the
+        # refinement costs about half a click
         sampling = dataclasses.replace(sampling, seed=(int(sampling.seed) + 7919 * len(history.refinements))
-                                       % (1 << 63))
+                                       % (1 << 63), oversample=1)
     else:
         redraw = sorted(z for z in per_plane if has_signal[z])
     kept_planes = [z for z in range(nz) if z not in redraw and tokens.drawn_ZN[z].any()]

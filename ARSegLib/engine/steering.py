@@ -164,26 +164,31 @@ def sample_under_prompts(predictor: ARSegPredictor, images, sampling: Optional[S
     rounds_B = np.zeros(B, dtype=np.int64)
 
     def on_scale(si):
-        if progress is not None and rounds_B.max() <= 1:
+        if progress is not None and rounds_B.max() <= 1:  # the plain pool's scales; further pools are extra
             progress(si + 1, K)
         if cancel is not None and cancel():
             raise Cancelled()
 
-    for rnd in range(steering.max_rounds):
-        if rnd:
+    # two stages: the plain pool, then (for crops still short of N satisfying candidates) every further pool of the
+    # budget in one call: small batches cost a CPU nearly as much as large ones, so one call beats several
+    for stage, pools in enumerate((1, steering.max_rounds - 1)):
+        if stage:
             short = [b for b in range(B) if prompts[b].n_prompts
                      and _distinct_satisfying(pool_sat[b], pool_idx[b] if steering.prefer_drawn else None) < N]
-            if not short:
+            if not short or not pools:
                 break
-            streams = CropStreams(round_seed(s.seed, rnd), crop_ids, dev, views=V)
+            streams = CropStreams(round_seed(s.seed, 1), crop_ids, dev, views=V)
             active = torch.zeros(B, dtype=torch.bool, device=dev)
             active[short] = True
         else:
             active = torch.ones(B, dtype=torch.bool, device=dev)
-        rounds_B[active.cpu().numpy()] += 1
-        act_BP = active[:, None].expand(B, P)
-        crop_R, cand_R = (drawn_BP & act_BP).nonzero(as_tuple=True)
-        view_R = cand_view_BP[crop_R, cand_R]
+        rounds_B[active.cpu().numpy()] += pools
+        Pm = P * pools  # candidate j of this stage: pool j // P, drawn like candidate j % P of the plain pool
+        stage_drawn = drawn_BP.repeat(1, pools) & active[:, None]
+        stage_view = cand_view_BP.repeat(1, pools) if prefix is not None else \
+            (torch.arange(Pm, device=dev)[None].expand(B, Pm) % V)
+        crop_R, cand_R = stage_drawn.nonzero(as_tuple=True)
+        view_R = stage_view[crop_R, cand_R]
         order = torch.argsort(view_R * B + crop_R, stable=True)
         crop_R, cand_R, view_R = crop_R[order], cand_R[order], view_R[order]
         masks_Rhw = torch.zeros(0, *hw, dtype=torch.uint8, device=dev)
@@ -208,9 +213,9 @@ def sample_under_prompts(predictor: ARSegPredictor, images, sampling: Optional[S
             # the pool in candidate order, the presence gate's empty candidates in their places (a sample of the
             # model's distribution too): round 0 is then exactly the plain run's pool, herded the same way
             rows = np.flatnonzero(crop_np == b)
-            masks_Phw = torch.zeros(P, *hw, dtype=torch.uint8, device=dev)
-            idx_P: List[Optional[torch.Tensor]] = [None] * P
-            view_P = [0] * P
+            masks_Phw = torch.zeros(Pm, *hw, dtype=torch.uint8, device=dev)
+            idx_P: List[Optional[torch.Tensor]] = [None] * Pm
+            view_P = [0] * Pm
             if len(rows):
                 masks_Phw[cand_np[rows]] = masks_Rhw[rows]
                 for row, cand, idx in zip(rows.tolist(), cand_np[rows].tolist(), idx_RL[rows].unbind(0)):
