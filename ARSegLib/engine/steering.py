@@ -75,9 +75,11 @@ class SteeringConfig:
     # candidate pools (each n_samples x oversample) drawn per crop at most, until n_samples distinct candidates
     # satisfy its prompts: the first is the plain run's, each further one costs that crop's sampling again
     max_rounds: int = 4
-    # an exclude point means "not this", not "nothing here": among the satisfying candidates the drawn ones are
-    # kept (and counted towards the N satisfying) first, the presence gate's empty ones only when no drawn one
-    # satisfies; False treats an empty candidate as any other (chosen on val, BENCHMARKS.md)
+    # True: among the satisfying candidates the drawn ones are kept (and counted towards the N satisfying) first,
+    # the presence gate's empty ones only when no drawn one satisfies ("not this" is not "nothing here"); False:
+    # an empty candidate is a candidate like any other. On val crops False ends higher after 3 corrections (0.761
+    # against 0.725) but lower after 1 (0.646 against 0.727); in 3D False empties the plane of an exclude point
+    # inside the nodule and splits it (lung1: Dice 0.905 -> 0.586 at the third point): True (BENCHMARKS.md)
     prefer_drawn: bool = True
     ROUND_SEED_STRIDE = 0x5DEECE66D  # later pools' seeds: far from the user's seed and from each other
 
