@@ -434,6 +434,50 @@ def _child_main(argv) -> int:
     return 3 if problems else 0
 
 
+def bench_refinement(predictor, card, runs: int) -> Dict[str, Any]:
+    """Refinements of the lung1 click (issue 21), in this process, timed alternating with the click itself so a
+    shared machine's drift hits all alike: an exclude point (the consensus voxel where the samples disagree most,
+    nearest the click: its plane is drawn again under the prompt) and lock scales 1..4 of the most typical sample
+    (every plane drawn again from scale 5)."""
+    from . import mrml, pipeline, prompts
+
+    if not (LUNG1 / "image.nrrd").exists():
+        return {"refine_lung1": f"skipped: {LUNG1 / 'image.nrrd'} not found"}
+    scene, volume, point = _lung1_click_input()
+    array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
+    settings = pipeline.SegmentSettings(n_samples=16)
+    first = pipeline.segment_click(array, m, point, predictor, card, settings)
+    if first.tokens is None:  # a stand-in predictor without token maps
+        return {"refine_lung1": "skipped: the model's results keep no token maps"}
+    disagreement = first.full(first.disagreement) * (first.full(first.consensus) > 0)
+    kji = np.argwhere(disagreement == disagreement.max())
+    click_kji = pipeline.point_to_ijk(point, m)[::-1]
+    k, j, i = kji[np.argmin(((kji - click_kji) ** 2).sum(1))]
+    exclude = tuple(float(v) for v in (m @ np.array([i, j, k, 1.0]))[:3])
+    ways = {"click": lambda: pipeline.segment_click(array, m, point, predictor, card, settings),
+            "exclude": lambda: pipeline.segment_click(array, m, point, predictor, card, settings,
+                                                      refinement=prompts.refinement(exclude_points=[exclude]),
+                                                      previous=first),
+            "lock": lambda: pipeline.segment_click(array, m, point, predictor, card, settings,
+                                                   refinement=prompts.refinement(lock_scales=4), previous=first)}
+    times: Dict[str, list] = {name: [] for name in ways}
+    last = {}
+    for _ in range(runs):
+        for name, fn in ways.items():
+            t0 = time.perf_counter()
+            last[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    del scene
+    sat = last["exclude"].settings["prompt_satisfaction"][0]
+    return {"refine_lung1_click_s": statistics.median(times["click"]),
+            "refine_lung1_exclude_s": statistics.median(times["exclude"]),
+            "refine_lung1_lock4_s": statistics.median(times["lock"]),
+            "refine_lung1_exclude_point_ras": [round(v, 3) for v in exclude],
+            "refine_lung1_exclude_satisfaction": sat,
+            "refine_lung1_exclude_redrawn_planes": len(last["exclude"].settings["redrawn_planes"]),
+            "refine_lung1_lock4_redrawn_planes": len(last["lock"].settings["redrawn_planes"])}
+
+
 def _run_here(model: str, device: str, runs: int, threads: int, volume_slices: int,
               lung1: bool) -> Dict[str, Any]:
     from .models import ModelError, load_model
@@ -470,6 +514,7 @@ def _run_here(model: str, device: str, runs: int, threads: int, volume_slices: i
         out.update(bench_lung1(predictor, card, max(3, runs // 3), volume_slices, model))
         if "click_lung1_s" in out and not note:
             out["first_click_lung1"] = bench_first_click(model, predictor.device, max(1, runs // 3))
+        out.update(bench_refinement(predictor, card, max(3, runs // 3)))
     out["matmul_gflops_after"] = matmul_gflops(predictor.device)
     out["heap_keeps_freed_memory"] = keeping_freed_memory()
     out["peak_rss_mb"] = peak_rss_mb()

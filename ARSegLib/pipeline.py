@@ -491,6 +491,40 @@ def _components_touching(mask: np.ndarray, region: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- result
 
 @dataclass
+class TokenMaps:
+    """The token maps behind a click's samples, per plane of its grid, packed small (a lung1 click: 17 planes x 16
+    samples x 204 tokens, 55 kB) and plain numpy, so a result pickles and crosses the worker without torch.
+
+    idx_ZNL: every scale's tokens of sample n on plane z, scale after scale in raster order; view_ZN: the
+    symmetric view it was drawn on; drawn_ZN: False where the sample is empty there (or the plane had no signal)."""
+
+    idx_ZNL: np.ndarray
+    view_ZN: np.ndarray
+    drawn_ZN: np.ndarray
+    scales: Tuple[int, ...]
+
+    @classmethod
+    def empty(cls, n_planes: int, like, scales) -> TokenMaps:
+        n, length = like.idx_BNL.shape[1:]
+        return cls(idx_ZNL=np.zeros((n_planes, n, length), dtype=like.idx_BNL.dtype),
+                   view_ZN=np.zeros((n_planes, n), dtype=np.int8), drawn_ZN=np.zeros((n_planes, n), dtype=bool),
+                   scales=tuple(int(v) for v in scales))
+
+    def put(self, planes, tokens) -> None:
+        """The engine's SampleTokens of crops `planes` (one crop per plane) into those planes."""
+        self.idx_ZNL[planes] = tokens.idx_BNL
+        self.view_ZN[planes] = tokens.view_BN
+        self.drawn_ZN[planes] = tokens.drawn_BN
+
+    def of_planes(self, planes):
+        """The engine's SampleTokens of these planes (imported here: this module loads without torch)."""
+        from .engine.consensus import SampleTokens
+
+        return SampleTokens(idx_BNL=self.idx_ZNL[planes], view_BN=self.view_ZN[planes],
+                            drawn_BN=self.drawn_ZN[planes])
+
+
+@dataclass
 class Preview:
     """One plane through the click (or the busiest tile of a whole volume), on the model's crop grid."""
 
@@ -543,6 +577,8 @@ class VolumeResult:
     samples_marking: int = 0
     if_present: Optional[np.ndarray] = None
     if_present_volume_mm3: float = 0.0
+    # click mode: every sample's token maps on every plane of `grid`, what a later refinement keeps or redraws
+    tokens: Optional[TokenMaps] = None
 
     @property
     def presence_fraction(self) -> float:
@@ -648,9 +684,10 @@ def _settings_record(card, settings: SegmentSettings, sampling, pixel_spacing: f
 
 
 def _run_model(predictor, crops: np.ndarray, sampling, progress: ProgressFn, cancel: CancelFn,
-               step_offset: int, total_steps: int, crop_ids: Sequence[int]):
+               step_offset: int, total_steps: int, crop_ids: Sequence[int], keep_tokens: bool = False):
     """All crops through the predictor in one call; progress counted in scales across chunks. crop_ids: each
-    crop's place in the whole run, so its samples do not depend on how the run is chunked."""
+    crop's place in the whole run, so its samples do not depend on how the run is chunked. keep_tokens: the
+    result carries the samples' token maps (a click keeps them for a later refinement)."""
     k = len(predictor.config.autoencoder.scales)
     total = total_steps or k
 
@@ -658,6 +695,9 @@ def _run_model(predictor, crops: np.ndarray, sampling, progress: ProgressFn, can
         if progress is not None:
             progress(step_offset + done, total)
 
+    if keep_tokens:
+        return predictor.segment(crops, sampling=sampling, progress=on_progress, cancel=cancel, crop_ids=crop_ids,
+                                 keep_tokens=True)
     return predictor.segment(crops, sampling=sampling, progress=on_progress, cancel=cancel, crop_ids=crop_ids)
 
 
@@ -672,14 +712,21 @@ def _prepare_run(volume, ijk_to_ras, predictor, card, settings: Optional[Segment
 # --------------------------------------------------------------------------------------------- click mode
 
 def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Optional[SegmentSettings] = None,
-                  progress: ProgressFn = None, cancel: CancelFn = None) -> VolumeResult:
+                  progress: ProgressFn = None, cancel: CancelFn = None, refinement=None,
+                  previous: Optional[VolumeResult] = None) -> VolumeResult:
     """Segment the object under a RAS point: the local grid's planes as one batch, the 3D component kept.
 
     The model saw only object-centred crops, so a click off the object's centre is answered again on a grid
     centred on what the first pass found (the samples' mean mask kept at the click), up to
     settings.recentre_passes times, while that centre lies more than settings.recentre_min_mm from the grid's.
-    The component kept is always the one at the user's click; a click near the centre runs once, unchanged."""
+    The component kept is always the one at the user's click; a click near the centre runs once, unchanged.
+
+    refinement (prompts.Refinement) with previous (the object's current result, from a click or a refinement):
+    the object's new result, on previous's grid (no re-centring); see `refine_click`. With refinement None (or
+    empty) the click runs as above."""
     t0 = time.perf_counter()
+    if refinement is not None and not refinement.empty:
+        return refine_click(volume, ijk_to_ras, predictor, card, refinement, previous, settings, progress, cancel)
     settings, array, m, pixel_spacing, crop, sampling = _prepare_run(volume, ijk_to_ras, predictor, card, settings)
     click = np.asarray(point_ras, dtype=np.float64).reshape(3)
     centre, centres, found = click, [], None
@@ -710,6 +757,240 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
     return result
 
 
+# --------------------------------------------------------------------------------------------- refinement
+
+REFINE_MAX_ROUNDS = 4  # candidate pools per prompted plane at most (the first is the click's own pool)
+
+
+def _grid_index_of_voxel(point_ras, m: np.ndarray, grid: AxialGrid) -> Tuple[int, int, int]:
+    """The grid index whose value the volume voxel holding the point receives (map_grid_to_volume's nearest
+    neighbour of that voxel's centre): a prompt on it is a prompt on exactly that voxel."""
+    ijk = np.rint(point_to_ijk(point_ras, m))
+    centre_ras = m @ np.append(ijk, 1.0)
+    return tuple(int(v) for v in np.rint((grid.ras_to_index @ centre_ras)[:3]))
+
+
+def _check_refinement(refinement, previous, array, m, predictor):
+    """PromptError (or VolumeError) for a refinement that cannot be acted on, before any work."""
+    from .prompts import PromptError, Refinement
+
+    if not isinstance(refinement, Refinement):
+        raise PromptError(f"a refinement is a prompts.Refinement, got {type(refinement).__name__}")
+    if not isinstance(previous, VolumeResult) or previous.mode != MODE_CLICK or previous.grid is None:
+        raise PromptError("a refinement needs the object's current click result (previous=...), got "
+                          f"{'nothing' if previous is None else type(previous).__name__}")
+    if tuple(previous.volume_shape) != tuple(array.shape) or not np.allclose(previous.ijk_to_ras, m):
+        raise PromptError("the previous result belongs to another volume (its shape or IJK->RAS differs)")
+    refinement.check_against(previous.n_scales, previous.n_samples)
+    if refinement.use_sample is None and previous.tokens is None:
+        raise PromptError("the previous result keeps no token maps (made by an older version or a stand-in "
+                          "model): click the object again, then refine it")
+    if previous.n_scales != len(predictor.config.autoencoder.scales):
+        raise PromptError(f"the previous result has {previous.n_scales} scales, the model "
+                          f"{len(predictor.config.autoencoder.scales)}: it was made by another model")
+    indices = []
+    for p in refinement.prompts:
+        check_point(p.point_ras, array.shape, m)
+        z, r, c = _grid_index_of_voxel(p.point_ras, m, previous.grid)
+        nz, h, w = previous.grid.shape
+        if not (0 <= z < nz and 0 <= r < h and 0 <= c < w):
+            raise PromptError(f"the {p.kind} point R={p.point_ras[0]:.1f}, A={p.point_ras[1]:.1f}, "
+                              f"S={p.point_ras[2]:.1f} mm lies outside this nodule's grid (planes +-"
+                              f"{previous.settings.get('half_height_mm', 0):g} mm, {h} x {w} pixels around it)")
+        indices.append((p.kind, (z, r, c)))
+    return indices
+
+
+def _history(previous: VolumeResult):
+    from .prompts import PromptHistory, Refinement
+
+    old = previous.settings.get("prompt_history") or []
+    click = previous.point_ras if previous.point_ras is not None else (0.0, 0.0, 0.0)
+    return PromptHistory(click_ras=tuple(click), refinements=[Refinement.from_dict(d) for d in old[1:]])
+
+
+def refine_click(volume, ijk_to_ras, predictor, card, refinement, previous: VolumeResult,
+                 settings: Optional[SegmentSettings] = None, progress: ProgressFn = None,
+                 cancel: CancelFn = None) -> VolumeResult:
+    """An object's new result under a refinement, on the grid of its previous result (no re-centring).
+
+    - Include / exclude points (this refinement's and every earlier one's of the object) act on the plane each
+      lies on: its samples are drawn again under its prompts (engine/steering.py: candidate filtering, the first
+      pool being the click's own, up to REFINE_MAX_ROUNDS pools), so every kept sample marks each include
+      voxel and no kept sample marks an exclude voxel where the budget finds such candidates; only satisfying
+      samples are kept (repeated when fewer than N satisfy; when none satisfies all, those satisfying the most).
+      settings["prompt_satisfaction"] says, per prompt, how many candidates satisfied it. Other planes keep their
+      samples (decoded again from their token maps). The consensus keeps the component at the click and those
+      through the include points.
+    - lock_scales = k: every plane is drawn again with scales 1..k of sample from_sample (or the most typical, the
+      one agreeing best with the consensus) teacher-forced, only the finer scales drawn.
+    - use_sample = i: sample i becomes the consensus, no model run (settings["consensus_from_sample"] says so).
+    The refinement and the object's prompt history are in settings; the samples' count is previous's."""
+    t0 = time.perf_counter()
+    settings = dataclasses.replace(settings or SegmentSettings(), n_samples=int(previous.n_samples)) \
+        if isinstance(previous, VolumeResult) else settings
+    settings, array, m, pixel_spacing, crop, sampling = _prepare_run(volume, ijk_to_ras, predictor, card, settings)
+    indices = _check_refinement(refinement, previous, array, m, predictor)
+    history = _history(previous)
+    history.refinements.append(refinement)
+    if refinement.use_sample is not None:
+        result = _use_sample(previous, refinement.use_sample, m)
+    else:
+        result = _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing, refinement, previous,
+                                 history, indices, progress, cancel)
+    result.settings["refinement"] = refinement.to_dict()
+    result.settings["prompt_history"] = history.to_list()
+    result.timings_s["total"] = time.perf_counter() - t0
+    return result
+
+
+def _use_sample(previous: VolumeResult, sample: int, m: np.ndarray) -> VolumeResult:
+    """Sample i (1-based) as the consensus; the samples stay as they were, for browsing."""
+    chosen = previous.sample_mask(sample)
+    n = previous.n_samples
+    disagreeing = np.zeros(chosen.shape, dtype=np.uint8)
+    for i in range(n):
+        disagreeing += unpack_mask(previous.sample_bits, i) != chosen
+    cons_mm3, volumes, ious = _volume_statistics(chosen, previous.sample_bits, n, previous.voxel_volume_mm3)
+    preview = previous.preview
+    if preview is not None and previous.grid is not None:
+        z = int(np.clip(np.round((previous.grid.ras_to_index @ np.append(previous.point_ras, 1.0))[0]), 0,
+                        previous.grid.shape[0] - 1))
+        preview = dataclasses.replace(preview, consensus=_volume_to_grid_plane(previous.full(chosen), m,
+                                                                               previous.grid, z))
+    settings = dict(previous.settings)
+    settings["consensus_from_sample"] = int(sample)
+    return dataclasses.replace(previous, consensus=chosen, disagreement=disagreeing.astype(np.float32) / n,
+                               consensus_volume_mm3=cons_mm3, sample_volumes_mm3=volumes, sample_iou=ious,
+                               settings=settings, preview=preview, timings_s={"model": 0.0})
+
+
+def _volume_to_grid_plane(mask: np.ndarray, m: np.ndarray, grid: AxialGrid, z: int) -> np.ndarray:
+    """A volume mask looked up (nearest voxel) at the pixels of grid plane z."""
+    _, h, w = grid.shape
+    rr, cc = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    index = np.stack([np.full(h * w, float(z)), rr.ravel(), cc.ravel(), np.ones(h * w)])
+    ijk = np.rint((np.linalg.inv(m) @ grid.index_to_ras @ index)[:3]).astype(np.int64)
+    dims = np.asarray(mask.shape[::-1])[:, None]
+    inside = ((ijk >= 0) & (ijk < dims)).all(0)
+    out = np.zeros(h * w, dtype=np.uint8)
+    out[inside] = mask[ijk[2, inside], ijk[1, inside], ijk[0, inside]]
+    return out.reshape(h, w)
+
+
+def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing, refinement, previous, history,
+                    indices, progress, cancel) -> VolumeResult:
+    from .engine.steering import CropPrompts, LockedPrefix, SteeringConfig, sample_under_prompts, samples_from_tokens
+    from .prompts import EXCLUDE, INCLUDE
+
+    t_start = time.perf_counter()
+    grid, tokens = previous.grid, previous.tokens
+    nz, h, w = grid.shape
+    n, k = previous.n_samples, previous.n_scales
+    raw = resample_to_grid(array, m, grid, fill_value=float(array.min()))
+    prepared, has_signal = prepare_crops(raw, card.intensity)
+    click = np.asarray(previous.point_ras, dtype=np.float64)
+    click_index = (grid.ras_to_index @ np.append(click, 1.0))[:3]
+    click_plane = int(np.clip(np.round(click_index[0]), 0, nz - 1))
+    click_index = (float(click_plane), round(float(click_index[1]), 6), round(float(click_index[2]), 6))
+
+    # every point prompt the object has had, earlier ones first, each on the plane it lies on
+    points = []
+    for earlier in history.refinements[:-1]:
+        for p in earlier.prompts:
+            points.append((p.kind, _grid_index_of_voxel(p.point_ras, m, grid), p))
+    points += [(kind, index, p) for (kind, index), p in zip(indices, refinement.prompts)]
+    per_plane: Dict[int, List] = {}
+    for kind, (z, r, c), p in points:
+        per_plane.setdefault(z, []).append((kind, (r, c), p))
+    prefix_source = None
+    if refinement.lock_scales:
+        prefix_source = (refinement.from_sample or int(np.argmax(previous.sample_iou)) + 1) - 1
+        redraw = [z for z in range(nz) if has_signal[z]]
+        # a fresh draw of the finer scales each time the same lock is asked for again; N candidates, not N x
+        # oversample: the locked coarse scales fix the mode whose share herding would otherwise balance, and the
+        # refinement costs about half a click
+        sampling = dataclasses.replace(sampling, seed=(int(sampling.seed) + 7919 * len(history.refinements))
+                                       % (1 << 63), oversample=1)
+    else:
+        redraw = sorted(z for z in per_plane if has_signal[z])
+    kept_planes = [z for z in range(nz) if z not in redraw and tokens.drawn_ZN[z].any()]
+
+    samples = np.zeros((n, nz, h, w), dtype=np.uint8)
+    scales = np.zeros((k, nz, h, w), dtype=np.uint8)
+    consensus = np.zeros((nz, h, w), dtype=np.uint8)
+    new_tokens = TokenMaps(idx_ZNL=tokens.idx_ZNL.copy(), view_ZN=tokens.view_ZN.copy(),
+                           drawn_ZN=tokens.drawn_ZN.copy(), scales=tokens.scales)
+    new_tokens.drawn_ZN[[z for z in range(nz) if z not in redraw and z not in kept_planes]] = False
+
+    def put(planes, res):
+        samples[:, planes] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
+        scales[:, planes] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
+        consensus[planes] = res.consensus_Bhw > 0
+
+    satisfaction = []
+    if redraw:
+        crop_prompts = []
+        for z in redraw:
+            here = per_plane.get(z, [])
+            crop_prompts.append(CropPrompts(include_rc=tuple(rc for kind, rc, _ in here if kind == INCLUDE),
+                                            exclude_rc=tuple(rc for kind, rc, _ in here if kind == EXCLUDE)))
+        prefix = None
+        if prefix_source is not None:
+            prefix = LockedPrefix.from_tokens(tokens.of_planes(redraw), prefix_source, refinement.lock_scales,
+                                              tokens.scales)
+
+        def on_progress(done, total):
+            if progress is not None:
+                progress(done, total)
+
+        out = sample_under_prompts(predictor, prepared[redraw], sampling, prompts=crop_prompts, prefix=prefix,
+                                   steering=SteeringConfig(max_rounds=REFINE_MAX_ROUNDS), crop_ids=redraw,
+                                   progress=on_progress, cancel=cancel)
+        put(redraw, out.result)
+        new_tokens.put(redraw, out.result.tokens)
+        for b, z in enumerate(redraw):
+            here = per_plane.get(z, [])
+            incl = [e for e in here if e[0] == INCLUDE]
+            excl = [e for e in here if e[0] == EXCLUDE]
+            for q, (kind, _, p) in enumerate(incl + excl):
+                satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras], "plane": int(z),
+                                     "candidates": int(out.candidates_B[b]),
+                                     "satisfying": int(out.satisfying_B[b][q]),
+                                     "satisfying_all_prompts_of_plane": int(out.satisfying_all_B[b]),
+                                     "distinct_kept": int(out.distinct_kept_B[b]),
+                                     "every_kept_sample_satisfies": bool(out.kept_satisfy_B[b])})
+    elif progress is not None:
+        progress(k, k)
+    for kind, (z, r, c), p in points:  # a prompt on a plane without signal cannot be met: say so
+        if z not in redraw:
+            satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras], "plane": int(z),
+                                 "candidates": 0, "satisfying": 0, "every_kept_sample_satisfies":
+                                 bool((samples[:, z, r, c] > 0).all() if kind == INCLUDE
+                                      else not samples[:, z, r, c].any())})
+    if kept_planes:
+        put(kept_planes, samples_from_tokens(predictor, tokens.of_planes(kept_planes)))
+    t_model = time.perf_counter()
+
+    includes = [(float(z), float(r), float(c)) for kind, (z, r, c), _ in points if kind == INCLUDE]
+    kept_consensus, kept_samples, kept_scales = _keep_object(consensus, samples, scales, click_index, grid.spacing,
+                                                             settings.component_tolerance_mm, includes)
+    centre_plane = nz // 2  # unused after the click: a refinement does not re-centre
+    found = _ClickPass(grid=grid, click_plane=click_plane, centre_plane=centre_plane, click_index=click_index,
+                       prepared=prepared, raw=raw, consensus=kept_consensus, samples=kept_samples,
+                       scales=kept_scales, tokens=new_tokens)
+    result = _click_result(found, array, m, click, predictor, card, settings, sampling, pixel_spacing)
+    for key in ("grid_centres_ras_mm",):
+        if key in previous.settings:
+            result.settings[key] = previous.settings[key]
+    result.settings["prompt_satisfaction"] = satisfaction
+    result.settings["redrawn_planes"] = [int(z) for z in redraw]
+    if prefix_source is not None:
+        result.settings["locked_from_sample"] = prefix_source + 1
+    result.timings_s = {"prepare": 0.0, "model": t_model - t_start}
+    return result
+
+
 @dataclass
 class _ClickPass:
     """One pass of a click on a grid centred at some point: the kept masks on that grid, before the volume."""
@@ -725,6 +1006,7 @@ class _ClickPass:
     scales: np.ndarray  # bool (K, planes, h, w)
     t_prepare: float = 0.0
     t_model: float = 0.0
+    tokens: Optional[TokenMaps] = None
 
     def object_centre_ras(self) -> Optional[np.ndarray]:
         """RAS centre of the object the samples mark at the click (their mean mask's centre of mass)."""
@@ -754,27 +1036,41 @@ def _click_pass(array, m, click, centre, predictor, card, settings, sampling, pi
     # one batch for an ordinary CT (17 planes of 2.5 mm); thin-slice scans are split so memory stays bounded
     batch = settings.crops_per_pass(sampling)
     chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+    tokens = None
     for ci, chunk in enumerate(chunks):
-        res = _run_model(predictor, prepared[chunk], sampling, progress, cancel, ci * k, len(chunks) * k, chunk)
+        res = _run_model(predictor, prepared[chunk], sampling, progress, cancel, ci * k, len(chunks) * k, chunk,
+                         keep_tokens=True)
         samples[:, chunk] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
         scales[:, chunk] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
         consensus[chunk] = res.consensus_Bhw > 0
+        if getattr(res, "tokens", None) is not None:  # stand-in predictors of the tests have none
+            tokens = tokens or TokenMaps.empty(nz, res.tokens, predictor.config.autoencoder.scales)
+            tokens.put(chunk, res.tokens)
     if not chunks and progress is not None:
         progress(k, k)
     t_model = time.perf_counter()
 
-    # keep what belongs to the clicked object: the consensus component through (or nearest) the click; for
-    # samples and scales, their components that overlap it (or, if the consensus is empty, that reach the click);
-    # the click on its nearest plane (the plane a centred grid has through it), in-plane where it falls
     click_index = (float(click_plane), round(float(click_index[1]), 6), round(float(click_index[2]), 6))
-    tol = settings.component_tolerance_mm
-    kept_consensus = _component_near_point(consensus, click_index, grid.spacing, tol)
-    kept_samples = np.stack([_keep(samples[i], kept_consensus, click_index, grid.spacing, tol) for i in range(n)])
-    kept_scales = np.stack([_keep(scales[s], kept_consensus, click_index, grid.spacing, tol) for s in range(k)])
+    kept_consensus, kept_samples, kept_scales = _keep_object(consensus, samples, scales, click_index, grid.spacing,
+                                                             settings.component_tolerance_mm)
     return _ClickPass(grid=grid, click_plane=click_plane, centre_plane=centre_plane, click_index=click_index,
                       prepared=prepared, raw=raw,
                       consensus=kept_consensus, samples=kept_samples, scales=kept_scales,
-                      t_prepare=t_prep - t0, t_model=t_model - t_prep)
+                      t_prepare=t_prep - t0, t_model=t_model - t_prep, tokens=tokens)
+
+
+def _keep_object(consensus, samples, scales, click_index, spacing, tol, include_indices=()):
+    """What belongs to the clicked object: the consensus component through (or nearest) the click; for samples
+    and scales, their components that overlap it (or, if the consensus is empty, that reach the click); the click
+    on its nearest plane (the plane a centred grid has through it), in-plane where it falls. A refinement's
+    include points (grid indices) add the consensus components through them: the user said they belong."""
+    kept_consensus = _component_near_point(consensus, click_index, spacing, tol)
+    for index in include_indices:
+        kept_consensus |= _component_near_point(consensus, index, spacing, 0.0)
+    kept_samples = np.stack([_keep(samples[i], kept_consensus, click_index, spacing, tol)
+                             for i in range(len(samples))])
+    kept_scales = np.stack([_keep(scales[s], kept_consensus, click_index, spacing, tol) for s in range(len(scales))])
+    return kept_consensus, kept_samples, kept_scales
 
 
 def _keep(mask, region, click_index, spacing, tol) -> np.ndarray:
@@ -817,6 +1113,7 @@ def _click_result(found: _ClickPass, array, m, click, predictor, card, settings,
     result.if_present = map_grid_to_volume({"m": if_present}, grid, m, box)["m"]
     result.if_present_volume_mm3 = float(result.if_present.sum()) * result.voxel_volume_mm3
     result.point_ras = tuple(float(v) for v in click)
+    result.tokens = found.tokens
     return result
 
 

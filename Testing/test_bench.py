@@ -57,6 +57,11 @@ def check_figures(r):
     assert r["click_lung1_gemm_gflops"] > 0
     # achieved / attainable, each click against the rate measured beside it (the model part is most of the click)
     assert 0 < r["click_lung1_efficiency"] < r["click_lung1_model_efficiency"] < 1
+    # refinements of the click (issue 21): an exclude point redraws its plane, lock scales every plane
+    if "refine_lung1" not in r:
+        assert r["refine_lung1_click_s"] > 0 and r["refine_lung1_exclude_s"] > 0 and r["refine_lung1_lock4_s"] > 0
+        assert r["refine_lung1_exclude_redrawn_planes"] == 1 and r["refine_lung1_lock4_redrawn_planes"] >= 5
+        assert r["refine_lung1_exclude_satisfaction"]["kind"] == "exclude"
 
 
 def test_bench_json_has_every_field(tmp_path, lung1_dir):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -19,10 +20,36 @@ class ConsensusResult:
     sample_iou_BN: np.ndarray  # float32: IoU of each sample's foreground with the consensus foreground
     scale_consensus_BKhw: np.ndarray  # consensus after each scale (coarse to fine)
     presence_B: np.ndarray  # float32: predicted fraction of readers marking each crop
+    tokens: Optional[SampleTokens] = None  # each kept sample's token maps, when the caller asked for them
 
     @property
     def n_scales(self) -> int:
         return self.scale_consensus_BKhw.shape[1]
+
+
+@dataclass
+class SampleTokens:
+    """The token maps behind B crops' N kept samples, so that a later run can keep a sample's coarse scales.
+
+    idx_BNL: every scale's tokens, scale after scale in raster order (L = sum of s_k^2), uint8 when the
+    vocabulary fits; view_BN: the symmetric view (views.py) the sample was drawn on, its tokens live there;
+    drawn_BN: False for an empty sample (the presence gate drew none), whose tokens are meaningless zeros."""
+
+    idx_BNL: np.ndarray
+    view_BN: np.ndarray
+    drawn_BN: np.ndarray
+
+    def scale_tokens(self, scales, upto: int):
+        """Token maps of scales 1..upto as (B, N, s_k^2) arrays, coarse to fine."""
+        out, b = [], 0
+        for pn in tuple(scales)[:upto]:
+            out.append(self.idx_BNL[..., b:b + pn * pn])
+            b += pn * pn
+        return out
+
+
+def token_dtype(vocab_size: int):
+    return np.uint8 if vocab_size <= 256 else np.int32
 
 
 MAX_SAMPLES = 255  # votes are counted in uint8

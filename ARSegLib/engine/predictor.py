@@ -13,7 +13,7 @@ import torch
 
 from .autoencoder import MaskAutoencoder
 from .config import ARSegConfig, SamplingConfig
-from .consensus import MAX_SAMPLES, ConsensusResult, aggregate
+from .consensus import MAX_SAMPLES, ConsensusResult, SampleTokens, aggregate, token_dtype
 from .heap import keep_freed_memory
 from .sampler import CropStreams, sample_tokens
 from .segmentor import NextScaleSegmentor
@@ -114,13 +114,14 @@ class ARSegPredictor:
                 progress: Optional[Callable[[int, int], None]] = None,
                 cancel: Optional[Callable[[], bool]] = None,
                 timings: Optional[Dict[str, float]] = None,
-                crop_ids: Optional[Sequence[int]] = None) -> ConsensusResult:
+                crop_ids: Optional[Sequence[int]] = None, keep_tokens: bool = False) -> ConsensusResult:
         """images: (B, H, W) or (B, C, H, W) float32 crops, prepared as the model card says.
 
         crop_ids: one non-negative id per crop (default 0..B-1); a crop's samples depend on its image, the seed
         and its id only, so callers that split work into chunks pass ids that do not depend on the chunking.
         timings, when given, receives the seconds spent in each phase (image_encoder, transformer,
-        selection (with oversampling), decoding, consensus)."""
+        selection (with oversampling), decoding, consensus). keep_tokens: the result carries the kept samples'
+        token maps (result.tokens), which steering.py needs to lock a sample's coarse scales later."""
         if self.device.type == "cpu":
             keep_freed_memory()  # large activations reuse freed blocks instead of fresh pages (see heap.py)
         phase = PhaseTimer(timings, self.device)
@@ -151,6 +152,7 @@ class ARSegPredictor:
         view_R = cand_R % V
         hw = (self.crop_size, self.crop_size)
         scale_masks_KBNhw = torch.zeros(K, B, N, *hw, dtype=torch.uint8, device=self.device)
+        tokens = self.empty_tokens(B, N) if keep_tokens else None
 
         def on_scale(si):
             if progress is not None:
@@ -183,7 +185,24 @@ class ARSegPredictor:
                 if rows.numel():  # herding may keep only empty candidates (one drawn of many)
                     masks_KRhw = self.decode_all_scales(idx_list, partial_sums)
                     scale_masks_KBNhw[:, crop_R[rows], slot_R] = self._unviewed(masks_KRhw, view_R[rows], V)
+                    if tokens is not None:
+                        self.store_tokens(tokens, crop_R[rows], slot_R, view_R[rows], idx_list)
         elif progress is not None:
             progress(K, K)
         with phase("consensus"):
-            return aggregate(scale_masks_KBNhw, presence_B, self.n_classes)
+            result = aggregate(scale_masks_KBNhw, presence_B, self.n_classes)
+        result.tokens = tokens
+        return result
+
+    def empty_tokens(self, B: int, N: int) -> SampleTokens:
+        L = sum(s * s for s in self.config.autoencoder.scales)
+        return SampleTokens(idx_BNL=np.zeros((B, N, L), dtype=token_dtype(self.config.autoencoder.vocab_size)),
+                            view_BN=np.zeros((B, N), dtype=np.int8), drawn_BN=np.zeros((B, N), dtype=bool))
+
+    @staticmethod
+    def store_tokens(tokens: SampleTokens, crop_R, slot_R, view_R, idx_list) -> None:
+        """The kept rows' token maps into their (crop, slot) of tokens, as numpy (results pickle without torch)."""
+        b, n = crop_R.cpu().numpy(), slot_R.cpu().numpy()
+        tokens.idx_BNL[b, n] = torch.cat(list(idx_list), 1).cpu().numpy().astype(tokens.idx_BNL.dtype)
+        tokens.view_BN[b, n] = view_R.cpu().numpy()
+        tokens.drawn_BN[b, n] = True

@@ -72,9 +72,13 @@ def sample_from_logits(logits_BlV: torch.Tensor, temperature: float, top_k: int,
 def sample_tokens(segmentor: NextScaleSegmentor, quantizer: MultiScaleQuantizer, feats: ImageFeatures,
                   temperatures: Sequence[float], top_k: int, top_p: float, streams: CropStreams,
                   use_cache: bool = True, on_scale: Optional[Callable[[int], None]] = None,
-                  crop_of_row: Optional[torch.Tensor] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+                  crop_of_row: Optional[torch.Tensor] = None,
+                  prefix_idx: Sequence[torch.Tensor] = ()) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """One sequence per crop of `feats`, or, with crop_of_row (sorted), one per row: row r samples crop
-    crop_of_row[r]. Returns (idx_Bl per scale, partial sum F_hat_k per scale), one row per sequence."""
+    crop_of_row[r]. Returns (idx_Bl per scale, partial sum F_hat_k per scale), one row per sequence.
+
+    prefix_idx: token maps (R, s_k^2) of scales 1..k given for every row: those scales are teacher-forced
+    through the same blocks (so the key/value cache holds them as if drawn) and only the finer ones are drawn."""
     n_crops = feats.cond_BD.shape[0]
     if crop_of_row is None:
         crop_of_row = torch.arange(n_crops, device=feats.cond_BD.device)
@@ -98,8 +102,11 @@ def sample_tokens(segmentor: NextScaleSegmentor, quantizer: MultiScaleQuantizer,
                 e = segmentor.begin_ends[si][1]
                 logits_BlV = segmentor.run_blocks(torch.cat(prefix, 1), cond_BD, segmentor.bias_LL[:e, :e],
                                                   last_tokens=pn * pn, modulations=modulations)
-            idx_Bl = sample_from_logits(logits_BlV, temperatures[si], top_k, top_p,
-                                        streams.uniform(rows_per_crop, pn * pn))
+            if si < len(prefix_idx):
+                idx_Bl = prefix_idx[si].to(device=logits_BlV.device, dtype=torch.long)
+            else:
+                idx_Bl = sample_from_logits(logits_BlV, temperatures[si], top_k, top_p,
+                                            streams.uniform(rows_per_crop, pn * pn))
             f_hat, x_next = quantizer.next_scale_input(f_hat, idx_Bl, si)
             idx_list.append(idx_Bl)
             partial_sums.append(f_hat)

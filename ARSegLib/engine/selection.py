@@ -13,11 +13,13 @@ import torch
 from .consensus import pairwise_iou_fg
 
 
-def kernel_herding(masks_BPhw: torch.Tensor, n: int) -> torch.Tensor:
+def kernel_herding(masks_BPhw: torch.Tensor, n: int, repeat: bool = False) -> torch.Tensor:
     """Indices (B, n) of the kept candidates, in the order herding picks them (the most typical first); each
-    candidate is kept at most once. Ties go to the lower index, so the choice is deterministic."""
+    candidate is kept at most once, or, with repeat, as often as herding picks it (n may then exceed P: fewer
+    candidates than samples, each repeated about as often as it represents the pool). Ties go to the lower
+    index, so the choice is deterministic."""
     B, P = masks_BPhw.shape[:2]
-    if not 1 <= n <= P:
+    if n < 1 or (n > P and not repeat):
         raise ValueError(f"cannot keep {n} of {P} candidates")
     k_BPP = pairwise_iou_fg(masks_BPhw, masks_BPhw, torch.float64)  # float64: herding sums P of them
     target_BP = k_BPP.mean(2)  # each candidate's mean similarity to the whole pool
@@ -28,6 +30,7 @@ def kernel_herding(masks_BPhw: torch.Tensor, n: int) -> torch.Tensor:
         score_BP = (target_BP - kept_sum_BP / (t + 1)).masked_fill(taken_BP, float("-inf"))
         j_B = score_BP.argmax(1)
         picks.append(j_B)
-        taken_BP[torch.arange(B), j_B] = True
+        if not repeat:
+            taken_BP[torch.arange(B), j_B] = True
         kept_sum_BP += k_BPP[torch.arange(B), :, j_B]
     return torch.stack(picks, 1)
