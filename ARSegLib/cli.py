@@ -423,8 +423,11 @@ def _nodule_line(entry) -> str:
     vols = entry["sample_volume_mm3"]
     marking = f"{entry.get('samples_marking', entry['n_samples'])} of {entry['n_samples']} samples mark it"
     if entry["consensus_volume_mm3"] > 0:
+        d = entry.get("diameters_mm")
+        axes = (f", axial {d['long']:.1f} x {d['short']:.1f} mm (mean {d['mean']:.1f}, samples "
+                f"{d['samples']['mean']['min']:.1f}-{d['samples']['mean']['max']:.1f})") if d else ""
         return (f"{entry['name']}{where}: consensus {entry['consensus_volume_mm3']:.1f} mm3, samples "
-                f"{vols['min']:.1f}-{vols['max']:.1f} mm3 ({marking})")
+                f"{vols['min']:.1f}-{vols['max']:.1f} mm3 ({marking}){axes}")
     return (f"{entry['name']}{where}: consensus empty; {marking}, {entry.get('if_present_volume_mm3', 0):.1f} mm3 "
             f"if present")
 

@@ -15,7 +15,8 @@ The node contract (DESIGN.md, "What the user sees"), per input volume, holding e
 - sequence "<volume> ARSeg scales" of the selected nodule's K scales, browsed by "<volume> ARSeg scale
   browser", whose proxy "<volume> ARSeg scale" shows one scale at a time (the scale slider);
 - table "<volume> ARSeg report": a row per nodule (consensus volume, the samples' range, how many samples mark
-  it and its volume if present, each sample's IoU range with the consensus, the click); the JSON report
+  it and its volume if present, each sample's IoU range with the consensus, the axial long/short axis and mean
+  diameter with the samples' range, the mean intensity inside, the prompts, the click); the JSON report
   (attribute ARSeg.Report) has the same per nodule under "nodules", the selected nodule's numbers at its top.
 
 The API for the GUI, the console and the web page: write_result (a run's result -> a new or redone nodule),
@@ -43,6 +44,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .figure import AGREEMENT_FRACTION
 from .pipeline import VolumeResult
 
 ROLE_ATTRIBUTE = "ARSeg.Role"
@@ -79,6 +81,8 @@ class OutputOptions:
 
     include_samples: bool = False  # `Sample i` segments (hidden); N more labelmaps
     disagreement_threshold: float = 0.0  # `Disagreement` segment: voxels where more than this fraction differ
+    # the heat map (disagreement volume) is transparent where at most this fraction differs: the samples agree
+    heat_agreement_fraction: float = AGREEMENT_FRACTION
     consensus_color: Tuple[float, float, float] = (0.95, 0.75, 0.15)
     disagreement_color: Tuple[float, float, float] = (0.90, 0.20, 0.20)
     sample_color: Tuple[float, float, float] = (0.60, 0.60, 0.70)
@@ -129,6 +133,9 @@ class NoduleInfo:
     if_present_volume_mm3: float
     point_ras_mm: Optional[List[float]]
     selected: bool
+    long_axis_mm: Optional[float] = None  # axial long / short axis of the consensus (None: an older report)
+    short_axis_mm: Optional[float] = None
+    n_prompts: int = 0  # the click and each refinement that made it
 
 
 NODULE_TAG = "ARSeg.Nodule"  # segment tag: the nodule a segment belongs to
@@ -459,7 +466,8 @@ def segment_array(segmentation_node, segment_id: str, volume_shape, ijk_to_ras) 
 # --------------------------------------------------------------------------------------------- colours
 
 def heat_colormap(scene):
-    """The scene's ARSeg heat colour table (transparent at 0, then dark red -> red -> yellow -> white), made once."""
+    """The scene's ARSeg heat colour table over the fraction of samples that differ (0..1): transparent up to
+    AGREEMENT_FRACTION (the samples agree), then dark red -> red -> yellow -> white; made once per scene."""
     for node in _nodes_with_attribute(scene, "vtkMRMLColorTableNode", ROLE_ATTRIBUTE, ROLE_COLORMAP):
         return node, False
     node = slicer.vtkMRMLColorTableNode()
@@ -469,7 +477,7 @@ def heat_colormap(scene):
     for i in range(256):
         t = i / 255.0
         r, g, b = min(1.0, 3 * t), min(1.0, max(0.0, 3 * t - 1)), min(1.0, max(0.0, 3 * t - 2))
-        node.SetColor(i, f"{t:.3f}", r, g, b, 0.0 if i == 0 else min(1.0, 0.35 + t))
+        node.SetColor(i, f"{t:.3f}", r, g, b, 0.0 if i <= round(AGREEMENT_FRACTION * 255) else min(1.0, 0.35 + t))
     node.SetAttribute(ROLE_ATTRIBUTE, ROLE_COLORMAP)
     return node, True
 
@@ -580,6 +588,7 @@ def report_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     if "samples_marking" in report:
         rows += [("Samples marking a nodule", f"{report['samples_marking']} of {report['n_samples']}", ""),
                  ("Volume if present", f"{report['if_present_volume_mm3']:.1f}", "mm3")]
+    rows += measure_rows(report)
     for i, (v, iou) in enumerate(zip(report["sample_volumes_mm3"], report["sample_iou_with_consensus"]), 1):
         rows.append((f"Sample {i} volume", f"{v:.1f}", "mm3"))
         rows.append((f"Sample {i} IoU with consensus", f"{iou:.4f}", ""))
@@ -590,8 +599,49 @@ def report_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     return rows
 
 
+def _point_words(point) -> str:
+    return ", ".join(f"{v:.1f}" for v in point)
+
+
+def prompt_words(prompt: Dict[str, Any]) -> str:
+    """One entry of a report's "prompts" (PromptHistory.to_list's form) in words: "click at R, A, S" or a
+    refinement's points, locked scales or chosen sample."""
+    if prompt.get("kind") == "click":
+        return f"click at {_point_words(prompt['point_ras'])}"
+    parts = [f"{p['kind']} at {_point_words(p['point_ras'])}" for p in prompt.get("prompts", [])]
+    if prompt.get("lock_scales"):
+        source = f"sample {prompt['from_sample']}" if prompt.get("from_sample") else "the most typical sample"
+        parts.append(f"scales 1-{prompt['lock_scales']} of {source} kept, finer ones redrawn")
+    if prompt.get("use_sample"):
+        parts.append(f"sample {prompt['use_sample']} used")
+    return "; ".join(parts) or "refinement"
+
+
+def _span_words(span: Dict[str, float]) -> str:
+    return f"{span['min']:.1f}-{span['max']:.1f}"
+
+
+def measure_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+    """(measure, value, unit) rows of what a radiologist reads besides the volume: the axial long/short axis and
+    their mean with the samples' range, the mean intensity in the consensus, the prompts (absent keys: no row)."""
+    rows: List[Tuple[str, str, str]] = []
+    d = report.get("diameters_mm")
+    if d:
+        where = f" (axial slice {d['slice_index']})" if d.get("slice_index", -1) >= 0 else ""
+        for key, what in (("long", "Long axis"), ("short", "Short axis"), ("mean", "Mean diameter")):
+            rows.append((f"{what}{where if key == 'long' else ''}", f"{d[key]:.1f}", "mm"))
+            rows.append((f"{what}, samples", _span_words(d["samples"][key]), "mm"))
+    if report.get("mean_intensity") is not None:
+        rows.append(("Mean intensity in the consensus", f"{report['mean_intensity']:.1f}", "HU (CT)"))
+    for i, prompt in enumerate(report.get("prompts") or [], 1):
+        rows.append((f"Prompt {i}", prompt_words(prompt), "R, A, S mm"))
+    return rows
+
+
 NODULE_COLUMNS = ("Nodule", "Consensus (mm3)", "Samples min (mm3)", "Samples max (mm3)", "Samples mean (mm3)",
-                  "Samples marking", "If present (mm3)", "IoU with consensus", "Point R, A, S (mm)", "Model")
+                  "Samples marking", "If present (mm3)", "IoU with consensus", "Long axis (mm)", "Short axis (mm)",
+                  "Mean diameter (mm)", "Samples long axis (mm)", "Mean intensity", "Prompts", "Point R, A, S (mm)",
+                  "Model")
 
 
 def nodule_rows(report: Dict[str, Any]) -> List[Tuple[str, ...]]:
@@ -600,11 +650,17 @@ def nodule_rows(report: Dict[str, Any]) -> List[Tuple[str, ...]]:
     for n in report.get("nodules", []):
         ious = n["sample_iou_with_consensus"] or [0.0]
         point = n.get("point_ras_mm")
+        d = n.get("diameters_mm")
+        intensity = n.get("mean_intensity")
         rows.append((n["name"], f"{n['consensus_volume_mm3']:.1f}", f"{n['sample_volume_mm3']['min']:.1f}",
                      f"{n['sample_volume_mm3']['max']:.1f}", f"{n['sample_volume_mm3']['mean']:.1f}",
                      f"{n.get('samples_marking', n['n_samples'])} of {n['n_samples']}",
                      f"{n.get('if_present_volume_mm3', n['consensus_volume_mm3']):.1f}",
                      f"{min(ious):.2f}-{max(ious):.2f}",
+                     *((f"{d['long']:.1f}", f"{d['short']:.1f}", f"{d['mean']:.1f}", _span_words(d["samples"]["long"]))
+                       if d else ("",) * 4),
+                     "" if intensity is None else f"{intensity:.1f}",
+                     "; ".join(prompt_words(p) for p in n.get("prompts") or []),
                      ", ".join(f"{v:.2f}" for v in point) if point else "", str(n["model"])))
     return rows
 
@@ -643,8 +699,9 @@ def volume_report(source: str, nodules: List[Dict[str, Any]], selected: Optional
     return report
 
 
-def _nodule_entry(result: VolumeResult, nid: str) -> Dict[str, Any]:
-    entry = result.report("")
+def _nodule_entry(result: VolumeResult, nid: str, volume=None) -> Dict[str, Any]:
+    """volume: the input's (k, j, i) voxels, for the mean intensity in the consensus."""
+    entry = result.report("", volume)
     entry.pop("source", None)
     return {"id": nid, "name": nodule_name(nid), **entry}
 
@@ -945,7 +1002,7 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
                          f"{_ras_words(result.point_ras)} found nothing there ({result.samples_marking} of "
                          f"{result.n_samples} samples mark anything)"]
         return nodes
-    entry = _nodule_entry(result, nodule)
+    entry = _nodule_entry(result, nodule, volume_array(volume_node, copy=False))
     nodules = [entry if n["id"] == nodule else n for n in kept]
     if nodule not in [n["id"] for n in nodules]:
         nodules.append(entry)
@@ -1032,7 +1089,9 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
             dd.AutoWindowLevelOff()
             dd.SetWindowLevelMinMax(0.0, 1.0)
             dd.SetApplyThreshold(True)
-            dd.SetLowerThreshold(1e-6)  # agreement is transparent over the CT
+            # where the samples agree the CT shows through (Slicer's scalar display draws a voxel or not: the
+            # table's alpha counts only as zero or not, so the threshold is what hides 1-2 of 16 differing)
+            dd.SetLowerThreshold(float(options.heat_agreement_fraction) + 1e-6)
             dd.SetUpperThreshold(1.0)
             if parent_id:
                 segmentation.SetAndObserveTransformNodeID(parent_id)
@@ -1271,7 +1330,10 @@ def list_nodules(scene, volume_node) -> List[NoduleInfo]:
                               consensus_volume_mm3=float(n["consensus_volume_mm3"]),
                               presence_fraction=float(n.get("presence_fraction", 1.0)),
                               if_present_volume_mm3=float(n.get("if_present_volume_mm3", 0.0)),
-                              point_ras_mm=n.get("point_ras_mm"), selected=n["id"] == nodes.nodule))
+                              point_ras_mm=n.get("point_ras_mm"), selected=n["id"] == nodes.nodule,
+                              long_axis_mm=(n.get("diameters_mm") or {}).get("long"),
+                              short_axis_mm=(n.get("diameters_mm") or {}).get("short"),
+                              n_prompts=len(n.get("prompts") or [])))
     return out
 
 
