@@ -440,7 +440,7 @@ def cmd_segment(args):
         check_device(args.device)
         points = unique_points([parse_point(p) for p in (args.point or [])], "segment")
         volume = Path(args.volume)
-        if not volume.is_file():
+        if not volume.is_file() and not volume.is_dir():  # a folder: a DICOM series (mrml.check_image_file)
             raise CommandError(f"volume file not found: {volume}")
         from .mrml import OutputOptions, check_image_file, segment_file
 
@@ -492,8 +492,11 @@ def find_cases(input_dir: Path, pattern: str):
     """Image files under input_dir matching pattern, segmentations and markups excluded, in a stable order."""
     if not input_dir.is_dir():
         raise CommandError(f"input folder not found: {input_dir}")
+    from .mrml import is_dicom_folder
+
     skip = (".seg.nrrd", ".mrk.json", ".json", ".csv")
-    return sorted(p for p in input_dir.glob(pattern) if p.is_file() and not p.name.lower().endswith(skip))
+    return sorted(p for p in input_dir.glob(pattern)
+                  if (p.is_file() and not p.name.lower().endswith(skip)) or (p.is_dir() and is_dicom_folder(p)))
 
 
 def read_markups_points(path: Path) -> List[Tuple[float, float, float]]:
@@ -895,7 +898,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "whose card allows it, without --point, every axial slice. Writes what Slicer "
                                    "writes for a segmentation node; all outputs appear together at the end or not "
                                    "at all.")
-    p.add_argument("volume", help="image file (NRRD, NIfTI, MHA, ...): a 3D single-component volume")
+    p.add_argument("volume", help="image file (NRRD, NIfTI, MHA, ...) or a folder holding one DICOM series: "
+                                  "a 3D single-component volume")
     p.add_argument("--point", action="append", default=None, metavar="R,A,S",
                    help="a nodule's RAS point in mm (Slicer's coordinates), e.g. --point -56.4,-86.34,-115.96; "
                         "repeat for several nodules")
@@ -917,7 +921,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "not segmented. Under torchrun, rank r takes every world-th case.")
     p.add_argument("input_dir", help="folder of scans")
     p.add_argument("output_dir", help="folder for the results (made if missing)")
-    p.add_argument("--pattern", default="*.nrrd", help="glob under INPUT_DIR (default *.nrrd; **/ recurses)")
+    p.add_argument("--pattern", default="*.nrrd", help="glob under INPUT_DIR (default *.nrrd; **/ recurses); a "
+                                                         "folder it matches that holds a DICOM series is a scan too")
     p.add_argument("--points", default=None,
                    help="CSV case,R,A,S (mm, RAS; a header line allowed; several rows per case) or JSON "
                         "{\"case\": [[R, A, S], ...]}; case = path relative to INPUT_DIR, file name or stem")
@@ -933,7 +938,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and 3D views; a click on a nodule segments it. Only the files and folders "
                                    "given here can be opened; the page listens on 127.0.0.1 unless --host says "
                                    "otherwise.")
-    p.add_argument("volumes", nargs="*", metavar="CT", help="volume files the page may open")
+    p.add_argument("volumes", nargs="*", metavar="CT", help="volume files (or DICOM series folders) the page may "
+                                                              "open")
     p.add_argument("--data-dir", action="append", default=[], metavar="DIR",
                    help="a folder whose volume files (recursively) the page may open; repeatable")
     p.add_argument("--host", default=None,

@@ -77,7 +77,9 @@ def _farthest_pair(points_P2: np.ndarray) -> Tuple[float, int, int]:
         return 0.0, 0, 0
     sq = (points_P2 ** 2).sum(1)
     d2 = sq[:, None] + sq[None, :] - 2.0 * (points_P2 @ points_P2.T)
-    flat = int(np.argmax(d2))
+    # equal chords (a round nodule has many) are told apart by the points' order, not by rounding noise: the same
+    # mask in a matrix a float's last digit apart measures the same ends
+    flat = int(np.argmax(np.round(d2, 6)))
     i, j = divmod(flat, len(points_P2))
     return float(np.linalg.norm(points_P2[i] - points_P2[j])), i, j
 
@@ -105,7 +107,7 @@ def perpendicular_chord(hull_H2: np.ndarray, a: np.ndarray, b: np.ndarray) -> Tu
     s_lo = np.where(crossing, np.where(slanted, s_at, np.minimum(s0, s1)[None]), np.inf).min(1)
     s_hi = np.where(crossing, np.where(slanted, s_at, np.maximum(s0, s1)[None]), -np.inf).max(1)
     length = s_hi - s_lo
-    best = int(np.argmax(length))
+    best = int(np.argmax(np.round(length, 6)))
     return float(length[best]), t[best] * v + s_lo[best] * u, t[best] * v + s_hi[best] * u
 
 

@@ -292,8 +292,101 @@ def _read_into_scene(scene, node, storage, path: Path, name: Optional[str], what
     return node
 
 
+# --------------------------------------------------------------------------------------------- DICOM series in
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder: what names it to a user, and its files in slice order (GDCM's sort)."""
+
+    uid: str
+    description: str
+    files: Tuple[str, ...]
+
+    def words(self) -> str:
+        what = f" ({self.description!r})" if self.description else ""
+        return f"{self.uid}{what}, {len(self.files)} file(s)"
+
+
+def dicom_series(folder) -> List[DicomSeries]:
+    """The DICOM series directly inside a folder (SimpleITK's GDCM scan; sub-folders are not searched)."""
+    import SimpleITK as sitk
+
+    out = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        description = ""
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(files[0])
+            _quietly(reader.ReadImageInformation)
+            if reader.HasMetaDataKey("0008|103e"):
+                description = reader.GetMetaData("0008|103e").strip()
+        except (RuntimeError, IndexError):  # the scan listed it, so its header is read later with a clear error
+            pass
+        out.append(DicomSeries(uid=str(uid), description=description, files=files))
+    return out
+
+
+def is_dicom_folder(path) -> bool:
+    path = Path(path)
+    return path.is_dir() and bool(dicom_series(path))
+
+
+def pick_dicom_series(folder, series_uid: Optional[str] = None) -> DicomSeries:
+    """The one DICOM series of a folder (or the one with series_uid); ResultError naming the series (UID,
+    description, number of files) when there are several, or when there is none."""
+    folder = Path(folder)
+    found = dicom_series(folder)
+    if series_uid is not None:
+        chosen = [s for s in found if s.uid == series_uid]
+        if not chosen:
+            held = "; ".join(s.words() for s in found) or "none"
+            raise ResultError(f"{folder} holds no DICOM series {series_uid} (it holds: {held})")
+        return chosen[0]
+    if not found:
+        raise ResultError(f"{folder} is a folder without a DICOM series (no DICOM files directly inside it); give "
+                          f"an image file (NRRD, NIfTI, MHA, ...) or a folder holding one DICOM series")
+    if len(found) > 1:
+        listed = "; ".join(s.words() for s in found)
+        raise ResultError(f"{folder} holds {len(found)} DICOM series: {listed}. Pass a folder holding only the one "
+                          f"to segment (move the other series' files out), or from Python "
+                          f"mrml.load_volume(scene, folder, series_uid=UID)")
+    return found[0]
+
+
+def _read_dicom_series(series: DicomSeries):
+    """(array (k, j, i), IJK->RAS) of a series: SimpleITK's series reader gives LPS; RAS is Slicer's frame."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(series.files))
+    try:
+        image = _quietly(reader.Execute)
+    except RuntimeError as e:
+        raise ResultError(f"cannot read DICOM series {series.words()}: {str(e).strip().splitlines()[-1]}") from None
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
+    m[:3, 3] = image.GetOrigin()
+    return sitk.GetArrayFromImage(image), LPS_TO_RAS @ m
+
+
+def _describe_dicom_folder(path: Path, series_uid: Optional[str] = None) -> Dict[str, Any]:
+    series = pick_dicom_series(path, series_uid)
+    info = describe_image_file(series.files[0]) or {"size": (0, 0), "components": 1}
+    columns, rows = info["size"][:2]
+    n = len(series.files)
+    return {"dimension": 3 if n > 1 else 2, "size": (columns, rows, n) if n > 1 else (columns, rows),
+            "components": info["components"]}
+
+
 def describe_image_file(path) -> Optional[Dict[str, Any]]:
-    """{"dimension", "size", "components"} from the file's header (SimpleITK), or None where it cannot tell."""
+    """{"dimension", "size", "components"} from the file's header (SimpleITK), or None where it cannot tell. A
+    folder is read as a DICOM series (ResultError when it holds none or several)."""
+    if Path(path).is_dir():
+        return _describe_dicom_folder(Path(path))
     try:
         import SimpleITK as sitk
 
@@ -306,13 +399,14 @@ def describe_image_file(path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def check_image_file(path) -> None:
+def check_image_file(path, series_uid: Optional[str] = None) -> None:
     """ResultError naming what the file holds when it is not a 3D single-component volume (2D picture, 4D series,
-    colour or vector image), before anything is read into a scene."""
+    colour or vector image), before anything is read into a scene. A folder must hold one DICOM series (or the
+    series series_uid) of at least two slices."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise ResultError(f"image volume file not found: {path}")
-    info = describe_image_file(path)
+    info = _describe_dicom_folder(path, series_uid) if path.is_dir() else describe_image_file(path)
     if info is None:
         return
     size = " x ".join(str(v) for v in info["size"])
@@ -326,11 +420,18 @@ def check_image_file(path) -> None:
         what = f"a 3D image with {comps} components per voxel ({size}; colour or vector data)"
     if what:
         raise ResultError(f"{path.name} is {what}; ARSeg segments 3D single-component volumes such as a CT series "
-                          f"(NRRD, NIfTI, MHA, ...)")
+                          f"(NRRD, NIfTI, MHA, a folder of DICOM files, ...)")
 
 
-def load_volume(scene, path, name: Optional[str] = None):
-    """Read an image file the way Slicer does (NRRD, NIfTI, MHA, ...; LPS files become RAS) into the scene."""
+def load_volume(scene, path, name: Optional[str] = None, series_uid: Optional[str] = None):
+    """Read an image file the way Slicer does (NRRD, NIfTI, MHA, ...; LPS files become RAS) into the scene; a
+    folder holding one DICOM series (or series_uid of several) is read with SimpleITK's series reader, its
+    geometry (origin, spacing, direction) carried from LPS to RAS. Checked before the scene is touched."""
+    path = Path(path)
+    if path.is_dir():
+        check_image_file(path, series_uid)
+        array, m = _read_dicom_series(pick_dicom_series(path, series_uid))
+        return add_scalar_volume(scene, name or path.name, array, m)
     check_image_file(path)
     return _read_into_scene(scene, slicer.vtkMRMLScalarVolumeNode(), slicer.vtkMRMLVolumeArchetypeStorageNode(),
                             Path(path), name, "image volume", lambda node: node.GetImageData() is not None)
@@ -338,6 +439,8 @@ def load_volume(scene, path, name: Optional[str] = None):
 
 def volume_stem(path: Path) -> str:
     name = path.name
+    if path.is_dir():  # a DICOM series folder: its name, dots and all
+        return name
     for suffix in (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".mhd", ".nhdr"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
