@@ -207,14 +207,34 @@ def mean_intensity(volume_kji, mask_kji) -> Optional[float]:
 
 # --------------------------------------------------------------------------------------------- a result
 
+def _bounding_slices(mask: np.ndarray) -> Tuple[slice, ...]:
+    """The smallest box holding every marked voxel (an empty box at 0 when none is)."""
+    out = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        out.append(slice(int(hit[0]), int(hit[-1]) + 1) if hit.size else slice(0, 0))
+    return tuple(out)
+
+
 def result_measures(result, volume_kji=None) -> Dict[str, Any]:
     """A VolumeResult's report entries: the consensus's diameters, each diameter's range over the samples (an empty
     sample counts 0 mm, as its volume counts 0 mm3), and, given the whole volume's voxels, the mean intensity inside
-    the consensus. Duck-typed on the result (consensus, box, ijk_to_ras, n_samples, sample_mask)."""
-    offset = [a for a, _ in result.box]
-    cons = axial_diameters(result.consensus, result.ijk_to_ras, offset)
-    per_sample = [axial_diameters(result.sample_mask(i), result.ijk_to_ras, offset)
-                  for i in range(1, result.n_samples + 1)]
+    the consensus. A whole-volume result's consensus is measured as one object. Duck-typed on the result
+    (consensus, box, ijk_to_ras, n_samples, and sample_bits or sample_mask)."""
+    # only the box where any sample or the consensus marks something is unpacked (a whole CT's box is large)
+    bits = getattr(result, "sample_bits", None)
+    if bits is not None:
+        within = _bounding_slices((np.asarray(result.consensus) > 0) | (np.asarray(bits) != 0))
+    else:
+        within = tuple(slice(0, n) for n in np.shape(result.consensus))
+    offset = [a + s.start for (a, _), s in zip(result.box, within)]
+    cons = axial_diameters(np.asarray(result.consensus)[within], result.ijk_to_ras, offset)
+    if bits is not None:
+        sub = np.asarray(bits)[within]
+        masks = ((sub >> sub.dtype.type(i)) & sub.dtype.type(1) for i in range(result.n_samples))
+    else:
+        masks = (np.asarray(result.sample_mask(i))[within] for i in range(1, result.n_samples + 1))
+    per_sample = [axial_diameters(mask, result.ijk_to_ras, offset) for mask in masks]
 
     def span(values):
         values = list(values) or [0.0]

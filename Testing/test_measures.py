@@ -170,3 +170,6 @@ def test_result_measures_consensus_samples_range_and_mean_intensity():
                             "mean": {"min": 0.0, "max": 16.0}}
     assert out["mean_intensity"] == pytest.approx(round((40 * (n_inside - 1) + 140) / n_inside, 1))
     assert "mean_intensity" not in measures.result_measures(result)  # no voxels given: no intensity
+    # a VolumeResult's packed samples (only their marked box unpacked) measure the same
+    result.sample_bits = pack_masks(samples)
+    assert measures.result_measures(result, volume) == out
