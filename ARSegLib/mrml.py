@@ -373,20 +373,21 @@ def _read_dicom_series(series: DicomSeries):
     return sitk.GetArrayFromImage(image), LPS_TO_RAS @ m
 
 
-def _describe_dicom_folder(path: Path, series_uid: Optional[str] = None) -> Dict[str, Any]:
-    series = pick_dicom_series(path, series_uid)
-    info = describe_image_file(series.files[0]) or {"size": (0, 0), "components": 1}
+def _dicom_info(series: DicomSeries) -> Dict[str, Any]:
+    """describe_image_file's answer for a series: its first file's rows and columns by its number of files (a
+    single multi-frame file says its own size)."""
+    info = describe_image_file(series.files[0]) or {"dimension": 2, "size": (0, 0), "components": 1}
+    if len(series.files) == 1:
+        return info
     columns, rows = info["size"][:2]
-    n = len(series.files)
-    return {"dimension": 3 if n > 1 else 2, "size": (columns, rows, n) if n > 1 else (columns, rows),
-            "components": info["components"]}
+    return {"dimension": 3, "size": (columns, rows, len(series.files)), "components": info["components"]}
 
 
 def describe_image_file(path) -> Optional[Dict[str, Any]]:
     """{"dimension", "size", "components"} from the file's header (SimpleITK), or None where it cannot tell. A
     folder is read as a DICOM series (ResultError when it holds none or several)."""
     if Path(path).is_dir():
-        return _describe_dicom_folder(Path(path))
+        return _dicom_info(pick_dicom_series(path))
     try:
         import SimpleITK as sitk
 
@@ -406,7 +407,11 @@ def check_image_file(path, series_uid: Optional[str] = None) -> None:
     path = Path(path)
     if not path.is_file() and not path.is_dir():
         raise ResultError(f"image volume file not found: {path}")
-    info = _describe_dicom_folder(path, series_uid) if path.is_dir() else describe_image_file(path)
+    _refuse_unless_volume(path, _dicom_info(pick_dicom_series(path, series_uid)) if path.is_dir()
+                          else describe_image_file(path))
+
+
+def _refuse_unless_volume(path: Path, info: Optional[Dict[str, Any]]) -> None:
     if info is None:
         return
     size = " x ".join(str(v) for v in info["size"])
@@ -429,8 +434,9 @@ def load_volume(scene, path, name: Optional[str] = None, series_uid: Optional[st
     geometry (origin, spacing, direction) carried from LPS to RAS. Checked before the scene is touched."""
     path = Path(path)
     if path.is_dir():
-        check_image_file(path, series_uid)
-        array, m = _read_dicom_series(pick_dicom_series(path, series_uid))
+        series = pick_dicom_series(path, series_uid)  # the folder is scanned once
+        _refuse_unless_volume(path, _dicom_info(series))
+        array, m = _read_dicom_series(series)
         return add_scalar_volume(scene, name or path.name, array, m)
     check_image_file(path)
     return _read_into_scene(scene, slicer.vtkMRMLScalarVolumeNode(), slicer.vtkMRMLVolumeArchetypeStorageNode(),
