@@ -52,10 +52,24 @@ class AxialDiameters:
 # --------------------------------------------------------------------------------------------- 2D
 
 def _convex_hull(points_P2: np.ndarray) -> np.ndarray:
-    """Counter-clockwise hull vertices (Andrew's monotone chain); collinear points give the two ends."""
+    """Counter-clockwise hull vertices: Qhull's (scipy), or, where it refuses (fewer than 3 points, all on a line),
+    Andrew's monotone chain, whose hull of collinear points is their two ends."""
     pts = np.unique(points_P2, axis=0)  # sorted by x, then y
     if len(pts) <= 2:
         return pts
+    from scipy.spatial import ConvexHull, QhullError
+
+    try:
+        hull = pts[ConvexHull(pts).vertices]  # counter-clockwise in 2D, from a vertex Qhull chooses
+    except QhullError:
+        return _monotone_chain(pts)
+    # from the lowest vertex (x, then y), as the monotone chain starts: equal chords are then told apart the same
+    # way whatever rounding noise made Qhull start elsewhere
+    rounded = np.round(hull, 6)
+    return np.roll(hull, -int(np.lexsort((rounded[:, 1], rounded[:, 0]))[0]), axis=0)
+
+
+def _monotone_chain(pts: np.ndarray) -> np.ndarray:
 
     def half(seq):
         out: list = []
@@ -161,15 +175,19 @@ def axial_diameters(mask_kji, ijk_to_ras, offset_kji: Sequence[int] = (0, 0, 0))
     planes = np.moveaxis(mask, axis_arr, 0)
     # slices in order of an upper bound of their long axis (their bounding box's longest diagonal in mm): once
     # the bound falls below the best long axis found, no later slice can beat it (most are never measured)
-    candidates = []
-    for z in np.flatnonzero(planes.reshape(planes.shape[0], -1).any(1)):
-        rows, cols = np.flatnonzero(planes[z].any(1)), np.flatnonzero(planes[z].any(0))
-        dr, dc = rows[-1] - rows[0], cols[-1] - cols[0]
-        bound = max(np.linalg.norm(r @ (dr, dc)), np.linalg.norm(r @ (dr, -dc)))
-        candidates.append((-bound, int(z)))
+    rows_ZR, cols_ZC = planes.any(2), planes.any(1)
+    marked_Z = np.flatnonzero(rows_ZR.any(1))
+    if marked_Z.size == 0:
+        return AxialDiameters()
+    rows_ZR, cols_ZC = rows_ZR[marked_Z], cols_ZC[marked_Z]
+    dr = rows_ZR.shape[1] - 1 - np.argmax(rows_ZR[:, ::-1], 1) - np.argmax(rows_ZR, 1)
+    dc = cols_ZC.shape[1] - 1 - np.argmax(cols_ZC[:, ::-1], 1) - np.argmax(cols_ZC, 1)
+    bound_Z = np.maximum(np.linalg.norm(np.stack([dr, dc], 1) @ r.T, axis=1),
+                         np.linalg.norm(np.stack([dr, -dc], 1) @ r.T, axis=1))
     best: Optional[Tuple[float, int, np.ndarray]] = None  # (long, slice, row extremes in mm)
-    for neg_bound, z in sorted(candidates):
-        if best is not None and -neg_bound < best[0] - 1e-9:
+    for n in np.lexsort((marked_Z, -bound_Z)):  # largest bound first, then the lower slice
+        z = int(marked_Z[n])
+        if best is not None and bound_Z[n] < best[0] - 1e-9:
             break
         pts = _row_extremes(planes[z]) @ r.T
         # all pairs of ~2 x rows points is cheap for a nodule; a large slice (whole volume) goes to its hull first
