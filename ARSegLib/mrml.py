@@ -1199,7 +1199,7 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
             dd.SetWindowLevelMinMax(0.0, 1.0)
             dd.SetApplyThreshold(True)
             # where the samples agree the CT shows through (Slicer's scalar display draws a voxel or not: the
-            # table's alpha counts only as zero or not, so the threshold is what hides 1-2 of 16 differing)
+            # table's alpha counts only as zero or not, so the threshold is what hides up to 4 of 16 differing)
             dd.SetLowerThreshold(float(options.heat_agreement_fraction) + 1e-6)
             dd.SetUpperThreshold(1.0)
             if parent_id:

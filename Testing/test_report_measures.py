@@ -28,8 +28,9 @@ def _ellipse(shape, a_vox, b_vox):
 
 def synthetic_result(volume):
     """A click result on (k, j, i) = (6, 40, 40) whose disagreement takes known values: the consensus an
-    ellipse of 10 x 5 voxels (16 x 8 mm) on plane 3; samples 1-2 drop the consensus's top half (1-2 of 16
-    differ there: the samples agree), samples 3-10 add a ring beside it (8 of 16 differ: they split)."""
+    ellipse of 10 x 5 voxels (16 x 8 mm) on plane 3; samples 1-3 drop the consensus's top half and sample 4 its
+    top left quarter (3-4 of 16 differ there: the samples agree), samples 5-12 add a block beside it (8 of 16
+    differ: they split)."""
     m = np.diag(SPACING + (1.0,))
     box = ((1, 5), (5, 35), (5, 35))
     shape = (4, 30, 30)
@@ -40,9 +41,9 @@ def synthetic_result(volume):
     extra = np.zeros(shape, bool)
     extra[2, 13:17, 22:26] = True
     samples = np.repeat(cons[None], N, 0).astype(bool)
-    samples[0] &= ~top
-    samples[1] &= ~(top & (np.arange(30)[None, None, :] < 15))
-    samples[2:10] |= extra
+    samples[0:3] &= ~top
+    samples[3] &= ~(top & (np.arange(30)[None, None, :] < 15))
+    samples[4:12] |= extra
     disagreeing = (samples != cons[None].astype(bool)).sum(0)
     voxel = float(np.prod(SPACING))
     inter = (samples & cons[None].astype(bool)).sum((1, 2, 3))
@@ -81,7 +82,7 @@ def test_report_json_table_rows_list_and_cli_line(written):
     assert (d["long"], d["short"], d["mean"], d["slice_index"]) == (16.0, 8.0, 12.0, 3)
     # the samples: sample 1 kept the lower half ellipse, whose longest chord runs from the centre row's end
     # (0, -5) to (9, 2) (voxels from the centre: 9/10 squared + 2/5 squared <= 1): 0.8 * sqrt(81 + 49) mm;
-    # samples 3-10 reach the block beside it
+    # samples 5-12 reach the block beside it
     assert d["samples"]["long"]["min"] == pytest.approx(round(0.8 * np.sqrt(130), 2))
     assert d["samples"]["long"]["max"] == pytest.approx(16.0)
     assert d["samples"]["short"]["max"] > 8.0
@@ -142,15 +143,15 @@ def test_heat_map_is_transparent_where_the_samples_agree(written):
     assert all(lut.GetTableValue(i)[3] > 0.4 for i in range(agree_index + 1, 256))
     dd = nodes.disagreement_volume.GetDisplayNode()
     assert dd.GetColorNodeID() == table.GetID() and dd.GetApplyThreshold()
-    assert 2 / N < dd.GetLowerThreshold() < 3 / N
+    assert 4 / N < dd.GetLowerThreshold() < 5 / N
     rgba = _display_rgba(dd, nodes.disagreement_volume)
     fraction = result.disagreement
     assert rgba.shape[:3] == fraction.shape
     counts = np.rint(fraction * N).astype(int)
-    assert set(np.unique(counts)) == {0, 1, 2, 8}
+    assert set(np.unique(counts)) == {0, 3, 4, 8}
     inside = result.consensus > 0
-    # inside the nodule, where none, one or two of 16 samples differ: nothing drawn over the CT
-    for k in (0, 1, 2):
+    # inside the nodule, where none, three or four of 16 samples differ: nothing drawn over the CT
+    for k in (0, 3, 4):
         assert (rgba[(counts == k) & inside][:, 3] == 0).all(), k
     # where 8 of 16 differ: drawn, opaque, red to yellow
     split = rgba[counts == 8]
@@ -164,7 +165,7 @@ def test_figure_heat_is_transparent_where_the_samples_agree():
     result = synthetic_result(volume)
     heat = figure.heat_rgba(result.preview.disagreement)
     counts = np.rint(result.preview.disagreement * N).astype(int)
-    assert (heat[counts <= 2][:, 3] == 0).all() and (heat[counts == 8][:, 3] > 0.8).all()
+    assert (heat[counts <= 4][:, 3] == 0).all() and (heat[counts == 8][:, 3] > 0.8).all()
 
     def pixels(disagreement):
         result.preview.disagreement = disagreement
@@ -175,9 +176,9 @@ def test_figure_heat_is_transparent_where_the_samples_agree():
         return out
 
     shown = result.preview.disagreement.copy()
-    agree_only = np.where(counts <= 2, shown, 0.0).astype(np.float32)
+    agree_only = np.where(counts <= 4, shown, 0.0).astype(np.float32)
     none = np.zeros_like(shown)
-    # 1-2 of 16 differing draws exactly what no disagreement draws; 8 of 16 changes the picture
+    # 3-4 of 16 differing draws exactly what no disagreement draws; 8 of 16 changes the picture
     np.testing.assert_array_equal(pixels(agree_only), pixels(none))
     assert (np.abs(pixels(shown) - pixels(none)).sum(-1) > 60).sum() > 20
 
