@@ -16,8 +16,9 @@ Distances run between voxel centres: a mask one voxel wide measures 0 mm across 
 edges read about one voxel more. An empty mask measures 0 mm and has no slice (-1).
 
 Speed: only each slice's row extremes can be hull vertices, so the long axis is the largest distance among those
-(about twice the rows, not every voxel) and the hull is built once, on the chosen slice (a 25 mm nodule with 16
-samples: a few milliseconds).
+(about twice the rows, not every voxel), slices whose bounding box cannot beat the best so far are skipped, and
+the hull is built once, on the chosen slice: lung1's 24 mm nodule, its consensus and 16 samples, in 20-30 ms on
+2 shared CPU cores (`arseg bench`: click_lung1_measures_s), against a click of 2 s or more.
 """
 
 from __future__ import annotations
