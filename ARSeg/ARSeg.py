@@ -852,6 +852,10 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
     def noduleSummary(nodule) -> str:
         """One line of the nodule list: the volume, or, when most samples see nothing, how many do and how big."""
         text = f"{nodule.name}: {nodule.consensus_volume_mm3:.0f} mm\u00b3"
+        if nodule.consensus_volume_mm3 > 0 and nodule.long_axis_mm is not None:
+            text += f", {nodule.long_axis_mm:.1f} x {nodule.short_axis_mm:.1f} mm"  # axial long x short axis
+        if nodule.n_prompts > 1:
+            text += f", {nodule.n_prompts - 1} refinement(s)"
         if nodule.consensus_volume_mm3 == 0 and nodule.presence_fraction > 0:
             text += (f" (empty consensus; {100 * nodule.presence_fraction:.0f} % of samples mark a nodule: "
                      f"{nodule.if_present_volume_mm3:.0f} mm\u00b3 if present)")

@@ -329,6 +329,11 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
                                gflop / t / g for t, g in zip(times["main"], attainable)),
                            "click_lung1_model_efficiency": statistics.median(
                                gflop / t / g for t, g in zip(model_s, attainable))}
+    # what the report adds to the click (measures.py: the consensus's and each sample's axial diameters, the mean
+    # intensity), part of click_lung1_s too
+    from .measures import result_measures
+
+    out["click_lung1_measures_s"] = median_time(lambda: result_measures(res, array), runs)
     # whole-volume mode on a slab of slices (the full 133-slice volume takes minutes on a CPU); a volume needs
     # at least two slices
     volume_slices = max(2, volume_slices)
@@ -556,6 +561,9 @@ def format_table(r: Dict[str, Any]) -> str:
                      f"emulated Slicer main thread; longest main-thread block "
                      f"{1000 * r['click_lung1_slicer_longest_block_s']:.0f} ms); "
                      f"whole volume: {r['volume_slices_per_s']:.2f} slices/s")
+        if "click_lung1_measures_s" in r:
+            lines.append(f"  of which the report's diameters and mean intensity: "
+                         f"{1000 * r['click_lung1_measures_s']:.1f} ms")
     elif "lung1" in r:
         lines.append(f"lung1: {r['lung1']}")
     if "first_click_lung1" in r:

@@ -503,8 +503,11 @@ def _nodule_line(entry) -> str:
     vols = entry["sample_volume_mm3"]
     marking = f"{entry.get('samples_marking', entry['n_samples'])} of {entry['n_samples']} samples mark it"
     if entry["consensus_volume_mm3"] > 0:
+        d = entry.get("diameters_mm")
+        axes = (f", axial {d['long']:.1f} x {d['short']:.1f} mm (mean {d['mean']:.1f}, samples "
+                f"{d['samples']['mean']['min']:.1f}-{d['samples']['mean']['max']:.1f})") if d else ""
         return (f"{entry['name']}{where}: consensus {entry['consensus_volume_mm3']:.1f} mm3, samples "
-                f"{vols['min']:.1f}-{vols['max']:.1f} mm3 ({marking})")
+                f"{vols['min']:.1f}-{vols['max']:.1f} mm3 ({marking}){axes}")
     return (f"{entry['name']}{where}: consensus empty; {marking}, {entry.get('if_present_volume_mm3', 0):.1f} mm3 "
             f"if present")
 
@@ -517,7 +520,7 @@ def cmd_segment(args):
         check_device(args.device)
         nodules = nodule_steps(getattr(args, "steps", None) or [], "segment")
         volume = Path(args.volume)
-        if not volume.is_file():
+        if not volume.is_file() and not volume.is_dir():  # a folder: a DICOM series (mrml.check_image_file)
             raise CommandError(f"volume file not found: {volume}")
         from .mrml import OutputOptions, check_image_file
         from .runs import LocalBackend, RunService
@@ -572,8 +575,11 @@ def find_cases(input_dir: Path, pattern: str):
     """Image files under input_dir matching pattern, segmentations and markups excluded, in a stable order."""
     if not input_dir.is_dir():
         raise CommandError(f"input folder not found: {input_dir}")
+    from .mrml import is_dicom_folder
+
     skip = (".seg.nrrd", ".mrk.json", ".json", ".csv")
-    return sorted(p for p in input_dir.glob(pattern) if p.is_file() and not p.name.lower().endswith(skip))
+    return sorted(p for p in input_dir.glob(pattern)
+                  if (p.is_file() and not p.name.lower().endswith(skip)) or (p.is_dir() and is_dicom_folder(p)))
 
 
 def read_markups_points(path: Path) -> List[Tuple[float, float, float]]:
@@ -995,7 +1001,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "whose card allows it, without --point, every axial slice. Writes what Slicer "
                                    "writes for a segmentation node; all outputs appear together at the end or not "
                                    "at all.")
-    p.add_argument("volume", help="image file (NRRD, NIfTI, MHA, ...): a 3D single-component volume")
+    p.add_argument("volume", help="image file (NRRD, NIfTI, MHA, ...) or a folder holding one DICOM series: "
+                                  "a 3D single-component volume")
     p.add_argument("--point", action=_InOrder, default=None, metavar="R,A,S",
                    help="a nodule's RAS point in mm (Slicer's coordinates), e.g. --point -56.4,-86.34,-115.96; "
                         "repeat for several nodules")
@@ -1030,7 +1037,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "not segmented. Under torchrun, rank r takes every world-th case.")
     p.add_argument("input_dir", help="folder of scans")
     p.add_argument("output_dir", help="folder for the results (made if missing)")
-    p.add_argument("--pattern", default="*.nrrd", help="glob under INPUT_DIR (default *.nrrd; **/ recurses)")
+    p.add_argument("--pattern", default="*.nrrd", help="glob under INPUT_DIR (default *.nrrd; **/ recurses); a "
+                                                         "folder it matches that holds a DICOM series is a scan too")
     p.add_argument("--points", default=None,
                    help="CSV case,R,A,S[,kind] (mm, RAS; a header line allowed; several rows per case; kind: point, "
                         "the default, a nodule's click; include or exclude, a point that refines the nodule of the "
@@ -1048,7 +1056,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and 3D views; a click on a nodule segments it. Only the files and folders "
                                    "given here can be opened; the page listens on 127.0.0.1 unless --host says "
                                    "otherwise.")
-    p.add_argument("volumes", nargs="*", metavar="CT", help="volume files the page may open")
+    p.add_argument("volumes", nargs="*", metavar="CT", help="volume files (or DICOM series folders) the page may "
+                                                              "open")
     p.add_argument("--data-dir", action="append", default=[], metavar="DIR",
                    help="a folder whose volume files (recursively) the page may open; repeatable")
     p.add_argument("--host", default=None,

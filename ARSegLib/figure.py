@@ -20,6 +20,22 @@ LUNG_WINDOW = (-1350.0, 150.0)  # HU: width 1500, level -600
 CONSENSUS_COLOR = "#f2c12e"
 IF_PRESENT_COLOR = "#33c4f2"
 CLICK_COLOR = "#33e0ff"
+# the samples agree where at most this fraction differs from the consensus (4 of 16; one reader in four of LIDC's):
+# the heat map is transparent there, in this figure and in the slice views (mrml). Not 0: on lung1 no consensus
+# voxel has all 16 samples agreeing, as on each plane some samples draw nothing (3 of 16 on the click's plane, so
+# its whole inside differed by 3/16 and was drawn as disagreement); what is drawn is where the outline is uncertain
+AGREEMENT_FRACTION = 0.25
+
+
+def heat_rgba(disagreement_hw: np.ndarray) -> np.ndarray:
+    """RGBA of the disagreement heat: the colour bar's colours, nearly opaque where more than AGREEMENT_FRACTION
+    of the samples differ, transparent where they agree."""
+    import matplotlib.pyplot as plt
+
+    d = np.clip(np.asarray(disagreement_hw, dtype=np.float64), 0, 1)
+    heat = plt.get_cmap("hot")(d * 0.85 + 0.15)
+    heat[..., 3] = np.where(d > AGREEMENT_FRACTION, 0.85, 0.0)
+    return heat
 
 
 def _zoom_box(p, spacing: float, margin_mm: float = 8.0, min_mm: float = 36.0):
@@ -109,8 +125,10 @@ def _summary(entry: Dict[str, Any], result) -> str:
     head = f"{entry.get('name', 'Result')}{where}"
     marking = f"{result.samples_marking} of {result.n_samples} samples mark a nodule"
     if result.consensus_volume_mm3 > 0:
+        d = entry.get("diameters_mm")
+        axes = f"; axial {d['long']:.1f} × {d['short']:.1f} mm" if d else ""
         return (f"{head}: consensus {result.consensus_volume_mm3:,.0f} mm³; samples {vols.min():,.0f}-{vols.max():,.0f}"
-                f" mm³ ({marking})")
+                f" mm³ ({marking}){axes}")
     return (f"{head}: consensus empty (most samples mark nothing); {marking}: {result.if_present_volume_mm3:,.0f} "
             f"mm³ if present (dashed outline)")
 
@@ -214,13 +232,13 @@ def build_figure(results: Sequence[Any], report: Optional[Dict[str, Any]] = None
         ax = fig.add_subplot(inner[1:, 1 + scale_cols])
         _ct(ax, p, box)
         h, w = p.disagreement.shape
-        # the heat's colours as on its bar (nearly opaque), the CT showing where all samples agree
-        heat = plt.get_cmap("hot")(np.clip(p.disagreement, 0, 1) * 0.85 + 0.15)
-        heat[..., 3] = np.where(p.disagreement > 0, 0.85, 0.0)
+        # the heat's colours as on its bar (nearly opaque), the CT showing where the samples agree
+        heat = heat_rgba(p.disagreement)
         ax.imshow(heat, interpolation="nearest", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+        bar_colors = plt.get_cmap("hot")(np.linspace(0.15, 1.0, 256))
+        bar_colors[np.linspace(0.0, 1.0, 256) <= AGREEMENT_FRACTION] = (0.55, 0.55, 0.55, 1.0)  # not drawn
         im = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0.0, 1.0),
-                                          cmap=matplotlib.colors.ListedColormap(
-                                              plt.get_cmap("hot")(np.linspace(0.15, 1.0, 256))))
+                                          cmap=matplotlib.colors.ListedColormap(bar_colors))
         _outline(ax, p.consensus, CONSENSUS_COLOR)
         if not p.consensus.any() and p.if_present is not None:
             _outline(ax, p.if_present, IF_PRESENT_COLOR, "dashed")
@@ -230,7 +248,8 @@ def build_figure(results: Sequence[Any], report: Optional[Dict[str, Any]] = None
         ax.set_title("consensus (outline) and where\nsamples disagree", fontsize=8)
         cax = fig.add_subplot(inner[1:, 2 + scale_cols])
         bar = fig.colorbar(im, cax=cax)
-        bar.set_label("fraction of samples that differ\nfrom the consensus", fontsize=7)
+        bar.set_label(f"fraction of samples that differ from\nthe consensus (grey, up to {AGREEMENT_FRACTION:g}: "
+                      f"not drawn)", fontsize=7)
         bar.ax.tick_params(labelsize=6)
     what = f"{len(results)} nodule(s)" if results[0].mode == "click" else "whole volume, the plane with most consensus"
     fig.suptitle(title or f"ARSeg, model {results[0].model_name}: {what}; coarse scales use few "

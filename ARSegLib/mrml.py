@@ -15,7 +15,8 @@ The node contract (DESIGN.md, "What the user sees"), per input volume, holding e
 - sequence "<volume> ARSeg scales" of the selected nodule's K scales, browsed by "<volume> ARSeg scale
   browser", whose proxy "<volume> ARSeg scale" shows one scale at a time (the scale slider);
 - table "<volume> ARSeg report": a row per nodule (consensus volume, the samples' range, how many samples mark
-  it and its volume if present, each sample's IoU range with the consensus, the click); the JSON report
+  it and its volume if present, each sample's IoU range with the consensus, the axial long/short axis and mean
+  diameter with the samples' range, the mean intensity inside, the prompts, the click); the JSON report
   (attribute ARSeg.Report) has the same per nodule under "nodules", the selected nodule's numbers at its top.
 
 The MRML adapter only: runs (ARSegLib/runs.py) does the runs and applies their results through write_result.
@@ -44,6 +45,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
+from .figure import AGREEMENT_FRACTION
 from .pipeline import VolumeResult
 
 ROLE_ATTRIBUTE = "ARSeg.Role"
@@ -80,6 +82,8 @@ class OutputOptions:
 
     include_samples: bool = False  # `Sample i` segments (hidden); N more labelmaps
     disagreement_threshold: float = 0.0  # `Disagreement` segment: voxels where more than this fraction differ
+    # the heat map (disagreement volume) is transparent where at most this fraction differs: the samples agree
+    heat_agreement_fraction: float = AGREEMENT_FRACTION
     consensus_color: Tuple[float, float, float] = (0.95, 0.75, 0.15)
     disagreement_color: Tuple[float, float, float] = (0.90, 0.20, 0.20)
     sample_color: Tuple[float, float, float] = (0.60, 0.60, 0.70)
@@ -130,6 +134,9 @@ class NoduleInfo:
     if_present_volume_mm3: float
     point_ras_mm: Optional[List[float]]
     selected: bool
+    long_axis_mm: Optional[float] = None  # axial long / short axis of the consensus (None: an older report)
+    short_axis_mm: Optional[float] = None
+    n_prompts: int = 0  # the click and each refinement that made it
 
 
 NODULE_TAG = "ARSeg.Nodule"  # segment tag: the nodule a segment belongs to
@@ -286,8 +293,102 @@ def _read_into_scene(scene, node, storage, path: Path, name: Optional[str], what
     return node
 
 
+# --------------------------------------------------------------------------------------------- DICOM series in
+
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """One DICOM series of a folder: what names it to a user, and its files in slice order (GDCM's sort)."""
+
+    uid: str
+    description: str
+    files: Tuple[str, ...]
+
+    def words(self) -> str:
+        what = f" ({self.description!r})" if self.description else ""
+        return f"{self.uid}{what}, {len(self.files)} file(s)"
+
+
+def dicom_series(folder) -> List[DicomSeries]:
+    """The DICOM series directly inside a folder (SimpleITK's GDCM scan; sub-folders are not searched)."""
+    import SimpleITK as sitk
+
+    out = []
+    for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)):
+        files = tuple(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid))
+        description = ""
+        try:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(files[0])
+            _quietly(reader.ReadImageInformation)
+            if reader.HasMetaDataKey("0008|103e"):
+                description = reader.GetMetaData("0008|103e").strip()
+        except (RuntimeError, IndexError):  # the scan listed it, so its header is read later with a clear error
+            pass
+        out.append(DicomSeries(uid=str(uid), description=description, files=files))
+    return out
+
+
+def is_dicom_folder(path) -> bool:
+    path = Path(path)
+    return path.is_dir() and bool(dicom_series(path))
+
+
+def pick_dicom_series(folder, series_uid: Optional[str] = None) -> DicomSeries:
+    """The one DICOM series of a folder (or the one with series_uid); ResultError naming the series (UID,
+    description, number of files) when there are several, or when there is none."""
+    folder = Path(folder)
+    found = dicom_series(folder)
+    if series_uid is not None:
+        chosen = [s for s in found if s.uid == series_uid]
+        if not chosen:
+            held = "; ".join(s.words() for s in found) or "none"
+            raise ResultError(f"{folder} holds no DICOM series {series_uid} (it holds: {held})")
+        return chosen[0]
+    if not found:
+        raise ResultError(f"{folder} is a folder without a DICOM series (no DICOM files directly inside it); give "
+                          f"an image file (NRRD, NIfTI, MHA, ...) or a folder holding one DICOM series")
+    if len(found) > 1:
+        listed = "; ".join(s.words() for s in found)
+        raise ResultError(f"{folder} holds {len(found)} DICOM series: {listed}. Pass a folder holding only the one "
+                          f"to segment (move the other series' files out), or from Python "
+                          f"mrml.load_volume(scene, folder, series_uid=UID)")
+    return found[0]
+
+
+def _read_dicom_series(series: DicomSeries):
+    """(array (k, j, i), IJK->RAS) of a series: SimpleITK's series reader gives LPS; RAS is Slicer's frame."""
+    import SimpleITK as sitk
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(list(series.files))
+    try:
+        image = _quietly(reader.Execute)
+    except RuntimeError as e:
+        raise ResultError(f"cannot read DICOM series {series.words()}: {str(e).strip().splitlines()[-1]}") from None
+    m = np.eye(4)
+    m[:3, :3] = np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(image.GetSpacing())
+    m[:3, 3] = image.GetOrigin()
+    return sitk.GetArrayFromImage(image), LPS_TO_RAS @ m
+
+
+def _dicom_info(series: DicomSeries) -> Dict[str, Any]:
+    """describe_image_file's answer for a series: its first file's rows and columns by its number of files (a
+    single multi-frame file says its own size)."""
+    info = describe_image_file(series.files[0]) or {"dimension": 2, "size": (0, 0), "components": 1}
+    if len(series.files) == 1:
+        return info
+    columns, rows = info["size"][:2]
+    return {"dimension": 3, "size": (columns, rows, len(series.files)), "components": info["components"]}
+
+
 def describe_image_file(path) -> Optional[Dict[str, Any]]:
-    """{"dimension", "size", "components"} from the file's header (SimpleITK), or None where it cannot tell."""
+    """{"dimension", "size", "components"} from the file's header (SimpleITK), or None where it cannot tell. A
+    folder is read as a DICOM series (ResultError when it holds none or several)."""
+    if Path(path).is_dir():
+        return _dicom_info(pick_dicom_series(path))
     try:
         import SimpleITK as sitk
 
@@ -300,13 +401,18 @@ def describe_image_file(path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def check_image_file(path) -> None:
+def check_image_file(path, series_uid: Optional[str] = None) -> None:
     """ResultError naming what the file holds when it is not a 3D single-component volume (2D picture, 4D series,
-    colour or vector image), before anything is read into a scene."""
+    colour or vector image), before anything is read into a scene. A folder must hold one DICOM series (or the
+    series series_uid) of at least two slices."""
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise ResultError(f"image volume file not found: {path}")
-    info = describe_image_file(path)
+    _refuse_unless_volume(path, _dicom_info(pick_dicom_series(path, series_uid)) if path.is_dir()
+                          else describe_image_file(path))
+
+
+def _refuse_unless_volume(path: Path, info: Optional[Dict[str, Any]]) -> None:
     if info is None:
         return
     size = " x ".join(str(v) for v in info["size"])
@@ -320,11 +426,19 @@ def check_image_file(path) -> None:
         what = f"a 3D image with {comps} components per voxel ({size}; colour or vector data)"
     if what:
         raise ResultError(f"{path.name} is {what}; ARSeg segments 3D single-component volumes such as a CT series "
-                          f"(NRRD, NIfTI, MHA, ...)")
+                          f"(NRRD, NIfTI, MHA, a folder of DICOM files, ...)")
 
 
-def load_volume(scene, path, name: Optional[str] = None):
-    """Read an image file the way Slicer does (NRRD, NIfTI, MHA, ...; LPS files become RAS) into the scene."""
+def load_volume(scene, path, name: Optional[str] = None, series_uid: Optional[str] = None):
+    """Read an image file the way Slicer does (NRRD, NIfTI, MHA, ...; LPS files become RAS) into the scene; a
+    folder holding one DICOM series (or series_uid of several) is read with SimpleITK's series reader, its
+    geometry (origin, spacing, direction) carried from LPS to RAS. Checked before the scene is touched."""
+    path = Path(path)
+    if path.is_dir():
+        series = pick_dicom_series(path, series_uid)  # the folder is scanned once
+        _refuse_unless_volume(path, _dicom_info(series))
+        array, m = _read_dicom_series(series)
+        return add_scalar_volume(scene, name or path.name, array, m)
     check_image_file(path)
     return _read_into_scene(scene, slicer.vtkMRMLScalarVolumeNode(), slicer.vtkMRMLVolumeArchetypeStorageNode(),
                             Path(path), name, "image volume", lambda node: node.GetImageData() is not None)
@@ -332,6 +446,8 @@ def load_volume(scene, path, name: Optional[str] = None):
 
 def volume_stem(path: Path) -> str:
     name = path.name
+    if path.is_dir():  # a DICOM series folder: its name, dots and all
+        return name
     for suffix in (".seg.nrrd", ".nii.gz", ".nrrd", ".nii", ".mha", ".mhd", ".nhdr"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
@@ -460,7 +576,8 @@ def segment_array(segmentation_node, segment_id: str, volume_shape, ijk_to_ras) 
 # --------------------------------------------------------------------------------------------- colours
 
 def heat_colormap(scene):
-    """The scene's ARSeg heat colour table (transparent at 0, then dark red -> red -> yellow -> white), made once."""
+    """The scene's ARSeg heat colour table over the fraction of samples that differ (0..1): transparent up to
+    AGREEMENT_FRACTION (the samples agree), then dark red -> red -> yellow -> white; made once per scene."""
     for node in _nodes_with_attribute(scene, "vtkMRMLColorTableNode", ROLE_ATTRIBUTE, ROLE_COLORMAP):
         return node, False
     node = slicer.vtkMRMLColorTableNode()
@@ -470,7 +587,7 @@ def heat_colormap(scene):
     for i in range(256):
         t = i / 255.0
         r, g, b = min(1.0, 3 * t), min(1.0, max(0.0, 3 * t - 1)), min(1.0, max(0.0, 3 * t - 2))
-        node.SetColor(i, f"{t:.3f}", r, g, b, 0.0 if i == 0 else min(1.0, 0.35 + t))
+        node.SetColor(i, f"{t:.3f}", r, g, b, 0.0 if i <= round(AGREEMENT_FRACTION * 255) else min(1.0, 0.35 + t))
     node.SetAttribute(ROLE_ATTRIBUTE, ROLE_COLORMAP)
     return node, True
 
@@ -581,6 +698,7 @@ def report_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     if "samples_marking" in report:
         rows += [("Samples marking a nodule", f"{report['samples_marking']} of {report['n_samples']}", ""),
                  ("Volume if present", f"{report['if_present_volume_mm3']:.1f}", "mm3")]
+    rows += measure_rows(report)
     for i, (v, iou) in enumerate(zip(report["sample_volumes_mm3"], report["sample_iou_with_consensus"]), 1):
         rows.append((f"Sample {i} volume", f"{v:.1f}", "mm3"))
         rows.append((f"Sample {i} IoU with consensus", f"{iou:.4f}", ""))
@@ -591,8 +709,49 @@ def report_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str]]:
     return rows
 
 
+def _point_words(point) -> str:
+    return ", ".join(f"{v:.1f}" for v in point)
+
+
+def prompt_words(prompt: Dict[str, Any]) -> str:
+    """One entry of a report's "prompts" (PromptHistory.to_list's form) in words: "click at R, A, S" or a
+    refinement's points, locked scales or chosen sample."""
+    if prompt.get("kind") == "click":
+        return f"click at {_point_words(prompt['point_ras'])}"
+    parts = [f"{p['kind']} at {_point_words(p['point_ras'])}" for p in prompt.get("prompts", [])]
+    if prompt.get("lock_scales"):
+        source = f"sample {prompt['from_sample']}" if prompt.get("from_sample") else "the most typical sample"
+        parts.append(f"scales 1-{prompt['lock_scales']} of {source} kept, finer ones redrawn")
+    if prompt.get("use_sample"):
+        parts.append(f"sample {prompt['use_sample']} used")
+    return "; ".join(parts) or "refinement"
+
+
+def _span_words(span: Dict[str, float]) -> str:
+    return f"{span['min']:.1f}-{span['max']:.1f}"
+
+
+def measure_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+    """(measure, value, unit) rows of what a radiologist reads besides the volume: the axial long/short axis and
+    their mean with the samples' range, the mean intensity in the consensus, the prompts (absent keys: no row)."""
+    rows: List[Tuple[str, str, str]] = []
+    d = report.get("diameters_mm")
+    if d:
+        where = f" (axial slice {d['slice_index']})" if d.get("slice_index", -1) >= 0 else ""
+        for key, what in (("long", "Long axis"), ("short", "Short axis"), ("mean", "Mean diameter")):
+            rows.append((f"{what}{where if key == 'long' else ''}", f"{d[key]:.1f}", "mm"))
+            rows.append((f"{what}, samples", _span_words(d["samples"][key]), "mm"))
+    if report.get("mean_intensity") is not None:
+        rows.append(("Mean intensity in the consensus", f"{report['mean_intensity']:.1f}", "HU (CT)"))
+    for i, prompt in enumerate(report.get("prompts") or [], 1):
+        rows.append((f"Prompt {i}", prompt_words(prompt), "R, A, S mm"))
+    return rows
+
+
 NODULE_COLUMNS = ("Nodule", "Consensus (mm3)", "Samples min (mm3)", "Samples max (mm3)", "Samples mean (mm3)",
-                  "Samples marking", "If present (mm3)", "IoU with consensus", "Point R, A, S (mm)", "Model")
+                  "Samples marking", "If present (mm3)", "IoU with consensus", "Long axis (mm)", "Short axis (mm)",
+                  "Mean diameter (mm)", "Samples long axis (mm)", "Mean intensity", "Prompts", "Point R, A, S (mm)",
+                  "Model")
 
 
 def nodule_rows(report: Dict[str, Any]) -> List[Tuple[str, ...]]:
@@ -601,11 +760,17 @@ def nodule_rows(report: Dict[str, Any]) -> List[Tuple[str, ...]]:
     for n in report.get("nodules", []):
         ious = n["sample_iou_with_consensus"] or [0.0]
         point = n.get("point_ras_mm")
+        d = n.get("diameters_mm")
+        intensity = n.get("mean_intensity")
         rows.append((n["name"], f"{n['consensus_volume_mm3']:.1f}", f"{n['sample_volume_mm3']['min']:.1f}",
                      f"{n['sample_volume_mm3']['max']:.1f}", f"{n['sample_volume_mm3']['mean']:.1f}",
                      f"{n.get('samples_marking', n['n_samples'])} of {n['n_samples']}",
                      f"{n.get('if_present_volume_mm3', n['consensus_volume_mm3']):.1f}",
                      f"{min(ious):.2f}-{max(ious):.2f}",
+                     *((f"{d['long']:.1f}", f"{d['short']:.1f}", f"{d['mean']:.1f}", _span_words(d["samples"]["long"]))
+                       if d else ("",) * 4),
+                     "" if intensity is None else f"{intensity:.1f}",
+                     "; ".join(prompt_words(p) for p in n.get("prompts") or []),
                      ", ".join(f"{v:.2f}" for v in point) if point else "", str(n["model"])))
     return rows
 
@@ -644,8 +809,9 @@ def volume_report(source: str, nodules: List[Dict[str, Any]], selected: Optional
     return report
 
 
-def _nodule_entry(result: VolumeResult, nid: str) -> Dict[str, Any]:
-    entry = result.report("")
+def _nodule_entry(result: VolumeResult, nid: str, volume=None) -> Dict[str, Any]:
+    """volume: the input's (k, j, i) voxels, for the mean intensity in the consensus."""
+    entry = result.report("", volume)
     entry.pop("source", None)
     return {"id": nid, "name": nodule_name(nid), **entry}
 
@@ -946,7 +1112,7 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
                          f"{_ras_words(result.point_ras)} found nothing there ({result.samples_marking} of "
                          f"{result.n_samples} samples mark anything)"]
         return nodes
-    entry = _nodule_entry(result, nodule)
+    entry = _nodule_entry(result, nodule, volume_array(volume_node, copy=False))
     nodules = [entry if n["id"] == nodule else n for n in kept]
     if nodule not in [n["id"] for n in nodules]:
         nodules.append(entry)
@@ -1033,7 +1199,9 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
             dd.AutoWindowLevelOff()
             dd.SetWindowLevelMinMax(0.0, 1.0)
             dd.SetApplyThreshold(True)
-            dd.SetLowerThreshold(1e-6)  # agreement is transparent over the CT
+            # where the samples agree the CT shows through (Slicer's scalar display draws a voxel or not: the
+            # table's alpha counts only as zero or not, so the threshold is what hides up to 4 of 16 differing)
+            dd.SetLowerThreshold(float(options.heat_agreement_fraction) + 1e-6)
             dd.SetUpperThreshold(1.0)
             if parent_id:
                 segmentation.SetAndObserveTransformNodeID(parent_id)
@@ -1272,7 +1440,10 @@ def list_nodules(scene, volume_node) -> List[NoduleInfo]:
                               consensus_volume_mm3=float(n["consensus_volume_mm3"]),
                               presence_fraction=float(n.get("presence_fraction", 1.0)),
                               if_present_volume_mm3=float(n.get("if_present_volume_mm3", 0.0)),
-                              point_ras_mm=n.get("point_ras_mm"), selected=n["id"] == nodes.nodule))
+                              point_ras_mm=n.get("point_ras_mm"), selected=n["id"] == nodes.nodule,
+                              long_axis_mm=(n.get("diameters_mm") or {}).get("long"),
+                              short_axis_mm=(n.get("diameters_mm") or {}).get("short"),
+                              n_prompts=len(n.get("prompts") or [])))
     return out
 
 

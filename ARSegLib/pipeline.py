@@ -611,8 +611,24 @@ class VolumeResult:
             raise IndexError(f"sample {i} out of 1..{self.n_samples}")
         return unpack_mask(self.sample_bits, i - 1)
 
-    def report(self, source_name: str = "") -> Dict[str, Any]:
-        """The numbers a reader checks, as a JSON-ready dict (the MRML table shows the same)."""
+    def prompts(self) -> List[Dict[str, Any]]:
+        """The prompts that made this result, oldest first: the prompt history a refinement records in settings,
+        else its refinement after the click, else the click alone (PromptHistory.to_list's form)."""
+        history = self.settings.get("prompt_history")
+        if history:
+            return list(history)
+        out = [] if self.point_ras is None else [{"kind": "click",
+                                                  "point_ras": [round(float(v), 3) for v in self.point_ras]}]
+        if self.settings.get("refinement"):
+            out.append(self.settings["refinement"])
+        return out
+
+    def report(self, source_name: str = "", volume=None) -> Dict[str, Any]:
+        """The numbers a reader checks, as a JSON-ready dict (the MRML table shows the same): volumes, the axial
+        long/short-axis diameters with the samples' range (measures.py), the prompts that made it, and, given the
+        input volume's (k, j, i) voxels, the mean intensity inside the consensus (HU in a CT)."""
+        from .measures import result_measures
+
         vols = self.sample_volumes_mm3
         return {
             "source": source_name,
@@ -627,6 +643,8 @@ class VolumeResult:
             "samples_marking": int(self.samples_marking),
             "presence_fraction": round(float(self.presence_fraction), 4),
             "if_present_volume_mm3": round(float(self.if_present_volume_mm3), 3),
+            **result_measures(self, volume),
+            "prompts": self.prompts(),
             "n_samples": self.n_samples,
             "n_scales": self.n_scales,
             "voxel_volume_mm3": self.voxel_volume_mm3,

@@ -33,6 +33,12 @@ def is_volume_file(path: Path) -> bool:
     return name.endswith(VOLUME_SUFFIXES) and not name.endswith(".seg.nrrd")
 
 
+def _holds_dicom(folder: Path) -> bool:
+    import SimpleITK as sitk
+
+    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+
+
 class VolumeCatalog:
     """An immutable, ordered allow-list of volume files."""
 
@@ -48,6 +54,9 @@ class VolumeCatalog:
         found: List[tuple] = []  # (label, resolved path)
         for f in files:
             path = Path(f).expanduser()
+            if path.is_dir() and _holds_dicom(path):  # a DICOM series folder, read by mrml.load_volume
+                found.append((path.name, path.resolve()))
+                continue
             if not path.is_file():
                 raise CatalogError(f"volume file not found: {f}")
             if not is_volume_file(path):
