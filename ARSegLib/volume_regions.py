@@ -61,6 +61,12 @@ class InputsError(VolumeError):
     """Inputs that do not fit the model's task: missing or unknown names, different grids."""
 
 
+def uses_regions_path(card) -> bool:
+    """Whether a model goes through this module rather than pipeline.segment_click / segment_volume: its task
+    names several inputs, or its label maps have several classes (the front ends route on this)."""
+    return len(card.task.inputs) > 1 or card.config.autoencoder.n_classes > 1
+
+
 # --------------------------------------------------------------------------------------------- inputs
 
 def check_inputs(volumes: Mapping[str, Tuple[Any, Any]], task: Task) -> Tuple[np.ndarray, np.ndarray]:
@@ -302,5 +308,6 @@ def segment_volume_regions(volumes: Mapping[str, Tuple[Any, Any]], predictor, ca
                          timings_s={"model": t_model - t0, "total": time.perf_counter() - t0})
 
 
-__all__ = ["GRID_TOLERANCE_MM", "MIN_LESION_MM3", "InputsError", "check_inputs", "prepare_input_crops",
+__all__ = ["GRID_TOLERANCE_MM", "MIN_LESION_MM3", "InputsError", "uses_regions_path", "check_inputs",
+           "prepare_input_crops",
            "RegionLesion", "RegionsResult", "segment_volume_regions", "unpack_mask", "_as_matrix"]

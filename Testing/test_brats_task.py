@@ -274,5 +274,5 @@ def test_arseg_segment_with_several_inputs_writes_regions(test_case_slab, tmp_pa
         {"Whole tumour 1", "Tumour core 1", "Enhancing tumour 1"} <= set(names), names
     # a missing input is refused before any work, and nothing is written
     out2 = tmp_path / "missing.seg.nrrd"
-    proc = subprocess.run(cmd[:8] + ["--out", str(out2)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(cmd[:10] + ["--out", str(out2)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "t1ce" in proc.stderr and not out2.exists()
