@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .command_args import CommandError, config_from_args, eval_data, hardware, parse_point, train_config
+from .task import lung_task_block
 
 LIDC_CARD = {
     "description": "AR-Seg lung-nodule model: 2D 128 x 128 axial crops around a nodule, 16 samples, "
@@ -31,6 +32,7 @@ LIDC_CARD = {
                          "of splits.json (695 patients, 12503 crops, 4 readers each); checkpoints and "
                          "sampling settings chosen on val"},
 }
+LIDC_CARD["task"] = lung_task_block(LIDC_CARD)  # one CT input, one region "Nodule" (ARSegLib/task.py)
 
 
 def _add_common_train(p):
@@ -48,12 +50,40 @@ def _add_common_train(p):
     p.add_argument("--limit", type=int, default=0, help="use only the first N training crops")
     p.add_argument("--eval-every", type=int, default=None, help="validate every this many steps")
     p.add_argument("--eval-images", type=int, default=None, help="val crops used for each validation")
+    p.add_argument("--source", choices=["lidc", "brats"], default="lidc",
+                   help="lidc: LIDC-IDRI crops (--data: tars); brats: BraTS cases (--data: the folder of case "
+                        "folders; split by patient as ARSegLib/data/brats.SPLIT; the brats-glioma configuration)")
 
 
 def _engine_config(args):
     from .engine import ARSegConfig, tiny_config
 
+    if getattr(args, "source", "lidc") == "brats" and not (args.tiny or args.config):
+        from .data.brats import brats_config
+
+        return brats_config()
     return config_from_args(args, ARSegConfig, tiny_config)
+
+
+def _train_val(args):
+    """The training and validation data of --source: LIDC crops (splits.json) or BraTS planes (data/brats.SPLIT)."""
+    if getattr(args, "source", "lidc") != "brats":
+        return _lidc_train_val(args)
+    from .training.trainer import TrainData
+
+    train = TrainData.from_brats(args.data[0], "train")
+    if args.limit:
+        train = TrainData(train.images_NChw[:args.limit], train.masks_NRhw[:args.limit])
+    return train, TrainData.from_brats(args.data[0], "val")
+
+
+def _task_card(args) -> dict:
+    """The card fields of --source besides the weights and the configuration."""
+    if getattr(args, "source", "lidc") == "brats":
+        from .data.brats import brats_card
+
+        return brats_card()
+    return json.loads(json.dumps(LIDC_CARD))
 
 
 def _lidc_train_val(args):
@@ -76,14 +106,18 @@ def cmd_train(args):
     if args.stage == "prob-unet":
         from .baselines.commands import train_prob_unet
 
-        return train_prob_unet(args, *_lidc_train_val(args))
+        return train_prob_unet(args, *_train_val(args))
     if args.stage == "segmentor" and args.init_model:  # the model and its --config changes, before the data loads
         changes = json.loads(Path(args.config).read_text()) if args.config else {}
         card = json.loads(json.dumps(LIDC_CARD))
         cfg, ae_ckpt, init, fresh = _init_from_model(args.init_model, Path(args.out), card, changes)
     else:
         cfg = _engine_config(args)
-    train, val = _lidc_train_val(args)
+    train, val = _train_val(args)
+    if getattr(args, "source", "lidc") == "brats":  # z-scored MRI: no [0, 1] intensity windowing
+        from .data.augment import AugmentConfig
+
+        brats_augment = AugmentConfig(intensity_prob=0.0)
     if args.stage == "autoencoder":
         tc = train_config(args, steps=2500, batch=64, lr=2e-3, eval_every=250, save_every=250)
         AutoencoderTrainer(cfg, train, val, tc).fit()
@@ -91,8 +125,10 @@ def cmd_train(args):
         _train_decoder(args, cfg, train, val)
     else:
         tc = train_config(args, steps=4000, batch=32, lr=1e-3, eval_every=400, save_every=100)
+        if getattr(args, "source", "lidc") == "brats":  # 400 planes, a budget of about a thousand steps
+            tc.augment, tc.unet_pretrain_steps = brats_augment, 200
         if not args.init_model:
-            card, init = json.loads(json.dumps(LIDC_CARD)), None
+            card, init = _task_card(args), None
             ae_ckpt = args.autoencoder or str(Path(args.out) / "autoencoder.pt")
         elif not any(k.startswith("image_encoder.") for k in fresh):
             tc.unet_pretrain_steps = 0  # a trained image encoder needs no U-Net-only warm-up; a fresh one gets it
@@ -515,6 +551,10 @@ def _nodule_line(entry) -> str:
 def cmd_segment(args):
     from .pipeline import MODE_CLICK, MODE_VOLUME
 
+    if args.input:
+        return segment_inputs(args)
+    if args.volume is None:
+        _fail("segment", "give the volume file (or, for a model with several inputs, --input NAME=PATH for each)")
     try:
         settings = _segment_settings(args)
         check_device(args.device)
@@ -555,6 +595,73 @@ def cmd_segment(args):
         print("  " + _nodule_line(entry))
     for notice in nodes.notices:  # a later point inside an earlier nodule redoes it, or keeps it if it found nothing
         print("  note: " + notice)
+    for path in (png, report):
+        if path is not None:
+            print(f"  wrote {path}")
+
+
+def parse_inputs(texts: Sequence[str]) -> Dict[str, Path]:
+    """--input NAME=PATH, repeated -> {name: path}, in the order given; each name once, each file present."""
+    inputs: Dict[str, Path] = {}
+    for text in texts:
+        name, sep, path = str(text).partition("=")
+        name = name.strip().lower()
+        if not sep or not name or not path:
+            raise CommandError(f"--input takes NAME=PATH (e.g. --input flair=case_flair.nii.gz), got {text!r}")
+        if name in inputs:
+            raise CommandError(f"--input {name} is given twice")
+        if not Path(path).is_file():
+            raise CommandError(f"--input {name}: file not found: {path}")
+        inputs[name] = Path(path)
+    return inputs
+
+
+def segment_inputs(args):
+    """`arseg segment --input NAME=PATH ...`: a model whose card's task names several inputs, whole volume
+    (mrml.segment_region_files); a segment per region per lesion, the report per region."""
+    from .pipeline import MODE_CLICK, MODE_VOLUME
+
+    try:
+        if args.volume is not None:
+            raise CommandError(f"give the inputs either as VOLUME or as --input NAME=PATH, not both ({args.volume})")
+        settings = _segment_settings(args)
+        check_device(args.device)
+        inputs = parse_inputs(args.input)
+        from .mrml import check_image_file, segment_region_files
+
+        for path in inputs.values():
+            check_image_file(path)
+        given = list(inputs.values())
+        out = check_output(args.out, "--out", (".seg.nrrd",), given)
+        png = check_output(args.png, "--png", (".png",), given) if args.png else None
+        report = check_output(args.report, "--report", (".json",), given) if args.report else None
+        chosen = [p for p in (out, png, report) if p is not None]
+        if len({p.resolve() for p in chosen}) < len(chosen):
+            raise CommandError("--out, --png and --report must be different files")
+        card = _check_model_mode(args.model, MODE_CLICK if args.point else MODE_VOLUME)
+        if args.point:
+            raise CommandError("--point with --input: several inputs are segmented in whole-volume mode only so far "
+                               "(drop --point)")
+        model_notice(card, "segment")
+        names, needed = list(inputs), list(card.task.input_names)
+        if sorted(names) != sorted(needed):
+            raise CommandError(f"model {card.name!r} takes --input {' --input '.join(n + '=PATH' for n in needed)}; "
+                               f"got {', '.join(names)}")
+        predictor, card = _load_predictor(args.model, args.device)
+        progress, bars = _progress_bar(f"arseg segment {given[0].name}")
+        try:
+            result, _ = segment_region_files({n: inputs[n] for n in needed}, out, predictor, card, report, png,
+                                             settings, progress=progress)
+        finally:
+            for bar in bars:
+                bar.close()
+    except _user_errors() as e:
+        _fail("segment", failure_message(e, [args.out, args.png, args.report]))
+    rep = result.report()
+    print(f"{out}: {rep['n_lesions']} lesion(s) ({card.name}, {result.timings_s.get('total', 0):.1f} s)")
+    for region in rep["regions"]:
+        v = region["sample_volume_ml"]
+        print(f"  {region['name']}: {region['consensus_volume_ml']:.2f} mL (samples {v['min']:.2f}-{v['max']:.2f} mL)")
     for path in (png, report):
         if path is not None:
             print(f"  wrote {path}")
@@ -1001,8 +1108,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "whose card allows it, without --point, every axial slice. Writes what Slicer "
                                    "writes for a segmentation node; all outputs appear together at the end or not "
                                    "at all.")
-    p.add_argument("volume", help="image file (NRRD, NIfTI, MHA, ...) or a folder holding one DICOM series: "
-                                  "a 3D single-component volume")
+    p.add_argument("volume", nargs="?", default=None,
+                   help="image file (NRRD, NIfTI, MHA, ...) or a folder holding one DICOM series: a 3D "
+                        "single-component volume (or --input NAME=PATH)")
+    p.add_argument("--input", action="append", default=None, metavar="NAME=PATH",
+                   help="one input of a model that takes several (its card's task names them, e.g. --input "
+                        "flair=F.nii.gz --input t1ce=T.nii.gz for brats-glioma); on one grid")
     p.add_argument("--point", action=_InOrder, default=None, metavar="R,A,S",
                    help="a nodule's RAS point in mm (Slicer's coordinates), e.g. --point -56.4,-86.34,-115.96; "
                         "repeat for several nodules")

@@ -93,3 +93,21 @@ class MetricAccumulator:
         out = {k: v / max(self.n_images, 1) for k, v in self.sums.items()}
         out["n_images"] = self.n_images
         return out
+
+
+# --------------------------------------------------------------------------------------------- regions (BraTS)
+# A multi-class label map is scored per region, a region being a union of classes (BraTS: whole tumour = the
+# classes of labels 1, 2 and 4; tumour core = 1 and 4; enhancing tumour = 4), each region's Dice a binary Dice.
+
+def region_mask(label_map, classes: Sequence[int]) -> np.ndarray:
+    """Where the label map holds one of the region's classes (bool)."""
+    labels = np.asarray(label_map)
+    return np.isin(labels, np.asarray(list(classes)))
+
+
+def region_dice(pred_labels, true_labels, regions: Dict[str, Sequence[int]]) -> Dict[str, float]:
+    """Dice per region of two label maps of one shape; regions: {name: classes}. Dice(empty, empty) = 1."""
+    pred, true = np.asarray(pred_labels), np.asarray(true_labels)
+    if pred.shape != true.shape:
+        raise ValueError(f"label maps of different shapes: {pred.shape} and {true.shape}")
+    return {name: dice(region_mask(pred, classes), region_mask(true, classes)) for name, classes in regions.items()}

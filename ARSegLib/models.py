@@ -33,7 +33,7 @@ SHIPPED, USER_PATH, GIVEN_PATH = "shipped", "ARSEG_MODEL_PATH", "given path"
 # the fields whose values change what a model computes (or what it is called and allowed to do); card_sha256 is
 # the sha256 of their canonical JSON. Descriptions, training records and metrics are free to change.
 SEALED_FIELDS = ("name", "format", "weights", "weights_bytes", "sha256", "config", "crop_size", "pixel_spacing_mm",
-                 "intensity", "labels", "modes")
+                 "intensity", "labels", "modes", "task")
 # a model name is a file stem in a model folder: no separators, no "..", so that it cannot climb out of it
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*\Z")
 MODES = ("click", "volume")  # pipeline.MODE_CLICK, pipeline.MODE_VOLUME
@@ -299,6 +299,80 @@ def validate_card(path: Path, data: Any) -> None:
             c.fail("modes", f"a list of distinct modes out of {', '.join(MODES)}", modes)
     if "description" in data:
         c.text("description", data["description"])
+    if "task" in data:
+        _check_task(c, data["task"], data["config"], data.get("intensity"))
+
+
+_INPUT_NAME = re.compile(r"[a-z][a-z0-9_]*\Z")
+
+
+def _check_task(c: _CardCheck, task: Any, config: Dict[str, Any], data_intensity: Any = None) -> None:
+    """The task block (task.py): inputs as many as the segmentor's image channels, each with a known intensity
+    preparation; classes exactly the label values of the engine's label maps; regions made of those classes."""
+    from .task import INTENSITY_METHODS
+
+    task = c.mapping("task", task)
+    if "name" in task:
+        c.text("task.name", task["name"])
+    in_channels = config.get("segmentor", {}).get("in_channels", 1)
+    inputs = task.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != in_channels:
+        c.fail("task.inputs", f"a list of {in_channels} inputs (the segmentor's in_channels)", inputs)
+    names = []
+    for i, entry in enumerate(inputs):
+        entry = c.mapping(f"task.inputs[{i}]", entry)
+        names.append(c.text(f"task.inputs[{i}].name", entry.get("name"), _INPUT_NAME,
+                            "a lowercase name (letters, digits, '_'; e.g. flair)"))
+        if "title" in entry:
+            c.text(f"task.inputs[{i}].title", entry["title"])
+        intensity = c.mapping(f"task.inputs[{i}].intensity", entry.get("intensity"))
+        method = intensity.get("method")
+        if method not in INTENSITY_METHODS:
+            c.fail(f"task.inputs[{i}].intensity.method", f"one of {', '.join(INTENSITY_METHODS)}", method)
+        if "clip" in intensity:
+            clip = intensity["clip"]
+            if not isinstance(clip, list) or len(clip) != 2:
+                c.fail(f"task.inputs[{i}].intensity.clip", "a list [low, high]", clip)
+            lo = c.real(f"task.inputs[{i}].intensity.clip[0]", clip[0], -1e6, 1e6)
+            c.real(f"task.inputs[{i}].intensity.clip[1]", clip[1], lo, 1e6, lo_open=True)
+    if len(set(names)) != len(names):
+        c.fail("task.inputs", "inputs of distinct names", names)
+    top = data_intensity.get("method") if isinstance(data_intensity, dict) else None
+    for i, entry in enumerate(inputs):  # the card's older, top-level field must say the same
+        if top is not None and entry["intensity"]["method"] != top:
+            c.fail(f"task.inputs[{i}].intensity.method", f"the card's intensity.method {top!r}",
+                   entry["intensity"]["method"])
+    n_classes = config.get("autoencoder", {}).get("n_classes", 1)
+    expected = [str(v) for v in range(1, max(n_classes, 2))]
+    classes = c.mapping("task.classes", task.get("classes"))
+    if sorted(classes, key=lambda k: (len(k), k)) != expected:
+        c.fail("task.classes", f"an object of the label values {', '.join(expected)} (the autoencoder's "
+                               f"n_classes {n_classes}, 0 being background) to names", sorted(classes))
+    for key, value in classes.items():
+        c.text(f"task.classes.{key}", value)
+    regions = task.get("regions")
+    if not isinstance(regions, list) or not 1 <= len(regions) <= 16:
+        c.fail("task.regions", "a list of 1 to 16 regions", regions)
+    region_names = []
+    for i, region in enumerate(regions):
+        where = f"task.regions[{i}]"
+        region = c.mapping(where, region)
+        region_names.append(c.text(f"{where}.name", region.get("name")))
+        members = c.wholes(f"{where}.classes", region.get("classes"), 1, len(expected), len(expected))
+        if len(set(members)) != len(members):
+            c.fail(f"{where}.classes", "distinct class values", members)
+        if "color" in region:
+            color = region["color"]
+            if not isinstance(color, list) or len(color) != 3:
+                c.fail(f"{where}.color", "a list of three numbers from 0 to 1 (red, green, blue)", color)
+            for j, v in enumerate(color):
+                c.real(f"{where}.color[{j}]", v, 0.0, 1.0)
+        if "terminology" in region:
+            c.text(f"{where}.terminology", region["terminology"])
+    if len(set(region_names)) != len(region_names):
+        c.fail("task.regions", "regions of distinct names", region_names)
+    if task.get("fill_value") is not None:
+        c.real("task.fill_value", task["fill_value"], -1e9, 1e9)
 
 
 def check_seal(path: Path, data: Dict[str, Any]) -> None:
@@ -339,6 +413,14 @@ class ModelCard:
     @property
     def intensity(self) -> Dict[str, Any]:
         return self.data.get("intensity", {"method": "minmax_per_crop"})
+
+    @property
+    def task(self):
+        """What the model segments (task.Task): the card's task block, or the lung-nodule defaults of a card
+        without one."""
+        from .task import task_from_card
+
+        return task_from_card(self.data, self.modes, self.crop_size)
 
     @property
     def modes(self):

@@ -47,6 +47,7 @@ from vtk.util import numpy_support
 
 from .figure import AGREEMENT_FRACTION
 from .pipeline import VolumeResult
+from .task import LUNG_TERMINOLOGY
 
 ROLE_ATTRIBUTE = "ARSeg.Role"
 SOURCE_ATTRIBUTE = "ARSeg.SourceVolumeID"
@@ -68,8 +69,7 @@ HEAT_COLORMAP_NAME = "ARSeg Heat"
 
 # DICOM / SNOMED CT codes as Slicer's terminology strings serialise them (vtkSlicerTerminologiesModuleLogic):
 # category "Morphologically Altered Structure", type "Nodule", anatomic region "Lung".
-NODULE_TERMINOLOGY = ("Segmentation category and type - DICOM master list~SCT^49755003^Morphologically Altered "
-                      "Structure~SCT^27925004^Nodule~^^~Anatomic codes - DICOM master list~SCT^39607008^Lung~^^")
+NODULE_TERMINOLOGY = LUNG_TERMINOLOGY  # the lung card's task region (task.py); a card's own: write_region_results
 
 
 class ResultError(ValueError):
@@ -1664,3 +1664,88 @@ def write_outputs(nodes: ResultNodes, volume_path, out_path, report_path=None, p
 
         writers[Path(png_path)] = lambda tmp: write_figure(nodes.results, tmp, nodes.report)
     return write_files_atomically(writers)
+
+
+# --------------------------------------------------------------------------------------------- several inputs, regions
+# A model whose card's task names several inputs and regions (volume_regions.py): one segmentation per case, a
+# segment per region per lesion named from the task ("Whole tumour", or "Whole tumour 2" where there are
+# several lesions), coloured and coded (terminology) as the card says, with its disagreement and scales hidden.
+
+REGION_TAG = "ARSeg.Region"
+LESION_TAG = "ARSeg.Lesion"
+
+
+def region_segments(result) -> List[Tuple[str, str, Tuple[float, float, float], Any, Optional[str], str, bool, Dict]]:
+    """(segment ID, name, colour, box mask, terminology, kind, visible, tags) of every region of every lesion."""
+    out = []
+    for part in result.parts:
+        region = result.task.region(part.region)
+        sid = part.name.replace(" ", "_")
+        r = part.result
+        tags = {REGION_TAG: part.region, LESION_TAG: str(part.lesion)}
+        out.append((sid, part.name, tuple(region.color), r.consensus, region.terminology or None, KIND_CONSENSUS,
+                    True, tags))
+        out.append((f"{sid}_Disagreement", f"{part.name} disagreement", OutputOptions().disagreement_color,
+                    (r.disagreement > 0).astype(np.uint8), None, KIND_DISAGREEMENT, False, tags))
+        for k in range(1, r.n_scales + 1):
+            out.append((f"{sid}_Scale_{k}", f"{part.name} scale {k}/{r.n_scales}", _scale_color(k, r.n_scales),
+                        r.scale_mask(k), region.terminology or None, KIND_SCALE, False, tags))
+    return out
+
+
+def write_region_results(scene, volume_node, result, report: Optional[Dict[str, Any]] = None):
+    """A volume_regions.RegionsResult into the scene as the segmentation "<volume> ARSeg" of volume_node (the first
+    input), replacing ARSeg's earlier nodes for that volume. Built outside the scene, then added: an error leaves
+    the scene as it was. The report (RegionsResult.report) is the node's ARSeg.Report attribute."""
+    if volume_node is None or volume_node.GetScene() is not scene:
+        raise ResultError("the input volume must be a node of this scene")
+    if tuple(volume_array_shape(volume_node)) != tuple(result.volume_shape) or \
+            not np.allclose(world_ijk_to_ras(volume_node), result.ijk_to_ras, atol=1e-4):
+        raise ResultError(f"the result was computed on another grid than {volume_node.GetName()!r}'s")
+    register_segmentation_converters()
+    base = volume_node.GetName() or "Volume"
+    local_m = local_ijk_to_ras(volume_node)
+    segmentation = _new_segmentation_node(f"{base} ARSeg", local_m, result.volume_shape)
+    visibility: Dict[str, bool] = {}
+    for sid, name, color, mask, terminology, kind, visible, tags in region_segments(result):
+        start = [a for a, _ in next(p.result.box for p in result.parts)]
+        segment = _segment(sid, name, color, _oriented_labelmap(mask, start, local_m), terminology,
+                           {KIND_TAG: kind, **tags})
+        segmentation.GetSegmentation().AddSegment(segment, sid)
+        visibility[sid] = visible
+    report = report if report is not None else result.report(base)
+    _mark(segmentation, ROLE_SEGMENTATION, volume_node, result.model_name)
+    segmentation.SetAttribute(REPORT_ATTRIBUTE, json.dumps(report))
+    remove_results(scene, volume_node)
+    scene.AddNode(segmentation)
+    segmentation.CreateDefaultDisplayNodes()
+    display = segmentation.GetDisplayNode()
+    for sid, visible in visibility.items():
+        display.SetSegmentVisibility(sid, visible)
+    return segmentation
+
+
+def segment_region_files(input_paths: Dict[str, Any], out_path, predictor, card, report_path=None, png_path=None,
+                         settings=None, progress=None, cancel=None, scene=None):
+    """Several inputs (task input name -> image file) -> OUT.seg.nrrd (a segment per region per lesion), the report
+    JSON and the figure, written together (write_files_atomically). Every input is read and checked first
+    (volume_regions.check_inputs: the task's names, one grid). Returns (RegionsResult, segmentation node)."""
+    from .figure_regions import write_regions_figure
+    from .volume_regions import segment_volume_regions
+
+    scene = scene if scene is not None else new_scene()
+    nodes = {name: load_volume(scene, path, name=f"{volume_stem(Path(path))}") for name, path in input_paths.items()}
+    volumes = {name: (volume_array(node), world_ijk_to_ras(node)) for name, node in nodes.items()}
+    result = segment_volume_regions(volumes, predictor, card, settings, progress=progress, cancel=cancel)
+    first = card.task.input_names[0]
+    report = dict(result.report(str(input_paths[first])),
+                  sources={name: str(path) for name, path in input_paths.items()}, segmentation=str(out_path))
+    segmentation = write_region_results(scene, nodes[first], result, report)
+    writers: Dict[Path, Any] = {Path(out_path): lambda tmp: save_segmentation(segmentation, tmp)}
+    if report_path is not None:
+        writers[Path(report_path)] = lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n")
+    if png_path is not None:
+        image = volumes[first][0]
+        writers[Path(png_path)] = lambda tmp: write_regions_figure(result, image, tmp, report)
+    write_files_atomically(writers)
+    return result, segmentation

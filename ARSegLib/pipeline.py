@@ -719,6 +719,12 @@ def _run_model(predictor, crops: np.ndarray, sampling, progress: ProgressFn, can
     return predictor.segment(crops, sampling=sampling, progress=on_progress, cancel=cancel, crop_ids=crop_ids)
 
 
+def _single_input_intensity(card) -> Dict[str, Any]:
+    """The intensity preparation of a one-input card: its task's input (task.py), else the card's own field."""
+    task = getattr(card, "task", None)
+    return dict(task.inputs[0].intensity) if task is not None else dict(card.intensity)
+
+
 def _prepare_run(volume, ijk_to_ras, predictor, card, settings: Optional[SegmentSettings]):
     """Checks shared by both modes: (settings, volume array, IJK->RAS, pixel spacing, crop size, sampling)."""
     settings = (settings or SegmentSettings()).check()
@@ -1042,7 +1048,7 @@ def _click_pass(array, m, click, centre, predictor, card, settings, sampling, pi
     click_index = (grid.ras_to_index @ np.append(click, 1.0))[:3]
     click_plane = int(np.clip(np.round(click_index[0]), 0, grid.shape[0] - 1))
     raw = resample_to_grid(array, m, grid, fill_value=float(array.min()))
-    prepared, has_signal = prepare_crops(raw, card.intensity)
+    prepared, has_signal = prepare_crops(raw, _single_input_intensity(card))
     t_prep = time.perf_counter()
 
     nz, h, w = grid.shape
@@ -1206,7 +1212,7 @@ def segment_volume(volume, ijk_to_ras, predictor, card, settings: Optional[Segme
             for z, plane in zip(missing, resample_to_grid(array, m, grid, fill, planes=missing)):
                 plane_cache[z] = plane
         raw = np.stack([plane_cache[z][tr * crop:(tr + 1) * crop, tc * crop:(tc + 1) * crop] for z, tr, tc in chunk])
-        prepared, has_signal = prepare_crops(raw, card.intensity)
+        prepared, has_signal = prepare_crops(raw, _single_input_intensity(card))
         rows = np.flatnonzero(has_signal)
         if len(rows):
             res = _run_model(predictor, prepared[rows], sampling, progress, cancel, ci * k, total_steps,

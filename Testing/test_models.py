@@ -156,7 +156,8 @@ def test_an_edited_card_is_refused_even_with_valid_values(tmp_path, builds):
     """A card whose result-changing values were edited after export (here: whole-volume runs enabled for the
     click-only model, a temperature of 0.9) is refused: its card_sha256 no longer matches."""
     for i, (field, value) in enumerate([("modes", ["click", "volume"]), ("config.sampling.temperature", 0.9),
-                                        ("pixel_spacing_mm", 0.8), ("intensity.method", "minmax_per_crop ")]):
+                                        ("pixel_spacing_mm", 0.8), ("intensity.description", "edited"),
+                                        ("task.name", "a lump")]):
         card = edited_copy(tmp_path / str(i), _set(field, value))
         with pytest.raises(ModelError, match="was edited after export"):
             read_card(card)

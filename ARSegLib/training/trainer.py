@@ -33,6 +33,15 @@ class TrainData:
     def from_lidc(cls, slices) -> TrainData:
         return cls((slices.images_Nhw[:, None] / 255.0).astype(np.float32), slices.masks_NRhw)
 
+    @classmethod
+    def from_brats(cls, root, split: str) -> TrainData:
+        """The brain planes of data/brats.SPLIT[split] (FLAIR + T1ce, z-scored) and their label maps (one reader)."""
+        from ..data import brats
+
+        planes = brats.load_planes(root, brats.SPLIT[split], brats.MODALITIES, brats.CROP_SIZE,
+                                   brats.PIXEL_SPACING_MM)
+        return cls(np.clip(planes.images_NChw, -5.0, 10.0).astype(np.float32), planes.labels_Nhw[:, None])
+
     def __len__(self):
         return len(self.images_NChw)
 
