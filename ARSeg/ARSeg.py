@@ -394,7 +394,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _showOutline(self, run) -> None:
         """A click's first outline, as soon as the worker sent it, until the result replaces it."""
-        outline = run.take_outline()
+        outline = run.take_outline() if hasattr(run, "take_outline") else None
         volume = self._runVolume
         if outline is None or volume is None or volume.GetScene() is None:
             return
