@@ -160,3 +160,76 @@ def test_the_worker_sends_the_outline_before_the_result(tiny_model_card, tiny):
         assert quiet.wait(120) and quiet.error is None and quiet.outline is None
     finally:
         client.shutdown()
+
+
+class _HeldRunWithOutline:
+    """A click in flight (the worker's run interface) whose first outline arrives when the test says so."""
+
+    def __init__(self):
+        self.fraction, self.result, self.error, self.finished, self.cancelled = 0.0, None, None, False, False
+        self.outline, self.outline_seconds, self.taken = None, None, False
+
+    def poll(self):
+        return self.finished
+
+    def take_outline(self):
+        if self.outline is None or self.taken or self.finished:
+            return None
+        self.taken = True
+        return self.outline
+
+
+class _HeldClient:
+    def __init__(self):
+        self.runs = []
+
+    def segment(self, volume, ijk_to_ras, point_ras=None, settings=None, volume_key=None):
+        self.runs.append(_HeldRunWithOutline())
+        return self.runs[-1]
+
+
+def test_the_page_shows_the_outline_until_the_result_replaces_it(tiny, tmp_path):
+    pytest.importorskip("slicer", reason="slicer-core is not installed")
+    from ARSegLib import mrml
+    from ARSegLib.web.catalog import VolumeCatalog
+    from ARSegLib.web.review import ReviewSession
+
+    k, j, i = np.mgrid[:6, :80, :80]
+    array = np.where((j - 40) ** 2 + (i - 40) ** 2 < 100, 40, -850).astype(np.int16)
+    m = np.diag([0.7, 0.7, 2.5, 1.0])
+    source = mrml.new_scene()
+    node = mrml.add_scalar_volume(source, "blob", array, m)
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(tmp_path / "blob.nrrd"))
+    assert storage.WriteData(node)
+
+    scene, client = mrml.new_scene(), _HeldClient()
+    session = ReviewSession(scene, VolumeCatalog.from_arguments([tmp_path / "blob.nrrd"]), client)
+    volume = session.open_volume("v0")
+    array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
+    point = tuple((m @ np.array([40, 40, 3, 1.0]))[:3])
+    predictor, card = tiny
+    outlines = []
+    result = pipeline.segment_click(array, m, point, predictor, card,
+                                    pipeline.SegmentSettings(n_samples=2, half_height_mm=0), on_outline=outlines.append)
+    session.start(point)
+    run = client.runs[-1]
+    session.poll()
+    assert mrml.outline_node(scene, volume) is None  # nothing yet
+    run.outline, run.outline_seconds = outlines[0], 0.25
+    status = session.poll()
+    assert mrml.outline_node(scene, volume) is not None and "first outline" in status.message
+    assert session.nodules() == []  # no nodule yet, and nothing to undo
+    run.result, run.finished = result, True
+    status = session.poll()
+    assert status.state == "done" and status.seconds["first_outline"] == 0.25
+    assert mrml.outline_node(scene, volume) is None and [n.id for n in session.nodules()] == ["Nodule_1"]
+    # a run that fails after its outline leaves no outline behind
+    session.start(point)
+    run = client.runs[-1]
+    run.outline, run.outline_seconds = outlines[0], 0.25
+    session.poll()
+    assert mrml.outline_node(scene, volume) is not None
+    run.error, run.finished = RuntimeError("boom"), True
+    assert session.poll().state == "failed" and mrml.outline_node(scene, volume) is None
+    assert [n.id for n in session.nodules()] == ["Nodule_1"]
