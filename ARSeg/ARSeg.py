@@ -363,6 +363,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         if not run.poll():
             self.ui.progressBar.value = int(100 * run.fraction)
+            self._showOutline(run)
             return
         # finished: whatever happens below, the next click must find the module idle and no stale point queued
         self._pollTimer.stop()
@@ -389,8 +390,24 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = "Failed."
             slicer.util.errorDisplay(f"ARSeg could not add its results to the scene: {e}",
                                      detailedText=traceback.format_exc())
+        # the result replaced the first outline (write_result removes it); a run that wrote nothing removes it here
+        if volume is not None and volume.GetScene() is not None:
+            self.logic.removeOutline(volume)
         if point is not None:
             self.startRun(point)
+
+    def _showOutline(self, run) -> None:
+        """A click's first outline, as soon as the worker sent it, until the result replaces it."""
+        outline = run.take_outline() if hasattr(run, "take_outline") else None
+        volume = self._runVolume
+        if outline is None or volume is None or volume.GetScene() is None:
+            return
+        try:
+            self.logic.showOutline(volume, outline)
+        except Exception as e:  # a preview that cannot be drawn must not stop the run
+            logging.warning(f"ARSeg: the first outline could not be shown: {e}")
+            return
+        self.ui.statusLabel.text += f" First outline in {run.outline_seconds:.1f} s; refining..."
 
     def setRunning(self, running: bool) -> None:
         self.ui.progressBar.visible = running
@@ -717,6 +734,17 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         request = service.request_for_node(volumeNode, click=None if point is None else include(point),
                                            settings=settings)
         return service.start(request)
+
+    def showOutline(self, volumeNode, outline):
+        """Main thread: a click's first outline (pipeline.Outline) into the scene until its result replaces it."""
+        from ARSegLib import mrml
+
+        return mrml.show_outline(volumeNode.GetScene(), volumeNode, outline)
+
+    def removeOutline(self, volumeNode) -> int:
+        from ARSegLib import mrml
+
+        return mrml.remove_outline(volumeNode.GetScene(), volumeNode)
 
     def applyResult(self, volumeNode, result, includeSamples: bool = False, request=None):
         """Main thread: the finished run's nodes into the scene (replacing ARSeg's earlier ones for the volume).

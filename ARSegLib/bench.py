@@ -281,23 +281,39 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
         model_s.append(last["nodes"].result.timings_s["model"])
 
     client = InferenceClient(model, str(predictor.device))
-    slicer_blocks = []
+    slicer_blocks, slicer_outlines = [], []
 
     def click_as_the_module_does():
+        runs_ = []
         seconds, block = run_like_slicer(
-            lambda: client.segment(array, m, include(point), settings, volume_key="lung1"),
+            lambda: runs_.append(client.segment(array, m, include(point), settings, volume_key="lung1")) or runs_[-1],
             lambda result: mrml.write_result(scene, volume, result))
         slicer_blocks.append(block)
+        slicer_outlines.append(runs_[-1].outline_seconds)  # request -> outline seen by the polling main thread
         return seconds
+
+    def outline_only():
+        """Click -> first outline in this process (the click's full sampling is not run: stopped there)."""
+        seen = []
+
+        def stop(outline):
+            seen.append(outline.seconds)
+            raise _OutlineSeen()
+
+        try:
+            pipeline.segment_click(array, m, point, predictor, card, settings, on_outline=stop)
+        except _OutlineSeen:
+            pass
+        return seen[0]
 
     try:
         if not client.start().wait(300):
             raise RuntimeError("the inference worker did not load the model")
         # both ways alternate after a warm-up of each, so the machine's drift hits both alike
         sync = predictor.device.type == "cuda"
-        click(), click_as_the_module_does()
-        slicer_blocks.clear()
-        times: Dict[str, list] = {"main": [], "slicer": []}
+        click(), click_as_the_module_does(), outline_only()
+        slicer_blocks.clear(), slicer_outlines.clear()
+        times: Dict[str, list] = {"main": [], "slicer": [], "outline": []}
         faults, attainable = [], []
         model_s.clear()
         for _ in range(runs):
@@ -308,6 +324,7 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
             # a minute, and only a rate taken beside each click makes achieved / attainable a property of the code
             attainable.append(gemm_gflops(predictor.device, seconds=0.15)["attainable"])
             times["slicer"].append(click_as_the_module_does())
+            times["outline"].append(outline_only())
     finally:
         client.shutdown()
     click_model_s = statistics.median(model_s)
@@ -321,6 +338,10 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
                            "click_lung1_page_faults": statistics.median(faults),
                            "click_lung1_slicer_s": statistics.median(times["slicer"]),
                            "click_lung1_slicer_longest_block_s": max(slicer_blocks),
+                           # the click's first outline (pipeline.Outline): in this process, and the module's way
+                           # (worker, polled main thread; that click's final result above includes the fast pass)
+                           "first_outline_s": statistics.median(times["outline"]),
+                           "first_outline_slicer_s": statistics.median(slicer_outlines),
                            "click_lung1_model_s": click_model_s, "click_lung1_flops": flops,
                            "click_lung1_gflops_achieved": gflop / statistics.median(times["main"]),
                            "click_lung1_gemm_gflops": statistics.median(attainable),
@@ -348,10 +369,15 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
     return out
 
 
+class _OutlineSeen(Exception):
+    """Raised from on_outline to stop a click once its first outline is there (bench: outline_only)."""
+
+
 def bench_first_click(model: str, device: torch.device, repeats: int) -> Dict[str, Any]:
     """The radiologist's first click after the module opens, the module's way (a new worker process, polled under
     an emulated Slicer main thread), medians over `repeats` new workers each:
     `open_to_result_s`: the click comes at once: worker start + torch import + model load + click + nodes;
+    `open_to_outline_s`: the same click until its first outline reaches the main thread;
     `load_s`: worker start until the model is loaded (what the module does in the background when it opens);
     `click_after_load_s`: the first click once that is done (its voxels cross to the worker too)."""
     from . import mrml, pipeline
@@ -363,12 +389,14 @@ def bench_first_click(model: str, device: torch.device, repeats: int) -> Dict[st
     settings = pipeline.SegmentSettings(n_samples=16)
     rows = []
     for _ in range(repeats):
-        row = {}
+        row, runs_ = {}, []
         client = InferenceClient(model, str(device))
         try:
             row["open_to_result_s"], _ = run_like_slicer(
-                lambda c=client: (c.start(), c.segment(array, m, include(point), settings, volume_key="lung1"))[1],
+                lambda c=client, r=runs_: r.append(
+                    (c.start(), c.segment(array, m, include(point), settings, volume_key="lung1"))[1]) or r[-1],
                 lambda result: mrml.write_result(scene, volume, result))
+            row["open_to_outline_s"] = runs_[-1].outline_seconds
         finally:
             client.shutdown()
         client = InferenceClient(model, str(device))
@@ -564,6 +592,9 @@ def format_table(r: Dict[str, Any]) -> str:
         if "click_lung1_measures_s" in r:
             lines.append(f"  of which the report's diameters and mean intensity: "
                          f"{1000 * r['click_lung1_measures_s']:.1f} ms")
+        if "first_outline_s" in r:
+            lines.append(f"lung1 click's first outline: {r['first_outline_s']:.3f} s in this process, "
+                         f"{r['first_outline_slicer_s']:.3f} s the Slicer module's way")
     elif "lung1" in r:
         lines.append(f"lung1: {r['lung1']}")
     if "first_click_lung1" in r:
@@ -594,9 +625,12 @@ def format_table(r: Dict[str, Any]) -> str:
 
 # the figures set side by side, native against AVX2: (label, path into the result, format)
 _COMPARED = (("N = 16 on one crop, s", ("crop", "16", "cached_s"), "{:.3f}"),
+             ("lung1 click's first outline in process, s", ("first_outline_s",), "{:.3f}"),
+             ("lung1 click's first outline, the module's way, s", ("first_outline_slicer_s",), "{:.3f}"),
              ("lung1 click in process, s", ("click_lung1_s",), "{:.2f}"),
              ("lung1 click, the Slicer module's way, s", ("click_lung1_slicer_s",), "{:.2f}"),
              ("first click after the module opens, s", ("first_click_lung1", "open_to_result_s"), "{:.2f}"),
+             ("its first outline, s", ("first_click_lung1", "open_to_outline_s"), "{:.2f}"),
              ("GEMM of the model's shape beside clicks, GFLOP/s", ("click_lung1_gemm_gflops",), "{:.0f}"),
              ("lung1 click efficiency (achieved / attainable)", ("click_lung1_efficiency",), "{:.1%}"))
 

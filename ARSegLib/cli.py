@@ -859,6 +859,7 @@ def cmd_batch(args):
     records = []
     previous_sigterm = _interruptible()
     interrupted = False
+    t_start = time.perf_counter()
     try:
         for case in tqdm(mine, desc=f"arseg batch rank {rank}/{world}", unit="case",
                          disable=not args.progress and not is_main()):
@@ -907,38 +908,45 @@ def cmd_batch(args):
         records += [{"case": str(case.relative_to(input_dir)), "source": str(case), "rank": rank,
                      "status": "not-started"} for case in mine if str(case.relative_to(input_dir)) not in done]
         summary_path = output_dir / ("batch.json" if world == 1 else f"batch.rank{rank}-of-{world}.json")
-        _write_batch_summary(summary_path, card, world, records, interrupted=True)
+        _write_batch_summary(summary_path, card, world, records, time.perf_counter() - t_start, interrupted=True)
         print(f"arseg batch: interrupted; what finished is in {summary_path}", file=sys.stderr)
         raise KeyboardInterrupt
-    everyone = [records]
+    everyone = [(records, time.perf_counter() - t_start)]
     if dist.is_initialized():
         everyone = [None] * world
-        dist.all_gather_object(everyone, records)
-    all_records = sorted((r for part in everyone for r in part), key=lambda r: r["case"])
+        dist.all_gather_object(everyone, (records, time.perf_counter() - t_start))
+    all_records = sorted((r for part, _ in everyone for r in part), key=lambda r: r["case"])
+    seconds = max(s for _, s in everyone)  # the ranks run side by side: the batch took its slowest rank's time
     failed = [r for r in all_records if r["status"] == "error"]
     unpointed = [r for r in all_records if r["status"] == "no-points"]
     n_ok = len(all_records) - len(failed) - len(unpointed)
     if is_main():
-        _write_batch_summary(output_dir / "batch.json", card, world, all_records)
-        print(f"arseg batch: {n_ok} of {len(all_records)} cases segmented on {world} rank(s); "
-              f"{len(failed)} failed, {len(unpointed)} without points; summary in {output_dir / 'batch.json'}")
+        summary = _write_batch_summary(output_dir / "batch.json", card, world, all_records, seconds)
+        print(f"arseg batch: {n_ok} of {len(all_records)} cases segmented on {world} rank(s) in {seconds:.1f} s "
+              f"({summary['cases_per_minute']:.2f} cases per minute); {len(failed)} failed, {len(unpointed)} without "
+              f"points; summary in {output_dir / 'batch.json'}")
     if dist.is_initialized():
         dist.destroy_process_group()
     if failed or unpointed:
         raise SystemExit(1)
 
 
-def _write_batch_summary(path: Path, card, world: int, records: List[dict], interrupted: bool = False) -> None:
+def _write_batch_summary(path: Path, card, world: int, records: List[dict], seconds: float,
+                         interrupted: bool = False) -> dict:
+    """batch.json; with the throughput: the cases segmented per minute of the batch's wall time (model loading not
+    counted; each case's own time is in its record)."""
     from .mrml import write_files_atomically
 
     count = {status: sum(r["status"] == status for r in records)
              for status in ("ok", "error", "no-points", "interrupted", "not-started")}
     summary = {"model": card.name, "model_card": str(card.path), "card_sha256": card.data.get("card_sha256"),
                "world_size": world, "cases": sorted(records, key=lambda r: r["case"]), "n_ok": count["ok"],
-               "n_failed": count["error"], "n_without_points": count["no-points"]}
+               "n_failed": count["error"], "n_without_points": count["no-points"], "seconds": round(seconds, 3),
+               "cases_per_minute": round(60.0 * count["ok"] / seconds, 3) if seconds > 0 else 0.0}
     if interrupted:
         summary.update(interrupted=True, n_interrupted=count["interrupted"], n_not_started=count["not-started"])
     write_files_atomically({path: lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n")})
+    return summary
 
 
 def _add_sampling_args(p):

@@ -60,6 +60,7 @@ ROLE_SEQUENCE = "scales-sequence"
 ROLE_BROWSER = "scales-browser"
 ROLE_PROXY = "scales-proxy"
 ROLE_REPORT = "report"
+ROLE_OUTLINE = "first-outline"  # a click's first outline while its run goes on (show_outline)
 ROLE_COLORMAP = "colormap"
 ROLE_DISAGREEMENTS = "disagreements-sequence"
 ROLE_HISTORY = "undo-history"  # what each run replaced, so that undo_last can restore it (kept across runs)
@@ -1400,6 +1401,52 @@ def select_scale(nodes: ResultNodes, k: int, show: bool = True):
     display = nodes.proxy.GetDisplayNode() if nodes.proxy is not None else None
     if display is not None:
         display.SetVisibility(bool(show))
+
+
+# --------------------------------------------------------------------------------------------- first outline
+
+OUTLINE_SEGMENT_ID = "FirstOutline"
+OUTLINE_COLOR = (0.30, 0.85, 1.00)
+
+
+def outline_node(scene, volume_node):
+    """The volume's first-outline node while a click's run goes on, else None."""
+    return next((n for n in result_nodes_of(scene, volume_node) if n.GetAttribute(ROLE_ATTRIBUTE) == ROLE_OUTLINE),
+                None)
+
+
+def show_outline(scene, volume_node, outline):
+    """A click's first outline (pipeline.Outline: one plane from a fast pass) as a segmentation node of its own,
+    drawn as an outline in the slice views, until the result replaces it. It is no nodule: not in the report, the
+    nodule list or the undo history. write_result removes it with ARSeg's earlier nodes, in the same scene update
+    that adds the result (no frame shows neither); remove_outline does for a run that ends otherwise."""
+    if volume_node is None or volume_node.GetScene() is not scene:
+        raise ResultError("the input volume must be a node of this scene")
+    if tuple(volume_array_shape(volume_node)) != tuple(outline.volume_shape) or \
+            not np.allclose(world_ijk_to_ras(volume_node), outline.ijk_to_ras, atol=1e-4):
+        raise ResultError(f"the outline was computed on another volume than {volume_node.GetName()!r}")
+    register_segmentation_converters()
+    local_m = local_ijk_to_ras(volume_node)
+    node = _new_segmentation_node(f"{volume_node.GetName() or 'Volume'} ARSeg first outline", local_m,
+                                  outline.volume_shape)
+    labelmap = _oriented_labelmap(outline.volume_mask, [b[0] for b in outline.box], local_m)
+    node.GetSegmentation().AddSegment(_segment(OUTLINE_SEGMENT_ID, "First outline", OUTLINE_COLOR, labelmap),
+                                      OUTLINE_SEGMENT_ID)
+    _mark(node, ROLE_OUTLINE, volume_node, "")
+    remove_outline(scene, volume_node)
+    scene.AddNode(node)
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetVisibility2DFill(False)  # an outline: the reviewer sees the CT inside it
+    display.SetVisibility3D(False)
+    return node
+
+
+def remove_outline(scene, volume_node) -> int:
+    """Remove the volume's first outline, if there is one (how many nodes went)."""
+    node = outline_node(scene, volume_node)
+    return _remove_nodes(scene, [node]) if node is not None else 0
 
 
 def find_results(scene, volume_node) -> Optional[ResultNodes]:

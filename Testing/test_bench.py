@@ -19,7 +19,7 @@ from ARSegLib.models import read_card
 
 NEW_FIELDS = ("instruction_sets", "gemm_gflops", "click_lung1_flops", "click_lung1_model_s",
               "click_lung1_gflops_achieved", "click_lung1_gemm_gflops", "click_lung1_efficiency",
-              "click_lung1_model_efficiency")
+              "click_lung1_model_efficiency", "first_outline_s", "first_outline_slicer_s")
 
 
 def check_figures(r):
@@ -46,6 +46,10 @@ def check_figures(r):
     first = r["first_click_lung1"]  # new workers: the click at once, and after the model has loaded
     assert first["repeats"] == 1 and first["open_to_result_s"] > 0 and first["load_s"] > 0
     assert first["click_after_load_s"] > 0
+    assert 0 < first["open_to_outline_s"] < first["open_to_result_s"]
+    # the click's first outline comes before its result, in this process and the module's way
+    assert 0 < r["first_outline_s"] < r["click_lung1_s"]
+    assert 0 < r["first_outline_slicer_s"] < r["click_lung1_slicer_s"]
     # the arithmetic: every part counted, the parts add up, and the click reaches some fraction of a plain product
     f = r["click_lung1_flops"]
     assert all(v > 0 for v in f["by_part_gflop"].values())

@@ -114,6 +114,9 @@ def test_batch_one_process_records_failures_and_exits_non_zero(cases, lung1, tin
     modes = {c["case"]: c.get("mode") for c in summary["cases"]}
     assert modes["lung1.nrrd"] == "click" and modes["few-slices.nrrd"] == "volume"
     assert (out / "lung1.seg.nrrd").is_file() and (out / "lung1.report.json").is_file()
+    # the throughput: cases segmented per minute of the batch's wall time, which holds every case's own time
+    assert summary["seconds"] + 0.01 >= sum(c["seconds"] for c in summary["cases"]) > 0
+    assert summary["cases_per_minute"] == pytest.approx(60 * 2 / summary["seconds"], rel=1e-3)
 
 
 def test_batch_shards_cases_across_two_torchrun_ranks(cases, tiny_model_card, tmp_path):

@@ -922,3 +922,51 @@ def _changed_result(result, grow: bool):
         out.samples_marking = 0
     out.consensus_volume_mm3 = float(out.consensus.sum()) * out.voxel_volume_mm3
     return out
+
+
+class _RunWithOutline(_FinishedRun):
+    """A click in flight whose first outline has arrived: poll() is False until finish() is called."""
+
+    def __init__(self, outline, result):
+        super().__init__(result=result)
+        self.outline, self.outline_seconds, self.finished = outline, 0.3, False
+
+    def poll(self):
+        return self.finished
+
+    def take_outline(self):
+        outline, self.outline = self.outline, None
+        return outline
+
+    fraction = 0.5
+
+
+def test_the_first_outline_shows_while_the_click_runs_and_the_result_replaces_it(widget, tiny):
+    """Issue 22: the module shows a click's first outline at the poll it arrives, as a node of its own; the poll that
+    writes the result leaves the nodule and no outline, and the outline was no undo step."""
+    import types
+
+    from ARSegLib import mrml, pipeline
+
+    w, scene, shown = widget
+    volume, array, m = _blob(scene)
+    predictor, card = tiny
+    outlines = []
+    result = pipeline.segment_click(array, m, (-28, -28, 4), predictor, card,
+                                    pipeline.SegmentSettings(n_samples=2, half_height_mm=0), on_outline=outlines.append)
+    w._parameterNode = types.SimpleNamespace(inputVolume=volume, model="lidc-nodule", includeSamples=False)
+    run = _RunWithOutline(outlines[0], result)
+    w._run, w._runVolume, w._pendingPoint = run, volume, None
+    w.ui.statusLabel.text = "Segmenting..."
+    w.onPoll()
+    node = mrml.outline_node(scene, volume)
+    assert node is not None and "First outline in 0.3 s" in w.ui.statusLabel.text
+    assert mrml.list_nodules(scene, volume) == []
+    w.onPoll()  # later polls of the same run: the outline is drawn once
+    assert mrml.outline_node(scene, volume) is node
+    run.finished = True
+    w.onPoll()
+    assert mrml.outline_node(scene, volume) is None and shown["errors"] == []
+    assert [n.id for n in mrml.list_nodules(scene, volume)] == ["Nodule_1"]
+    w.logic.undo(volume)
+    assert mrml.list_nodules(scene, volume) == [] and not w.logic.canUndo(volume)

@@ -164,8 +164,16 @@ class ReviewSession:
             return self.status
         if not run.poll():
             self.status.fraction = float(run.fraction)
+            self._show_outline(run)
             return self.status
         self._run = None
+        try:
+            return self._finished(run)
+        finally:  # the result has replaced the outline (write_result removes it); a run that wrote nothing too
+            if self.volume_node is not None:
+                mrml.remove_outline(self.scene, self.volume_node)
+
+    def _finished(self, run) -> RunStatus:
         model_s = time.perf_counter() - self._run_started
         if run.error is not None:
             if is_cancelled(run):
@@ -185,9 +193,22 @@ class ReviewSession:
         # a redo says what it replaced (Undo brings it back); an empty redo that kept the nodule says why
         message = " ".join([f"consensus {r['consensus_volume_mm3']:.0f} mm\u00b3, {r['n_samples']} samples "
                             f"{vols['min']:.0f}-{vols['max']:.0f} mm\u00b3."] + list(nodes.notices))
-        self.status = RunStatus("done", 1.0, message,
-                                {"model": round(model_s, 3), "overlay": round(time.perf_counter() - t0, 3)})
+        seconds = {"model": round(model_s, 3), "overlay": round(time.perf_counter() - t0, 3)}
+        if getattr(run, "outline_seconds", None) is not None:
+            seconds["first_outline"] = round(run.outline_seconds, 3)
+        self.status = RunStatus("done", 1.0, message, seconds)
         return self.status
+
+    def _show_outline(self, run) -> None:
+        """A click's first outline, as soon as the worker sent it: shown until the result replaces it."""
+        outline = run.take_outline() if hasattr(run, "take_outline") else None
+        if outline is None or self.volume_node is None:
+            return
+        try:
+            mrml.show_outline(self.scene, self.volume_node, outline)
+        except mrml.ResultError:  # another volume was opened meanwhile: its result will not be shown either
+            return
+        self.status.message += f" (first outline {outline.area_mm2:.0f} mm\u00b2 in {run.outline_seconds:.1f} s)"
 
     # ------------------------------------------------------------------------------------------ results
 
