@@ -301,7 +301,7 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
             raise _OutlineSeen()
 
         try:
-            pipeline.segment_click(array, m, point, predictor, card, settings, on_outline=stop)
+            compute(array, m, include(point), settings, predictor, card, on_outline=stop)
         except _OutlineSeen:
             pass
         return seen[0]
@@ -475,13 +475,15 @@ def bench_refinement(predictor, card, runs: int) -> Dict[str, Any]:
     nearest the click: its plane is drawn again under the prompt) and lock scales 1..4 of the most typical sample
     (every plane drawn again from scale 5)."""
     from . import mrml, pipeline, prompts
+    from .runs import compute
 
     if not (LUNG1 / "image.nrrd").exists():
         return {"refine_lung1": f"skipped: {LUNG1 / 'image.nrrd'} not found"}
     scene, volume, point = _lung1_click_input()
     array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)
     settings = pipeline.SegmentSettings(n_samples=16)
-    first = pipeline.segment_click(array, m, point, predictor, card, settings)
+    click = prompts.include(point)
+    first = compute(array, m, click, settings, predictor, card)
     if first.tokens is None:  # a stand-in predictor without token maps
         return {"refine_lung1": "skipped: the model's results keep no token maps"}
     disagreement = first.full(first.disagreement) * (first.full(first.consensus) > 0)
@@ -489,12 +491,11 @@ def bench_refinement(predictor, card, runs: int) -> Dict[str, Any]:
     click_kji = pipeline.point_to_ijk(point, m)[::-1]
     k, j, i = kji[np.argmin(((kji - click_kji) ** 2).sum(1))]
     exclude = tuple(float(v) for v in (m @ np.array([i, j, k, 1.0]))[:3])
-    ways = {"click": lambda: pipeline.segment_click(array, m, point, predictor, card, settings),
-            "exclude": lambda: pipeline.segment_click(array, m, point, predictor, card, settings,
-                                                      refinement=prompts.refinement(exclude_points=[exclude]),
-                                                      previous=first),
-            "lock": lambda: pipeline.segment_click(array, m, point, predictor, card, settings,
-                                                   refinement=prompts.refinement(lock_scales=4), previous=first)}
+    ways = {"click": lambda: compute(array, m, click, settings, predictor, card),
+            "exclude": lambda: compute(array, m, click, settings, predictor, card,
+                                       prompts.refinement(exclude_points=[exclude]), previous=first),
+            "lock": lambda: compute(array, m, click, settings, predictor, card, prompts.refinement(lock_scales=4),
+                                    previous=first)}
     times: Dict[str, list] = {name: [] for name in ways}
     last = {}
     for _ in range(runs):

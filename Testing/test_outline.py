@@ -14,6 +14,7 @@ from arseg_volumes import read_nrrd_ras
 
 from ARSegLib import pipeline, worker
 from ARSegLib.metrics import dice
+from ARSegLib.prompts import include
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "Resources" / "Models" / "lidc-nodule.json"
@@ -142,7 +143,7 @@ def test_the_worker_sends_the_outline_before_the_result(tiny_model_card, tiny):
     settings = pipeline.SegmentSettings(n_samples=4, seed=3, half_height_mm=4)
     client = worker.InferenceClient(str(tiny_model_card), "cpu")
     try:
-        run = client.segment(volume, m, point, settings, volume_key="blob")
+        run = client.segment(volume, m, include(point), settings, volume_key="blob")
         seen = []
         while not run.poll():
             outline = run.take_outline()
@@ -156,7 +157,7 @@ def test_the_worker_sends_the_outline_before_the_result(tiny_model_card, tiny):
         np.testing.assert_array_equal(seen[0].mask, here[0].mask)
         np.testing.assert_array_equal(seen[0].volume_mask, here[0].volume_mask)
         assert 0 < run.outline_seconds <= run.seconds
-        quiet = client.segment(None, m, point, settings, volume_key="blob", outline=False)
+        quiet = client.segment(None, m, include(point), settings, volume_key="blob", outline=False)
         assert quiet.wait(120) and quiet.error is None and quiet.outline is None
     finally:
         client.shutdown()
@@ -183,7 +184,11 @@ class _HeldClient:
     def __init__(self):
         self.runs = []
 
-    def segment(self, volume, ijk_to_ras, point_ras=None, settings=None, volume_key=None):
+    def holds(self, volume_key):
+        return False
+
+    def segment(self, volume, ijk_to_ras, click=None, settings=None, volume_key=None, refinement=None,
+                previous=None):
         self.runs.append(_HeldRunWithOutline())
         return self.runs[-1]
 
