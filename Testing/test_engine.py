@@ -559,5 +559,7 @@ print(json.dumps(out))
     out = json.loads(r.stdout.strip().splitlines()[-1])
     # (with transparent huge pages a fault maps up to 2 MB, so count relative to the defaults' own count)
     assert out["kept"] is True and out["default"] >= 6 * 24, out
-    assert out["keeping"] < 0.3 * out["default"], out  # only the first block faults
+    # only the first block should fault; allow the heap's own growth (a CI machine counted 971 of 3216: under
+    # two blocks' worth), while no reuse at all would count about six
+    assert out["keeping"] < 0.5 * out["default"], out
     assert out["released"] > 0.8 * out["default"], out
