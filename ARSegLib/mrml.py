@@ -1348,6 +1348,13 @@ def can_undo(scene, volume_node) -> bool:
     return bool(_undo_steps(_history_node(scene, volume_node)))
 
 
+def last_undo_step(scene, volume_node) -> Optional[Tuple[str, str]]:
+    """(its index, its nodule) of the step undo_last would undo next, or None: what a front end that keeps more
+    per step (the page: the run service's memory of that nodule) ties its own record to."""
+    steps = _undo_steps(_history_node(scene, volume_node))
+    return (steps[-1]["index"], steps[-1]["nodule"]) if steps else None
+
+
 def undo_last(scene, volume_node) -> Tuple[Optional[ResultNodes], str]:
     """Undo the last run on this volume: a nodule it added goes, a nodule it redid gets its previous result
     (segments, disagreement, report row) back. Returns (the nodes, or None when no nodule is left; what was

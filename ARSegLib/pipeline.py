@@ -854,9 +854,18 @@ def _check_refinement(refinement, previous, array, m, predictor):
     if previous.n_scales != len(predictor.config.autoencoder.scales):
         raise PromptError(f"the previous result has {previous.n_scales} scales, the model "
                           f"{len(predictor.config.autoencoder.scales)}: it was made by another model")
-    indices = []
     for p in refinement.prompts:
         check_point(p.point_ras, array.shape, m)
+    return refinement_grid_indices(refinement, previous, m)
+
+
+def refinement_grid_indices(refinement, previous: VolumeResult, m: np.ndarray):
+    """[(kind, (z, r, c))] of the refinement's points on the previous result's grid, or the PromptError that says
+    which point lies outside it (callers check before any work: the run service, refine_click)."""
+    from .prompts import PromptError
+
+    indices = []
+    for p in refinement.prompts:
         z, r, c = _grid_index_of_voxel(p.point_ras, m, previous.grid)
         nz, h, w = previous.grid.shape
         if not (0 <= z < nz and 0 <= r < h and 0 <= c < w):

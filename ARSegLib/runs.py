@@ -382,6 +382,8 @@ class RunService:
         request.refinement.check_against(n_scales, n_samples)
         for prompt in request.refinement.prompts:
             pipeline.check_point(prompt.point_ras, shape, m)
+        if planned is None and getattr(known.result, "grid", None) is not None:  # a point off the nodule's grid
+            pipeline.refinement_grid_indices(request.refinement, known.result, m)
 
     # --- running
 
@@ -470,16 +472,22 @@ class RunService:
                progress: ProgressFn = None, cancel: CancelFn = None):
         """Refine a nodule of volume_node from its current result (the console's refine); the nodule keeps its
         identity. settings: None runs with the settings that made it."""
-        key = volume_key_of(volume_node)
+        request = self.refine_request(volume_node, nodule, refinement, settings)
+        result = self.run(request, progress, cancel)
+        return self.apply(volume_node, result, options, request=request)
+
+    def refine_request(self, volume_node, nodule: str, refinement: Refinement, settings=None,
+                       volume_key=None) -> RunRequest:
+        """The request that refines a nodule of volume_node from its remembered result (refine's, and the page's,
+        which starts it and polls); unchecked. volume_key: the key its results were remembered under."""
+        key = volume_key if volume_key is not None else volume_key_of(volume_node)
         known = self.memory.get(key, nodule)
         if known is None:
             raise PromptError(f"no result of {nodule} to refine in this session: segment it (click on it) first")
-        request = self.request_for_node(volume_node, click=Prompt(INCLUDE, known.result.point_ras), nodule=nodule,
-                                        refinement=refinement,
-                                        settings=settings if settings is not None else known.settings,
-                                        volume_key=key, replace_with_empty=True)
-        result = self.run(request, progress, cancel)
-        return self.apply(volume_node, result, options, request=request)
+        return self.request_for_node(volume_node, click=Prompt(INCLUDE, known.result.point_ras), nodule=nodule,
+                                     refinement=refinement,
+                                     settings=settings if settings is not None else known.settings,
+                                     volume_key=key, replace_with_empty=True)
 
     def segment_file(self, volume_path, out_path, nodules: Sequence[NoduleSteps] = (), settings=None, options=None,
                      report_path=None, png_path=None, progress: ProgressFn = None, cancel: CancelFn = None,

@@ -29,7 +29,7 @@ from trame_slicer.rca_view import register_rca_factories
 
 from .. import mrml
 from . import page_state
-from .page_state import ViewChoices
+from .page_state import PROMPT_MODES, ViewChoices
 from .review import WINDOW_PRESETS, ReviewError, ReviewSession, ReviewSettings, user_message
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ POLL_S = 0.1  # progress polling while a run is in flight: a tenth of a second i
 PRELOAD_POLL_S = 0.25  # talking to the worker while it loads the model (nothing is shown meanwhile)
 LAYOUT = "Axial Primary"  # a large axial view (where one clicks) beside 3D, coronal and sagittal
 CLICK_COLOR = (0.2, 0.8, 1.0)  # the click's point: cyan, unlike the consensus (amber) and the heat map (red)
+# above the interactor style's observers, which take a Shift+press for themselves (it never reaches a default one)
+SHIFT_CLICK_PRIORITY = 100.0
 
 
 def parse_ras(text) -> tuple:
@@ -85,6 +87,7 @@ class ARSegWebApp(TrameApp):
         self.choices = ViewChoices()  # the state values the server acts on, checked (page_state.py)
         self.title = title
         self._clicks = self._click_list()
+        self._observe_shift_clicks()
         self._init_state()
         self._build_ui()
         self.server.controller.on_client_exited.add(self._on_client_exited)
@@ -108,6 +111,9 @@ class ARSegWebApp(TrameApp):
         s.include_samples, s.n_samples_kept, s.sample_shown = False, 0, 0
         s.report_rows = []
         s.nodules = []
+        s.prompt_modes = [{"title": title, "value": mode} for mode, title in PROMPT_MODES.items()]
+        s.prompt_mode = self.choices.prompt_mode
+        s.n_samples, s.sample_pick = 0, 0
         s.can_undo = False
         s.has_result = False
         s.whole_volume_allowed = "volume" in self.session.modes
@@ -118,6 +124,8 @@ class ARSegWebApp(TrameApp):
         s.change("include_samples")(self._on_include_samples)
         s.change("sample_shown")(self._on_sample_shown)
         s.change("window_preset")(self._on_window_preset)
+        s.change("prompt_mode")(self._on_prompt_mode)
+        s.change("sample_pick")(self._on_sample_pick)
 
     def _fail(self, message: str):
         self.state.error_message = message
@@ -219,15 +227,59 @@ class ARSegWebApp(TrameApp):
         point = [0.0, 0.0, 0.0]
         node.GetNthControlPointPositionWorld(n - 1, point)
         self._click_started = time.perf_counter()
+        kind = self.choices.prompt_mode
+        if self._shift_held():  # Shift+click: _on_shift_click's (Slicer's place mode does not place it anyway)
+            kind = None
         with self.state:
-            self.start_run(tuple(point))
+            if kind == "click":
+                self.start_run(tuple(point))
+            elif kind is not None:  # a point on the selected nodule: it refines that nodule
+                self._start(self.session.refine_at, kind, tuple(point))
         # keep only the latest point: it marks where the current result was asked for
         for i in range(n - 2, -1, -1):
             node.RemoveNthControlPoint(i)
 
+    def _shift_held(self) -> bool:
+        """Shift held at the click, as the slice view's interactor got it from the browser's event."""
+        return any(view.interactor().GetShiftKey() for view in self.slicer_app.view_manager.get_slice_views())
+
+    def _observe_shift_clicks(self):
+        """Shift+click in a slice view: an exclude point on the selected nodule, whatever the toggle says. Slicer's
+        place mode places no point on a Shift+click, so the press is read here, at the view's own slice plane."""
+        for view in self.slicer_app.view_manager.get_slice_views():
+            view.interactor().AddObserver(vtk.vtkCommand.LeftButtonPressEvent,
+                                          lambda interactor, _event, view=view: self._on_shift_click(view, interactor),
+                                          SHIFT_CLICK_PRIORITY)
+
+    def _on_shift_click(self, view, interactor):
+        if not interactor.GetShiftKey():
+            return
+        slice_node = view.get_view_node()
+        x, y = interactor.GetEventPosition()
+        ras = slice_node.GetXYToRAS().MultiplyPoint((float(x), float(y), 0.0, 1.0))[:3]
+        self._click_started = time.perf_counter()
+        with self.state:
+            self._start(self.session.refine_at, "exclude", tuple(ras))
+
     def start_run(self, point_ras=None):
+        self._start(self.session.start, point_ras)
+
+    def lock_scales(self):
+        """"Resample finer than this scale": the scale on show (checked value) from the picked sample."""
+        self._click_started = time.perf_counter()
+        self._start(self.session.lock_finer_than, self.choices.scale, self.choices.sample_pick or None)
+
+    def use_sample(self):
+        self._click_started = time.perf_counter()
+        if not self.choices.sample_pick:
+            self._fail("choose a sample in the sample picker first, then use it")
+            return
+        self._start(self.session.use_sample, self.choices.sample_pick)
+
+    def _start(self, action, *args):
+        """A click's run or a refinement's: refused with its message (nothing started), or started and polled."""
         try:
-            self.session.start(point_ras)
+            action(*args)
         except (ReviewError, ValueError) as e:
             self._fail(user_message(e))
             return
@@ -281,8 +333,14 @@ class ARSegWebApp(TrameApp):
         s.n_scales = self.session.n_scales()
         s.scale = s.n_scales
         s.report_rows = self.session.report_rows()
-        s.nodules = [{"id": n.id, "name": n.name, "volume": f"{n.consensus_volume_mm3:.0f}", "selected": n.selected}
+        prompts = self.session.nodule_prompts()
+        s.nodules = [{"id": n.id, "name": n.name, "volume": f"{n.consensus_volume_mm3:.0f}", "selected": n.selected,
+                      "prompts": "; ".join(prompts.get(n.id, [])[1:])}  # the refinements after its click
                      for n in self.session.nodules()]
+        s.n_samples = self.session.n_samples()
+        if self.choices.sample_pick > s.n_samples:
+            self.choices.sample_pick = 0
+        s.sample_pick = self.choices.sample_pick
         s.can_undo = self.session.can_undo()
         s.n_samples_kept = self.session.samples_kept()
         s.sample_shown = self.choices.sample_shown = 0
@@ -356,6 +414,22 @@ class ARSegWebApp(TrameApp):
             return
         self.session.settings.include_samples = self.choices.include_samples
 
+    def _on_prompt_mode(self, prompt_mode="click", **_):
+        try:
+            self.choices.prompt_mode = page_state.as_choice("what a click does", prompt_mode, PROMPT_MODES)
+        except ReviewError as e:
+            self._refuse(e, prompt_mode=self.choices.prompt_mode)
+
+    def _on_sample_pick(self, sample_pick=0, **_):
+        try:
+            self.choices.sample_pick = page_state.as_index("the sample picked", 0 if sample_pick is None else
+                                                           sample_pick, 0, self.session.n_samples())
+        except ReviewError as e:
+            self._refuse(e, sample_pick=self.choices.sample_pick)
+            return
+        if 0 < self.choices.sample_pick <= self.session.samples_kept():  # kept: show it over the CT as well
+            self.state.sample_shown = self.choices.sample_pick
+
     def _on_sample_shown(self, sample_shown=0, **_):
         if self.session.results() is None:
             return
@@ -405,8 +479,14 @@ class ARSegWebApp(TrameApp):
                 v3.VSelect(id="arseg-volume", label="Volume", items=("volume_choices",), v_model=("volume_key",),
                            density="compact", hide_details=True, disabled=("run_state === 'running'",))
                 html.Div("Click on a nodule in a slice view to segment it: a click outside the nodules so far adds "
-                         "one, a click inside one redoes it.", classes="text-caption",
+                         "one, a click inside one redoes it. Include / Exclude: a click adds that point to the "
+                         "selected nodule and refines it (Shift+click: an exclude point).", classes="text-caption",
                          v_show="volume_loaded || volume_key")
+                with v3.VBtnToggle(id="arseg-prompt-mode", v_model=("prompt_mode",), mandatory=True,
+                                   density="compact", divided=True, variant="outlined",
+                                   v_show="volume_loaded || volume_key"):
+                    for mode, title in PROMPT_MODES.items():
+                        v3.VBtn(title, id=f"arseg-mode-{mode}", value=mode, size="small")
                 v3.VSelect(id="arseg-window", label="Window", items=("window_presets",), v_model=("window_preset",),
                            density="compact", hide_details=True)
                 with html.Div(classes="d-flex", style="gap: 6px"):
@@ -431,19 +511,31 @@ class ARSegWebApp(TrameApp):
                                 variant="text", size="small", disabled=("run_state === 'running'",))
                         v3.VBtn("Clear all", id="arseg-clear-nodules", click=self.clear_nodules, density="compact",
                                 variant="text", size="small", disabled=("run_state === 'running'",))
-                    with html.Div(v_for="n in nodules", key="n.id", classes="d-flex align-center arseg-nodule",
-                                  style="gap: 4px"):
-                        v3.VBtn("{{ n.name }}", click=(self.select_nodule, "[n.id]"), density="compact",
-                                size="small", variant=("n.selected ? 'flat' : 'text'",),
-                                color=("n.selected ? 'amber' : undefined",))
-                        html.Span("{{ n.volume }} mm\u00b3", classes="text-caption")
-                        v3.VSpacer()
-                        v3.VBtn(icon="mdi-delete", click=(self.delete_nodule, "[n.id]"), density="compact",
-                                size="small", variant="text", disabled=("run_state === 'running'",))
+                    with html.Div(v_for="n in nodules", key="n.id", classes="d-flex flex-column"):
+                        with html.Div(classes="d-flex align-center arseg-nodule", style="gap: 4px"):
+                            v3.VBtn("{{ n.name }}", click=(self.select_nodule, "[n.id]"), density="compact",
+                                    size="small", variant=("n.selected ? 'flat' : 'text'",),
+                                    color=("n.selected ? 'amber' : undefined",))
+                            html.Span("{{ n.volume }} mm\u00b3", classes="text-caption")
+                            v3.VSpacer()
+                            v3.VBtn(icon="mdi-delete", click=(self.delete_nodule, "[n.id]"), density="compact",
+                                    size="small", variant="text", disabled=("run_state === 'running'",))
+                        html.Div("{{ n.prompts }}", v_if="n.prompts", classes="text-caption arseg-nodule-prompts",
+                                 style="opacity: 0.8; padding-left: 8px")
                 with html.Div(v_if="has_result", classes="d-flex flex-column", style="gap: 6px"):
                     html.Div("Scale {{ scale }}/{{ n_scales }}", id="arseg-scale-label", classes="text-body-2")
                     v3.VSlider(id="arseg-scale", classes="arseg-scale", v_model=("scale",), min=1, max=("n_scales",),
                                step=1, show_ticks="always", hide_details=True, density="compact")
+                    with html.Div(classes="d-flex flex-column", style="gap: 4px"):
+                        v3.VSelect(id="arseg-sample-pick", label="Sample", v_model=("sample_pick",),
+                                   items=("[{title: 'most typical', value: 0}].concat(Array.from({length: n_samples}, "
+                                          "(_, i) => ({title: 'Sample ' + (i + 1), value: i + 1})))",),
+                                   density="compact", hide_details=True)
+                        with html.Div(classes="d-flex", style="gap: 6px"):
+                            v3.VBtn("Resample finer than this scale", id="arseg-lock-scales", click=self.lock_scales,
+                                    density="compact", size="small", disabled=("run_state === 'running'",))
+                            v3.VBtn("Use this sample", id="arseg-use-sample", click=self.use_sample,
+                                    density="compact", size="small", disabled=("run_state === 'running'",))
                     v3.VSwitch(id="arseg-disagreement", label="Disagreement heat map", v_model=("show_disagreement",),
                                hide_details=True, density="compact", color="red")
                     v3.VSlider(id="arseg-disagreement-opacity", label="Opacity", v_model=("disagreement_opacity",),
@@ -472,3 +564,4 @@ class ARSegWebApp(TrameApp):
                              v_model=("include_samples",), hide_details=True, density="compact")
             with layout.content:
                 self.layout_manager.initialize_layout_grid(layout)
+

@@ -73,3 +73,9 @@ class ViewChoices:
     include_samples: bool = False
     scale: int = 0
     sample_shown: int = 0
+    prompt_mode: str = "click"  # what a click on the CT does: PROMPT_MODES
+    sample_pick: int = 0  # the sample "Use this sample" takes and a lock starts from; 0: the most typical
+
+
+# what a click on the CT does: a nodule's click (new, or a redo inside one), or a point refining the selected nodule
+PROMPT_MODES = {"click": "Nodule", "include": "Include", "exclude": "Exclude"}

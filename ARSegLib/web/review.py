@@ -14,10 +14,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .. import mrml, pipeline, runs
-from ..prompts import PromptError, include
+from ..prompts import EXCLUDE, INCLUDE, Prompt, PromptError, Refinement, include
 from .catalog import VolumeCatalog
 from .inference import is_cancelled
 
@@ -67,6 +67,24 @@ def user_message(error: BaseException) -> str:
     return f"ARSeg failed: {type(error).__name__}: {error}"
 
 
+def satisfaction_words(result, refinement: Refinement) -> str:
+    """What the refinement's points got, in words: e.g. " Every kept sample meets the exclude point." or how many
+    of the candidates met it where the budget did not reach every sample (pipeline's prompt_satisfaction, which
+    also lists the nodule's earlier points: only this refinement's are said)."""
+    rows = (getattr(result, "settings", None) or {}).get("prompt_satisfaction") or []
+    asked = [(p.kind, [round(v, 3) for v in p.point_ras]) for p in refinement.prompts]
+    words = []
+    for row in rows:
+        if (row.get("kind"), [round(v, 3) for v in row.get("point_ras", [])]) not in asked:
+            continue
+        if row.get("every_kept_sample_satisfies"):
+            words.append(f"every kept sample meets the {row['kind']} point")
+        else:
+            words.append(f"the {row['kind']} point is met by only {row.get('satisfying', 0)} of "
+                         f"{row.get('candidates', 0)} candidates")
+    return (" " + "; ".join(words).capitalize() + ".") if words else ""
+
+
 class ReviewSession:
     """One scene, one catalog, one inference client (a run service on it); the volume on show and its run."""
 
@@ -82,6 +100,9 @@ class ReviewSession:
         self._run = None
         self._run_started = 0.0
         self.status = RunStatus()
+        # per undo step (run key, mrml's step index): the service's memory of that step's nodule before it, so
+        # that Undo gives a refinement back the result it refines from, not only the picture
+        self._memory_before: Dict[Tuple[Any, str], Optional[runs.Remembered]] = {}
 
     @property
     def card(self):
@@ -182,22 +203,94 @@ class ReviewSession:
                 self.status = RunStatus("failed", 0.0, user_message(run.error))
             return self.status
         t0 = time.perf_counter()
+        request, key = run.request, self._run_key()
+        before = {n.id: self.service.memory.get(key, n.id) for n in self.nodules()}  # each nodule's, for Undo
+        step_before = mrml.last_undo_step(self.scene, self.volume_node)
         try:
             nodes = self.service.apply(self.volume_node, run.result, self.settings.output_options(),
-                                       request=run.request)
+                                       request=request)
         except Exception as e:  # a result that does not fit the scene: the scene is left as it was
             self.status = RunStatus("failed", 0.0, user_message(e))
             return self.status
+        step = mrml.last_undo_step(self.scene, self.volume_node)
+        if step is not None and step != step_before:  # this run wrote a nodule: its undo step is the last one
+            self._memory_before[(key, step[0])] = before.get(step[1])
         r = nodes.report
         vols = r["sample_volume_mm3"]
         # a redo says what it replaced (Undo brings it back); an empty redo that kept the nodule says why
-        message = " ".join([f"consensus {r['consensus_volume_mm3']:.0f} mm\u00b3, {r['n_samples']} samples "
-                            f"{vols['min']:.0f}-{vols['max']:.0f} mm\u00b3."] + list(nodes.notices))
+        head = f"consensus {r['consensus_volume_mm3']:.0f} mm\u00b3, {r['n_samples']} samples " \
+               f"{vols['min']:.0f}-{vols['max']:.0f} mm\u00b3."
+        if request.refines:
+            head = f"{mrml.nodule_name(request.nodule)} refined ({mrml.prompt_words(request.refinement.to_dict())}" \
+                   f"): {head}{satisfaction_words(run.result, request.refinement)}"
+            notices = [n for n in nodes.notices if " redone: " not in n]  # said above, in a refinement's words
+        else:
+            notices = list(nodes.notices)
+        message = " ".join([head] + notices)
         seconds = {"model": round(model_s, 3), "overlay": round(time.perf_counter() - t0, 3)}
         if getattr(run, "outline_seconds", None) is not None:
             seconds["first_outline"] = round(run.outline_seconds, 3)
         self.status = RunStatus("done", 1.0, message, seconds)
         return self.status
+
+    # ------------------------------------------------------------------------------------------ refinements
+
+    def selected_nodule(self, what: str) -> str:
+        """The nodule a refinement acts on (the selected one), or the ReviewError that says why there is none."""
+        if self.volume_node is None:
+            raise ReviewError("open a volume first")
+        nodes = self.results()
+        if nodes is None or not nodes.nodule:
+            raise ReviewError(f"{what} refines the selected nodule: click on a nodule first")
+        if nodes.nodule == mrml.WHOLE_VOLUME_ID:
+            raise ReviewError(f"{what} refines a clicked nodule; a whole-volume result has no click to refine")
+        return nodes.nodule
+
+    def refine(self, refinement: Refinement) -> None:
+        """Refine the selected nodule (run service: refine_request, started on the worker like a click, polled):
+        it stays the same nodule. Everything the service can check is checked here, before any run (a point
+        off the nodule's grid, a scale or sample that does not exist)."""
+        what = mrml.prompt_words(refinement.to_dict()) or "a refinement"
+        nid = self.selected_nodule(what)
+        if self.status.running:
+            raise ReviewError("ARSeg is still working on the previous click: wait for it or cancel it")
+        try:
+            request = self.service.refine_request(self.volume_node, nid, refinement, volume_key=self._run_key())
+        except PromptError:
+            raise ReviewError(f"{mrml.nodule_name(nid)} has no result of this page's session to refine from: "
+                              f"click on it again, then refine it") from None
+        self._run = self.service.start(request)
+        self._run_started = time.perf_counter()
+        self.status = RunStatus("running", 0.0, f"refining {mrml.nodule_name(nid)}: {what}")
+
+    def refine_at(self, kind: str, point_ras) -> None:
+        """An include or exclude point placed on the selected nodule."""
+        if kind not in (INCLUDE, EXCLUDE):
+            raise ReviewError(f"a point on a nodule is an {INCLUDE} or an {EXCLUDE} point, got {kind!r}")
+        self.refine(Refinement(prompts=(Prompt(kind, tuple(point_ras)),)))
+
+    def lock_finer_than(self, scale: int, from_sample: Optional[int] = None) -> None:
+        """"Resample finer than this scale": scales 1..scale of sample from_sample (None: the most typical) kept,
+        the finer ones drawn again."""
+        n = self.n_scales()
+        what = f"resampling finer than scale {scale}"
+        self.selected_nodule(what)
+        if not 1 <= scale < n:
+            raise ReviewError(f"{what}: scale {scale} is the finest of {n}; move the scale slider to a coarser "
+                              f"scale whose shape you want to keep, then resample finer than it")
+        self.refine(Refinement(lock_scales=int(scale), from_sample=from_sample or None))
+
+    def use_sample(self, sample: int) -> None:
+        """Sample i (1-based) of the selected nodule becomes its result."""
+        self.selected_nodule(f"using sample {sample}")
+        n = self.n_samples()
+        if not 1 <= sample <= n:
+            raise ReviewError(f"no sample {sample}: the selected nodule's result has {n} samples")
+        self.refine(Refinement(use_sample=int(sample)))
+
+    def n_samples(self) -> int:
+        """How many samples the selected nodule's result has (what the sample picker offers)."""
+        return int(self.report().get("n_samples", 0) or 0)
 
     def _show_outline(self, run) -> None:
         """A click's first outline, as soon as the worker sent it: shown until the result replaces it."""
@@ -220,6 +313,11 @@ class ReviewSession:
         if nodes is None:
             raise ReviewError("no result yet: click on a nodule first")
         return nodes
+
+    def nodule_prompts(self) -> Dict[str, List[str]]:
+        """Each nodule's prompts in words (its click, then each refinement), as its report records them."""
+        entries = self.report().get("nodules", [])
+        return {n["id"]: [mrml.prompt_words(p) for p in n.get("prompts") or []] for n in entries}
 
     def nodules(self) -> List[mrml.NoduleInfo]:
         """The volume's nodules, in the order they were made (each click outside them adds one)."""
@@ -247,11 +345,19 @@ class ReviewSession:
         except mrml.ResultError as e:
             raise ReviewError(str(e)) from e
         self.service.memory.forget(self._run_key(), nid)
+        if not self.nodules():  # the last one took the undo history with it: its step numbers start again
+            self._forget_undo_memory()
 
     def clear_nodules(self) -> int:
         self._require_nodule_action()
         self.service.memory.forget(self._run_key())
+        self._forget_undo_memory()
         return mrml.clear_nodules(self.scene, self.volume_node) if self.volume_node is not None else 0
+
+    def _forget_undo_memory(self) -> None:
+        key = self._run_key()
+        for k in [k for k in self._memory_before if k[0] == key]:
+            del self._memory_before[k]
 
     def _run_key(self):
         """The volume's key for the worker and the service's memory of its nodules."""
@@ -263,11 +369,19 @@ class ReviewSession:
         self._require_nodule_action()
         if self.volume_node is None:
             raise ReviewError("open a volume first")
+        step = mrml.last_undo_step(self.scene, self.volume_node)
         try:
             undone = mrml.undo_last(self.scene, self.volume_node)[1]
         except mrml.ResultError as e:
             raise ReviewError(str(e)) from e
-        self.service.memory.forget(self._run_key())  # a refinement starts from what the scene shows again
+        # a refinement starts from what the scene shows again: the result the nodule had before that step (kept
+        # when this page made it), else none (the nodule is clicked again before it is refined)
+        key = self._run_key()
+        before = self._memory_before.pop((key, step[0]), None) if step is not None else None
+        if step is not None:
+            self.service.memory.forget(key, step[1])
+            if before is not None and any(n.id == step[1] for n in self.nodules()):
+                self.service.memory.put(key, step[1], before.result, before.settings)
         return undone
 
     def can_undo(self) -> bool:
