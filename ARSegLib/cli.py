@@ -10,7 +10,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .command_args import CommandError, config_from_args, eval_data, hardware, parse_point, train_config
 from .task import lung_task_block
@@ -351,6 +351,10 @@ def model_notice(card, command: str) -> None:
 REFINE_OPTIONS = {"include": "--include", "exclude": "--exclude", "lock_scales": "--lock-scales",
                   "from_sample": "--from-sample", "use_sample": "--use-sample"}
 PROMPT_KINDS = ("point", "include", "exclude")  # arseg batch's CSV column: a nodule's click, or a refinement point
+# the CSV's kinds that refine the nodule of the point row before them with a number, not a point: `lock-scales:K`
+# etc., spelled as the option of `arseg segment` that does the same, each -> the Refinement field it sets
+NUMBER_KINDS = {"lock-scales": "lock_scales", "from-sample": "from_sample", "use-sample": "use_sample"}
+CSV_KINDS = PROMPT_KINDS + tuple(f"{k}:{'K' if k == 'lock-scales' else 'I'}" for k in NUMBER_KINDS)
 
 
 def _refinement_error(e: Exception, where: str = "") -> CommandError:
@@ -706,15 +710,50 @@ def read_markups_points(path: Path) -> List[Tuple[float, float, float]]:
     return points
 
 
-def read_points_file(path: Path) -> Dict[str, List[Tuple[str, Tuple[float, float, float]]]]:
+def _csv_number_kind(kind: str, where: str):
+    """A CSV kind `lock-scales:K`, `from-sample:I` or `use-sample:I` -> (Refinement field, whole number >= 1);
+    None for any other kind; CommandError (naming the line) for a bad number."""
+    name, sep, value = kind.partition(":")
+    if name not in NUMBER_KINDS:
+        return None
+    if not sep or not value.isdigit() or int(value) < 1:
+        what = "scales kept, K" if name == "lock-scales" else "sample, I (counted from 1)"
+        raise CommandError(f"{where}{name}:N takes a whole number from 1 (the {what}), got {kind!r}")
+    return NUMBER_KINDS[name], int(value)
+
+
+def _check_csv_refinement(fields: Dict[str, Any], where: str) -> None:
+    """The refinement a case's point row has gathered so far, as the Refinement type checks it (a from-sample
+    without lock-scales, use-sample with points or locked scales): said at the row that makes it wrong."""
+    from .prompts import PromptError, Refinement
+
+    prompts = tuple(fields.get("prompts", ()))
+    if "from_sample" in fields and "lock_scales" not in fields:
+        return  # a lock-scales row may still follow for the same point
+    try:
+        Refinement(prompts=prompts, **{k: v for k, v in fields.items() if k != "prompts"})
+    except PromptError as e:
+        message = str(e)
+        for kind, name in NUMBER_KINDS.items():
+            message = message.replace(name, kind)
+        raise CommandError(f"{where}{message}") from None
+
+
+def read_points_file(path: Path) -> Dict[str, List[Tuple[str, object]]]:
     """--points: a CSV `case,R,A,S[,kind]` (a header line optional, several rows per case) or a JSON object
     {case: [R, A, S] or [[R, A, S], ...]}. A case is a path relative to INPUT_DIR, a file name or a stem. kind
-    (PROMPT_KINDS): point (the default: a nodule's click), include or exclude (a point that refines the nodule of
-    the case's point row before it). Returns {case: [(kind, (R, A, S))]} in file order."""
+    (CSV_KINDS): point (the default: a nodule's click), include or exclude (a point that refines the nodule of
+    the case's point row before it), or lock-scales:K, from-sample:I, use-sample:I (R, A, S left empty: they
+    refine that nodule as the `arseg segment` options of those names do). Checked whole, line by line, before any
+    work. Returns {case: [(kind, (R, A, S)) or (Refinement field, number)]} in file order."""
     path = Path(path)
     if not path.is_file():
         raise CommandError(f"--points file not found: {path}")
-    out: Dict[str, List[Tuple[str, Tuple[float, float, float]]]] = {}
+    from .prompts import Prompt
+
+    out: Dict[str, List[Tuple[str, object]]] = {}
+    refining: Dict[str, Dict[tuple, Dict[str, Any]]] = {}  # case -> point -> the refinement its rows gather
+    current: Dict[str, Dict[str, Any]] = {}  # case -> the fields of the nodule its last point row made
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(path.read_text())
@@ -733,22 +772,51 @@ def read_points_file(path: Path) -> Dict[str, List[Tuple[str, Tuple[float, float
                 continue
             if n == 1 and cells[0].lower() == "case":
                 continue  # header
+            where = f"--points {path} line {n}: "
             if len(cells) not in (4, 5):
-                raise CommandError(f"--points {path} line {n}: expected case,R,A,S or case,R,A,S,kind, got "
-                                   f"{','.join(cells)!r}")
-            try:
-                point = parse_point(cells[1:4])
-            except CommandError:
-                raise CommandError(f"--points {path} line {n}: R, A, S must be finite numbers in mm, got "
-                                   f"{','.join(cells[1:4])!r}") from None
+                raise CommandError(f"{where}expected case,R,A,S or case,R,A,S,kind, got {','.join(cells)!r}")
             kind = (cells[4] if len(cells) == 5 else "") .lower() or "point"
-            if kind not in PROMPT_KINDS:
-                raise CommandError(f"--points {path} line {n}: the kind is one of {', '.join(PROMPT_KINDS)}, got "
-                                   f"{cells[4]!r}")
-            if kind != "point" and not any(k == "point" for k, _ in out.get(cells[0], [])):
-                raise CommandError(f"--points {path} line {n}: an {kind} point refines the nodule of a point row "
-                                   f"of case {cells[0]!r} before it; there is none")
-            out.setdefault(cells[0], []).append((kind, point))
+            number = _csv_number_kind(kind, where)
+            if number is None and kind not in PROMPT_KINDS:
+                raise CommandError(f"{where}the kind is one of {', '.join(CSV_KINDS)}, got {cells[4]!r}")
+            if number is not None:
+                if any(cells[1:4]):
+                    raise CommandError(f"{where}a {kind.partition(':')[0]} row refines the nodule of the point "
+                                       f"row before it and takes no point: leave R, A, S empty "
+                                       f"(case,,,,{kind})")
+                value: object = number[1]
+                kind = number[0]
+            else:
+                try:
+                    value = parse_point(cells[1:4])
+                except CommandError:
+                    raise CommandError(f"{where}R, A, S must be finite numbers in mm, got "
+                                       f"{','.join(cells[1:4])!r}") from None
+            rows = out.setdefault(cells[0], [])
+            if kind == "point":
+                nodules = refining.setdefault(cells[0], {})
+                current[cells[0]] = nodules.setdefault(tuple(value), {})  # a point again: the same nodule's
+            else:
+                fields = current.get(cells[0])
+                if fields is None:
+                    what = f"an {kind} point" if kind in PROMPT_KINDS else f"a {cells[4].lower()} row"
+                    raise CommandError(f"{where}{what} refines the nodule of a point row of case {cells[0]!r} "
+                                       f"before it; there is none")
+                if kind in PROMPT_KINDS:
+                    fields.setdefault("prompts", []).append(Prompt(kind, tuple(value)))
+                elif kind in fields:
+                    raise CommandError(f"{where}{cells[4].lower().partition(':')[0]} given twice for the nodule "
+                                       f"of the point row before it")
+                else:
+                    fields[kind] = value
+                _check_csv_refinement(fields, where)
+            rows.append((kind, value))
+    for case, nodules in refining.items():  # what only the whole file can tell
+        for point, fields in nodules.items():
+            if "from_sample" in fields and "lock_scales" not in fields:
+                raise CommandError(f"--points {path}: case {case!r}, the nodule of the point "
+                                   f"{','.join(f'{v:g}' for v in point)}: from-sample:I names the sample whose "
+                                   f"coarse scales are kept; give a lock-scales:K row too")
     return out
 
 
@@ -1161,8 +1229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--points", default=None,
                    help="CSV case,R,A,S[,kind] (mm, RAS; a header line allowed; several rows per case; kind: point, "
                         "the default, a nodule's click; include or exclude, a point that refines the nodule of the "
-                        "case's point row before it) or JSON {\"case\": [[R, A, S], ...]}; case = path relative "
-                        "to INPUT_DIR, file name or stem")
+                        "case's point row before it; lock-scales:K, from-sample:I or use-sample:I with R, A, S left "
+                        "empty, as arseg segment's options of those names for that nodule) or JSON "
+                        "{\"case\": [[R, A, S], ...]}; case = path relative to INPUT_DIR, file name or stem")
     p.add_argument("--whole-volume", action="store_true",
                    help="segment cases without points as whole volumes (only models whose card lists that mode)")
     p.add_argument("--png", action="store_true", help="also write each case's figure, NAME.png")

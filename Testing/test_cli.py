@@ -699,3 +699,60 @@ def test_batch_csv_kind_column_refines_a_case_nodule(cases, lung1, disc, tmp_pat
     assert refinements_recorded[1]["refinement"].points("exclude") == ((r - 20, a, s),)
     record = json.loads((out / "batch.json").read_text())["cases"][0]
     assert record["n_nodules"] == 2 and record["refinements"][0][0]["prompts"][0]["kind"] == "exclude"
+
+
+def test_batch_csv_lock_scales_and_use_sample_rows_refine_the_nodule_before_them(cases, lung1, disc, tmp_path,
+                                                                                 refinements_recorded):
+    import shutil
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(cases / "lung1.nrrd", folder / "c1.nrrd")
+    r, a, s = lung1.nodule_ras
+    points, out = tmp_path / "points.csv", tmp_path / "out"
+    points.write_text(f"case,R,A,S,kind\nc1,{r},{a},{s},point\nc1,,,,lock-scales:2\nc1,,,,From-Sample:3\n"
+                      f"c1,{r + 30},{a - 15},{s}\nc1,,,,use-sample:2\n")
+    assert main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--points", str(points),
+                 "--half-height", "2.5", "--samples", "4"]) == 0
+    refinements = [c["refinement"] for c in refinements_recorded]
+    assert refinements[0] is None and refinements[2] is None
+    assert (refinements[1].lock_scales, refinements[1].from_sample, refinements[1].use_sample) == (2, 3, None)
+    assert (refinements[3].lock_scales, refinements[3].use_sample, refinements[3].prompts) == (0, 2, ())
+    assert refinements_recorded[3]["previous"].point_ras == pytest.approx((r + 30, a - 15, s))  # its own nodule
+    record = json.loads((out / "batch.json").read_text())["cases"][0]
+    assert record["n_nodules"] == 2
+    assert record["refinements"][0] == [{"prompts": [], "lock_scales": 2, "from_sample": 3}]
+    assert record["refinements"][1] == [{"prompts": [], "use_sample": 2}]
+
+
+@pytest.mark.parametrize("rows, words", [
+    (["c1,,,,lock-scales:2", "P"], "line 2: a lock-scales:2 row refines the nodule of a point row of case 'c1'"),
+    (["P", "c1,,,,lock-scales:two"], "line 3: lock-scales:N takes a whole number from 1"),
+    (["P", "c1,,,,use-sample:0"], "line 3: use-sample:N takes a whole number from 1"),
+    (["P", "c1,1,2,3,lock-scales:2"], "line 3: a lock-scales row refines the nodule of the point row before it and "
+                                      "takes no point: leave R, A, S empty"),
+    (["P", "c1,-70,-86,-116,exclude", "c1,,,,use-sample:2"], "line 4: use-sample takes one sample as it is"),
+    (["P", "c1,,,,lock-scales:2", "c1,,,,lock-scales:3"], "line 4: lock-scales given twice"),
+    (["P", "c1,,,,from-sample:2"], "from-sample:I names the sample whose coarse scales are kept; give a "
+                                   "lock-scales:K row too"),
+    (["P", "c1,,,,sideways:2"], "line 3: the kind is one of point, include, exclude, lock-scales:K, from-sample:I, "
+                                "use-sample:I"),
+    (["P", "c1,,,,lock-scales:99"], "--lock-scales keeps scales 1..k"),  # the model's scales: checked before work
+    (["P", "c1,,,,use-sample:9"], "--use-sample 9 does not exist: the result has 4 samples"),
+])
+def test_batch_csv_refinement_rows_are_checked_before_any_work(rows, words, cases, lung1, disc, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    shutil.copy(cases / "lung1.nrrd", folder / "c1.nrrd")
+    point = "c1," + ",".join(f"{v:.3f}" for v in lung1.nodule_ras)
+    points, out = tmp_path / "points.csv", tmp_path / "out"
+    points.write_text("case,R,A,S,kind\n" + "\n".join(point if row == "P" else row for row in rows) + "\n")
+    with pytest.raises(SystemExit) as info:
+        main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--points", str(points), "--samples",
+              "4"])
+    assert info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("arseg")]
+    assert len(err) == 1 and words in err[0], err
+    assert disc[0].calls == 0 and not out.exists()

@@ -159,6 +159,11 @@ def test_exclude_point_refines_the_same_nodule_and_undo_restores_it(page):
     assert page.wait_run() == "done", page.text("arseg-run-message")
     assert page.text("arseg-run-message").startswith("Nodule 1 refined (exclude at "), page.text("arseg-run-message")
     assert len(page.nodules()) == 1 and _prompts(page)[0].count("exclude at ") == 2, _prompts(page)
+    # the Shift+click's point is read from the slice view itself (not from the place widget): mirrored about the
+    # view's centre (the nodule, where "go to" centred it) to the first exclude point, on the same axial plane
+    first, second = (np.array([float(v) for v in m.split(", ")])
+                     for m in re.findall(r"exclude at ([-\d.]+, [-\d.]+, [-\d.]+)", _prompts(page)[0]))
+    assert np.allclose((first + second) / 2, page.nodule, atol=1.5), (first, second, page.nodule)
 
     # Undo: the nodule's previous result (after the first exclude point), and a refinement can start from it
     page.by_id("arseg-undo").click()
