@@ -216,3 +216,21 @@ def test_a_refinement_whose_click_found_nothing_is_not_applied_to_another_nodule
     assert any("kept as it was" in n for n in nodes.notices)
     assert any("refinement of the point" in n and "not applied" in n for n in nodes.notices)
     assert mrml.list_nodules(scene, volume) == before  # the nodule the click landed in is as it was
+
+
+def test_a_refinement_point_off_the_nodule_grid_is_refused_before_any_run(lung1, disc, refinements_recorded):
+    """Inside the volume but outside the nodule's grid: said by the service's check (the page shows it), where
+    before the worker found it only once the run had started."""
+    fake, card = disc
+    service = runs.RunService(runs.LocalBackend(fake, card))
+    scene, volume = _scene_with_volume(lung1)
+    service.segment_node(volume, runs.clicks([lung1.nodule_ras]), SegmentSettings(n_samples=4, half_height_mm=5))
+    far = exclude(np.add(lung1.nodule_ras, (0.0, 0.0, 20.0)))  # planes +-5 mm around the click
+    request = service.refine_request(volume, "Nodule_1", Refinement(prompts=(far,)))
+    assert request.nodule == "Nodule_1" and request.click.point_ras == pytest.approx(lung1.nodule_ras)
+    n_calls, n_nodes = len(refinements_recorded), _node_count(scene)
+    with pytest.raises(PromptError, match="outside this nodule's grid"):
+        service.start(request)
+    assert len(refinements_recorded) == n_calls and _node_count(scene) == n_nodes  # nothing ran, nothing changed
+    near = exclude(np.add(lung1.nodule_ras, (2.0, 0.0, 0.0)))
+    service.check(service.refine_request(volume, "Nodule_1", Refinement(prompts=(near,))))  # on the grid: fine
