@@ -391,3 +391,89 @@ def test_browser_keeps_samples_on_demand_and_clears(page):
     cleared = page.settled_axial(with_result)
     assert consensus_pixels(with_result) > 300 and consensus_pixels(cleared) < 20
     assert page.nodules() == []
+
+
+class _LocalClient:
+    """The worker client's interface on this process: each run is runs.compute on a thread (runs.LocalRun), with
+    the model given, so that a session's clicks and refinements run the real pipeline without a worker."""
+
+    def __init__(self, predictor, card):
+        self.predictor, self.card, self.runs = predictor, card, []
+
+    def holds(self, volume_key):
+        return False
+
+    def segment(self, volume, ijk_to_ras, click=None, settings=None, volume_key=None, refinement=None,
+                previous=None):
+        from ARSegLib import runs
+
+        self.runs.append(runs.LocalRun(lambda progress, cancel, _outline: runs.compute(
+            volume, ijk_to_ras, click, settings, self.predictor, self.card, refinement, previous, progress, cancel)))
+        return self.runs[-1]
+
+
+def _finish(session):
+    for run in session.client.runs:
+        run.wait(120)
+    status = session.poll()
+    assert status.state == "done", status.message
+    return status
+
+
+def test_session_refines_the_selected_nodule_and_undo_gives_back_what_it_refines_from(tmp_path, tiny, lung1):
+    """ReviewSession's prompts on the real pipeline (the tiny model, through runs.compute): refusals before any run,
+    an exclude point, a sample used, each on the same nodule; Undo puts back the result the next refinement starts
+    from, step by step."""
+    from ARSegLib import mrml
+    from ARSegLib.prompts import PromptError
+    from ARSegLib.web.catalog import VolumeCatalog
+    from ARSegLib.web.review import ReviewError, ReviewSession
+
+    scene = mrml.new_scene()
+    node = mrml.add_scalar_volume(scene, "lung1", lung1.array, lung1.ijk_to_ras)
+    path = tmp_path / "lung1.nrrd"
+    storage = node.CreateDefaultStorageNode()
+    storage.SetFileName(str(path))
+    assert storage.WriteData(node)
+    predictor, card = tiny
+    client = _LocalClient(predictor, card)
+    session = ReviewSession(mrml.new_scene(), VolumeCatalog.from_arguments([path]), client, card)
+    session.settings.n_samples = 4
+    session.open_volume("v0")
+    with pytest.raises(ReviewError, match="refines the selected nodule: click on a nodule first"):
+        session.refine_at("exclude", lung1.nodule_ras)
+    session.start(lung1.nodule_ras)
+    _finish(session)
+    key = session._run_key()
+    clicked = session.service.memory.get(key, "Nodule_1").result
+    n_scales = session.n_scales()
+    for refuse, words in ((lambda: session.lock_finer_than(n_scales), f"scale {n_scales} is the finest"),
+                          (lambda: session.use_sample(0), "no sample 0"),
+                          (lambda: session.use_sample(5), "has 4 samples"),
+                          (lambda: session.refine_at("sideways", lung1.nodule_ras), "include or an exclude point")):
+        with pytest.raises(ReviewError, match=words):
+            refuse()
+    with pytest.raises(PromptError, match="outside this nodule's grid"):  # the top plane: above the click's +-20 mm
+        session.refine_at("exclude", np.add(lung1.nodule_ras, (0.0, 0.0, 28.0)))
+    assert len(client.runs) == 1 and not session.status.running  # none of these started a run
+
+    session.refine_at("exclude", np.add(lung1.nodule_ras, (1.5, 0.0, 0.0)))
+    status = _finish(session)
+    assert status.message.startswith("Nodule 1 refined (exclude at "), status.message
+    excluded = session.service.memory.get(key, "Nodule_1").result
+    assert excluded is not clicked and excluded.settings["refinement"]["prompts"][0]["kind"] == "exclude"
+    assert [n.id for n in session.nodules()] == ["Nodule_1"]
+    assert session.nodule_prompts()["Nodule_1"][1].startswith("exclude at ")
+    session.use_sample(2)
+    status = _finish(session)
+    assert "sample 2 used" in status.message, status.message
+    used = session.service.memory.get(key, "Nodule_1").result
+    assert np.array_equal(used.consensus, excluded.sample_mask(2)) and len(session.nodule_prompts()["Nodule_1"]) == 3
+
+    assert session.undo().startswith("Nodule 1 back to its previous result")
+    assert session.service.memory.get(key, "Nodule_1").result is excluded  # what the next refinement starts from
+    assert len(session.nodule_prompts()["Nodule_1"]) == 2
+    session.undo()
+    assert session.service.memory.get(key, "Nodule_1").result is clicked
+    assert "removed" in session.undo()
+    assert session.service.memory.get(key, "Nodule_1") is None and session.nodules() == []

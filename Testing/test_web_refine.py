@@ -94,9 +94,9 @@ def _mode(page, mode: str):
 
 
 def _pick_sample(page, title: str):
-    from ARSegLib.web.browser import By
-
     from selenium.webdriver.common.action_chains import ActionChains
+
+    from ARSegLib.web.browser import By
 
     # a click where the picker is drawn (its field, not the hidden input selenium's own click would aim at)
     ActionChains(page.driver).move_to_element(page.by_id("arseg-sample-pick")).click().perform()

@@ -388,12 +388,13 @@ def test_bad_state_values_are_refused_and_later_clicks_work(served):
     _ensure_result(served)
     log_start = len(served.log.read_text())
     good = {"disagreement_opacity": 0.5, "scale": 8, "show_disagreement": False, "window_preset": "Auto",
-            "sample_shown": 0, "include_samples": False}
+            "sample_shown": 0, "include_samples": False, "prompt_mode": "click", "sample_pick": 0}
     assert {k: _get_state(served, k) for k in good} == good
     for key, bad, words in (("disagreement_opacity", [1], "opacity"), ("scale", "3", "scale"),
                             ("scale", 99, "scale"), ("show_disagreement", "yes", "heat map"),
                             ("window_preset", ["Lung"], "window"), ("sample_shown", "2", "sample"),
-                            ("include_samples", {"a": 1}, "samples"), ("volume_key", ["v0"], "no such volume")):
+                            ("include_samples", {"a": 1}, "samples"), ("volume_key", ["v0"], "no such volume"),
+                            ("prompt_mode", "delete", "what a click does"), ("sample_pick", 99, "sample picked")):
         _set_state(served, key, bad)
         served.wait(lambda words=words: served.driver.find_elements(By.ID, "arseg-error")
                     and words in served.text("arseg-error"), 15, f"the refusal of {key}={bad!r}")
