@@ -5,6 +5,9 @@ point list): the point's RAS position starts a run in the inference client; an a
 it has finished, writes the result as ARSeg's MRML nodes (ARSegLib.mrml, the node contract Slicer uses), which
 Slicer's displayable managers draw. The panel: the volume chooser (catalog keys only), progress and cancel,
 "go to point", the scale slider, the disagreement toggle and opacity, samples on demand, the report, downloads.
+The prompts: a Nodule / Include / Exclude toggle says what the next click does (Include / Exclude: a point that
+refines the selected nodule; Shift+click: an exclude point, read from the slice view's interactor), "Resample finer
+than this scale" and "Use this sample" with the sample picker; each is a ReviewSession refinement, run like a click.
 
 No Qt; nothing here reads a path from the browser (catalog.py).
 """

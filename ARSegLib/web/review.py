@@ -1,5 +1,7 @@
 """What one review page does to the scene, without any web code: open a catalog volume, start a run at a
-point, poll it, write its result as ARSeg's MRML nodes, scrub scales, show the disagreement, hand out files.
+point, poll it, write its result as ARSeg's MRML nodes, scrub scales, show the disagreement, hand out files;
+refine the selected nodule (include / exclude points, locked coarse scales, a sample used: RunService.refine_request,
+started and polled like a click) and undo, with the run service's memory of the nodule restored along with it.
 
 The trame app (app.py) calls these from the server's event loop; tests call them directly. MRML is touched
 only here and only from the caller's thread (MRML is not thread-safe); the model runs in the inference client.
