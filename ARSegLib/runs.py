@@ -28,13 +28,10 @@ import numpy as np
 
 from . import pipeline
 from .prompts import INCLUDE, Prompt, PromptError, Refinement
+from .run_state import RunCancelled, RunState
 
 ProgressFn = Optional[Callable[[int, int], None]]
 CancelFn = Optional[Callable[[], bool]]
-
-
-class RunCancelled(Exception):
-    """A run stopped by its caller (both backends; the worker's own RunCancelled is turned into this by finish)."""
 
 
 # --------------------------------------------------------------------------------------------- the request
@@ -101,20 +98,18 @@ def compute(volume, ijk_to_ras, click: Optional[Prompt], settings, predictor, ca
 
 # --------------------------------------------------------------------------------------------- backends
 
-class LocalRun:
+class LocalRun(RunState):
     """A run in this process, on a thread of its own, with the worker run's interface: poll() never blocks,
     progress in done_steps / total_steps, cancel() stops it at its next scale, wait(timeout) blocks."""
 
     def __init__(self, work: Callable[..., Any]):
-        self.done_steps, self.total_steps = 0, 1
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
-        self.seconds: Optional[float] = None
-        self.started_at = time.perf_counter()
-        self.outline, self.outline_seconds, self._outline_taken = None, None, False  # a click's first outline
+        super().__init__()
         self._cancel, self._done = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._work, args=(work,), name="ARSeg run", daemon=True)
         self._thread.start()
+
+    def _has_finished(self) -> bool:
+        return self._done.is_set()
 
     def _progress(self, done, total):
         self.done_steps, self.total_steps = int(done), max(1, int(total))
@@ -132,28 +127,6 @@ class LocalRun:
 
     def _on_outline(self, outline):
         self.outline, self.outline_seconds = outline, time.perf_counter() - self.started_at
-
-    def take_outline(self):
-        """The first outline, once, while the run is still going (as worker.WorkerRun.take_outline)."""
-        if self.outline is None or self._outline_taken or self._done.is_set():
-            return None
-        self._outline_taken = True
-        return self.outline
-
-    def poll(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def finished(self) -> bool:
-        return self.poll()
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.done_steps / max(1, self.total_steps))
-
-    @property
-    def cancelled(self) -> bool:
-        return isinstance(self.error, RunCancelled)
 
     def cancel(self):
         self._cancel.set()

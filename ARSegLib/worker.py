@@ -56,6 +56,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .run_state import RunCancelled, RunState
+
 AUTHKEY_ENV = "ARSEG_WORKER_AUTHKEY"
 FOLDERS_ENV = "ARSEG_WORKER_FOLDERS"  # the client's folders for this worker, which it removes when the client dies
 FOLDER_PREFIX = "arseg-worker-"
@@ -72,11 +74,6 @@ class WorkerError(RuntimeError):
 
 class WorkerCrashed(WorkerError):
     """The worker process ended while a run was in flight; the next run starts a new one."""
-
-
-class RunCancelled(Exception):
-    """The run was cancelled. (The engine's own Cancelled would import torch where it is unpickled: in Slicer's
-    process, which never imports torch.)"""
 
 
 # --------------------------------------------------------------------------------------------- arrays
@@ -225,7 +222,7 @@ def internalize(obj):
 # imports torch, and may not even be able to) and that every client has. Testing/test_worker.py imports each in a
 # fresh process and checks that torch stays out.
 CLIENT_SAFE_MODULES = frozenset({"ARSegLib.worker", "ARSegLib.pipeline", "ARSegLib.models", "ARSegLib.demo",
-                                 "ARSegLib.prompts"})
+                                 "ARSegLib.prompts", "ARSegLib.run_state"})
 CLIENT_SAFE_PACKAGES = ("numpy",)  # the client imports numpy itself
 
 
@@ -556,51 +553,27 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-class WorkerRun:
+class WorkerRun(RunState):
     """One request to the worker, polled by its caller (never blocking): progress, cancel, result or error."""
 
     def __init__(self, client: InferenceClient, job_id: int, op: str):
+        super().__init__()
         self._client, self.id, self.op = client, job_id, op
-        self.done_steps, self.total_steps = 0, 1
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
         self._finished = False
-        self.outline: Any = None  # a click's first outline (pipeline.Outline) once the worker sent it
-        self.outline_seconds: Optional[float] = None  # from the request until the outline arrived
-        self._outline_taken = False
-        self.started_at = time.perf_counter()
-        self.seconds: Optional[float] = None
+
+    def _has_finished(self) -> bool:
+        return self._finished
 
     def _finish(self, result=None, error=None):
         if not self._finished:
             self.result, self.error, self._finished = result, error, True
             self.seconds = time.perf_counter() - self.started_at
 
-    def take_outline(self):
-        """The first outline, once, when it has arrived and the run is still going (None otherwise): a front end
-        shows it until the result replaces it (a finished run's result is all there is to show)."""
-        if self.outline is None or self._outline_taken or self._finished:
-            return None
-        self._outline_taken = True
-        return self.outline
-
     def poll(self) -> bool:
         """Exchange what is waiting with the worker (never blocks); True once this run has finished."""
         if not self._finished:
             self._client.pump()
         return self._finished
-
-    @property
-    def finished(self) -> bool:
-        return self.poll()
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.done_steps / max(1, self.total_steps))
-
-    @property
-    def cancelled(self) -> bool:
-        return isinstance(self.error, RunCancelled)
 
     def cancel(self):
         if not self._finished:
