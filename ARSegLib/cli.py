@@ -526,6 +526,8 @@ def _progress_bar(desc: str):
         if not bars:
             bars.append(tqdm(total=total, desc=desc, leave=False,
                              bar_format="{desc}: {percentage:3.0f}%|{bar}| scale {n}/{total} [{elapsed}<{remaining}]"))
+        if (bars[0].n, bars[0].total) == (done, total):
+            return  # polled ten times a second: redraw only when a scale is done (a log gets a line per scale)
         bars[0].total = total  # a click off the nodule's centre runs again, re-centred: more scales to go
         bars[0].n = done
         bars[0].refresh()

@@ -16,20 +16,8 @@ from ARSegLib.prompts import PromptError
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    from test_shipped_model import SHIPPED
-
-    if not SHIPPED.exists():
-        pytest.skip("shipped model Resources/Models/lidc-nodule.json not present")
-    from ARSegLib.models import load_model
-
-    return load_model(SHIPPED)
-
-
-@pytest.fixture(scope="module")
-def click(lung1, shipped):
-    predictor, card = shipped
-    return pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card)
+def click(lung1_click):
+    return lung1_click
 
 
 def _ras(lung1, kji):
