@@ -414,7 +414,8 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                request=getattr(run, "request", None))
                 seconds = run.seconds if run.seconds is not None else run.result.timings_s.get("total", 0.0)
                 # a redo says what it replaced (Undo brings it back); an empty redo that kept the nodule says why
-                self.ui.statusLabel.text = " ".join([f"Done in {seconds:.1f} s."] + list(nodes.notices))
+                self.ui.statusLabel.text = " ".join([f"Done in {seconds:.1f} s."] + list(nodes.notices) +
+                                                    self.logic.promptNotices(run.result))
                 self.showResults(nodes)
         except Exception as e:
             self.ui.statusLabel.text = "Failed."
@@ -1092,6 +1093,19 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         return text
 
     @staticmethod
+    def promptNotices(result):
+        """What a refinement could not do, in words: each point that not every kept sample satisfies (the budget of
+        extra draws found too few candidates that do), so that a prompt is never silently ignored."""
+        out = []
+        for said in (getattr(result, "settings", None) or {}).get("prompt_satisfaction", []):
+            if not said.get("every_kept_sample_satisfies", True):
+                where = ", ".join(f"{v:.1f}" for v in said["point_ras"])
+                drawn = f" of {said['candidates']} candidates" if said.get("candidates") else ""
+                out.append(f"The {said['kind']} point at {where} could not be met by every sample: "
+                           f"{said.get('satisfying', 0)}{drawn} satisfy it.")
+        return out
+
+    @staticmethod
     def promptSummary(prompts) -> str:
         """The prompts that made a nodule (its report's, PromptHistory.to_list's form) in a few words for the nodule
         list: "1 click, 2 exclude, 1 include, lock 1..3", "1 click, sample 4 used"."""
@@ -1270,6 +1284,18 @@ class ARSegTest(ScriptedLoadableModuleTest):
         self.assertGreater(nodes.table.GetNumberOfRows(), 0)
         logic.showScale(volume, 1)
         logic.showDisagreement(volume, True)
+
+        self.delayDisplay("Refine it: keep scales 1..2, draw the finer ones again; browse a sample; undo")
+        clicked = logic.nodules(volume)[0]
+        logic.refine(volume, 1, lock_scales=2)
+        refined = logic.nodules(volume)
+        self.assertEqual([n.name for n in refined], ["Nodule 1"])
+        self.assertEqual(logic.promptSummary(refined[0].prompts), "1 click, lock 1..2")
+        logic.showSample(volume, 1)
+        self.assertEqual(logic.shownSample(volume), 1)
+        logic.showSample(volume, None)
+        logic.undo(volume)
+        self.assertAlmostEqual(logic.nodules(volume)[0].consensus_volume_mm3, clicked.consensus_volume_mm3, delta=0.1)
 
         self.delayDisplay("A second click elsewhere adds a nodule; a click inside the first redoes it")
         elsewhere = (point[0] + 30.0, point[1], point[2])

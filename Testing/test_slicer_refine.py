@@ -67,6 +67,10 @@ def test_a_refinement_updates_the_nodule_in_place_keeps_its_prompts_and_undo_res
         assert said["kind"] == "exclude" and said["every_kept_sample_satisfies"] == (marking == 0)
         if marking == 0:
             assert result.full(result.consensus)[k, j, i] == 0
+        notices = logic.promptNotices(result)  # what the panel's status adds
+        assert (notices == []) == (marking == 0)
+        if notices:
+            assert notices[0].startswith("The exclude point at") and "satisfy it" in notices[0]
 
         # the prompts on the nodes: the report (segmentation attribute and table) and the nodule list
         (info,) = logic.nodules(volume)
@@ -150,6 +154,14 @@ def test_the_nodule_list_says_each_nodules_prompts(request):
     assert module.ARSegLogic.noduleSummary(info) == \
         "Nodule 1: 100 mm\u00b3; 1 click, 1 include, 2 exclude, lock 1..3 of sample 2"
     assert module.ARSegLogic.refinementWords(exclude=[(1.0, 2.0, 3.0)]) == "exclude at 1.0, 2.0, 3.0"
+    unmet = types.SimpleNamespace(settings={"prompt_satisfaction": [
+        {"kind": "exclude", "point_ras": [1.0, 2.0, 3.0], "candidates": 64, "satisfying": 5,
+         "every_kept_sample_satisfies": False},
+        {"kind": "include", "point_ras": [0.0, 0.0, 0.0], "candidates": 64, "satisfying": 64,
+         "every_kept_sample_satisfies": True}]})
+    assert module.ARSegLogic.promptNotices(unmet) == [
+        "The exclude point at 1.0, 2.0, 3.0 could not be met by every sample: 5 of 64 candidates satisfy it."]
+    assert module.ARSegLogic.promptNotices(types.SimpleNamespace(settings={})) == []
     assert "scales 1-2 of sample 3 kept" in module.ARSegLogic.refinementWords(lock_scales=2, sample=3)
 
 
