@@ -57,6 +57,8 @@ def _ensureLibraryOnPath():
 
 _ensureLibraryOnPath()
 
+from ARSegLib import limits  # noqa: E402 (found once the library is on the path; imports nothing itself)
+
 
 def reimportLibrary():
     """Import every ARSegLib module that Slicer's process holds anew, in the order they were first imported.
@@ -134,10 +136,12 @@ class ARSegParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = DEFAULT_MODEL
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    samples: Annotated[int, WithinRange(1, 64)] = 16
-    temperature: Annotated[float, WithinRange(0.0, 5.0)] = 0.0  # 0: the model card's, the one it was validated at
-    seed: Annotated[int, WithinRange(0, 1000000)] = 0
-    halfHeightMm: Annotated[float, WithinRange(0.0, 200.0)] = 20.0
+    # the limits and defaults are the run settings' own (ARSegLib.limits, which pipeline.SegmentSettings checks);
+    # the wrapper sets the spin boxes' ranges from them
+    samples: Annotated[int, WithinRange(1, limits.MAX_SAMPLES)] = limits.DEFAULT_SAMPLES
+    temperature: Annotated[float, WithinRange(0.0, limits.MAX_TEMPERATURE)] = 0.0  # 0: the card's, as validated
+    seed: Annotated[int, WithinRange(0, min(limits.MAX_SEED, 2 ** 31 - 1))] = 0  # a QSpinBox holds a C int
+    halfHeightMm: Annotated[float, WithinRange(0.0, limits.MAX_HALF_HEIGHT_MM)] = limits.DEFAULT_HALF_HEIGHT_MM
     includeSamples: bool = False
     fastSampling: bool = False  # no test-time views or candidate selection: about twice as fast
 
@@ -163,7 +167,9 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runVolume = None
         self._runIncludeSamples = False  # read when the run starts: the parameter node may be gone when it ends
         self._pendingPoint = None  # a point placed while a run was in flight: it runs next
+        self._pendingRefinement = None  # or a refinement asked for meanwhile (refine's keywords, nodule included)
         self._clickNode = None
+        self._promptNodes = {}  # "include" / "exclude" -> the point list its place widget adds to
         self._noduleIds = []  # the nodule list's rows
 
     def setup(self) -> None:
@@ -185,6 +191,17 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # a QToolButton shows only its icon unless its style says otherwise
         place.placeButton().toolButtonStyle = qt.Qt.ToolButtonTextBesideIcon
 
+        # the selected nodule's extra points: "include" (its samples must all mark it), "exclude" (none may)
+        for place, text in ((self.ui.includePlaceWidget, "Add to nodule"), (self.ui.excludePlaceWidget, "Not this")):
+            place.setMRMLScene(slicer.mrmlScene)
+            place.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+            place.buttonsVisible = False
+            place.placeButton().show()
+            place.placeButton().text = text
+            place.placeButton().toolButtonStyle = qt.Qt.ToolButtonTextBesideIcon
+        self.ui.resampleFinerButton.clicked.connect(self.onResampleFiner)
+        self.ui.sampleSlider.valueChanged.connect(self.onSampleChanged)
+        self.ui.useSampleButton.clicked.connect(self.onUseSample)
         self.ui.segmentWholeVolumeButton.clicked.connect(self.onSegmentWholeVolume)
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.scaleSlider.valueChanged.connect(self.onScaleChanged)
@@ -243,9 +260,11 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollTimer.stop()
             self.setRunning(False)
         self._pendingPoint = None
+        self._pendingRefinement = None
         self._runVolume = None
         self.setParameterNode(None)
         self._clickNode = None
+        self._promptNodes = {}
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -265,6 +284,14 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.clickPlaceWidget.setCurrentNode(clickNode)
         if not self.hasObserver(clickNode, event, self.onPointPlaced):
             self.addObserver(clickNode, event, self.onPointPlaced)
+        for kind, place in (("include", self.ui.includePlaceWidget), ("exclude", self.ui.excludePlaceWidget)):
+            node, old = self.logic.promptMarkupsNode(kind), self._promptNodes.get(kind)
+            if old is not None and self.hasObserver(old, event, self.onPromptPointPlaced):
+                self.removeObserver(old, event, self.onPromptPointPlaced)
+            self._promptNodes[kind] = node
+            place.setCurrentNode(node)
+            if not self.hasObserver(node, event, self.onPromptPointPlaced):
+                self.addObserver(node, event, self.onPromptPointPlaced)
 
     def setParameterNode(self, inputParameterNode: Optional[ARSegParameterNode]) -> None:
         if self._parameterNode:
@@ -320,6 +347,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         caller.GetNthControlPointPositionWorld(n - 1, position)
         if self._run is not None:
             self._pendingPoint = tuple(position)  # the newest click wins; it runs when this one ends
+            self._pendingRefinement = None
             return
         self.startRun(tuple(position))
 
@@ -352,6 +380,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onCancel(self) -> None:
         self._pendingPoint = None
+        self._pendingRefinement = None
         if self._run is not None:
             self._run.cancel()
             self.ui.statusLabel.text = "Cancelling..."
@@ -371,6 +400,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setRunning(False)
         volume, self._runVolume = self._runVolume, None
         point, self._pendingPoint = self._pendingPoint, None
+        refinement, self._pendingRefinement = self._pendingRefinement, None
         try:
             if run.cancelled:
                 self.ui.statusLabel.text = "Cancelled."
@@ -384,7 +414,8 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                request=getattr(run, "request", None))
                 seconds = run.seconds if run.seconds is not None else run.result.timings_s.get("total", 0.0)
                 # a redo says what it replaced (Undo brings it back); an empty redo that kept the nodule says why
-                self.ui.statusLabel.text = " ".join([f"Done in {seconds:.1f} s."] + list(nodes.notices))
+                self.ui.statusLabel.text = " ".join([f"Done in {seconds:.1f} s."] + list(nodes.notices) +
+                                                    self.logic.promptNotices(run.result))
                 self.showResults(nodes)
         except Exception as e:
             self.ui.statusLabel.text = "Failed."
@@ -395,6 +426,8 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.removeOutline(volume)
         if point is not None:
             self.startRun(point)
+        elif refinement is not None:
+            self.startRefinement(refinement)
 
     def _showOutline(self, run) -> None:
         """A click's first outline, as soon as the worker sent it, until the result replaces it."""
@@ -408,6 +441,80 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.warning(f"ARSeg: the first outline could not be shown: {e}")
             return
         self.ui.statusLabel.text += f" First outline in {run.outline_seconds:.1f} s; refining..."
+
+    # --- refining the selected nodule (its samples steered: extra points, locked coarse scales, a sample taken)
+
+    def onPromptPointPlaced(self, caller, event) -> None:
+        """An include or exclude point placed: the selected nodule is refined with it. A point that starts nothing
+        (no nodule selected, a refinement refused) is taken off the image again."""
+        n = caller.GetNumberOfControlPoints()
+        if n == 0:
+            return
+        position = [0.0, 0.0, 0.0]
+        caller.GetNthControlPointPositionWorld(n - 1, position)
+        kind = next((k for k, node in self._promptNodes.items() if node is caller), None)
+        if kind is None:
+            return
+        if not self.requestRefinement(**{kind: [tuple(position)]}):
+            caller.RemoveNthControlPoint(n - 1)
+
+    def onResampleFiner(self) -> None:
+        """Keep scales 1..k (k: the scale slider's) of the sample shown, or of the most typical sample, and draw
+        the finer scales again."""
+        volume = self._selectedVolume()
+        sample = self.logic.shownSample(volume) if volume is not None else None
+        self.requestRefinement(lock_scales=int(self.ui.scaleSlider.value), sample=sample)
+
+    def onUseSample(self) -> None:
+        sample = int(self.ui.sampleSlider.value)
+        if sample > 0:
+            self.requestRefinement(sample=sample)
+
+    def requestRefinement(self, **prompts) -> bool:
+        """Refine the selected nodule (refine's keywords: include, exclude, lock_scales, sample) now, or when the
+        run in flight ends (points asked for meanwhile add up; anything else replaces what was waiting). Returns
+        whether it started or waits; with no nodule selected, the status says so and nothing runs."""
+        volume = self._selectedVolume()
+        nodule = self.logic.selectedNodule(volume) if volume is not None else None
+        if nodule is None:
+            self.ui.statusLabel.text = ("Select a nodule first: a refinement changes the selected nodule (click on "
+                                        "the image to segment one).")
+            return False
+        prompts = dict(prompts, nodule=nodule.id)
+        if self._run is not None:
+            waiting = self._pendingRefinement
+            points = ("include", "exclude")
+            if waiting is not None and waiting["nodule"] == nodule.id and set(waiting) <= {"nodule", *points} and \
+                    set(prompts) <= {"nodule", *points}:
+                prompts = dict(waiting, **{k: list(waiting.get(k, [])) + list(prompts.get(k, [])) for k in points})
+            self._pendingRefinement, self._pendingPoint = prompts, None
+            self.ui.statusLabel.text = f"{nodule.name}: the refinement runs when this run ends."
+            return True
+        return self.startRefinement(prompts)
+
+    def startRefinement(self, prompts) -> bool:
+        try:
+            return self._startRefinement(prompts)
+        except Exception:  # tryWithErrorDisplay has shown it
+            self.ui.statusLabel.text = "Failed."
+            return False
+
+    def _startRefinement(self, prompts) -> bool:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("ARSeg could not start the refinement.", waitCursor=True):
+            if not p or not p.inputVolume:
+                raise ValueError("Select an input volume first.")
+            if not self.logic.setupPythonRequirements():
+                return False
+            self._run = self.logic.startRefinement(p.inputVolume, model=p.model, device=p.device, **prompts)
+            self._runVolume = p.inputVolume
+            self._runIncludeSamples = bool(p.includeSamples)
+            words = self.logic.refinementWords(**{k: v for k, v in prompts.items() if k != "nodule"})
+            name = self.logic.noduleName(p.inputVolume, prompts["nodule"])
+            self.ui.statusLabel.text = f"Refining {name} ({words})..."
+            self.setRunning(True)
+            self._pollTimer.start()
+        return True
 
     def setRunning(self, running: bool) -> None:
         self.ui.progressBar.visible = running
@@ -484,6 +591,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateNoduleList()
         has = nodes is not None and nodes.sequence is not None
         self.ui.resultsCollapsibleButton.enabled = has
+        self.updateRefinementGui(nodes if has else None)
         if not has:
             self.ui.reportLabel.text = "No result yet: click on the image or segment the whole volume."
             return
@@ -497,6 +605,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.scaleSlider.value = shown
         self.ui.scaleSlider.blockSignals(wasBlocked)
         self.ui.scaleLabel.text = f"Scale {shown}/{n}"
+        self.updateResampleButton()
         self.ui.reportLabel.text = self.logic.reportSummary(nodes.report)
         volume = self._selectedVolume()
         if volume is not None:
@@ -511,8 +620,54 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         n = self.ui.scaleSlider.maximum
         self.ui.scaleLabel.text = f"Scale {value}/{n}"
+        self.updateResampleButton()
         with slicer.util.tryWithErrorDisplay("ARSeg could not show this scale."):
             self.logic.showScale(volume, int(value))
+
+    def updateResampleButton(self) -> None:
+        """"Resample finer than this scale" needs a finer scale to draw and a nodule to refine."""
+        volume = self._selectedVolume()
+        k, n = int(self.ui.scaleSlider.value), int(self.ui.scaleSlider.maximum)
+        nodule = self.logic.selectedNodule(volume) if volume is not None else None
+        self.ui.resampleFinerButton.enabled = nodule is not None and k < n
+        source = "the sample shown" if self.logic.shownSample(volume) else "the most typical sample"
+        self.ui.resampleFinerButton.toolTip = (f"Keep scales 1-{k} of {source} and draw scales {k + 1}-{n} again."
+                                               if k < n else "At the finest scale there is nothing finer to draw.")
+
+    def updateRefinementGui(self, nodes) -> None:
+        """The sample slider (0: the consensus, i: sample i of the selected nodule) and "Use this sample"."""
+        volume = self._selectedVolume()
+        nodule = self.logic.selectedNodule(volume) if nodes is not None and volume is not None else None
+        count = nodule.n_samples if nodule is not None else 0
+        shown = self.logic.shownSample(volume) if nodule is not None else None
+        wasBlocked = self.ui.sampleSlider.blockSignals(True)
+        self.ui.sampleSlider.minimum, self.ui.sampleSlider.maximum = 0, count
+        self.ui.sampleSlider.value = shown or 0
+        self.ui.sampleSlider.blockSignals(wasBlocked)
+        self.ui.sampleSlider.enabled = count > 0
+        self._showSampleLabel(shown or 0, count)
+        if nodes is None:
+            self.ui.resampleFinerButton.enabled = False
+
+    def _showSampleLabel(self, value, count) -> None:
+        self.ui.sampleLabel.text = f"Sample {value}/{count}" if value else "Consensus"
+        self.ui.useSampleButton.enabled = bool(value)
+
+    def onSampleChanged(self, value) -> None:
+        volume = self._selectedVolume()
+        if volume is None:
+            return
+        value = int(value)
+        try:
+            with slicer.util.tryWithErrorDisplay("ARSeg could not show this sample."):
+                self.logic.showSample(volume, value or None)
+        except Exception:  # shown; the slider goes back to what the views show
+            value = self.logic.shownSample(volume) or 0
+            wasBlocked = self.ui.sampleSlider.blockSignals(True)
+            self.ui.sampleSlider.value = value
+            self.ui.sampleSlider.blockSignals(wasBlocked)
+        self._showSampleLabel(value, int(self.ui.sampleSlider.maximum))
+        self.updateResampleButton()
 
     def onShowSamplesToggled(self, checked) -> None:
         volume = self._selectedVolume()
@@ -781,16 +936,42 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         1..k of sample `sample` (or of the most typical sample) and draws the finer ones again; sample alone makes
         that sample the result. Runs with the settings that made the nodule; the nodule keeps its name. Returns
         the ResultNodes."""
-        from ARSegLib import mrml, prompts
+        from ARSegLib import mrml
 
         self.checkPythonRequirements()
         nid = self._noduleId(volumeNode, nodule)
-        refinement = prompts.refinement(include_points=include, exclude_points=exclude, lock_scales=int(lock_scales),
-                                        from_sample=sample if lock_scales else None,
-                                        use_sample=None if lock_scales else sample)
+        refinement = self._refinement(exclude, include, lock_scales, sample)
         return self.service(model, device).refine(volumeNode, nid, refinement,
                                                   options=mrml.OutputOptions(include_samples=includeSamples),
                                                   progress=progress, cancel=cancel)
+
+    def startRefinement(self, volumeNode, nodule, exclude=(), include=(), lock_scales: int = 0,
+                        sample: Optional[int] = None, model: str = DEFAULT_MODEL, device: str = "auto"):
+        """refine's run, not waited for (the module's way): checked here before any work (the nodule's remembered
+        result, its model, the points, the sample, the scales), then sent to the worker. Returns the run, which the
+        caller polls (`run.poll()`, never blocking) and hands to applyResult (run.request names the nodule)."""
+        self.checkPythonRequirements()
+        nid = self._noduleId(volumeNode, nodule)
+        service = self.service(model, device)
+        return service.start(service.refine_request(volumeNode, nid, self._refinement(exclude, include, lock_scales,
+                                                                                         sample)))
+
+    @staticmethod
+    def _refinement(exclude=(), include=(), lock_scales: int = 0, sample: Optional[int] = None):
+        """The console's spelling as a prompts.Refinement: with lock_scales, sample is the one whose coarse scales
+        are kept (None: the most typical); alone, it is the sample taken as the result."""
+        from ARSegLib import prompts
+
+        return prompts.refinement(include_points=include, exclude_points=exclude, lock_scales=int(lock_scales),
+                                  from_sample=sample if lock_scales else None,
+                                  use_sample=None if lock_scales else sample)
+
+    @classmethod
+    def refinementWords(cls, exclude=(), include=(), lock_scales: int = 0, sample: Optional[int] = None) -> str:
+        """A refinement in words, as the report says it ("exclude at R, A, S"; "scales 1-3 of sample 2 kept...")."""
+        from ARSegLib import mrml
+
+        return mrml.prompt_words(cls._refinement(exclude, include, lock_scales, sample).to_dict(digits=1))
 
     def _noduleId(self, volumeNode, nodule) -> str:
         from ARSegLib import mrml
@@ -838,6 +1019,16 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
         return mrml.list_nodules(volumeNode.GetScene(), volumeNode) if volumeNode is not None else []
 
+    def selectedNodule(self, volumeNode):
+        """The selected nodule's mrml.NoduleInfo (the one a refinement changes), or None."""
+        return next((n for n in self.nodules(volumeNode) if n.selected), None)
+
+    def noduleName(self, volumeNode, noduleId) -> str:
+        """The name the nodule list shows (the user may have renamed its segment)."""
+        from ARSegLib import mrml
+
+        return next((n.name for n in self.nodules(volumeNode) if n.id == noduleId), mrml.nodule_name(noduleId))
+
     def selectNodule(self, volumeNode, noduleId):
         from ARSegLib import mrml
 
@@ -853,17 +1044,29 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
     def undo(self, volumeNode):
         """Undo the last run on volumeNode: (the results, or None when no nodule is left; what was undone). The
-        service forgets the result of the nodule it changed: a refinement must start from what the scene shows."""
+        service's remembered result of the nodule it changed goes back to the one before (a refinement starts from
+        what the scene shows), or is forgotten when that is not the one the scene now shows."""
         from ARSegLib import mrml, runs
 
         before = self.nodules(volumeNode)
+        mrml.hide_sample(volumeNode.GetScene(), volumeNode)  # a sample of the result being undone
         undone = mrml.undo_last(volumeNode.GetScene(), volumeNode)
         after = {n.id: n for n in self.nodules(volumeNode)}
+        memory, key = runs.shared_memory(), runs.volume_key_of(volumeNode)
         for n in before:
             now = after.get(n.id)
-            if now is None or dataclasses.replace(now, selected=n.selected) != n:
-                runs.shared_memory().forget(runs.volume_key_of(volumeNode), n.id)
+            if now is None:
+                memory.forget(key, n.id)
+            elif dataclasses.replace(now, selected=n.selected) != n:
+                restored = memory.restore(key, n.id)
+                if restored is not None and not self._sameVolume(restored.result.consensus_volume_mm3,
+                                                                 now.consensus_volume_mm3):
+                    memory.forget(key, n.id)  # the scene's previous result was not made in this session
         return undone
+
+    @staticmethod
+    def _sameVolume(a: float, b: float) -> bool:
+        return abs(float(a) - float(b)) <= 0.05 + 1e-3 * abs(float(b))  # the report rounds volumes
 
     def canUndo(self, volumeNode) -> bool:
         from ARSegLib import mrml
@@ -883,11 +1086,41 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         if nodule.consensus_volume_mm3 > 0 and nodule.long_axis_mm is not None:
             text += f", {nodule.long_axis_mm:.1f} x {nodule.short_axis_mm:.1f} mm"  # axial long x short axis
         if nodule.n_prompts > 1:
-            text += f", {nodule.n_prompts - 1} refinement(s)"
+            text += f"; {ARSegLogic.promptSummary(nodule.prompts)}"
         if nodule.consensus_volume_mm3 == 0 and nodule.presence_fraction > 0:
             text += (f" (empty consensus; {100 * nodule.presence_fraction:.0f} % of samples mark a nodule: "
                      f"{nodule.if_present_volume_mm3:.0f} mm\u00b3 if present)")
         return text
+
+    @staticmethod
+    def promptNotices(result):
+        """What a refinement could not do, in words: each point that not every kept sample satisfies (the budget of
+        extra draws found too few candidates that do), so that a prompt is never silently ignored."""
+        out = []
+        for said in (getattr(result, "settings", None) or {}).get("prompt_satisfaction", []):
+            if not said.get("every_kept_sample_satisfies", True):
+                where = ", ".join(f"{v:.1f}" for v in said["point_ras"])
+                drawn = f" of {said['candidates']} candidates" if said.get("candidates") else ""
+                out.append(f"The {said['kind']} point at {where} could not be met by every sample: "
+                           f"{said.get('satisfying', 0)}{drawn} satisfy it.")
+        return out
+
+    @staticmethod
+    def promptSummary(prompts) -> str:
+        """The prompts that made a nodule (its report's, PromptHistory.to_list's form) in a few words for the nodule
+        list: "1 click, 2 exclude, 1 include, lock 1..3", "1 click, sample 4 used"."""
+        clicks = sum(1 for p in prompts if p.get("kind") == "click")
+        points = [q.get("kind") for p in prompts for q in p.get("prompts", [])]
+        parts = [f"{clicks} click{'s' if clicks != 1 else ''}"] if clicks else []
+        parts += [f"{points.count(kind)} {kind}" for kind in ("include", "exclude") if points.count(kind)]
+        locked = [p for p in prompts if p.get("lock_scales")]
+        if locked:  # the latest lock is the one the nodule's coarse scales come from
+            source = f" of sample {locked[-1]['from_sample']}" if locked[-1].get("from_sample") else ""
+            parts.append(f"lock 1..{locked[-1]['lock_scales']}{source}")
+        used = [p["use_sample"] for p in prompts if p.get("use_sample")]
+        if used:
+            parts.append(f"sample {used[-1]} used")
+        return ", ".join(parts)
 
     @staticmethod
     def wholeVolumeAllowed(model):
@@ -915,6 +1148,29 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
             if mrml.segment_tag(segment, mrml.KIND_TAG) == mrml.KIND_SAMPLE:
                 display.SetSegmentVisibility(segmentId, bool(show))
                 display.SetSegmentVisibility2DFill(segmentId, False)
+
+    def showSample(self, volumeNode, sample: Optional[int] = None):
+        """Sample `sample` (1-based) of the selected nodule over the CT, its consensus as an outline; None: the
+        consensus again. From its kept segments ("Keep every sample"), else from the nodule's result the run service
+        remembers this session. Returns the sample's node, or None."""
+        from ARSegLib import mrml, runs
+
+        nodes = self.results(volumeNode)
+        if nodes is None:
+            raise mrml.ResultError(f"{volumeNode.GetName()!r} has no ARSeg results")
+        known = runs.shared_memory().get(runs.volume_key_of(volumeNode), nodes.nodule)
+        return mrml.show_sample(volumeNode.GetScene(), volumeNode, sample,
+                                result=known.result if known is not None else None)
+
+    def shownSample(self, volumeNode) -> Optional[int]:
+        """The sample of the selected nodule shown over the CT, or None when its consensus is."""
+        from ARSegLib import mrml
+
+        if volumeNode is None:
+            return None
+        shown = mrml.shown_sample(volumeNode.GetScene(), volumeNode)
+        nodes = self.results(volumeNode) if shown is not None else None
+        return shown[1] if nodes is not None and shown[0] == nodes.nodule else None
 
     # --- showing
 
@@ -949,12 +1205,29 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
     def clickMarkupsNode(self):
         """The point list that the place mode adds to (ARSeg's own node, reused)."""
+        return self._markupsNode("clicks", "ARSeg clicks")
+
+    # include points green, exclude points red: told apart from the clicks (Slicer's default markups colour) at once
+    PROMPT_COLORS = {"include": (0.20, 0.85, 0.30), "exclude": (0.95, 0.15, 0.15)}
+
+    def promptMarkupsNode(self, kind: str):
+        """The point list of the include or exclude place widget (ARSeg's own node, reused), in its kind's colour."""
+        if kind not in self.PROMPT_COLORS:
+            raise ValueError(f"a prompt point is include or exclude, not {kind!r}")
+        return self._markupsNode(f"{kind}-points", f"ARSeg {kind} points", self.PROMPT_COLORS[kind])
+
+    @staticmethod
+    def _markupsNode(role: str, name: str, color=None):
         for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode"):
-            if node.GetAttribute("ARSeg.Role") == "clicks":
+            if node.GetAttribute("ARSeg.Role") == role:
                 return node
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "ARSeg clicks")
-        node.SetAttribute("ARSeg.Role", "clicks")
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        node.SetAttribute("ARSeg.Role", role)
         node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        if color is not None and display is not None:
+            display.SetSelectedColor(*color)  # control points are drawn in the selected colour unless deselected
+            display.SetColor(*color)
         return node
 
 
@@ -1011,6 +1284,18 @@ class ARSegTest(ScriptedLoadableModuleTest):
         self.assertGreater(nodes.table.GetNumberOfRows(), 0)
         logic.showScale(volume, 1)
         logic.showDisagreement(volume, True)
+
+        self.delayDisplay("Refine it: keep scales 1..2, draw the finer ones again; browse a sample; undo")
+        clicked = logic.nodules(volume)[0]
+        logic.refine(volume, 1, lock_scales=2)
+        refined = logic.nodules(volume)
+        self.assertEqual([n.name for n in refined], ["Nodule 1"])
+        self.assertEqual(logic.promptSummary(refined[0].prompts), "1 click, lock 1..2")
+        logic.showSample(volume, 1)
+        self.assertEqual(logic.shownSample(volume), 1)
+        logic.showSample(volume, None)
+        logic.undo(volume)
+        self.assertAlmostEqual(logic.nodules(volume)[0].consensus_volume_mm3, clicked.consensus_volume_mm3, delta=0.1)
 
         self.delayDisplay("A second click elsewhere adds a nodule; a click inside the first redoes it")
         elsewhere = (point[0] + 30.0, point[1], point[2])

@@ -61,6 +61,7 @@ ROLE_BROWSER = "scales-browser"
 ROLE_PROXY = "scales-proxy"
 ROLE_REPORT = "report"
 ROLE_OUTLINE = "first-outline"  # a click's first outline while its run goes on (show_outline)
+ROLE_SAMPLE_VIEW = "sample-view"  # one sample of the selected nodule shown over the CT (show_sample)
 ROLE_COLORMAP = "colormap"
 ROLE_DISAGREEMENTS = "disagreements-sequence"
 ROLE_HISTORY = "undo-history"  # what each run replaced, so that undo_last can restore it (kept across runs)
@@ -138,6 +139,8 @@ class NoduleInfo:
     long_axis_mm: Optional[float] = None  # axial long / short axis of the consensus (None: an older report)
     short_axis_mm: Optional[float] = None
     n_prompts: int = 0  # the click and each refinement that made it
+    prompts: Tuple[Dict[str, Any], ...] = ()  # those prompts (PromptHistory.to_list's form), oldest first
+    n_samples: int = 0  # how many samples its result has (0: an older report)
 
 
 NODULE_TAG = "ARSeg.Nodule"  # segment tag: the nodule a segment belongs to
@@ -1449,6 +1452,99 @@ def remove_outline(scene, volume_node) -> int:
     return _remove_nodes(scene, [node]) if node is not None else 0
 
 
+# --------------------------------------------------------------------------------------------- one sample shown
+
+SAMPLE_VIEW_SEGMENT_ID = "ShownSample"
+SAMPLE_VIEW_COLOR = (0.95, 0.35, 0.60)  # apart from the nodules' colours and the red disagreement
+SHOWN_SAMPLE_ATTRIBUTE = "ARSeg.ShownSample"  # on the sample-view node: "Nodule_2/5"
+CONSENSUS_FILL_ATTRIBUTE = "ARSeg.ConsensusFillOpacity"  # the consensus' 2D fill opacity before the sample showed
+
+
+def sample_view_node(scene, volume_node):
+    """The volume's sample-view node while one sample is shown (show_sample), else None."""
+    return next((n for n in result_nodes_of(scene, volume_node)
+                 if n.GetAttribute(ROLE_ATTRIBUTE) == ROLE_SAMPLE_VIEW), None)
+
+
+def shown_sample(scene, volume_node) -> Optional[Tuple[str, int]]:
+    """(nodule ID, sample number) of the sample shown over the CT, or None when the consensus is."""
+    node = sample_view_node(scene, volume_node)
+    if node is None:
+        return None
+    nid, _, number = (node.GetAttribute(SHOWN_SAMPLE_ATTRIBUTE) or "").rpartition("/")
+    return (nid, int(number)) if nid and number.isdigit() else None
+
+
+def show_sample(scene, volume_node, sample: Optional[int], result: Optional[VolumeResult] = None):
+    """Sample `sample` (1-based) of the selected nodule over the CT, filled, while that nodule's consensus is drawn
+    as an outline only (the reviewer compares the two); None shows the consensus again. The sample's voxels come
+    from its kept segment (OutputOptions.include_samples) or else from `result`, the nodule's current result (the
+    run service remembers it for the session); with neither, a ResultError says how to get them.
+
+    Like the first outline, the sample is a node of its own, no nodule: not in the report, the nodule list or the
+    undo history, and write_result removes it with ARSeg's earlier nodes (a new result opens on its consensus).
+    Returns the sample-view node, or None."""
+    nodes = _results_or_error(scene, volume_node)
+    hide_sample(scene, volume_node, nodes)
+    if sample is None:
+        return None
+    nid = nodes.nodule
+    entry = nodule_report(nodes, nid)
+    n = int(entry.get("n_samples", 0))
+    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or not 1 <= sample <= n:
+        raise ResultError(f"{nodule_name(nid)} has samples 1 to {n}, not {sample!r}")
+    local_m = local_ijk_to_ras(volume_node)
+    kept = nodes.segmentation.GetSegmentation().GetSegment(sample_segment_id(int(sample), nid))
+    if kept is not None:
+        mask, start, m = _segment_mask(kept)
+        if mask is None:
+            mask, start = np.zeros((0, 0, 0), np.uint8), (0, 0, 0)
+        elif not np.allclose(m, local_m, atol=1e-4):
+            raise ResultError(f"{kept.GetName()!r} is not on the volume's grid")
+    elif result is not None:
+        _check_result_fits(volume_node, result)
+        if result.n_samples != n or result.point_ras is None or entry.get("point_ras_mm") is None or \
+                not np.allclose(result.point_ras, entry["point_ras_mm"], atol=1e-2):
+            raise ResultError(f"the result given is not {nodule_name(nid)}'s current one")
+        mask, start = result.sample_mask(int(sample)), [a for a, _ in result.box]
+    else:
+        raise ResultError(f"the samples of {nodule_name(nid)} were not kept: turn on \"Keep every sample\" and "
+                          f"segment it again, or refine it in this session")
+    register_segmentation_converters()
+    base = volume_node.GetName() or "Volume"
+    node = _new_segmentation_node(f"{base} ARSeg {nodule_name(nid)} sample {sample}", local_m,
+                                  volume_array_shape(volume_node))
+    node.GetSegmentation().AddSegment(_segment(SAMPLE_VIEW_SEGMENT_ID, f"{nodule_name(nid)} sample {sample}",
+                                               SAMPLE_VIEW_COLOR, _oriented_labelmap(mask, start, local_m)),
+                                      SAMPLE_VIEW_SEGMENT_ID)
+    _mark(node, ROLE_SAMPLE_VIEW, volume_node, str(entry.get("model", "")))
+    node.SetAttribute(SHOWN_SAMPLE_ATTRIBUTE, f"{nid}/{int(sample)}")
+    display = nodes.segmentation.GetDisplayNode()
+    if display is not None and nodes.segmentation.GetSegmentation().GetSegment(nid) is not None:
+        node.SetAttribute(CONSENSUS_FILL_ATTRIBUTE, repr(float(display.GetSegmentOpacity2DFill(nid))))
+        display.SetSegmentOpacity2DFill(nid, 0.0)
+    scene.AddNode(node)
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetVisibility3D(False)
+    return node
+
+
+def hide_sample(scene, volume_node, nodes: Optional[ResultNodes] = None) -> int:
+    """Remove the sample shown over the CT, if any, and fill its nodule's consensus again (how many nodes went)."""
+    node = sample_view_node(scene, volume_node)
+    if node is None:
+        return 0
+    shown = shown_sample(scene, volume_node)
+    nodes = nodes if nodes is not None else find_results(scene, volume_node)
+    opacity = node.GetAttribute(CONSENSUS_FILL_ATTRIBUTE)
+    display = nodes.segmentation.GetDisplayNode() if nodes is not None else None
+    if shown is not None and opacity is not None and display is not None and \
+            nodes.segmentation.GetSegmentation().GetSegment(shown[0]) is not None:
+        display.SetSegmentOpacity2DFill(shown[0], float(opacity))
+    return _remove_nodes(scene, [node])
+
+
 def find_results(scene, volume_node) -> Optional[ResultNodes]:
     """ARSeg's current result nodes for a volume (after a run, a scene reload, or from the console), or None."""
     by_role = {n.GetAttribute(ROLE_ATTRIBUTE): n for n in result_nodes_of(scene, volume_node)}
@@ -1490,7 +1586,8 @@ def list_nodules(scene, volume_node) -> List[NoduleInfo]:
                               point_ras_mm=n.get("point_ras_mm"), selected=n["id"] == nodes.nodule,
                               long_axis_mm=(n.get("diameters_mm") or {}).get("long"),
                               short_axis_mm=(n.get("diameters_mm") or {}).get("short"),
-                              n_prompts=len(n.get("prompts") or [])))
+                              n_prompts=len(n.get("prompts") or []), prompts=tuple(n.get("prompts") or ()),
+                              n_samples=int(n.get("n_samples", 0))))
     return out
 
 
@@ -1508,6 +1605,7 @@ def select_nodule(scene, volume_node, nid: str) -> ResultNodes:
     numbers become its own. Changes only ARSeg's nodes for this volume."""
     nodes = _results_or_error(scene, volume_node)
     entry = nodule_report(nodes, nid)
+    hide_sample(scene, volume_node, nodes)  # a sample shown is the previously selected nodule's
     local_m = local_ijk_to_ras(volume_node)
     segmentation = nodes.segmentation.GetSegmentation()
     n_scales = int(entry["n_scales"])

@@ -25,11 +25,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from . import limits
+
 ProgressFn = Optional[Callable[[int, int], None]]
 CancelFn = Optional[Callable[[], bool]]
 OutlineFn = Optional[Callable[["Outline"], None]]
 
-MAX_SAMPLES = 64  # samples are kept as bits of one integer per voxel
+MAX_SAMPLES = limits.MAX_SAMPLES  # samples are kept as bits of one integer per voxel
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -97,7 +99,7 @@ def check_mode(card, mode: str) -> None:
 class SegmentSettings:
     """What the user can choose for one run. None means: the model card's own value."""
 
-    n_samples: int = 16
+    n_samples: int = limits.DEFAULT_SAMPLES
     temperature: Optional[float] = None
     top_k: Optional[int] = None
     top_p: Optional[float] = None
@@ -109,7 +111,7 @@ class SegmentSettings:
     oversample: Optional[int] = None
     presence_logit_shift: Optional[float] = None
     # click mode: planes above and below the click, and how far from the click a component may start
-    half_height_mm: float = 20.0
+    half_height_mm: float = limits.DEFAULT_HALF_HEIGHT_MM
     component_tolerance_mm: float = 5.0
     # a click off the object's centre is run again on a grid centred on the object the samples found there (the
     # model saw only object-centred crops: 6 mm off lung1's nodule centre its consensus was empty), at most this
@@ -121,12 +123,11 @@ class SegmentSettings:
     # candidates (samples x oversample), so a pass never holds more sequences than 32 crops of 32
     batch_size: int = 32
 
-    # a temperature this high flattens the token distribution into noise (lung1: 100 gives an empty consensus)
-    MAX_TEMPERATURE = 5.0
+    MAX_TEMPERATURE = limits.MAX_TEMPERATURE
     MAX_VIEWS = 8  # engine/views.py's N_VIEWS, the symmetries of the square (this module loads without torch)
     MAX_OVERSAMPLE = 8  # candidates per kept sample: memory and time grow with it
     MAX_PRESENCE_SHIFT = 5.0  # a logit shift of 5 turns a presence of 0.5 into 0.993
-    MAX_HALF_HEIGHT_MM = 200.0
+    MAX_HALF_HEIGHT_MM = limits.MAX_HALF_HEIGHT_MM
     MAX_RECENTRE_PASSES = 4  # each pass costs one click's inference
 
     def check(self) -> SegmentSettings:
@@ -159,7 +160,7 @@ class SegmentSettings:
         if self.oversample is not None:
             whole("oversample", 1, self.MAX_OVERSAMPLE)
         real("presence_logit_shift", -self.MAX_PRESENCE_SHIFT, self.MAX_PRESENCE_SHIFT, optional=True)
-        whole("seed", 0, 2 ** 63 - 1)
+        whole("seed", 0, limits.MAX_SEED)
         real("half_height_mm", 0.0, self.MAX_HALF_HEIGHT_MM)
         real("component_tolerance_mm", 0.0, 100.0)
         whole("recentre_passes", 0, self.MAX_RECENTRE_PASSES)

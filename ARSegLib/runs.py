@@ -215,24 +215,43 @@ class NoduleMemory:
     oldest go first (a refinement of a forgotten nodule says so)."""
 
     MAX_NODULES = 32
+    MAX_REPLACED = 20  # results a nodule's later ones replaced, kept for restore (mrml's undo steps are as many)
 
     def __init__(self):
         self._entries: OrderedDict = OrderedDict()
+        self._replaced: Dict[Any, List[Remembered]] = {}  # per key, oldest first
 
     def get(self, volume_key, nodule: Optional[str]) -> Optional[Remembered]:
         return self._entries.get((volume_key, nodule)) if nodule is not None else None
 
     def put(self, volume_key, nodule: str, result, settings) -> None:
-        self._entries[(volume_key, nodule)] = Remembered(result, settings)
-        self._entries.move_to_end((volume_key, nodule))
+        key = (volume_key, nodule)
+        if key in self._entries:
+            self._replaced.setdefault(key, []).append(self._entries[key])
+            del self._replaced[key][:-self.MAX_REPLACED]
+        self._entries[key] = Remembered(result, settings)
+        self._entries.move_to_end(key)
         while len(self._entries) > self.MAX_NODULES:
-            self._entries.popitem(last=False)
+            oldest, _ = self._entries.popitem(last=False)
+            self._replaced.pop(oldest, None)
+
+    def restore(self, volume_key, nodule: str) -> Optional[Remembered]:
+        """The nodule's result before its current one becomes current again (an undo of its last run), or, when
+        none is known, the nodule is forgotten; returns what is current now."""
+        key = (volume_key, nodule)
+        replaced = self._replaced.get(key)
+        if not replaced:
+            self.forget(volume_key, nodule)
+            return None
+        self._entries[key] = replaced.pop()
+        return self._entries[key]
 
     def forget(self, volume_key=None, nodule: Optional[str] = None) -> None:
         """A nodule (deleted, undone), a volume's nodules (cleared), or everything."""
-        for key in list(self._entries):
+        for key in list(self._entries) + list(self._replaced):
             if (volume_key is None or key[0] == volume_key) and (nodule is None or key[1] == nodule):
-                del self._entries[key]
+                self._entries.pop(key, None)
+                self._replaced.pop(key, None)
 
 
 _shared_memory = NoduleMemory()
@@ -443,16 +462,21 @@ class RunService:
                progress: ProgressFn = None, cancel: CancelFn = None):
         """Refine a nodule of volume_node from its current result (the console's refine); the nodule keeps its
         identity. settings: None runs with the settings that made it."""
+        request = self.refine_request(volume_node, nodule, refinement, settings)
+        result = self.run(request, progress, cancel)
+        return self.apply(volume_node, result, options, request=request)
+
+    def refine_request(self, volume_node, nodule: str, refinement: Refinement, settings=None) -> RunRequest:
+        """The request that refines a nodule of volume_node from its remembered result (refine's, and the Slicer
+        module's, which starts it and polls): its click, its settings unless others are given, the same nodule."""
         key = volume_key_of(volume_node)
         known = self.memory.get(key, nodule)
         if known is None:
             raise PromptError(f"no result of {nodule} to refine in this session: segment it (click on it) first")
-        request = self.request_for_node(volume_node, click=Prompt(INCLUDE, known.result.point_ras), nodule=nodule,
-                                        refinement=refinement,
-                                        settings=settings if settings is not None else known.settings,
-                                        volume_key=key, replace_with_empty=True)
-        result = self.run(request, progress, cancel)
-        return self.apply(volume_node, result, options, request=request)
+        return self.request_for_node(volume_node, click=Prompt(INCLUDE, known.result.point_ras), nodule=nodule,
+                                     refinement=refinement,
+                                     settings=settings if settings is not None else known.settings,
+                                     volume_key=key, replace_with_empty=True)
 
     def segment_file(self, volume_path, out_path, nodules: Sequence[NoduleSteps] = (), settings=None, options=None,
                      report_path=None, png_path=None, progress: ProgressFn = None, cancel: CancelFn = None,

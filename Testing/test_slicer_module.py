@@ -414,7 +414,9 @@ def widget(arseg_module, monkeypatch):
         reportLabel=_Widget(text=""),
         scaleSlider=_Widget(minimum=1, maximum=8, value=8), scaleLabel=_Widget(text=""),
         disagreementCheckBox=_Widget(checked=False), showSamplesCheckBox=_Widget(checked=False),
-        inputVolumeSelector=_Widget(sortFilterProxyModel=lambda: proxy))
+        inputVolumeSelector=_Widget(sortFilterProxyModel=lambda: proxy),
+        resampleFinerButton=_Widget(enabled=False, toolTip=""), sampleLabel=_Widget(text=""),
+        sampleSlider=_Widget(minimum=0, maximum=0, value=0, enabled=False), useSampleButton=_Widget(enabled=False))
     w._pollTimer = _Widget(stop=lambda: None, start=lambda: None)
     w.startRun = lambda point: shown["started"].append(point)
     return w, scene, shown
