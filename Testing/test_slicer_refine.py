@@ -12,7 +12,7 @@ import pytest
 
 # the fixtures are test_slicer_module's (imported, pytest finds them here; the tests ask for them by name through
 # request.getfixturevalue, so that no parameter shadows the import)
-from test_slicer_module import UI, _blob, _FinishedRun, _tiny_result, _ui_widgets, arseg_module, widget  # noqa: F401
+from test_slicer_module import UI, _blob, _FinishedRun, _tiny_result, _ui_widgets, widget  # noqa: F401
 
 from ARSegLib import mrml, pipeline, prompts, runs
 
