@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import weakref
 from dataclasses import dataclass, field
@@ -1772,27 +1773,67 @@ def write_region_results(scene, volume_node, result, report: Optional[Dict[str, 
     return segmentation
 
 
-def segment_region_files(input_paths: Dict[str, Any], out_path, predictor, card, report_path=None, png_path=None,
-                         settings=None, progress=None, cancel=None, scene=None):
-    """Several inputs (task input name -> image file) -> OUT.seg.nrrd (a segment per region per lesion), the report
-    JSON and the figure, written together (write_files_atomically). Every input is read and checked first
-    (volume_regions.check_inputs: the task's names, one grid). Returns (RegionsResult, segmentation node)."""
-    from .figure_regions import write_regions_figure
-    from .volume_regions import segment_volume_regions
+def _name_words(name: str) -> List[str]:
+    return [w for w in re.split(r"[^0-9a-z]+", str(name).lower()) if w]
 
-    scene = scene if scene is not None else new_scene()
-    nodes = {name: load_volume(scene, path, name=f"{volume_stem(Path(path))}") for name, path in input_paths.items()}
-    volumes = {name: (volume_array(node), world_ijk_to_ras(node)) for name, node in nodes.items()}
-    result = segment_volume_regions(volumes, predictor, card, settings, progress=progress, cancel=cancel)
-    first = card.task.input_names[0]
-    report = dict(result.report(str(input_paths[first])),
-                  sources={name: str(path) for name, path in input_paths.items()}, segmentation=str(out_path))
-    segmentation = write_region_results(scene, nodes[first], result, report)
-    writers: Dict[Path, Any] = {Path(out_path): lambda tmp: save_segmentation(segmentation, tmp)}
+
+def volumes_for_inputs(scene, task) -> Dict[str, Any]:
+    """The scene's volumes named like the task's inputs, {input name: node}, for a front end to preselect: a
+    volume whose name, in any case, is the input's name or title ("FLAIR", "flair.nii") or holds it as a word
+    ("case7_t1ce"), exact names first; ARSeg's own volumes and volumes taken by an earlier input are skipped. An
+    input no volume is named like is left out."""
+    volumes = [n for n in _nodes_of_class(scene, "vtkMRMLScalarVolumeNode") if not n.GetAttribute(ROLE_ATTRIBUTE)]
+    found: Dict[str, Any] = {}
+    for entry in task.inputs:
+        words = {entry.name.lower(), entry.title.lower()}
+        free = [n for n in volumes if n not in found.values()]
+        exact = [n for n in free if _bare_name(n.GetName()) in words]
+        by_word = [n for n in free if words & set(_name_words(n.GetName()))]
+        if exact or by_word:
+            found[entry.name] = (exact or by_word)[0]
+    return found
+
+
+def _bare_name(name: str) -> str:
+    """A node's name without a file's extensions ("FLAIR.nii.gz" -> "flair"), lower case."""
+    return re.sub(r"(\.(nii|gz|nrrd|nhdr|mha|mhd|dcm))+$", "", str(name or "").lower())
+
+
+@dataclass
+class RegionNodes:
+    """What a several-input run put in the scene: the segmentation of its first input (a segment per region per
+    lesion), the result and report (RegionsResult.report), and what the user should know (inputs resampled)."""
+
+    segmentation: Any
+    result: Any  # volume_regions.RegionsResult
+    report: Dict[str, Any]
+    notices: List[str] = field(default_factory=list)
+    regions = True  # front ends tell these from ResultNodes by this
+
+
+def region_summary(report: Dict[str, Any]) -> str:
+    """One line per region of a RegionsResult report: its consensus volume and the samples' range, in mL."""
+    lines = [f"{report.get('n_lesions', 0)} lesion(s)"]
+    for region in report.get("regions", []):
+        v = region["sample_volume_ml"]
+        lines.append(f"{region['name']}: {region['consensus_volume_ml']:.2f} mL (samples {v['min']:.2f}-"
+                     f"{v['max']:.2f} mL)")
+    return "\n".join(lines)
+
+
+def write_region_outputs(nodes: RegionNodes, image_kji: np.ndarray, sources: Dict[str, Any], out_path,
+                         report_path=None, png_path=None) -> List[Path]:
+    """A several-input run's files: OUT.seg.nrrd (a segment per region per lesion), the report JSON (with each
+    input's file) and the figure (on image_kji, the first input), written together (write_files_atomically)."""
+    from .figure_regions import write_regions_figure
+
+    report = dict(nodes.report, sources={name: str(path) for name, path in sources.items()},
+                  segmentation=str(out_path))
+    writers: Dict[Path, Any] = {Path(out_path): lambda tmp: save_segmentation(nodes.segmentation, tmp)}
     if report_path is not None:
         writers[Path(report_path)] = lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n")
     if png_path is not None:
-        image = volumes[first][0]
-        writers[Path(png_path)] = lambda tmp: write_regions_figure(result, image, tmp, report)
-    write_files_atomically(writers)
-    return result, segmentation
+        writers[Path(png_path)] = lambda tmp: write_regions_figure(nodes.result, image_kji, tmp, report)
+    written = write_files_atomically(writers)
+    nodes.report = report
+    return written
