@@ -31,6 +31,7 @@ first and added last: an error leaves the scene as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -90,6 +91,16 @@ class OutputOptions:
     disagreement_color: Tuple[float, float, float] = (0.90, 0.20, 0.20)
     sample_color: Tuple[float, float, float] = (0.60, 0.60, 0.70)
     show_scale_proxy: bool = False  # the scrubbing view starts hidden; the module shows it when the slider moves
+    # the nodule masks' terminology: the card's task region's (for_task; the lung card's is LUNG_TERMINOLOGY)
+    terminology: str = NODULE_TERMINOLOGY
+
+    def for_task(self, task) -> OutputOptions:
+        """These options with the task's first region's terminology, and its colour unless another was chosen:
+        what a card says its results are, not the lung card's words (identical for the lung card)."""
+        region = task.regions[0]
+        color = region.color if self.consensus_color == OutputOptions.consensus_color else self.consensus_color
+        return dataclasses.replace(self, terminology=region.terminology or self.terminology,
+                                   consensus_color=tuple(color))
 
 
 @dataclass
@@ -936,21 +947,21 @@ def _nodule_segments(nid: str, number: int, result: VolumeResult, options: Outpu
     name = nodule_name(nid)
     color = options.consensus_color if number <= 1 else NODULE_COLORS[(number - 1) % len(NODULE_COLORS)]
     consensus_shown = bool(result.consensus.any())
-    out = [(nid, name, color, result.consensus, NODULE_TERMINOLOGY, KIND_CONSENSUS, True)]
+    out = [(nid, name, color, result.consensus, options.terminology, KIND_CONSENSUS, True)]
     disagreement = (result.disagreement > options.disagreement_threshold).astype(np.uint8)
     out.append((disagreement_segment_id(nid), f"{name} disagreement", options.disagreement_color, disagreement,
                 None, KIND_DISAGREEMENT, False))
     if result.if_present is not None:
         paler = tuple(0.5 + 0.5 * c for c in color)
-        out.append((if_present_segment_id(nid), f"{name} if present", paler, result.if_present, NODULE_TERMINOLOGY,
+        out.append((if_present_segment_id(nid), f"{name} if present", paler, result.if_present, options.terminology,
                     KIND_IF_PRESENT, not consensus_shown and bool(result.if_present.any())))
     for k in range(1, result.n_scales + 1):
         out.append((scale_segment_id(k, nid), f"{name} scale {k}/{result.n_scales}", _scale_color(k, result.n_scales),
-                    result.scale_mask(k), NODULE_TERMINOLOGY, KIND_SCALE, False))
+                    result.scale_mask(k), options.terminology, KIND_SCALE, False))
     if options.include_samples:
         for i in range(1, result.n_samples + 1):
             out.append((sample_segment_id(i, nid), f"{name} sample {i}", options.sample_color, result.sample_mask(i),
-                        NODULE_TERMINOLOGY, KIND_SAMPLE, False))
+                        options.terminology, KIND_SAMPLE, False))
     return out
 
 
@@ -1162,7 +1173,7 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
     sequence.SetIndexType(sequence.NumericIndex)
     items = [_scale_item(base, k, result.n_scales, _segment(
         "Scale", f"{nodule_name(nodule)} scale {k}/{result.n_scales}", _scale_color(k, result.n_scales),
-        _oriented_labelmap(result.scale_mask(k), start, local_m), NODULE_TERMINOLOGY))
+        _oriented_labelmap(result.scale_mask(k), start, local_m), options.terminology))
         for k in range(1, result.n_scales + 1)]
     _fill_scales(sequence, items, volume_node, result.model_name)
     browser = slicer.vtkMRMLSequenceBrowserNode()

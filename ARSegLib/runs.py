@@ -299,14 +299,17 @@ def volume_key_of(volume_node) -> Tuple[int, str, int]:
 
 
 def apply_result(volume_node, result, options=None, nodule: Optional[str] = None, replace_with_empty: bool = False,
-                 memory: Optional[NoduleMemory] = None, volume_key=None, settings=None):
+                 memory: Optional[NoduleMemory] = None, volume_key=None, settings=None, card=None):
     """A finished run's result into the scene as a nodule of volume_node (mrml.write_result: a new one, or the
     nodule it redoes or refines), remembered for a later refinement. Returns mrml's ResultNodes (its notices:
-    what the user should know, e.g. a nodule redone, or kept because the run found nothing)."""
+    what the user should know, e.g. a nodule redone, or kept because the run found nothing). card: the model's,
+    whose task names the masks' terminology and colour (mrml.OutputOptions.for_task); None: the lung card's."""
     from . import mrml
 
     if getattr(result, "parts", None) is not None:  # a volume_regions.RegionsResult (several inputs)
         return apply_region_result(volume_node, result)
+    if card is not None:
+        options = (options or mrml.OutputOptions()).for_task(card.task)
     nodes = mrml.write_result(volume_node.GetScene(), volume_node, result, options, nodule=nodule,
                               replace_with_empty=replace_with_empty)
     if memory is not None and nodes.result is result and nodes.nodule:  # written (not kept as it was)
@@ -520,10 +523,12 @@ class RunService:
         """The result into the scene (apply_result), remembered under this service's memory."""
         if request is not None:
             nodule = nodule if nodule is not None else request.nodule
+        if request is not None and request.several_inputs:
+            return apply_region_result(volume_node, result, request.input_notes)
         return apply_result(volume_node, result, options, nodule=nodule,
                             replace_with_empty=bool(request is not None and request.replace_with_empty),
                             memory=self.memory, volume_key=None if request is None else request.volume_key,
-                            settings=None if request is None else request.settings)
+                            settings=None if request is None else request.settings, card=self.card)
 
     def run(self, request: RunRequest, progress: ProgressFn = None, cancel: CancelFn = None, checked: bool = False):
         """start + finish: the result, blocking."""

@@ -282,3 +282,45 @@ def test_the_module_shows_one_selector_per_input_of_the_card_preselected_by_name
     w._parameterNode.model = "lidc-nodule"
     w.updateInputSelectors()
     assert layout.rows == [] and w.ui.inputVolumeLabel.text == "Input volume:" and w._selectedInputs() is ct
+
+
+# --------------------------------------------------------------------------------------------- the card's words
+
+def test_a_click_results_terminology_and_colour_and_the_mode_hint_come_from_the_cards_task(arseg_module, tiny):
+    """Above the engine the task is the card's: a one-input card whose region is a "Lesion" coded as a neoplasm
+    writes its masks with that terminology and colour, and its mode hint names a lesion; the lung card's task (the
+    tiny card has none: the lung defaults) writes what it always wrote."""
+    import dataclasses
+
+    from ARSegLib import mrml, pipeline, runs
+    from ARSegLib.task import LUNG_TERMINOLOGY
+
+    predictor, card = tiny
+    neoplasm = ("Segmentation category and type - DICOM master list~SCT^49755003^Morphologically Altered Structure"
+                "~SCT^108369006^Neoplasm~^^~Anatomic codes - DICOM master list~SCT^10200004^Liver~^^")
+    task = {"name": "liver lesion", "inputs": [{"name": "volume", "title": "CT",
+                                                "intensity": {"method": "minmax_per_crop"}}],
+            "classes": {"1": "lesion"},
+            "regions": [{"name": "Lesion", "classes": [1], "color": [0.1, 0.3, 0.9], "terminology": neoplasm}]}
+    liver = dataclasses.replace(card, data=dict(card.data, task=task, modes=["volume"]))
+    with pytest.raises(pipeline.UnsupportedModeError, match="not validated for click"):
+        pipeline.check_mode(liver, "click")
+    with pytest.raises(pipeline.UnsupportedModeError, match="Give a point on the lesion"):
+        pipeline.check_mode(dataclasses.replace(card, data=dict(card.data, task=task, modes=["click"])), "volume")
+    with pytest.raises(pipeline.UnsupportedModeError, match="Give a point on the nodule"):
+        pipeline.check_mode(dataclasses.replace(card, data=dict(card.data, modes=["click"])), "volume")
+    liver = dataclasses.replace(card, data=dict(card.data, task=task))
+    k, j, i = np.mgrid[:6, :80, :80]
+    array = np.where((j - 40) ** 2 + (i - 40) ** 2 < 100, 40, -850).astype(np.int16)
+    settings = pipeline.SegmentSettings(n_samples=2, half_height_mm=0.0)
+    for which, expected_terminology, expected_color in ((liver, neoplasm, (0.1, 0.3, 0.9)),
+                                                        (card, LUNG_TERMINOLOGY, mrml.OutputOptions().consensus_color)):
+        scene = mrml.new_scene()
+        volume = mrml.add_scalar_volume(scene, "blob", array, np.diag([-0.7, -0.7, 2.0, 1.0]))
+        nodes = runs.RunService(runs.LocalBackend(predictor, which)).segment_node(
+            volume, runs.clicks([(-28.0, -28.0, 4.0)]), settings)
+        segment = nodes.segmentation.GetSegmentation().GetSegment("Nodule_1")
+        assert mrml.get_terminology(segment) == expected_terminology
+        assert tuple(segment.GetColor()) == pytest.approx(expected_color)
+        scale = nodes.segmentation.GetSegmentation().GetSegment(mrml.scale_segment_id(1, "Nodule_1"))
+        assert mrml.get_terminology(scale) == expected_terminology
