@@ -919,7 +919,8 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
                      includeSamples: bool = False, fast: bool = False):
         """Each image file -> outputDir/NAME.seg.nrrd + NAME.report.json, in scenes of their own (the user's
         scene is not touched). points: {path: (R, A, S) or [(R, A, S), ...]}: a nodule at each; a file without points
-        runs whole (models validated for it only). Returns reports."""
+        runs whole (models validated for it only). For a model of several inputs each case is {input name: path}
+        (named after its first input's file), run whole. Returns reports."""
         from pathlib import Path
 
         from ARSegLib import mrml, runs
@@ -930,6 +931,14 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         service = self.service(model, device)
         reports = []
         for path in paths:
+            if hasattr(path, "items"):  # several inputs: {"flair": path, "t1ce": path}
+                first = Path(runs.task_input_nodes(path, service.card.task)[service.card.task.input_names[0]])
+                stem = mrml.volume_stem(first)
+                out = Path(outputDir) / f"{stem}.seg.nrrd"
+                nodes = service.segment_input_files(path, out, settings,
+                                                    report_path=Path(outputDir) / f"{stem}.report.json")
+                reports.append(nodes.report)
+                continue
             path = Path(path)
             stem = mrml.volume_stem(path)
             out = Path(outputDir) / f"{stem}.seg.nrrd"

@@ -160,10 +160,12 @@ def slab():
     return flair[k - 6:k + 6].astype(np.float32), t1ce[k - 6:k + 6].astype(np.float32), m_slab
 
 
-def test_console_segments_several_inputs_through_the_worker_on_slicer_core(arseg_module, slab):
+def test_console_segments_several_inputs_through_the_worker_on_slicer_core(arseg_module, slab, tmp_path):
     """ARSegLogic().segment({"flair": f, "t1ce": t}, model="brats-glioma"): refused before any work where it must
     be (no worker starts), else run in the worker and written as one segmentation of the first input with a
     segment per region per lesion, its disagreement and scales, and the report per region in mL."""
+    from arseg_volumes import Volume, write_nrrd
+
     from ARSegLib import mrml, pipeline
     from ARSegLib.models import available_models
     from ARSegLib.volume_regions import InputsError
@@ -212,6 +214,16 @@ def test_console_segments_several_inputs_through_the_worker_on_slicer_core(arseg
         seg_id = result.parts[0].name.replace(" ", "_")
         mask = mrml.segment_array(nodes.segmentation, seg_id, flair_array.shape, m)
         assert np.array_equal(mask > 0, result.region_consensus(result.parts[0].region) > 0)
+
+        # files: each case {input name: path}, in a scene of its own, named after its first input
+        paths = {name: write_nrrd(Volume(array, m), tmp_path / f"case_{name}.nrrd")
+                 for name, array in (("flair", flair_array), ("t1ce", t1ce_array))}
+        reports = logic.segmentFiles([paths], tmp_path / "out", **kw)
+        assert reports[0]["sources"] == {k: str(v) for k, v in paths.items()}
+        out = tmp_path / "out"
+        assert (out / "case_flair.seg.nrrd").is_file() and (out / "case_flair.report.json").is_file()
+        assert [r["consensus_volume_ml"] for r in reports[0]["regions"]] == \
+            [r["consensus_volume_ml"] for r in report["regions"]]  # the same voxels, the same seed: the same result
     finally:
         logic.stopWorker()
 
