@@ -220,10 +220,10 @@ class WorkerBackend:
 
     def start(self, request: RunRequest, previous=None):
         refinement = request.refinement if request.refines else None
+        several = {"input_names": request.input_names} if request.several_inputs else {}  # a one-input client's
         return self.client.segment(request.volume, request.ijk_to_ras, request.click, request.settings,
                                    volume_key=request.volume_key, refinement=refinement,
-                                   previous=previous if refinement is not None else None,
-                                   input_names=request.input_names)
+                                   previous=previous if refinement is not None else None, **several)
 
 
 def finish(run, progress: ProgressFn = None, cancel: CancelFn = None):
