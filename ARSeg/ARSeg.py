@@ -8,6 +8,7 @@ nodes), `models` (the model cards). Slicer's process never imports torch. The sa
 
     logic = ARSegLogic()
     nodes = logic.segment(volumeNode, point=(R, A, S))           # or point=None: the whole volume
+    nodes = logic.segment({"flair": f, "t1ce": t}, model="brats-glioma")   # several inputs: whole volume, per region
     nodes = logic.refine(volumeNode, 1, exclude=[(R, A, S)])     # refine nodule 1 (also include, lock_scales, sample)
     reports = logic.segmentFiles(["a.nrrd", "b.nrrd"], "/tmp/out")
 
@@ -171,6 +172,8 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._clickNode = None
         self._promptNodes = {}  # "include" / "exclude" -> the point list its place widget adds to
         self._noduleIds = []  # the nodule list's rows
+        self._extraInputs = []  # (input name, title, label, selector) of the model's inputs after the first
+        self._inputsShown = None  # the (name, title) inputs the selectors show; None: the .ui's one
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -304,15 +307,78 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             index = self.ui.modelComboBox.findText(self._parameterNode.model)
             if index >= 0:
                 self.ui.modelComboBox.currentIndex = index
+        self.updateInputSelectors()
         self.updateModesGui()
         self.updateResultsGui()
 
     def onModelChanged(self, text) -> None:
         if self._parameterNode and text:
             self._parameterNode.model = text
+            self.updateInputSelectors()
             self.updateModesGui()
             if self.parent.isEntered:
                 self.startPreload()
+
+    # --- inputs: one volume selector per input the model's card names
+
+    def updateInputSelectors(self) -> None:
+        """One volume selector per input of the model's card: the .ui's for the first (bound to the parameter node),
+        built here for the others (a one-input card, the lung model's, shows the .ui's alone). Each is preselected
+        when the scene holds a volume named like its input (FLAIR, "t1ce.nii", "case_flair")."""
+        model = self._parameterNode.model if self._parameterNode else DEFAULT_MODEL
+        inputs = self.logic.modelInputs(model)
+        several = len(inputs) > 1
+        if inputs != self._inputsShown and (several or self._inputsShown is not None):  # the .ui shows one input
+            layout = self.ui.inputsCollapsibleButton.layout()
+            for _, _, _, selector in self._extraInputs:
+                layout.removeRow(selector)  # deletes the row's label and selector
+            self._extraInputs = []
+            for row, (name, title) in enumerate(inputs[1:], 1):
+                label, selector = self._newInputSelector(name, title)
+                layout.insertRow(row, label, selector)
+                self._extraInputs.append((name, title, label, selector))
+            self.ui.inputVolumeLabel.text = f"{inputs[0][1]} volume:" if several else "Input volume:"
+            self._hideOwnVolumesFromInput()
+        self._inputsShown = inputs
+        if not several:
+            return
+        named = self.logic.inputsNamedLike(slicer.mrmlScene, model)
+        first = named.get(inputs[0][0])
+        p = self._parameterNode
+        if p is not None and first is not None and (not p.inputVolume or p.inputVolume in named.values()):
+            p.inputVolume = first  # the volume called FLAIR, not the one called T1ce, is the first input
+        for name, _, _, selector in self._extraInputs:
+            if selector.currentNode() is None and named.get(name) is not None:
+                selector.setCurrentNode(named[name])
+
+    def _newInputSelector(self, name: str, title: str):
+        """(label, selector) for an input after the first."""
+        label = qt.QLabel(f"{title} volume:")
+        selector = slicer.qMRMLNodeComboBox()
+        selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        selector.showChildNodeTypes = False
+        selector.addEnabled = selector.removeEnabled = False
+        selector.noneEnabled = True
+        selector.setMRMLScene(slicer.mrmlScene)
+        selector.toolTip = (f"The {title} volume (the model's input {name!r}). On another grid than the first "
+                            f"input's, it is resampled onto that grid (the status says so).")
+        return label, selector
+
+    def _selectedInputs(self):
+        """The input volume node, or, for a model of several inputs, {input name: node}: each must be selected."""
+        p = self._parameterNode
+        inputs = self.logic.modelInputs(p.model)
+        if not p.inputVolume:
+            raise ValueError(f"Select the {inputs[0][1]} volume first." if len(inputs) > 1 else
+                             "Select an input volume first.")
+        if not self._extraInputs:
+            return p.inputVolume
+        volumes = {inputs[0][0]: p.inputVolume}
+        for name, title, _, selector in self._extraInputs:
+            if selector.currentNode() is None:
+                raise ValueError(f"Select the {title} volume first.")
+            volumes[name] = selector.currentNode()
+        return volumes
 
     def updateModesGui(self) -> None:
         """Whole-volume mode only for models whose card says they were trained and validated for it."""
@@ -363,18 +429,22 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _startRun(self, point) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("ARSeg could not start the segmentation.", waitCursor=True):
-            if not p or not p.inputVolume:
+            if not p:
                 raise ValueError("Select an input volume first.")
+            volumes = self._selectedInputs()
             if not self.logic.setupPythonRequirements():
                 return
-            self._run = self.logic.startSegmentation(p.inputVolume, point, model=p.model, device=p.device,
+            self._run = self.logic.startSegmentation(volumes, point, model=p.model, device=p.device,
                                                      samples=p.samples, seed=p.seed, halfHeightMm=p.halfHeightMm,
                                                      temperature=p.temperature if p.temperature > 0 else None,
                                                      fast=bool(p.fastSampling))
             self._runVolume = p.inputVolume
             self._runIncludeSamples = bool(p.includeSamples)
             where = "whole volume" if point is None else "R {:.1f}, A {:.1f}, S {:.1f}".format(*point)
-            self.ui.statusLabel.text = f"Segmenting ({where})..."
+            notes = list(getattr(getattr(self._run, "request", None), "input_notes", ()))  # inputs resampled
+            for note in notes:
+                logging.info(f"ARSeg: {note}")
+            self.ui.statusLabel.text = " ".join([f"Segmenting ({where})..."] + [f"Note: {n}." for n in notes])
             self.setRunning(True)
             self._pollTimer.start()
 
@@ -585,9 +655,14 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """ARSeg's own disagreement volumes are scalar volumes too: not something to segment."""
         own = [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
                if node.GetAttribute("ARSeg.Role")]
-        self.ui.inputVolumeSelector.sortFilterProxyModel().hiddenNodeIDs = own
+        for selector in [self.ui.inputVolumeSelector] + [entry[3] for entry in self._extraInputs]:
+            selector.sortFilterProxyModel().hiddenNodeIDs = own
 
     def showResults(self, nodes) -> None:
+        if nodes is not None and "regions" in nodes.report:  # several inputs: per region, no scales or nodules
+            self.ui.resultsCollapsibleButton.enabled = False
+            self.ui.reportLabel.text = self.logic.reportSummary(nodes.report)
+            return
         self.updateNoduleList()
         has = nodes is not None and nodes.sequence is not None
         self.ui.resultsCollapsibleButton.enabled = has
@@ -825,6 +900,25 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
             return [DEFAULT_MODEL]
 
     @staticmethod
+    def modelInputs(model):
+        """[(input name, title)] of the inputs the model's card names (the lung card: one, "CT"); a card that
+        cannot be read: one input (the run says what is wrong with the card)."""
+        from ARSegLib.models import ModelError, read_card
+
+        try:
+            return [(i.name, i.title) for i in read_card(model).task.inputs]
+        except (ModelError, OSError, ValueError):
+            return [("volume", "Input")]
+
+    @staticmethod
+    def inputsNamedLike(scene, model):
+        """{input name: volume node} of the scene's volumes named like the model's inputs (mrml.volumes_for_inputs)."""
+        from ARSegLib import mrml
+        from ARSegLib.models import read_card
+
+        return mrml.volumes_for_inputs(scene, read_card(model).task)
+
+    @staticmethod
     def workerPython():
         """Slicer's own Python (PythonSlicer, on PATH inside Slicer) runs the worker; elsewhere this Python."""
         return shutil.which("PythonSlicer") or sys.executable
@@ -879,15 +973,20 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
                           samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
                           halfHeightMm: float = 20.0, fast: bool = False):
         """Check the input and send it to the worker (main thread: reading the volume is all it does here); returns
-        the run, which the caller polls (`run.poll()`, never blocking) and hands to `applyResult`."""
+        the run, which the caller polls (`run.poll()`, never blocking) and hands to `applyResult`. volumeNode may
+        be {input name: node} for a model of several inputs (aligned onto the first's grid: run.request.input_notes
+        says which were resampled)."""
         from ARSegLib.prompts import include
 
         # bad input says so at once, before the worker sees it
         self.checkPythonRequirements()
         settings = self.settings(samples, temperature, seed, halfHeightMm, fast).check()
         service = self.service(model, device)
-        request = service.request_for_node(volumeNode, click=None if point is None else include(point),
-                                           settings=settings)
+        click = None if point is None else include(point)
+        if hasattr(volumeNode, "items"):  # several inputs
+            request = service.request_for_inputs(volumeNode, click=click, settings=settings)
+        else:
+            request = service.request_for_node(volumeNode, click=click, settings=settings)
         return service.start(request)
 
     def showOutline(self, volumeNode, outline):
@@ -906,6 +1005,8 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         request: the run's (run.request), which says which nodule it refines and with which settings."""
         from ARSegLib import mrml, runs
 
+        if getattr(request, "input_names", ()):  # several inputs: volumeNode is the first
+            return runs.apply_region_result(volumeNode, result, request.input_notes)
         return runs.apply_result(volumeNode, result, mrml.OutputOptions(include_samples=includeSamples),
                                  nodule=getattr(request, "nodule", None),
                                  replace_with_empty=bool(getattr(request, "replace_with_empty", False)),
@@ -918,12 +1019,23 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         """Segment volumeNode and wait: a nodule at each RAS point (point=(R, A, S) and/or points=[(R, A, S), ...]),
         or the whole volume when there is none (models validated for it only). Every point is checked before any
         runs. Returns the ResultNodes, which hold every nodule of the volume. For the console and scripts: the GUI
-        polls startSegmentation's run instead."""
+        polls startSegmentation's run instead.
+
+        A model whose card names several inputs takes {input name: node} (segment({"flair": f, "t1ce": t},
+        model="brats-glioma")): whole volume, inputs on another grid resampled onto the first's; one segmentation
+        of the first input with a segment per region per lesion. Returns mrml.RegionNodes (report per region,
+        notices: what was resampled)."""
         from ARSegLib import mrml, runs
+        from ARSegLib.prompts import include
 
         self.checkPythonRequirements()
         clicks = [tuple(float(v) for v in p) for p in ([point] if point is not None else []) + list(points or [])]
         settings = self.settings(samples, temperature, seed, halfHeightMm, fast)
+        if hasattr(volumeNode, "items"):  # several inputs: a click is refused by the card's modes, before any work
+            if len(clicks) > 1:
+                raise ValueError("several inputs take at most one point")
+            return self.service(model, device).segment_inputs(volumeNode, settings, progress, cancel,
+                                                              click=include(clicks[0]) if clicks else None)
         return self.service(model, device).segment_node(
             volumeNode, runs.clicks(clicks), settings, mrml.OutputOptions(include_samples=includeSamples),
             progress, cancel)
@@ -988,7 +1100,8 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
                      includeSamples: bool = False, fast: bool = False):
         """Each image file -> outputDir/NAME.seg.nrrd + NAME.report.json, in scenes of their own (the user's
         scene is not touched). points: {path: (R, A, S) or [(R, A, S), ...]}: a nodule at each; a file without points
-        runs whole (models validated for it only). Returns reports."""
+        runs whole (models validated for it only). For a model of several inputs each case is {input name: path}
+        (named after its first input's file), run whole. Returns reports."""
         from pathlib import Path
 
         from ARSegLib import mrml, runs
@@ -999,6 +1112,14 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         service = self.service(model, device)
         reports = []
         for path in paths:
+            if hasattr(path, "items"):  # several inputs: {"flair": path, "t1ce": path}
+                first = Path(runs.task_input_nodes(path, service.card.task)[service.card.task.input_names[0]])
+                stem = mrml.volume_stem(first)
+                out = Path(outputDir) / f"{stem}.seg.nrrd"
+                nodes = service.segment_input_files(path, out, settings,
+                                                    report_path=Path(outputDir) / f"{stem}.report.json")
+                reports.append(nodes.report)
+                continue
             path = Path(path)
             stem = mrml.volume_stem(path)
             out = Path(outputDir) / f"{stem}.seg.nrrd"
@@ -1197,6 +1318,10 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
     def reportSummary(report) -> str:
         if not report:
             return ""
+        if "regions" in report:  # several inputs: per region, in mL
+            from ARSegLib import mrml
+
+            return mrml.region_summary(report)
         vols = report["sample_volume_mm3"]
         ious = report["sample_iou_with_consensus"]
         return (f"Consensus {report['consensus_volume_mm3']:.0f} mm\u00b3; {report['n_samples']} samples "

@@ -31,9 +31,11 @@ first and added last: an error leaves the scene as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 import weakref
 from dataclasses import dataclass, field
@@ -90,6 +92,16 @@ class OutputOptions:
     disagreement_color: Tuple[float, float, float] = (0.90, 0.20, 0.20)
     sample_color: Tuple[float, float, float] = (0.60, 0.60, 0.70)
     show_scale_proxy: bool = False  # the scrubbing view starts hidden; the module shows it when the slider moves
+    # the nodule masks' terminology: the card's task region's (for_task; the lung card's is LUNG_TERMINOLOGY)
+    terminology: str = NODULE_TERMINOLOGY
+
+    def for_task(self, task) -> OutputOptions:
+        """These options with the task's first region's terminology, and its colour unless another was chosen:
+        what a card says its results are, not the lung card's words (identical for the lung card)."""
+        region = task.regions[0]
+        color = region.color if self.consensus_color == OutputOptions.consensus_color else self.consensus_color
+        return dataclasses.replace(self, terminology=region.terminology or self.terminology,
+                                   consensus_color=tuple(color))
 
 
 @dataclass
@@ -938,21 +950,21 @@ def _nodule_segments(nid: str, number: int, result: VolumeResult, options: Outpu
     name = nodule_name(nid)
     color = options.consensus_color if number <= 1 else NODULE_COLORS[(number - 1) % len(NODULE_COLORS)]
     consensus_shown = bool(result.consensus.any())
-    out = [(nid, name, color, result.consensus, NODULE_TERMINOLOGY, KIND_CONSENSUS, True)]
+    out = [(nid, name, color, result.consensus, options.terminology, KIND_CONSENSUS, True)]
     disagreement = (result.disagreement > options.disagreement_threshold).astype(np.uint8)
     out.append((disagreement_segment_id(nid), f"{name} disagreement", options.disagreement_color, disagreement,
                 None, KIND_DISAGREEMENT, False))
     if result.if_present is not None:
         paler = tuple(0.5 + 0.5 * c for c in color)
-        out.append((if_present_segment_id(nid), f"{name} if present", paler, result.if_present, NODULE_TERMINOLOGY,
+        out.append((if_present_segment_id(nid), f"{name} if present", paler, result.if_present, options.terminology,
                     KIND_IF_PRESENT, not consensus_shown and bool(result.if_present.any())))
     for k in range(1, result.n_scales + 1):
         out.append((scale_segment_id(k, nid), f"{name} scale {k}/{result.n_scales}", _scale_color(k, result.n_scales),
-                    result.scale_mask(k), NODULE_TERMINOLOGY, KIND_SCALE, False))
+                    result.scale_mask(k), options.terminology, KIND_SCALE, False))
     if options.include_samples:
         for i in range(1, result.n_samples + 1):
             out.append((sample_segment_id(i, nid), f"{name} sample {i}", options.sample_color, result.sample_mask(i),
-                        NODULE_TERMINOLOGY, KIND_SAMPLE, False))
+                        options.terminology, KIND_SAMPLE, False))
     return out
 
 
@@ -1164,7 +1176,7 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
     sequence.SetIndexType(sequence.NumericIndex)
     items = [_scale_item(base, k, result.n_scales, _segment(
         "Scale", f"{nodule_name(nodule)} scale {k}/{result.n_scales}", _scale_color(k, result.n_scales),
-        _oriented_labelmap(result.scale_mask(k), start, local_m), NODULE_TERMINOLOGY))
+        _oriented_labelmap(result.scale_mask(k), start, local_m), options.terminology))
         for k in range(1, result.n_scales + 1)]
     _fill_scales(sequence, items, volume_node, result.model_name)
     browser = slicer.vtkMRMLSequenceBrowserNode()
@@ -1870,27 +1882,67 @@ def write_region_results(scene, volume_node, result, report: Optional[Dict[str, 
     return segmentation
 
 
-def segment_region_files(input_paths: Dict[str, Any], out_path, predictor, card, report_path=None, png_path=None,
-                         settings=None, progress=None, cancel=None, scene=None):
-    """Several inputs (task input name -> image file) -> OUT.seg.nrrd (a segment per region per lesion), the report
-    JSON and the figure, written together (write_files_atomically). Every input is read and checked first
-    (volume_regions.check_inputs: the task's names, one grid). Returns (RegionsResult, segmentation node)."""
-    from .figure_regions import write_regions_figure
-    from .volume_regions import segment_volume_regions
+def _name_words(name: str) -> List[str]:
+    return [w for w in re.split(r"[^0-9a-z]+", str(name).lower()) if w]
 
-    scene = scene if scene is not None else new_scene()
-    nodes = {name: load_volume(scene, path, name=f"{volume_stem(Path(path))}") for name, path in input_paths.items()}
-    volumes = {name: (volume_array(node), world_ijk_to_ras(node)) for name, node in nodes.items()}
-    result = segment_volume_regions(volumes, predictor, card, settings, progress=progress, cancel=cancel)
-    first = card.task.input_names[0]
-    report = dict(result.report(str(input_paths[first])),
-                  sources={name: str(path) for name, path in input_paths.items()}, segmentation=str(out_path))
-    segmentation = write_region_results(scene, nodes[first], result, report)
-    writers: Dict[Path, Any] = {Path(out_path): lambda tmp: save_segmentation(segmentation, tmp)}
+
+def volumes_for_inputs(scene, task) -> Dict[str, Any]:
+    """The scene's volumes named like the task's inputs, {input name: node}, for a front end to preselect: a
+    volume whose name, in any case, is the input's name or title ("FLAIR", "flair.nii") or holds it as a word
+    ("case7_t1ce"), exact names first; ARSeg's own volumes and volumes taken by an earlier input are skipped. An
+    input no volume is named like is left out."""
+    volumes = [n for n in _nodes_of_class(scene, "vtkMRMLScalarVolumeNode") if not n.GetAttribute(ROLE_ATTRIBUTE)]
+    found: Dict[str, Any] = {}
+    for entry in task.inputs:
+        words = {entry.name.lower(), entry.title.lower()}
+        free = [n for n in volumes if n not in found.values()]
+        exact = [n for n in free if _bare_name(n.GetName()) in words]
+        by_word = [n for n in free if words & set(_name_words(n.GetName()))]
+        if exact or by_word:
+            found[entry.name] = (exact or by_word)[0]
+    return found
+
+
+def _bare_name(name: str) -> str:
+    """A node's name without a file's extensions ("FLAIR.nii.gz" -> "flair"), lower case."""
+    return re.sub(r"(\.(nii|gz|nrrd|nhdr|mha|mhd|dcm))+$", "", str(name or "").lower())
+
+
+@dataclass
+class RegionNodes:
+    """What a several-input run put in the scene: the segmentation of its first input (a segment per region per
+    lesion), the result and report (RegionsResult.report), and what the user should know (inputs resampled)."""
+
+    segmentation: Any
+    result: Any  # volume_regions.RegionsResult
+    report: Dict[str, Any]
+    notices: List[str] = field(default_factory=list)
+    regions = True  # front ends tell these from ResultNodes by this
+
+
+def region_summary(report: Dict[str, Any]) -> str:
+    """One line per region of a RegionsResult report: its consensus volume and the samples' range, in mL."""
+    lines = [f"{report.get('n_lesions', 0)} lesion(s)"]
+    for region in report.get("regions", []):
+        v = region["sample_volume_ml"]
+        lines.append(f"{region['name']}: {region['consensus_volume_ml']:.2f} mL (samples {v['min']:.2f}-"
+                     f"{v['max']:.2f} mL)")
+    return "\n".join(lines)
+
+
+def write_region_outputs(nodes: RegionNodes, image_kji: np.ndarray, sources: Dict[str, Any], out_path,
+                         report_path=None, png_path=None) -> List[Path]:
+    """A several-input run's files: OUT.seg.nrrd (a segment per region per lesion), the report JSON (with each
+    input's file) and the figure (on image_kji, the first input), written together (write_files_atomically)."""
+    from .figure_regions import write_regions_figure
+
+    report = dict(nodes.report, sources={name: str(path) for name, path in sources.items()},
+                  segmentation=str(out_path))
+    writers: Dict[Path, Any] = {Path(out_path): lambda tmp: save_segmentation(nodes.segmentation, tmp)}
     if report_path is not None:
         writers[Path(report_path)] = lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n")
     if png_path is not None:
-        image = volumes[first][0]
-        writers[Path(png_path)] = lambda tmp: write_regions_figure(result, image, tmp, report)
-    write_files_atomically(writers)
-    return result, segmentation
+        writers[Path(png_path)] = lambda tmp: write_regions_figure(nodes.result, image_kji, tmp, report)
+    written = write_files_atomically(writers)
+    nodes.report = report
+    return written

@@ -81,13 +81,22 @@ def card_modes(card) -> Tuple[str, ...]:
     return tuple(str(m) for m in modes)
 
 
+def _object_word(card) -> str:
+    """What a click segments, in the card's words: its task's first region ("nodule" for the lung card)."""
+    try:
+        return card.task.regions[0].name.lower()
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):  # a card object without a task
+        return "object"
+
+
 def check_mode(card, mode: str) -> None:
     """UnsupportedModeError unless the card lists mode; the message says what the model can do instead."""
     modes = card_modes(card)
     if mode not in modes:
         name = getattr(card, "name", "this model")
         can = " or ".join(MODE_WORDS.get(m, m) for m in modes) or "nothing"
-        hint = " Give a point on the nodule (--point R,A,S on the command line)." if MODE_CLICK in modes else ""
+        hint = f" Give a point on the {_object_word(card)} (--point R,A,S on the command line)." \
+            if MODE_CLICK in modes else ""
         raise UnsupportedModeError(
             f"model {name!r} is not validated for {MODE_WORDS.get(mode, mode)} mode: its card lists only "
             f"{can}, the mode it was trained and validated for.{hint}")

@@ -15,7 +15,8 @@ pipe. The worker keeps the last volume it was sent, so further clicks on it send
     client -> worker   ("load", id, {})                      load the model (sent when the worker starts)
                        ("segment", id, {volume, key, ...})   a click (a prompts.Prompt as a dict) or the whole
                                                              volume; a refinement (a prompts.Refinement as a dict)
-                                                             with the nodule's previous VolumeResult
+                                                             with the nodule's previous VolumeResult; several
+                                                             inputs (input_names): volume is their stack
                        ("cancel", id)                        stop that run at its next step
                        ("quit",)
     worker -> client   ("progress", id, done, total)
@@ -438,7 +439,8 @@ class _Server:
 
         result = compute(self.volume, args["ijk_to_ras"], click, args["settings"], predictor, card, refinement,
                          previous, progress, cancelled.is_set,
-                         on_outline=on_outline if args.get("outline", True) else None)
+                         on_outline=on_outline if args.get("outline", True) else None,
+                         input_names=tuple(args.get("input_names") or ()))
         return externalize(result, ArrayFolder(Path(args["folder"]), Path(args["spill"])))
 
 
@@ -720,12 +722,13 @@ class InferenceClient:
         return volume_key is not None and volume_key == self._volume_key and self.alive()
 
     def segment(self, volume: Optional[np.ndarray], ijk_to_ras, click=None, settings=None, volume_key=None,
-                refinement=None, previous=None, outline: bool = True) -> WorkerRun:
+                refinement=None, previous=None, outline: bool = True, input_names=()) -> WorkerRun:
         """A click (a prompts.Prompt, include((R, A, S))) or, with click None, the whole volume; with a refinement
         (a prompts.Refinement), that click's nodule refined from previous, its current VolumeResult. volume_key:
         anything that identifies these voxels (Slicer: the node's ID and modified time): a key the worker already
         holds sends no voxels, and volume may then be None (see holds()). Checking is the caller's (runs.py).
-        outline: a plain click sends its first outline (run.take_outline()) before the result."""
+        outline: a plain click sends its first outline (run.take_outline()) before the result. input_names: volume
+        is the stack (C, k, j, i) of a task's several inputs, in this order (runs.RunRequest.input_names)."""
         from .pipeline import SegmentSettings
         from .prompts import Prompt, Refinement
 
@@ -743,7 +746,8 @@ class InferenceClient:
                 "refinement": None if refinement is None else refinement.to_dict(digits=None),
                 "previous": None if refinement is None else externalize(previous, self._folder),
                 "settings": settings or SegmentSettings(), "folder": str(self._folder.path),
-                "spill": str(self._folder.spill), "outline": bool(outline)}
+                "spill": str(self._folder.spill), "outline": bool(outline),
+                "input_names": tuple(str(n) for n in input_names)}
         if volume_key is None or volume_key != self._volume_key:
             args["volume"] = self._folder.put(np.asarray(volume), "volume")
             args["volume_key"] = volume_key if volume_key is not None else secrets.token_hex(8)
