@@ -11,7 +11,6 @@ import test_slicer_module
 from conftest import BRATS, need
 
 TEST_CASE = "brats_2013_pat0005_1"  # data/brats.SPLIT["test"]
-arseg_module = test_slicer_module.arseg_module  # ARSeg.py on slicer-core (fixture)
 widget = test_slicer_module.widget  # its real ARSegWidget with plain objects for the Qt widgets (fixture)
 
 
