@@ -280,6 +280,11 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
         last["nodes"] = RunService(LocalBackend(predictor, card)).segment_node(volume, clicks([point]), settings)
         model_s.append(last["nodes"].result.timings_s["model"])
 
+    one_batch = dataclasses.replace(settings, first_wave_mm=None)  # every plane in one batch, as before the waves
+
+    def click_in_one_batch():
+        RunService(LocalBackend(predictor, card)).segment_node(volume, clicks([point]), one_batch)
+
     client = InferenceClient(model, str(predictor.device))
     slicer_blocks, slicer_outlines = [], []
 
@@ -311,9 +316,9 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
             raise RuntimeError("the inference worker did not load the model")
         # both ways alternate after a warm-up of each, so the machine's drift hits both alike
         sync = predictor.device.type == "cuda"
-        click(), click_as_the_module_does(), outline_only()
+        click(), click_as_the_module_does(), outline_only(), click_in_one_batch()
         slicer_blocks.clear(), slicer_outlines.clear()
-        times: Dict[str, list] = {"main": [], "slicer": [], "outline": []}
+        times: Dict[str, list] = {"main": [], "slicer": [], "outline": [], "one_batch": []}
         faults, attainable = [], []
         model_s.clear()
         for _ in range(runs):
@@ -325,6 +330,7 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
             attainable.append(gemm_gflops(predictor.device, seconds=0.15)["attainable"])
             times["slicer"].append(click_as_the_module_does())
             times["outline"].append(outline_only())
+            times["one_batch"].append(median_time(click_in_one_batch, 1, warmup=0, sync=sync))
     finally:
         client.shutdown()
     click_model_s = statistics.median(model_s)
@@ -340,6 +346,12 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
                            "click_lung1_page_faults": statistics.median(faults),
                            "click_lung1_slicer_s": statistics.median(times["slicer"]),
                            "click_lung1_slicer_longest_block_s": max(slicer_blocks),
+                           # the same click with every plane in one batch (first_wave_mm None), alternating with
+                           # click_lung1_s: what the click's waves buy; and the planes the waves ran
+                           "click_lung1_one_batch_s": statistics.median(times["one_batch"]),
+                           "click_lung1_waves_speedup": statistics.median(
+                               b / a for a, b in zip(times["main"], times["one_batch"])),
+                           "click_lung1_planes_run": res.timings_s.get("planes_run"),
                            # the click's first outline (pipeline.Outline): in this process, and the module's way
                            # (worker, polled main thread; that click's final result above includes the fast pass)
                            "first_outline_s": statistics.median(times["outline"]),
@@ -595,6 +607,10 @@ def format_table(r: Dict[str, Any]) -> str:
         if "click_lung1_measures_s" in r:
             lines.append(f"  of which the report's diameters and mean intensity: "
                          f"{1000 * r['click_lung1_measures_s']:.1f} ms")
+        if "click_lung1_one_batch_s" in r:
+            lines.append(f"  its planes in waves ({r['click_lung1_planes_run']} planes run) against every plane in one "
+                         f"batch: {r['click_lung1_s']:.3f} s / {r['click_lung1_one_batch_s']:.3f} s alternating, "
+                         f"{r['click_lung1_waves_speedup']:.2f}x")
         if "first_outline_s" in r:
             lines.append(f"lung1 click's first outline: {r['first_outline_s']:.3f} s in this process, "
                          f"{r['first_outline_slicer_s']:.3f} s the Slicer module's way")
@@ -631,6 +647,7 @@ _COMPARED = (("N = 16 on one crop, s", ("crop", "16", "cached_s"), "{:.3f}"),
              ("lung1 click's first outline in process, s", ("first_outline_s",), "{:.3f}"),
              ("lung1 click's first outline, the module's way, s", ("first_outline_slicer_s",), "{:.3f}"),
              ("lung1 click in process, s", ("click_lung1_s",), "{:.2f}"),
+             ("lung1 click, every plane in one batch, s", ("click_lung1_one_batch_s",), "{:.2f}"),
              ("lung1 click, the Slicer module's way, s", ("click_lung1_slicer_s",), "{:.2f}"),
              ("first click after the module opens, s", ("first_click_lung1", "open_to_result_s"), "{:.2f}"),
              ("its first outline, s", ("first_click_lung1", "open_to_outline_s"), "{:.2f}"),
