@@ -552,6 +552,8 @@ def _run_here(model: str, device: str, runs: int, threads: int, volume_slices: i
         "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs, "crop_source": crop_source,
         "n_tokens": predictor.config.autoencoder.n_tokens, "instruction_sets": isa_report,
     }
+    # a shared machine's load (1, 5, 15 min) at the start and end: every time here is as loaded as this says
+    out["load_average_start"] = list(os.getloadavg())
     out["matmul_gflops_before"] = matmul_gflops(predictor.device)
     out["gemm_gflops"] = gemm_gflops(predictor.device)
     out["crop"] = bench_crop(predictor, crop, sampling, runs)
@@ -564,6 +566,7 @@ def _run_here(model: str, device: str, runs: int, threads: int, volume_slices: i
             out["first_click_lung1"] = bench_first_click(model, predictor.device, max(1, runs // 3))
         out.update(bench_refinement(predictor, card, max(3, runs // 3)))
     out["matmul_gflops_after"] = matmul_gflops(predictor.device)
+    out["load_average_end"] = list(os.getloadavg())
     out["heap_keeps_freed_memory"] = keeping_freed_memory()
     out["peak_rss_mb"] = peak_rss_mb()
     return out
@@ -621,6 +624,9 @@ def format_table(r: Dict[str, Any]) -> str:
         lines.append(f"first lung1 click after the module opens: {f['open_to_result_s']:.2f} s when it comes at once "
                      f"(worker start, torch, model, click); the worker loads in {f['load_s']:.2f} s, and the first "
                      f"click after that takes {f['click_after_load_s']:.2f} s")
+    if "load_average_start" in r:
+        start, end = (" / ".join(f"{v:.1f}" for v in r[k]) for k in ("load_average_start", "load_average_end"))
+        lines.append(f"load average (1, 5, 15 min) at the start {start}, at the end {end}")
     lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB; machine speed (512x512 matmul) {r['matmul_gflops_before']:.0f} "
                  f"GFLOP/s before, {r['matmul_gflops_after']:.0f} after")
     if r.get("instruction_sets"):
