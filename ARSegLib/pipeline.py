@@ -1000,7 +1000,6 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
     click_index = (grid.ras_to_index @ np.append(click, 1.0))[:3]
     click_plane = int(np.clip(np.round(click_index[0]), 0, nz - 1))
     click_index = (float(click_plane), round(float(click_index[1]), 6), round(float(click_index[2]), 6))
-    tokens = _every_plane_drawn(tokens, predictor, prepared, has_signal, settings, cancel)
 
     # every point prompt the object has had, earlier ones first, each on the plane it lies on
     points = []
@@ -1022,67 +1021,84 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
                                        % (1 << 63), oversample=1)
     else:
         redraw = sorted(z for z in per_plane if has_signal[z])
-    kept_planes = [z for z in range(nz) if z not in redraw and tokens.drawn_ZN[z].any()]
-
+    # a click run in waves has planes without token maps: a lock redraws every plane from them, so they are drawn
+    # first; other refinements run without them and draw them only if the refined result reaches a plane beside
+    # one (then again, with them): beyond planes it does not reach, they cannot change it (as for the click)
+    if refinement.lock_scales:
+        tokens = _every_plane_drawn(tokens, predictor, prepared, has_signal, settings, cancel)
+    includes = [(float(z), float(r), float(c)) for kind, (z, r, c), _ in points if kind == INCLUDE]
+    out = None  # the prompted planes' redraw: without a lock it needs no token maps, so a second round reuses it
     samples = np.zeros((n, nz, h, w), dtype=np.uint8)
     scales = np.zeros((k, nz, h, w), dtype=np.uint8)
     consensus = np.zeros((nz, h, w), dtype=np.uint8)
-    new_tokens = TokenMaps(idx_ZNL=tokens.idx_ZNL.copy(), view_ZN=tokens.view_ZN.copy(),
-                           drawn_ZN=tokens.drawn_ZN.copy(), scales=tokens.scales)
-    new_tokens.drawn_ZN[[z for z in range(nz) if z not in redraw and z not in kept_planes]] = False
 
     def put(planes, res):
         samples[:, planes] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
         scales[:, planes] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
         consensus[planes] = res.consensus_Bhw > 0
 
-    satisfaction = []
-    if redraw:
-        crop_prompts = []
-        for z in redraw:
-            here = per_plane.get(z, [])
-            crop_prompts.append(CropPrompts(include_rc=tuple(rc for kind, rc, _ in here if kind == INCLUDE),
-                                            exclude_rc=tuple(rc for kind, rc, _ in here if kind == EXCLUDE)))
-        prefix = None
-        if prefix_source is not None:
-            prefix = LockedPrefix.from_tokens(tokens.of_planes(redraw), prefix_source, refinement.lock_scales,
-                                              tokens.scales)
+    while True:
+        kept_planes = [z for z in range(nz) if z not in redraw and tokens.drawn_ZN[z].any()]
+        samples[:], scales[:], consensus[:] = 0, 0, 0
+        new_tokens = TokenMaps(idx_ZNL=tokens.idx_ZNL.copy(), view_ZN=tokens.view_ZN.copy(),
+                               drawn_ZN=tokens.drawn_ZN.copy(), scales=tokens.scales,
+                               computed_Z=None if tokens.computed_Z is None else tokens.computed_Z.copy(),
+                               sampling=tokens.sampling)
+        new_tokens.drawn_ZN[[z for z in range(nz) if z not in redraw and z not in kept_planes]] = False
 
-        def on_progress(done, total):
-            if progress is not None:
-                progress(done, total)
+        satisfaction = []
+        if redraw:
+            crop_prompts = []
+            for z in redraw:
+                here = per_plane.get(z, [])
+                crop_prompts.append(CropPrompts(include_rc=tuple(rc for kind, rc, _ in here if kind == INCLUDE),
+                                                exclude_rc=tuple(rc for kind, rc, _ in here if kind == EXCLUDE)))
+            prefix = None
+            if prefix_source is not None:
+                prefix = LockedPrefix.from_tokens(tokens.of_planes(redraw), prefix_source, refinement.lock_scales,
+                                                  tokens.scales)
 
-        out = sample_under_prompts(predictor, prepared[redraw], sampling, prompts=crop_prompts, prefix=prefix,
-                                   steering=SteeringConfig(max_rounds=REFINE_MAX_ROUNDS), crop_ids=redraw,
-                                   progress=on_progress, cancel=cancel)
-        put(redraw, out.result)
-        new_tokens.put(redraw, out.result.tokens)
-        for b, z in enumerate(redraw):
-            here = per_plane.get(z, [])
-            incl = [e for e in here if e[0] == INCLUDE]
-            excl = [e for e in here if e[0] == EXCLUDE]
-            for q, (kind, _, p) in enumerate(incl + excl):
-                satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras], "plane": int(z),
-                                     "candidates": int(out.candidates_B[b]),
-                                     "satisfying": int(out.satisfying_B[b][q]),
-                                     "satisfying_all_prompts_of_plane": int(out.satisfying_all_B[b]),
-                                     "distinct_kept": int(out.distinct_kept_B[b]),
-                                     "every_kept_sample_satisfies": bool(out.kept_satisfy_B[b])})
-    elif progress is not None:
-        progress(k, k)
-    for kind, (z, r, c), p in points:  # a prompt on a plane without signal cannot be met: say so
-        if z not in redraw:
-            satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras], "plane": int(z),
-                                 "candidates": 0, "satisfying": 0, "every_kept_sample_satisfies":
-                                 bool((samples[:, z, r, c] > 0).all() if kind == INCLUDE
-                                      else not samples[:, z, r, c].any())})
-    if kept_planes:
-        put(kept_planes, samples_from_tokens(predictor, tokens.of_planes(kept_planes)))
-    t_model = time.perf_counter()
+            def on_progress(done, total):
+                if progress is not None:
+                    progress(done, total)
 
-    includes = [(float(z), float(r), float(c)) for kind, (z, r, c), _ in points if kind == INCLUDE]
-    kept_consensus, kept_samples, kept_scales = _keep_object(consensus, samples, scales, click_index, grid.spacing,
-                                                             settings.component_tolerance_mm, includes)
+            if out is None or prefix is not None:
+                out = sample_under_prompts(predictor, prepared[redraw], sampling, prompts=crop_prompts,
+                                           prefix=prefix, steering=SteeringConfig(max_rounds=REFINE_MAX_ROUNDS),
+                                           crop_ids=redraw, progress=on_progress, cancel=cancel)
+            put(redraw, out.result)
+            new_tokens.put(redraw, out.result.tokens)
+            for b, z in enumerate(redraw):
+                here = per_plane.get(z, [])
+                incl = [e for e in here if e[0] == INCLUDE]
+                excl = [e for e in here if e[0] == EXCLUDE]
+                for q, (kind, _, p) in enumerate(incl + excl):
+                    satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras],
+                                         "plane": int(z), "candidates": int(out.candidates_B[b]),
+                                         "satisfying": int(out.satisfying_B[b][q]),
+                                         "satisfying_all_prompts_of_plane": int(out.satisfying_all_B[b]),
+                                         "distinct_kept": int(out.distinct_kept_B[b]),
+                                         "every_kept_sample_satisfies": bool(out.kept_satisfy_B[b])})
+        elif progress is not None:
+            progress(k, k)
+        for kind, (z, r, c), p in points:  # a prompt on a plane without signal cannot be met: say so
+            if z not in redraw:
+                satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras],
+                                     "plane": int(z), "candidates": 0, "satisfying": 0, "every_kept_sample_satisfies":
+                                     bool((samples[:, z, r, c] > 0).all() if kind == INCLUDE
+                                          else not samples[:, z, r, c].any())})
+        if kept_planes:
+            put(kept_planes, samples_from_tokens(predictor, tokens.of_planes(kept_planes)))
+        t_model = time.perf_counter()
+
+        kept_consensus, kept_samples, kept_scales = _keep_object(consensus, samples, scales, click_index,
+                                                                 grid.spacing, settings.component_tolerance_mm,
+                                                                 includes)
+        unrun = [z for z in tokens.missing_planes() if has_signal[z] and z not in redraw]
+        if not unrun or not _reaches_planes((kept_consensus, kept_samples, kept_scales),
+                                            [z + d for z in unrun for d in (-1, 1) if 0 <= z + d < nz]):
+            break
+        tokens = _every_plane_drawn(tokens, predictor, prepared, has_signal, settings, cancel)
     centre_plane = nz // 2  # unused after the click: a refinement does not re-centre
     found = _ClickPass(grid=grid, click_plane=click_plane, centre_plane=centre_plane, click_index=click_index,
                        prepared=prepared, raw=raw, consensus=kept_consensus, samples=kept_samples,
@@ -1208,6 +1224,12 @@ def _click_pass(array, m, click, centre, predictor, card, settings, sampling, pi
                       consensus=kept_consensus, samples=kept_samples, scales=kept_scales,
                       t_prepare=t_prep - t0, t_model=t_model - t_prep, tokens=tokens, waves=waves,
                       planes_run=int((run & has_signal).sum()))
+
+
+def _reaches_planes(kept, planes) -> bool:
+    """Whether any kept mask (consensus (Z, h, w), samples or scales (N, Z, h, w)) has a voxel on these planes."""
+    planes = sorted(set(planes))
+    return bool(planes) and any(bool(mask[..., planes, :, :].any()) for mask in kept)
 
 
 def _first_wave(click_plane: int, nz: int, settings: SegmentSettings, plane_mm: float) -> Tuple[int, int]:

@@ -144,16 +144,61 @@ def test_lung1_in_waves_is_the_one_batch_click_exactly(clicks):
         assert np.array_equal(getattr(whole.tokens, name)[ran], getattr(waves.tokens, name)[ran]), name
 
 
-@pytest.mark.parametrize("kind", ["lock", "include"])
-def test_a_refinement_of_the_click_in_waves_is_the_one_batch_clicks(lung1, shipped, clicks, kind):
-    """The planes the waves skipped are drawn when a refinement needs their token maps, as the one batch drew
-    them (a crop's samples depend on its image, id and seed): the refined results are the same."""
+def _refine(lung1, shipped, previous, refinement):
     predictor, card = shipped
+    return pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card,
+                                  refinement=refinement, previous=previous)
+
+
+def _same_tokens(a, b, planes=slice(None)):
+    for name in ("idx_ZNL", "view_ZN", "drawn_ZN"):
+        assert np.array_equal(getattr(a, name)[planes], getattr(b, name)[planes]), name
+
+
+def test_a_lock_of_the_click_in_waves_is_the_one_batch_clicks(lung1, shipped, clicks):
+    """A lock redraws every plane from its token maps: the planes the waves skipped are drawn first, as the one
+    batch drew them (a crop's samples depend on its image, id and seed), and the refined results are the same."""
+    whole, waves = clicks
+    a, b = (_refine(lung1, shipped, p, prompts.refinement(lock_scales=3)) for p in (whole, waves))
+    _same_result(a, b)
+    _same_tokens(a.tokens, b.tokens)
+    assert b.tokens.missing_planes() == []
+
+
+def test_an_include_point_on_the_click_in_waves_is_the_one_batch_clicks(lung1, shipped, clicks):
+    """Without a lock the skipped planes stay skipped while the refined result does not reach them; a lock after
+    that draws them and gives the one batch's result again."""
     whole, waves = clicks
     beside = tuple(np.asarray(lung1.nodule_ras) + (3.0, 0.0, 5.0))  # in the nodule, two planes above the click
-    refinement = prompts.refinement(lock_scales=3) if kind == "lock" else prompts.refinement(include_points=[beside])
-    a, b = (pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card,
-                                   refinement=refinement, previous=p) for p in (whole, waves))
+    a, b = (_refine(lung1, shipped, p, prompts.refinement(include_points=[beside])) for p in (whole, waves))
     _same_result(a, b)
+    ran = b.tokens.computed_Z if b.tokens.computed_Z is not None else slice(None)
+    _same_tokens(a.tokens, b.tokens, ran)
+    a2, b2 = (_refine(lung1, shipped, p, prompts.refinement(lock_scales=2)) for p in (a, b))
+    _same_result(a2, b2)
+    _same_tokens(a2.tokens, b2.tokens)
+
+
+def test_a_refinement_reaching_a_skipped_plane_draws_the_skipped_planes(lung1, shipped, clicks):
+    """A click whose token maps lack the planes right beside its result (as if its waves had stopped there): the
+    refined result reaches them, so they are drawn and the refinement is run again with them: the one batch's."""
+    import copy
+    import dataclasses
+
+    predictor, _ = shipped
+    whole, _ = clicks
+    skipped = copy.deepcopy(whole)
+    t = skipped.tokens
+    planes_with_result = np.flatnonzero(t.drawn_ZN.any(1))
+    lo, hi = 5, 11  # keep planes 5..11 of 17: the click's result spans 3..13 on lung1
+    assert planes_with_result.min() < lo and planes_with_result.max() > hi
+    t.computed_Z = np.zeros(t.idx_ZNL.shape[0], dtype=bool)
+    t.computed_Z[lo:hi + 1] = True
     for name in ("idx_ZNL", "view_ZN", "drawn_ZN"):
-        assert np.array_equal(getattr(a.tokens, name), getattr(b.tokens, name)), name
+        getattr(t, name)[~t.computed_Z] = 0
+    t.sampling = dataclasses.asdict(pipeline.SegmentSettings().sampling(predictor.config.sampling))
+    refinement = prompts.refinement(exclude_points=[tuple(np.asarray(lung1.nodule_ras) + (30.0, 30.0, 0.0))])
+    a, b = (_refine(lung1, shipped, p, refinement) for p in (whole, skipped))
+    _same_result(a, b)
+    _same_tokens(a.tokens, b.tokens)
+    assert b.tokens.missing_planes() == []
