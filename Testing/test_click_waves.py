@@ -115,17 +115,6 @@ def test_wave_settings_are_checked():
 # --------------------------------------------------------------------------------------------- the shipped model
 
 @pytest.fixture(scope="module")
-def shipped():
-    from test_shipped_model import SHIPPED
-
-    if not SHIPPED.exists():
-        pytest.skip("shipped model Resources/Models/lidc-nodule.json not present")
-    from ARSegLib.models import load_model
-
-    return load_model(SHIPPED)
-
-
-@pytest.fixture(scope="module")
 def clicks(lung1, shipped):
     """lung1's nodule clicked with the shipped sampling: every plane in one batch, then in waves."""
     predictor, card = shipped
