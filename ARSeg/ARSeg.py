@@ -8,6 +8,7 @@ nodes), `models` (the model cards). Slicer's process never imports torch. The sa
 
     logic = ARSegLogic()
     nodes = logic.segment(volumeNode, point=(R, A, S))           # or point=None: the whole volume
+    nodes = logic.segment({"flair": f, "t1ce": t}, model="brats-glioma")   # several inputs: whole volume, per region
     nodes = logic.refine(volumeNode, 1, exclude=[(R, A, S)])     # refine nodule 1 (also include, lock_scales, sample)
     reports = logic.segmentFiles(["a.nrrd", "b.nrrd"], "/tmp/out")
 
@@ -56,6 +57,8 @@ def _ensureLibraryOnPath():
 
 
 _ensureLibraryOnPath()
+
+from ARSegLib import limits  # noqa: E402 (found once the library is on the path; imports nothing itself)
 
 
 def reimportLibrary():
@@ -134,10 +137,12 @@ class ARSegParameterNode:
     inputVolume: vtkMRMLScalarVolumeNode
     model: str = DEFAULT_MODEL
     device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
-    samples: Annotated[int, WithinRange(1, 64)] = 16
-    temperature: Annotated[float, WithinRange(0.0, 5.0)] = 0.0  # 0: the model card's, the one it was validated at
-    seed: Annotated[int, WithinRange(0, 1000000)] = 0
-    halfHeightMm: Annotated[float, WithinRange(0.0, 200.0)] = 20.0
+    # the limits and defaults are the run settings' own (ARSegLib.limits, which pipeline.SegmentSettings checks);
+    # the wrapper sets the spin boxes' ranges from them
+    samples: Annotated[int, WithinRange(1, limits.MAX_SAMPLES)] = limits.DEFAULT_SAMPLES
+    temperature: Annotated[float, WithinRange(0.0, limits.MAX_TEMPERATURE)] = 0.0  # 0: the card's, as validated
+    seed: Annotated[int, WithinRange(0, min(limits.MAX_SEED, 2 ** 31 - 1))] = 0  # a QSpinBox holds a C int
+    halfHeightMm: Annotated[float, WithinRange(0.0, limits.MAX_HALF_HEIGHT_MM)] = limits.DEFAULT_HALF_HEIGHT_MM
     includeSamples: bool = False
     fastSampling: bool = False  # no test-time views or candidate selection: about twice as fast
 
@@ -163,8 +168,12 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._runVolume = None
         self._runIncludeSamples = False  # read when the run starts: the parameter node may be gone when it ends
         self._pendingPoint = None  # a point placed while a run was in flight: it runs next
+        self._pendingRefinement = None  # or a refinement asked for meanwhile (refine's keywords, nodule included)
         self._clickNode = None
+        self._promptNodes = {}  # "include" / "exclude" -> the point list its place widget adds to
         self._noduleIds = []  # the nodule list's rows
+        self._extraInputs = []  # (input name, title, label, selector) of the model's inputs after the first
+        self._inputsShown = None  # the (name, title) inputs the selectors show; None: the .ui's one
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -185,6 +194,17 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         # a QToolButton shows only its icon unless its style says otherwise
         place.placeButton().toolButtonStyle = qt.Qt.ToolButtonTextBesideIcon
 
+        # the selected nodule's extra points: "include" (its samples must all mark it), "exclude" (none may)
+        for place, text in ((self.ui.includePlaceWidget, "Add to nodule"), (self.ui.excludePlaceWidget, "Not this")):
+            place.setMRMLScene(slicer.mrmlScene)
+            place.placeMultipleMarkups = slicer.qSlicerMarkupsPlaceWidget.ForcePlaceMultipleMarkups
+            place.buttonsVisible = False
+            place.placeButton().show()
+            place.placeButton().text = text
+            place.placeButton().toolButtonStyle = qt.Qt.ToolButtonTextBesideIcon
+        self.ui.resampleFinerButton.clicked.connect(self.onResampleFiner)
+        self.ui.sampleSlider.valueChanged.connect(self.onSampleChanged)
+        self.ui.useSampleButton.clicked.connect(self.onUseSample)
         self.ui.segmentWholeVolumeButton.clicked.connect(self.onSegmentWholeVolume)
         self.ui.cancelButton.clicked.connect(self.onCancel)
         self.ui.scaleSlider.valueChanged.connect(self.onScaleChanged)
@@ -243,9 +263,11 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._pollTimer.stop()
             self.setRunning(False)
         self._pendingPoint = None
+        self._pendingRefinement = None
         self._runVolume = None
         self.setParameterNode(None)
         self._clickNode = None
+        self._promptNodes = {}
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -265,6 +287,14 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.clickPlaceWidget.setCurrentNode(clickNode)
         if not self.hasObserver(clickNode, event, self.onPointPlaced):
             self.addObserver(clickNode, event, self.onPointPlaced)
+        for kind, place in (("include", self.ui.includePlaceWidget), ("exclude", self.ui.excludePlaceWidget)):
+            node, old = self.logic.promptMarkupsNode(kind), self._promptNodes.get(kind)
+            if old is not None and self.hasObserver(old, event, self.onPromptPointPlaced):
+                self.removeObserver(old, event, self.onPromptPointPlaced)
+            self._promptNodes[kind] = node
+            place.setCurrentNode(node)
+            if not self.hasObserver(node, event, self.onPromptPointPlaced):
+                self.addObserver(node, event, self.onPromptPointPlaced)
 
     def setParameterNode(self, inputParameterNode: Optional[ARSegParameterNode]) -> None:
         if self._parameterNode:
@@ -277,15 +307,78 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             index = self.ui.modelComboBox.findText(self._parameterNode.model)
             if index >= 0:
                 self.ui.modelComboBox.currentIndex = index
+        self.updateInputSelectors()
         self.updateModesGui()
         self.updateResultsGui()
 
     def onModelChanged(self, text) -> None:
         if self._parameterNode and text:
             self._parameterNode.model = text
+            self.updateInputSelectors()
             self.updateModesGui()
             if self.parent.isEntered:
                 self.startPreload()
+
+    # --- inputs: one volume selector per input the model's card names
+
+    def updateInputSelectors(self) -> None:
+        """One volume selector per input of the model's card: the .ui's for the first (bound to the parameter node),
+        built here for the others (a one-input card, the lung model's, shows the .ui's alone). Each is preselected
+        when the scene holds a volume named like its input (FLAIR, "t1ce.nii", "case_flair")."""
+        model = self._parameterNode.model if self._parameterNode else DEFAULT_MODEL
+        inputs = self.logic.modelInputs(model)
+        several = len(inputs) > 1
+        if inputs != self._inputsShown and (several or self._inputsShown is not None):  # the .ui shows one input
+            layout = self.ui.inputsCollapsibleButton.layout()
+            for _, _, _, selector in self._extraInputs:
+                layout.removeRow(selector)  # deletes the row's label and selector
+            self._extraInputs = []
+            for row, (name, title) in enumerate(inputs[1:], 1):
+                label, selector = self._newInputSelector(name, title)
+                layout.insertRow(row, label, selector)
+                self._extraInputs.append((name, title, label, selector))
+            self.ui.inputVolumeLabel.text = f"{inputs[0][1]} volume:" if several else "Input volume:"
+            self._hideOwnVolumesFromInput()
+        self._inputsShown = inputs
+        if not several:
+            return
+        named = self.logic.inputsNamedLike(slicer.mrmlScene, model)
+        first = named.get(inputs[0][0])
+        p = self._parameterNode
+        if p is not None and first is not None and (not p.inputVolume or p.inputVolume in named.values()):
+            p.inputVolume = first  # the volume called FLAIR, not the one called T1ce, is the first input
+        for name, _, _, selector in self._extraInputs:
+            if selector.currentNode() is None and named.get(name) is not None:
+                selector.setCurrentNode(named[name])
+
+    def _newInputSelector(self, name: str, title: str):
+        """(label, selector) for an input after the first."""
+        label = qt.QLabel(f"{title} volume:")
+        selector = slicer.qMRMLNodeComboBox()
+        selector.nodeTypes = ["vtkMRMLScalarVolumeNode"]
+        selector.showChildNodeTypes = False
+        selector.addEnabled = selector.removeEnabled = False
+        selector.noneEnabled = True
+        selector.setMRMLScene(slicer.mrmlScene)
+        selector.toolTip = (f"The {title} volume (the model's input {name!r}). On another grid than the first "
+                            f"input's, it is resampled onto that grid (the status says so).")
+        return label, selector
+
+    def _selectedInputs(self):
+        """The input volume node, or, for a model of several inputs, {input name: node}: each must be selected."""
+        p = self._parameterNode
+        inputs = self.logic.modelInputs(p.model)
+        if not p.inputVolume:
+            raise ValueError(f"Select the {inputs[0][1]} volume first." if len(inputs) > 1 else
+                             "Select an input volume first.")
+        if not self._extraInputs:
+            return p.inputVolume
+        volumes = {inputs[0][0]: p.inputVolume}
+        for name, title, _, selector in self._extraInputs:
+            if selector.currentNode() is None:
+                raise ValueError(f"Select the {title} volume first.")
+            volumes[name] = selector.currentNode()
+        return volumes
 
     def updateModesGui(self) -> None:
         """Whole-volume mode only for models whose card says they were trained and validated for it."""
@@ -320,6 +413,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         caller.GetNthControlPointPositionWorld(n - 1, position)
         if self._run is not None:
             self._pendingPoint = tuple(position)  # the newest click wins; it runs when this one ends
+            self._pendingRefinement = None
             return
         self.startRun(tuple(position))
 
@@ -335,23 +429,28 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _startRun(self, point) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("ARSeg could not start the segmentation.", waitCursor=True):
-            if not p or not p.inputVolume:
+            if not p:
                 raise ValueError("Select an input volume first.")
+            volumes = self._selectedInputs()
             if not self.logic.setupPythonRequirements():
                 return
-            self._run = self.logic.startSegmentation(p.inputVolume, point, model=p.model, device=p.device,
+            self._run = self.logic.startSegmentation(volumes, point, model=p.model, device=p.device,
                                                      samples=p.samples, seed=p.seed, halfHeightMm=p.halfHeightMm,
                                                      temperature=p.temperature if p.temperature > 0 else None,
                                                      fast=bool(p.fastSampling))
             self._runVolume = p.inputVolume
             self._runIncludeSamples = bool(p.includeSamples)
             where = "whole volume" if point is None else "R {:.1f}, A {:.1f}, S {:.1f}".format(*point)
-            self.ui.statusLabel.text = f"Segmenting ({where})..."
+            notes = list(getattr(getattr(self._run, "request", None), "input_notes", ()))  # inputs resampled
+            for note in notes:
+                logging.info(f"ARSeg: {note}")
+            self.ui.statusLabel.text = " ".join([f"Segmenting ({where})..."] + [f"Note: {n}." for n in notes])
             self.setRunning(True)
             self._pollTimer.start()
 
     def onCancel(self) -> None:
         self._pendingPoint = None
+        self._pendingRefinement = None
         if self._run is not None:
             self._run.cancel()
             self.ui.statusLabel.text = "Cancelling..."
@@ -371,6 +470,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setRunning(False)
         volume, self._runVolume = self._runVolume, None
         point, self._pendingPoint = self._pendingPoint, None
+        refinement, self._pendingRefinement = self._pendingRefinement, None
         try:
             if run.cancelled:
                 self.ui.statusLabel.text = "Cancelled."
@@ -384,7 +484,8 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                request=getattr(run, "request", None))
                 seconds = run.seconds if run.seconds is not None else run.result.timings_s.get("total", 0.0)
                 # a redo says what it replaced (Undo brings it back); an empty redo that kept the nodule says why
-                self.ui.statusLabel.text = " ".join([f"Done in {seconds:.1f} s."] + list(nodes.notices))
+                self.ui.statusLabel.text = " ".join([f"Done in {seconds:.1f} s."] + list(nodes.notices) +
+                                                    self.logic.promptNotices(run.result))
                 self.showResults(nodes)
         except Exception as e:
             self.ui.statusLabel.text = "Failed."
@@ -395,6 +496,8 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.removeOutline(volume)
         if point is not None:
             self.startRun(point)
+        elif refinement is not None:
+            self.startRefinement(refinement)
 
     def _showOutline(self, run) -> None:
         """A click's first outline, as soon as the worker sent it, until the result replaces it."""
@@ -408,6 +511,80 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.warning(f"ARSeg: the first outline could not be shown: {e}")
             return
         self.ui.statusLabel.text += f" First outline in {run.outline_seconds:.1f} s; refining..."
+
+    # --- refining the selected nodule (its samples steered: extra points, locked coarse scales, a sample taken)
+
+    def onPromptPointPlaced(self, caller, event) -> None:
+        """An include or exclude point placed: the selected nodule is refined with it. A point that starts nothing
+        (no nodule selected, a refinement refused) is taken off the image again."""
+        n = caller.GetNumberOfControlPoints()
+        if n == 0:
+            return
+        position = [0.0, 0.0, 0.0]
+        caller.GetNthControlPointPositionWorld(n - 1, position)
+        kind = next((k for k, node in self._promptNodes.items() if node is caller), None)
+        if kind is None:
+            return
+        if not self.requestRefinement(**{kind: [tuple(position)]}):
+            caller.RemoveNthControlPoint(n - 1)
+
+    def onResampleFiner(self) -> None:
+        """Keep scales 1..k (k: the scale slider's) of the sample shown, or of the most typical sample, and draw
+        the finer scales again."""
+        volume = self._selectedVolume()
+        sample = self.logic.shownSample(volume) if volume is not None else None
+        self.requestRefinement(lock_scales=int(self.ui.scaleSlider.value), sample=sample)
+
+    def onUseSample(self) -> None:
+        sample = int(self.ui.sampleSlider.value)
+        if sample > 0:
+            self.requestRefinement(sample=sample)
+
+    def requestRefinement(self, **prompts) -> bool:
+        """Refine the selected nodule (refine's keywords: include, exclude, lock_scales, sample) now, or when the
+        run in flight ends (points asked for meanwhile add up; anything else replaces what was waiting). Returns
+        whether it started or waits; with no nodule selected, the status says so and nothing runs."""
+        volume = self._selectedVolume()
+        nodule = self.logic.selectedNodule(volume) if volume is not None else None
+        if nodule is None:
+            self.ui.statusLabel.text = ("Select a nodule first: a refinement changes the selected nodule (click on "
+                                        "the image to segment one).")
+            return False
+        prompts = dict(prompts, nodule=nodule.id)
+        if self._run is not None:
+            waiting = self._pendingRefinement
+            points = ("include", "exclude")
+            if waiting is not None and waiting["nodule"] == nodule.id and set(waiting) <= {"nodule", *points} and \
+                    set(prompts) <= {"nodule", *points}:
+                prompts = dict(waiting, **{k: list(waiting.get(k, [])) + list(prompts.get(k, [])) for k in points})
+            self._pendingRefinement, self._pendingPoint = prompts, None
+            self.ui.statusLabel.text = f"{nodule.name}: the refinement runs when this run ends."
+            return True
+        return self.startRefinement(prompts)
+
+    def startRefinement(self, prompts) -> bool:
+        try:
+            return self._startRefinement(prompts)
+        except Exception:  # tryWithErrorDisplay has shown it
+            self.ui.statusLabel.text = "Failed."
+            return False
+
+    def _startRefinement(self, prompts) -> bool:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("ARSeg could not start the refinement.", waitCursor=True):
+            if not p or not p.inputVolume:
+                raise ValueError("Select an input volume first.")
+            if not self.logic.setupPythonRequirements():
+                return False
+            self._run = self.logic.startRefinement(p.inputVolume, model=p.model, device=p.device, **prompts)
+            self._runVolume = p.inputVolume
+            self._runIncludeSamples = bool(p.includeSamples)
+            words = self.logic.refinementWords(**{k: v for k, v in prompts.items() if k != "nodule"})
+            name = self.logic.noduleName(p.inputVolume, prompts["nodule"])
+            self.ui.statusLabel.text = f"Refining {name} ({words})..."
+            self.setRunning(True)
+            self._pollTimer.start()
+        return True
 
     def setRunning(self, running: bool) -> None:
         self.ui.progressBar.visible = running
@@ -478,12 +655,18 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """ARSeg's own disagreement volumes are scalar volumes too: not something to segment."""
         own = [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
                if node.GetAttribute("ARSeg.Role")]
-        self.ui.inputVolumeSelector.sortFilterProxyModel().hiddenNodeIDs = own
+        for selector in [self.ui.inputVolumeSelector] + [entry[3] for entry in self._extraInputs]:
+            selector.sortFilterProxyModel().hiddenNodeIDs = own
 
     def showResults(self, nodes) -> None:
+        if nodes is not None and "regions" in nodes.report:  # several inputs: per region, no scales or nodules
+            self.ui.resultsCollapsibleButton.enabled = False
+            self.ui.reportLabel.text = self.logic.reportSummary(nodes.report)
+            return
         self.updateNoduleList()
         has = nodes is not None and nodes.sequence is not None
         self.ui.resultsCollapsibleButton.enabled = has
+        self.updateRefinementGui(nodes if has else None)
         if not has:
             self.ui.reportLabel.text = "No result yet: click on the image or segment the whole volume."
             return
@@ -497,6 +680,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.scaleSlider.value = shown
         self.ui.scaleSlider.blockSignals(wasBlocked)
         self.ui.scaleLabel.text = f"Scale {shown}/{n}"
+        self.updateResampleButton()
         self.ui.reportLabel.text = self.logic.reportSummary(nodes.report)
         volume = self._selectedVolume()
         if volume is not None:
@@ -511,8 +695,54 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         n = self.ui.scaleSlider.maximum
         self.ui.scaleLabel.text = f"Scale {value}/{n}"
+        self.updateResampleButton()
         with slicer.util.tryWithErrorDisplay("ARSeg could not show this scale."):
             self.logic.showScale(volume, int(value))
+
+    def updateResampleButton(self) -> None:
+        """"Resample finer than this scale" needs a finer scale to draw and a nodule to refine."""
+        volume = self._selectedVolume()
+        k, n = int(self.ui.scaleSlider.value), int(self.ui.scaleSlider.maximum)
+        nodule = self.logic.selectedNodule(volume) if volume is not None else None
+        self.ui.resampleFinerButton.enabled = nodule is not None and k < n
+        source = "the sample shown" if self.logic.shownSample(volume) else "the most typical sample"
+        self.ui.resampleFinerButton.toolTip = (f"Keep scales 1-{k} of {source} and draw scales {k + 1}-{n} again."
+                                               if k < n else "At the finest scale there is nothing finer to draw.")
+
+    def updateRefinementGui(self, nodes) -> None:
+        """The sample slider (0: the consensus, i: sample i of the selected nodule) and "Use this sample"."""
+        volume = self._selectedVolume()
+        nodule = self.logic.selectedNodule(volume) if nodes is not None and volume is not None else None
+        count = nodule.n_samples if nodule is not None else 0
+        shown = self.logic.shownSample(volume) if nodule is not None else None
+        wasBlocked = self.ui.sampleSlider.blockSignals(True)
+        self.ui.sampleSlider.minimum, self.ui.sampleSlider.maximum = 0, count
+        self.ui.sampleSlider.value = shown or 0
+        self.ui.sampleSlider.blockSignals(wasBlocked)
+        self.ui.sampleSlider.enabled = count > 0
+        self._showSampleLabel(shown or 0, count)
+        if nodes is None:
+            self.ui.resampleFinerButton.enabled = False
+
+    def _showSampleLabel(self, value, count) -> None:
+        self.ui.sampleLabel.text = f"Sample {value}/{count}" if value else "Consensus"
+        self.ui.useSampleButton.enabled = bool(value)
+
+    def onSampleChanged(self, value) -> None:
+        volume = self._selectedVolume()
+        if volume is None:
+            return
+        value = int(value)
+        try:
+            with slicer.util.tryWithErrorDisplay("ARSeg could not show this sample."):
+                self.logic.showSample(volume, value or None)
+        except Exception:  # shown; the slider goes back to what the views show
+            value = self.logic.shownSample(volume) or 0
+            wasBlocked = self.ui.sampleSlider.blockSignals(True)
+            self.ui.sampleSlider.value = value
+            self.ui.sampleSlider.blockSignals(wasBlocked)
+        self._showSampleLabel(value, int(self.ui.sampleSlider.maximum))
+        self.updateResampleButton()
 
     def onShowSamplesToggled(self, checked) -> None:
         volume = self._selectedVolume()
@@ -670,6 +900,25 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
             return [DEFAULT_MODEL]
 
     @staticmethod
+    def modelInputs(model):
+        """[(input name, title)] of the inputs the model's card names (the lung card: one, "CT"); a card that
+        cannot be read: one input (the run says what is wrong with the card)."""
+        from ARSegLib.models import ModelError, read_card
+
+        try:
+            return [(i.name, i.title) for i in read_card(model).task.inputs]
+        except (ModelError, OSError, ValueError):
+            return [("volume", "Input")]
+
+    @staticmethod
+    def inputsNamedLike(scene, model):
+        """{input name: volume node} of the scene's volumes named like the model's inputs (mrml.volumes_for_inputs)."""
+        from ARSegLib import mrml
+        from ARSegLib.models import read_card
+
+        return mrml.volumes_for_inputs(scene, read_card(model).task)
+
+    @staticmethod
     def workerPython():
         """Slicer's own Python (PythonSlicer, on PATH inside Slicer) runs the worker; elsewhere this Python."""
         return shutil.which("PythonSlicer") or sys.executable
@@ -724,15 +973,20 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
                           samples: int = 16, temperature: Optional[float] = None, seed: int = 0,
                           halfHeightMm: float = 20.0, fast: bool = False):
         """Check the input and send it to the worker (main thread: reading the volume is all it does here); returns
-        the run, which the caller polls (`run.poll()`, never blocking) and hands to `applyResult`."""
+        the run, which the caller polls (`run.poll()`, never blocking) and hands to `applyResult`. volumeNode may
+        be {input name: node} for a model of several inputs (aligned onto the first's grid: run.request.input_notes
+        says which were resampled)."""
         from ARSegLib.prompts import include
 
         # bad input says so at once, before the worker sees it
         self.checkPythonRequirements()
         settings = self.settings(samples, temperature, seed, halfHeightMm, fast).check()
         service = self.service(model, device)
-        request = service.request_for_node(volumeNode, click=None if point is None else include(point),
-                                           settings=settings)
+        click = None if point is None else include(point)
+        if hasattr(volumeNode, "items"):  # several inputs
+            request = service.request_for_inputs(volumeNode, click=click, settings=settings)
+        else:
+            request = service.request_for_node(volumeNode, click=click, settings=settings)
         return service.start(request)
 
     def showOutline(self, volumeNode, outline):
@@ -751,6 +1005,8 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         request: the run's (run.request), which says which nodule it refines and with which settings."""
         from ARSegLib import mrml, runs
 
+        if getattr(request, "input_names", ()):  # several inputs: volumeNode is the first
+            return runs.apply_region_result(volumeNode, result, request.input_notes)
         return runs.apply_result(volumeNode, result, mrml.OutputOptions(include_samples=includeSamples),
                                  nodule=getattr(request, "nodule", None),
                                  replace_with_empty=bool(getattr(request, "replace_with_empty", False)),
@@ -763,12 +1019,23 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         """Segment volumeNode and wait: a nodule at each RAS point (point=(R, A, S) and/or points=[(R, A, S), ...]),
         or the whole volume when there is none (models validated for it only). Every point is checked before any
         runs. Returns the ResultNodes, which hold every nodule of the volume. For the console and scripts: the GUI
-        polls startSegmentation's run instead."""
+        polls startSegmentation's run instead.
+
+        A model whose card names several inputs takes {input name: node} (segment({"flair": f, "t1ce": t},
+        model="brats-glioma")): whole volume, inputs on another grid resampled onto the first's; one segmentation
+        of the first input with a segment per region per lesion. Returns mrml.RegionNodes (report per region,
+        notices: what was resampled)."""
         from ARSegLib import mrml, runs
+        from ARSegLib.prompts import include
 
         self.checkPythonRequirements()
         clicks = [tuple(float(v) for v in p) for p in ([point] if point is not None else []) + list(points or [])]
         settings = self.settings(samples, temperature, seed, halfHeightMm, fast)
+        if hasattr(volumeNode, "items"):  # several inputs: a click is refused by the card's modes, before any work
+            if len(clicks) > 1:
+                raise ValueError("several inputs take at most one point")
+            return self.service(model, device).segment_inputs(volumeNode, settings, progress, cancel,
+                                                              click=include(clicks[0]) if clicks else None)
         return self.service(model, device).segment_node(
             volumeNode, runs.clicks(clicks), settings, mrml.OutputOptions(include_samples=includeSamples),
             progress, cancel)
@@ -781,16 +1048,42 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         1..k of sample `sample` (or of the most typical sample) and draws the finer ones again; sample alone makes
         that sample the result. Runs with the settings that made the nodule; the nodule keeps its name. Returns
         the ResultNodes."""
-        from ARSegLib import mrml, prompts
+        from ARSegLib import mrml
 
         self.checkPythonRequirements()
         nid = self._noduleId(volumeNode, nodule)
-        refinement = prompts.refinement(include_points=include, exclude_points=exclude, lock_scales=int(lock_scales),
-                                        from_sample=sample if lock_scales else None,
-                                        use_sample=None if lock_scales else sample)
+        refinement = self._refinement(exclude, include, lock_scales, sample)
         return self.service(model, device).refine(volumeNode, nid, refinement,
                                                   options=mrml.OutputOptions(include_samples=includeSamples),
                                                   progress=progress, cancel=cancel)
+
+    def startRefinement(self, volumeNode, nodule, exclude=(), include=(), lock_scales: int = 0,
+                        sample: Optional[int] = None, model: str = DEFAULT_MODEL, device: str = "auto"):
+        """refine's run, not waited for (the module's way): checked here before any work (the nodule's remembered
+        result, its model, the points, the sample, the scales), then sent to the worker. Returns the run, which the
+        caller polls (`run.poll()`, never blocking) and hands to applyResult (run.request names the nodule)."""
+        self.checkPythonRequirements()
+        nid = self._noduleId(volumeNode, nodule)
+        service = self.service(model, device)
+        return service.start(service.refine_request(volumeNode, nid, self._refinement(exclude, include, lock_scales,
+                                                                                         sample)))
+
+    @staticmethod
+    def _refinement(exclude=(), include=(), lock_scales: int = 0, sample: Optional[int] = None):
+        """The console's spelling as a prompts.Refinement: with lock_scales, sample is the one whose coarse scales
+        are kept (None: the most typical); alone, it is the sample taken as the result."""
+        from ARSegLib import prompts
+
+        return prompts.refinement(include_points=include, exclude_points=exclude, lock_scales=int(lock_scales),
+                                  from_sample=sample if lock_scales else None,
+                                  use_sample=None if lock_scales else sample)
+
+    @classmethod
+    def refinementWords(cls, exclude=(), include=(), lock_scales: int = 0, sample: Optional[int] = None) -> str:
+        """A refinement in words, as the report says it ("exclude at R, A, S"; "scales 1-3 of sample 2 kept...")."""
+        from ARSegLib import mrml
+
+        return mrml.prompt_words(cls._refinement(exclude, include, lock_scales, sample).to_dict(digits=1))
 
     def _noduleId(self, volumeNode, nodule) -> str:
         from ARSegLib import mrml
@@ -807,7 +1100,8 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
                      includeSamples: bool = False, fast: bool = False):
         """Each image file -> outputDir/NAME.seg.nrrd + NAME.report.json, in scenes of their own (the user's
         scene is not touched). points: {path: (R, A, S) or [(R, A, S), ...]}: a nodule at each; a file without points
-        runs whole (models validated for it only). Returns reports."""
+        runs whole (models validated for it only). For a model of several inputs each case is {input name: path}
+        (named after its first input's file), run whole. Returns reports."""
         from pathlib import Path
 
         from ARSegLib import mrml, runs
@@ -818,6 +1112,14 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         service = self.service(model, device)
         reports = []
         for path in paths:
+            if hasattr(path, "items"):  # several inputs: {"flair": path, "t1ce": path}
+                first = Path(runs.task_input_nodes(path, service.card.task)[service.card.task.input_names[0]])
+                stem = mrml.volume_stem(first)
+                out = Path(outputDir) / f"{stem}.seg.nrrd"
+                nodes = service.segment_input_files(path, out, settings,
+                                                    report_path=Path(outputDir) / f"{stem}.report.json")
+                reports.append(nodes.report)
+                continue
             path = Path(path)
             stem = mrml.volume_stem(path)
             out = Path(outputDir) / f"{stem}.seg.nrrd"
@@ -838,6 +1140,16 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
         return mrml.list_nodules(volumeNode.GetScene(), volumeNode) if volumeNode is not None else []
 
+    def selectedNodule(self, volumeNode):
+        """The selected nodule's mrml.NoduleInfo (the one a refinement changes), or None."""
+        return next((n for n in self.nodules(volumeNode) if n.selected), None)
+
+    def noduleName(self, volumeNode, noduleId) -> str:
+        """The name the nodule list shows (the user may have renamed its segment)."""
+        from ARSegLib import mrml
+
+        return next((n.name for n in self.nodules(volumeNode) if n.id == noduleId), mrml.nodule_name(noduleId))
+
     def selectNodule(self, volumeNode, noduleId):
         from ARSegLib import mrml
 
@@ -853,17 +1165,29 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
     def undo(self, volumeNode):
         """Undo the last run on volumeNode: (the results, or None when no nodule is left; what was undone). The
-        service forgets the result of the nodule it changed: a refinement must start from what the scene shows."""
+        service's remembered result of the nodule it changed goes back to the one before (a refinement starts from
+        what the scene shows), or is forgotten when that is not the one the scene now shows."""
         from ARSegLib import mrml, runs
 
         before = self.nodules(volumeNode)
+        mrml.hide_sample(volumeNode.GetScene(), volumeNode)  # a sample of the result being undone
         undone = mrml.undo_last(volumeNode.GetScene(), volumeNode)
         after = {n.id: n for n in self.nodules(volumeNode)}
+        memory, key = runs.shared_memory(), runs.volume_key_of(volumeNode)
         for n in before:
             now = after.get(n.id)
-            if now is None or dataclasses.replace(now, selected=n.selected) != n:
-                runs.shared_memory().forget(runs.volume_key_of(volumeNode), n.id)
+            if now is None:
+                memory.forget(key, n.id)
+            elif dataclasses.replace(now, selected=n.selected) != n:
+                restored = memory.restore(key, n.id)
+                if restored is not None and not self._sameVolume(restored.result.consensus_volume_mm3,
+                                                                 now.consensus_volume_mm3):
+                    memory.forget(key, n.id)  # the scene's previous result was not made in this session
         return undone
+
+    @staticmethod
+    def _sameVolume(a: float, b: float) -> bool:
+        return abs(float(a) - float(b)) <= 0.05 + 1e-3 * abs(float(b))  # the report rounds volumes
 
     def canUndo(self, volumeNode) -> bool:
         from ARSegLib import mrml
@@ -883,11 +1207,41 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
         if nodule.consensus_volume_mm3 > 0 and nodule.long_axis_mm is not None:
             text += f", {nodule.long_axis_mm:.1f} x {nodule.short_axis_mm:.1f} mm"  # axial long x short axis
         if nodule.n_prompts > 1:
-            text += f", {nodule.n_prompts - 1} refinement(s)"
+            text += f"; {ARSegLogic.promptSummary(nodule.prompts)}"
         if nodule.consensus_volume_mm3 == 0 and nodule.presence_fraction > 0:
             text += (f" (empty consensus; {100 * nodule.presence_fraction:.0f} % of samples mark a nodule: "
                      f"{nodule.if_present_volume_mm3:.0f} mm\u00b3 if present)")
         return text
+
+    @staticmethod
+    def promptNotices(result):
+        """What a refinement could not do, in words: each point that not every kept sample satisfies (the budget of
+        extra draws found too few candidates that do), so that a prompt is never silently ignored."""
+        out = []
+        for said in (getattr(result, "settings", None) or {}).get("prompt_satisfaction", []):
+            if not said.get("every_kept_sample_satisfies", True):
+                where = ", ".join(f"{v:.1f}" for v in said["point_ras"])
+                drawn = f" of {said['candidates']} candidates" if said.get("candidates") else ""
+                out.append(f"The {said['kind']} point at {where} could not be met by every sample: "
+                           f"{said.get('satisfying', 0)}{drawn} satisfy it.")
+        return out
+
+    @staticmethod
+    def promptSummary(prompts) -> str:
+        """The prompts that made a nodule (its report's, PromptHistory.to_list's form) in a few words for the nodule
+        list: "1 click, 2 exclude, 1 include, lock 1..3", "1 click, sample 4 used"."""
+        clicks = sum(1 for p in prompts if p.get("kind") == "click")
+        points = [q.get("kind") for p in prompts for q in p.get("prompts", [])]
+        parts = [f"{clicks} click{'s' if clicks != 1 else ''}"] if clicks else []
+        parts += [f"{points.count(kind)} {kind}" for kind in ("include", "exclude") if points.count(kind)]
+        locked = [p for p in prompts if p.get("lock_scales")]
+        if locked:  # the latest lock is the one the nodule's coarse scales come from
+            source = f" of sample {locked[-1]['from_sample']}" if locked[-1].get("from_sample") else ""
+            parts.append(f"lock 1..{locked[-1]['lock_scales']}{source}")
+        used = [p["use_sample"] for p in prompts if p.get("use_sample")]
+        if used:
+            parts.append(f"sample {used[-1]} used")
+        return ", ".join(parts)
 
     @staticmethod
     def wholeVolumeAllowed(model):
@@ -916,6 +1270,29 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
                 display.SetSegmentVisibility(segmentId, bool(show))
                 display.SetSegmentVisibility2DFill(segmentId, False)
 
+    def showSample(self, volumeNode, sample: Optional[int] = None):
+        """Sample `sample` (1-based) of the selected nodule over the CT, its consensus as an outline; None: the
+        consensus again. From its kept segments ("Keep every sample"), else from the nodule's result the run service
+        remembers this session. Returns the sample's node, or None."""
+        from ARSegLib import mrml, runs
+
+        nodes = self.results(volumeNode)
+        if nodes is None:
+            raise mrml.ResultError(f"{volumeNode.GetName()!r} has no ARSeg results")
+        known = runs.shared_memory().get(runs.volume_key_of(volumeNode), nodes.nodule)
+        return mrml.show_sample(volumeNode.GetScene(), volumeNode, sample,
+                                result=known.result if known is not None else None)
+
+    def shownSample(self, volumeNode) -> Optional[int]:
+        """The sample of the selected nodule shown over the CT, or None when its consensus is."""
+        from ARSegLib import mrml
+
+        if volumeNode is None:
+            return None
+        shown = mrml.shown_sample(volumeNode.GetScene(), volumeNode)
+        nodes = self.results(volumeNode) if shown is not None else None
+        return shown[1] if nodes is not None and shown[0] == nodes.nodule else None
+
     # --- showing
 
     def results(self, volumeNode):
@@ -941,6 +1318,10 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
     def reportSummary(report) -> str:
         if not report:
             return ""
+        if "regions" in report:  # several inputs: per region, in mL
+            from ARSegLib import mrml
+
+            return mrml.region_summary(report)
         vols = report["sample_volume_mm3"]
         ious = report["sample_iou_with_consensus"]
         return (f"Consensus {report['consensus_volume_mm3']:.0f} mm\u00b3; {report['n_samples']} samples "
@@ -949,12 +1330,29 @@ class ARSegLogic(ScriptedLoadableModuleLogic):
 
     def clickMarkupsNode(self):
         """The point list that the place mode adds to (ARSeg's own node, reused)."""
+        return self._markupsNode("clicks", "ARSeg clicks")
+
+    # include points green, exclude points red: told apart from the clicks (Slicer's default markups colour) at once
+    PROMPT_COLORS = {"include": (0.20, 0.85, 0.30), "exclude": (0.95, 0.15, 0.15)}
+
+    def promptMarkupsNode(self, kind: str):
+        """The point list of the include or exclude place widget (ARSeg's own node, reused), in its kind's colour."""
+        if kind not in self.PROMPT_COLORS:
+            raise ValueError(f"a prompt point is include or exclude, not {kind!r}")
+        return self._markupsNode(f"{kind}-points", f"ARSeg {kind} points", self.PROMPT_COLORS[kind])
+
+    @staticmethod
+    def _markupsNode(role: str, name: str, color=None):
         for node in slicer.util.getNodesByClass("vtkMRMLMarkupsFiducialNode"):
-            if node.GetAttribute("ARSeg.Role") == "clicks":
+            if node.GetAttribute("ARSeg.Role") == role:
                 return node
-        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "ARSeg clicks")
-        node.SetAttribute("ARSeg.Role", "clicks")
+        node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+        node.SetAttribute("ARSeg.Role", role)
         node.CreateDefaultDisplayNodes()
+        display = node.GetDisplayNode()
+        if color is not None and display is not None:
+            display.SetSelectedColor(*color)  # control points are drawn in the selected colour unless deselected
+            display.SetColor(*color)
         return node
 
 
@@ -1011,6 +1409,18 @@ class ARSegTest(ScriptedLoadableModuleTest):
         self.assertGreater(nodes.table.GetNumberOfRows(), 0)
         logic.showScale(volume, 1)
         logic.showDisagreement(volume, True)
+
+        self.delayDisplay("Refine it: keep scales 1..2, draw the finer ones again; browse a sample; undo")
+        clicked = logic.nodules(volume)[0]
+        logic.refine(volume, 1, lock_scales=2)
+        refined = logic.nodules(volume)
+        self.assertEqual([n.name for n in refined], ["Nodule 1"])
+        self.assertEqual(logic.promptSummary(refined[0].prompts), "1 click, lock 1..2")
+        logic.showSample(volume, 1)
+        self.assertEqual(logic.shownSample(volume), 1)
+        logic.showSample(volume, None)
+        logic.undo(volume)
+        self.assertAlmostEqual(logic.nodules(volume)[0].consensus_volume_mm3, clicked.consensus_volume_mm3, delta=0.1)
 
         self.delayDisplay("A second click elsewhere adds a nodule; a click inside the first redoes it")
         elsewhere = (point[0] + 30.0, point[1], point[2])

@@ -280,6 +280,11 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
         last["nodes"] = RunService(LocalBackend(predictor, card)).segment_node(volume, clicks([point]), settings)
         model_s.append(last["nodes"].result.timings_s["model"])
 
+    one_batch = dataclasses.replace(settings, first_wave_mm=None)  # every plane in one batch, as before the waves
+
+    def click_in_one_batch():
+        RunService(LocalBackend(predictor, card)).segment_node(volume, clicks([point]), one_batch)
+
     client = InferenceClient(model, str(predictor.device))
     slicer_blocks, slicer_outlines = [], []
 
@@ -311,9 +316,9 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
             raise RuntimeError("the inference worker did not load the model")
         # both ways alternate after a warm-up of each, so the machine's drift hits both alike
         sync = predictor.device.type == "cuda"
-        click(), click_as_the_module_does(), outline_only()
+        click(), click_as_the_module_does(), outline_only(), click_in_one_batch()
         slicer_blocks.clear(), slicer_outlines.clear()
-        times: Dict[str, list] = {"main": [], "slicer": [], "outline": []}
+        times: Dict[str, list] = {"main": [], "slicer": [], "outline": [], "one_batch": []}
         faults, attainable = [], []
         model_s.clear()
         for _ in range(runs):
@@ -325,6 +330,7 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
             attainable.append(gemm_gflops(predictor.device, seconds=0.15)["attainable"])
             times["slicer"].append(click_as_the_module_does())
             times["outline"].append(outline_only())
+            times["one_batch"].append(median_time(click_in_one_batch, 1, warmup=0, sync=sync))
     finally:
         client.shutdown()
     click_model_s = statistics.median(model_s)
@@ -340,6 +346,12 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
                            "click_lung1_page_faults": statistics.median(faults),
                            "click_lung1_slicer_s": statistics.median(times["slicer"]),
                            "click_lung1_slicer_longest_block_s": max(slicer_blocks),
+                           # the same click with every plane in one batch (first_wave_mm None), alternating with
+                           # click_lung1_s: what the click's waves buy; and the planes the waves ran
+                           "click_lung1_one_batch_s": statistics.median(times["one_batch"]),
+                           "click_lung1_waves_speedup": statistics.median(
+                               b / a for a, b in zip(times["main"], times["one_batch"])),
+                           "click_lung1_planes_run": res.timings_s.get("planes_run"),
                            # the click's first outline (pipeline.Outline): in this process, and the module's way
                            # (worker, polled main thread; that click's final result above includes the fast pass)
                            "first_outline_s": statistics.median(times["outline"]),
@@ -540,6 +552,8 @@ def _run_here(model: str, device: str, runs: int, threads: int, volume_slices: i
         "torch": torch.__version__, "threads": torch.get_num_threads(), "runs": runs, "crop_source": crop_source,
         "n_tokens": predictor.config.autoencoder.n_tokens, "instruction_sets": isa_report,
     }
+    # a shared machine's load (1, 5, 15 min) at the start and end: every time here is as loaded as this says
+    out["load_average_start"] = list(os.getloadavg())
     out["matmul_gflops_before"] = matmul_gflops(predictor.device)
     out["gemm_gflops"] = gemm_gflops(predictor.device)
     out["crop"] = bench_crop(predictor, crop, sampling, runs)
@@ -552,6 +566,7 @@ def _run_here(model: str, device: str, runs: int, threads: int, volume_slices: i
             out["first_click_lung1"] = bench_first_click(model, predictor.device, max(1, runs // 3))
         out.update(bench_refinement(predictor, card, max(3, runs // 3)))
     out["matmul_gflops_after"] = matmul_gflops(predictor.device)
+    out["load_average_end"] = list(os.getloadavg())
     out["heap_keeps_freed_memory"] = keeping_freed_memory()
     out["peak_rss_mb"] = peak_rss_mb()
     return out
@@ -595,6 +610,10 @@ def format_table(r: Dict[str, Any]) -> str:
         if "click_lung1_measures_s" in r:
             lines.append(f"  of which the report's diameters and mean intensity: "
                          f"{1000 * r['click_lung1_measures_s']:.1f} ms")
+        if "click_lung1_one_batch_s" in r:
+            lines.append(f"  its planes in waves ({r['click_lung1_planes_run']} planes run) against every plane in one "
+                         f"batch: {r['click_lung1_s']:.3f} s / {r['click_lung1_one_batch_s']:.3f} s alternating, "
+                         f"{r['click_lung1_waves_speedup']:.2f}x")
         if "first_outline_s" in r:
             lines.append(f"lung1 click's first outline: {r['first_outline_s']:.3f} s in this process, "
                          f"{r['first_outline_slicer_s']:.3f} s the Slicer module's way")
@@ -605,6 +624,9 @@ def format_table(r: Dict[str, Any]) -> str:
         lines.append(f"first lung1 click after the module opens: {f['open_to_result_s']:.2f} s when it comes at once "
                      f"(worker start, torch, model, click); the worker loads in {f['load_s']:.2f} s, and the first "
                      f"click after that takes {f['click_after_load_s']:.2f} s")
+    if "load_average_start" in r:
+        start, end = (" / ".join(f"{v:.1f}" for v in r[k]) for k in ("load_average_start", "load_average_end"))
+        lines.append(f"load average (1, 5, 15 min) at the start {start}, at the end {end}")
     lines.append(f"peak RSS {r['peak_rss_mb']:.0f} MB; machine speed (512x512 matmul) {r['matmul_gflops_before']:.0f} "
                  f"GFLOP/s before, {r['matmul_gflops_after']:.0f} after")
     if r.get("instruction_sets"):
@@ -631,6 +653,7 @@ _COMPARED = (("N = 16 on one crop, s", ("crop", "16", "cached_s"), "{:.3f}"),
              ("lung1 click's first outline in process, s", ("first_outline_s",), "{:.3f}"),
              ("lung1 click's first outline, the module's way, s", ("first_outline_slicer_s",), "{:.3f}"),
              ("lung1 click in process, s", ("click_lung1_s",), "{:.2f}"),
+             ("lung1 click, every plane in one batch, s", ("click_lung1_one_batch_s",), "{:.2f}"),
              ("lung1 click, the Slicer module's way, s", ("click_lung1_slicer_s",), "{:.2f}"),
              ("first click after the module opens, s", ("first_click_lung1", "open_to_result_s"), "{:.2f}"),
              ("its first outline, s", ("first_click_lung1", "open_to_outline_s"), "{:.2f}"),

@@ -31,9 +31,11 @@ first and added last: an error leaves the scene as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
+import re
 import shutil
 import weakref
 from dataclasses import dataclass, field
@@ -61,6 +63,7 @@ ROLE_BROWSER = "scales-browser"
 ROLE_PROXY = "scales-proxy"
 ROLE_REPORT = "report"
 ROLE_OUTLINE = "first-outline"  # a click's first outline while its run goes on (show_outline)
+ROLE_SAMPLE_VIEW = "sample-view"  # one sample of the selected nodule shown over the CT (show_sample)
 ROLE_COLORMAP = "colormap"
 ROLE_DISAGREEMENTS = "disagreements-sequence"
 ROLE_HISTORY = "undo-history"  # what each run replaced, so that undo_last can restore it (kept across runs)
@@ -89,6 +92,16 @@ class OutputOptions:
     disagreement_color: Tuple[float, float, float] = (0.90, 0.20, 0.20)
     sample_color: Tuple[float, float, float] = (0.60, 0.60, 0.70)
     show_scale_proxy: bool = False  # the scrubbing view starts hidden; the module shows it when the slider moves
+    # the nodule masks' terminology: the card's task region's (for_task; the lung card's is LUNG_TERMINOLOGY)
+    terminology: str = NODULE_TERMINOLOGY
+
+    def for_task(self, task) -> OutputOptions:
+        """These options with the task's first region's terminology, and its colour unless another was chosen:
+        what a card says its results are, not the lung card's words (identical for the lung card)."""
+        region = task.regions[0]
+        color = region.color if self.consensus_color == OutputOptions.consensus_color else self.consensus_color
+        return dataclasses.replace(self, terminology=region.terminology or self.terminology,
+                                   consensus_color=tuple(color))
 
 
 @dataclass
@@ -138,6 +151,8 @@ class NoduleInfo:
     long_axis_mm: Optional[float] = None  # axial long / short axis of the consensus (None: an older report)
     short_axis_mm: Optional[float] = None
     n_prompts: int = 0  # the click and each refinement that made it
+    prompts: Tuple[Dict[str, Any], ...] = ()  # those prompts (PromptHistory.to_list's form), oldest first
+    n_samples: int = 0  # how many samples its result has (0: an older report)
 
 
 NODULE_TAG = "ARSeg.Nodule"  # segment tag: the nodule a segment belongs to
@@ -935,21 +950,21 @@ def _nodule_segments(nid: str, number: int, result: VolumeResult, options: Outpu
     name = nodule_name(nid)
     color = options.consensus_color if number <= 1 else NODULE_COLORS[(number - 1) % len(NODULE_COLORS)]
     consensus_shown = bool(result.consensus.any())
-    out = [(nid, name, color, result.consensus, NODULE_TERMINOLOGY, KIND_CONSENSUS, True)]
+    out = [(nid, name, color, result.consensus, options.terminology, KIND_CONSENSUS, True)]
     disagreement = (result.disagreement > options.disagreement_threshold).astype(np.uint8)
     out.append((disagreement_segment_id(nid), f"{name} disagreement", options.disagreement_color, disagreement,
                 None, KIND_DISAGREEMENT, False))
     if result.if_present is not None:
         paler = tuple(0.5 + 0.5 * c for c in color)
-        out.append((if_present_segment_id(nid), f"{name} if present", paler, result.if_present, NODULE_TERMINOLOGY,
+        out.append((if_present_segment_id(nid), f"{name} if present", paler, result.if_present, options.terminology,
                     KIND_IF_PRESENT, not consensus_shown and bool(result.if_present.any())))
     for k in range(1, result.n_scales + 1):
         out.append((scale_segment_id(k, nid), f"{name} scale {k}/{result.n_scales}", _scale_color(k, result.n_scales),
-                    result.scale_mask(k), NODULE_TERMINOLOGY, KIND_SCALE, False))
+                    result.scale_mask(k), options.terminology, KIND_SCALE, False))
     if options.include_samples:
         for i in range(1, result.n_samples + 1):
             out.append((sample_segment_id(i, nid), f"{name} sample {i}", options.sample_color, result.sample_mask(i),
-                        NODULE_TERMINOLOGY, KIND_SAMPLE, False))
+                        options.terminology, KIND_SAMPLE, False))
     return out
 
 
@@ -1161,7 +1176,7 @@ def write_result(scene, volume_node, result: VolumeResult, options: Optional[Out
     sequence.SetIndexType(sequence.NumericIndex)
     items = [_scale_item(base, k, result.n_scales, _segment(
         "Scale", f"{nodule_name(nodule)} scale {k}/{result.n_scales}", _scale_color(k, result.n_scales),
-        _oriented_labelmap(result.scale_mask(k), start, local_m), NODULE_TERMINOLOGY))
+        _oriented_labelmap(result.scale_mask(k), start, local_m), options.terminology))
         for k in range(1, result.n_scales + 1)]
     _fill_scales(sequence, items, volume_node, result.model_name)
     browser = slicer.vtkMRMLSequenceBrowserNode()
@@ -1456,6 +1471,99 @@ def remove_outline(scene, volume_node) -> int:
     return _remove_nodes(scene, [node]) if node is not None else 0
 
 
+# --------------------------------------------------------------------------------------------- one sample shown
+
+SAMPLE_VIEW_SEGMENT_ID = "ShownSample"
+SAMPLE_VIEW_COLOR = (0.95, 0.35, 0.60)  # apart from the nodules' colours and the red disagreement
+SHOWN_SAMPLE_ATTRIBUTE = "ARSeg.ShownSample"  # on the sample-view node: "Nodule_2/5"
+CONSENSUS_FILL_ATTRIBUTE = "ARSeg.ConsensusFillOpacity"  # the consensus' 2D fill opacity before the sample showed
+
+
+def sample_view_node(scene, volume_node):
+    """The volume's sample-view node while one sample is shown (show_sample), else None."""
+    return next((n for n in result_nodes_of(scene, volume_node)
+                 if n.GetAttribute(ROLE_ATTRIBUTE) == ROLE_SAMPLE_VIEW), None)
+
+
+def shown_sample(scene, volume_node) -> Optional[Tuple[str, int]]:
+    """(nodule ID, sample number) of the sample shown over the CT, or None when the consensus is."""
+    node = sample_view_node(scene, volume_node)
+    if node is None:
+        return None
+    nid, _, number = (node.GetAttribute(SHOWN_SAMPLE_ATTRIBUTE) or "").rpartition("/")
+    return (nid, int(number)) if nid and number.isdigit() else None
+
+
+def show_sample(scene, volume_node, sample: Optional[int], result: Optional[VolumeResult] = None):
+    """Sample `sample` (1-based) of the selected nodule over the CT, filled, while that nodule's consensus is drawn
+    as an outline only (the reviewer compares the two); None shows the consensus again. The sample's voxels come
+    from its kept segment (OutputOptions.include_samples) or else from `result`, the nodule's current result (the
+    run service remembers it for the session); with neither, a ResultError says how to get them.
+
+    Like the first outline, the sample is a node of its own, no nodule: not in the report, the nodule list or the
+    undo history, and write_result removes it with ARSeg's earlier nodes (a new result opens on its consensus).
+    Returns the sample-view node, or None."""
+    nodes = _results_or_error(scene, volume_node)
+    hide_sample(scene, volume_node, nodes)
+    if sample is None:
+        return None
+    nid = nodes.nodule
+    entry = nodule_report(nodes, nid)
+    n = int(entry.get("n_samples", 0))
+    if isinstance(sample, bool) or not isinstance(sample, (int, np.integer)) or not 1 <= sample <= n:
+        raise ResultError(f"{nodule_name(nid)} has samples 1 to {n}, not {sample!r}")
+    local_m = local_ijk_to_ras(volume_node)
+    kept = nodes.segmentation.GetSegmentation().GetSegment(sample_segment_id(int(sample), nid))
+    if kept is not None:
+        mask, start, m = _segment_mask(kept)
+        if mask is None:
+            mask, start = np.zeros((0, 0, 0), np.uint8), (0, 0, 0)
+        elif not np.allclose(m, local_m, atol=1e-4):
+            raise ResultError(f"{kept.GetName()!r} is not on the volume's grid")
+    elif result is not None:
+        _check_result_fits(volume_node, result)
+        if result.n_samples != n or result.point_ras is None or entry.get("point_ras_mm") is None or \
+                not np.allclose(result.point_ras, entry["point_ras_mm"], atol=1e-2):
+            raise ResultError(f"the result given is not {nodule_name(nid)}'s current one")
+        mask, start = result.sample_mask(int(sample)), [a for a, _ in result.box]
+    else:
+        raise ResultError(f"the samples of {nodule_name(nid)} were not kept: turn on \"Keep every sample\" and "
+                          f"segment it again, or refine it in this session")
+    register_segmentation_converters()
+    base = volume_node.GetName() or "Volume"
+    node = _new_segmentation_node(f"{base} ARSeg {nodule_name(nid)} sample {sample}", local_m,
+                                  volume_array_shape(volume_node))
+    node.GetSegmentation().AddSegment(_segment(SAMPLE_VIEW_SEGMENT_ID, f"{nodule_name(nid)} sample {sample}",
+                                               SAMPLE_VIEW_COLOR, _oriented_labelmap(mask, start, local_m)),
+                                      SAMPLE_VIEW_SEGMENT_ID)
+    _mark(node, ROLE_SAMPLE_VIEW, volume_node, str(entry.get("model", "")))
+    node.SetAttribute(SHOWN_SAMPLE_ATTRIBUTE, f"{nid}/{int(sample)}")
+    display = nodes.segmentation.GetDisplayNode()
+    if display is not None and nodes.segmentation.GetSegmentation().GetSegment(nid) is not None:
+        node.SetAttribute(CONSENSUS_FILL_ATTRIBUTE, repr(float(display.GetSegmentOpacity2DFill(nid))))
+        display.SetSegmentOpacity2DFill(nid, 0.0)
+    scene.AddNode(node)
+    node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetVisibility3D(False)
+    return node
+
+
+def hide_sample(scene, volume_node, nodes: Optional[ResultNodes] = None) -> int:
+    """Remove the sample shown over the CT, if any, and fill its nodule's consensus again (how many nodes went)."""
+    node = sample_view_node(scene, volume_node)
+    if node is None:
+        return 0
+    shown = shown_sample(scene, volume_node)
+    nodes = nodes if nodes is not None else find_results(scene, volume_node)
+    opacity = node.GetAttribute(CONSENSUS_FILL_ATTRIBUTE)
+    display = nodes.segmentation.GetDisplayNode() if nodes is not None else None
+    if shown is not None and opacity is not None and display is not None and \
+            nodes.segmentation.GetSegmentation().GetSegment(shown[0]) is not None:
+        display.SetSegmentOpacity2DFill(shown[0], float(opacity))
+    return _remove_nodes(scene, [node])
+
+
 def find_results(scene, volume_node) -> Optional[ResultNodes]:
     """ARSeg's current result nodes for a volume (after a run, a scene reload, or from the console), or None."""
     by_role = {n.GetAttribute(ROLE_ATTRIBUTE): n for n in result_nodes_of(scene, volume_node)}
@@ -1497,7 +1605,8 @@ def list_nodules(scene, volume_node) -> List[NoduleInfo]:
                               point_ras_mm=n.get("point_ras_mm"), selected=n["id"] == nodes.nodule,
                               long_axis_mm=(n.get("diameters_mm") or {}).get("long"),
                               short_axis_mm=(n.get("diameters_mm") or {}).get("short"),
-                              n_prompts=len(n.get("prompts") or [])))
+                              n_prompts=len(n.get("prompts") or []), prompts=tuple(n.get("prompts") or ()),
+                              n_samples=int(n.get("n_samples", 0))))
     return out
 
 
@@ -1515,6 +1624,7 @@ def select_nodule(scene, volume_node, nid: str) -> ResultNodes:
     numbers become its own. Changes only ARSeg's nodes for this volume."""
     nodes = _results_or_error(scene, volume_node)
     entry = nodule_report(nodes, nid)
+    hide_sample(scene, volume_node, nodes)  # a sample shown is the previously selected nodule's
     local_m = local_ijk_to_ras(volume_node)
     segmentation = nodes.segmentation.GetSegmentation()
     n_scales = int(entry["n_scales"])
@@ -1779,27 +1889,67 @@ def write_region_results(scene, volume_node, result, report: Optional[Dict[str, 
     return segmentation
 
 
-def segment_region_files(input_paths: Dict[str, Any], out_path, predictor, card, report_path=None, png_path=None,
-                         settings=None, progress=None, cancel=None, scene=None):
-    """Several inputs (task input name -> image file) -> OUT.seg.nrrd (a segment per region per lesion), the report
-    JSON and the figure, written together (write_files_atomically). Every input is read and checked first
-    (volume_regions.check_inputs: the task's names, one grid). Returns (RegionsResult, segmentation node)."""
-    from .figure_regions import write_regions_figure
-    from .volume_regions import segment_volume_regions
+def _name_words(name: str) -> List[str]:
+    return [w for w in re.split(r"[^0-9a-z]+", str(name).lower()) if w]
 
-    scene = scene if scene is not None else new_scene()
-    nodes = {name: load_volume(scene, path, name=f"{volume_stem(Path(path))}") for name, path in input_paths.items()}
-    volumes = {name: (volume_array(node), world_ijk_to_ras(node)) for name, node in nodes.items()}
-    result = segment_volume_regions(volumes, predictor, card, settings, progress=progress, cancel=cancel)
-    first = card.task.input_names[0]
-    report = dict(result.report(str(input_paths[first])),
-                  sources={name: str(path) for name, path in input_paths.items()}, segmentation=str(out_path))
-    segmentation = write_region_results(scene, nodes[first], result, report)
-    writers: Dict[Path, Any] = {Path(out_path): lambda tmp: save_segmentation(segmentation, tmp)}
+
+def volumes_for_inputs(scene, task) -> Dict[str, Any]:
+    """The scene's volumes named like the task's inputs, {input name: node}, for a front end to preselect: a
+    volume whose name, in any case, is the input's name or title ("FLAIR", "flair.nii") or holds it as a word
+    ("case7_t1ce"), exact names first; ARSeg's own volumes and volumes taken by an earlier input are skipped. An
+    input no volume is named like is left out."""
+    volumes = [n for n in _nodes_of_class(scene, "vtkMRMLScalarVolumeNode") if not n.GetAttribute(ROLE_ATTRIBUTE)]
+    found: Dict[str, Any] = {}
+    for entry in task.inputs:
+        words = {entry.name.lower(), entry.title.lower()}
+        free = [n for n in volumes if n not in found.values()]
+        exact = [n for n in free if _bare_name(n.GetName()) in words]
+        by_word = [n for n in free if words & set(_name_words(n.GetName()))]
+        if exact or by_word:
+            found[entry.name] = (exact or by_word)[0]
+    return found
+
+
+def _bare_name(name: str) -> str:
+    """A node's name without a file's extensions ("FLAIR.nii.gz" -> "flair"), lower case."""
+    return re.sub(r"(\.(nii|gz|nrrd|nhdr|mha|mhd|dcm))+$", "", str(name or "").lower())
+
+
+@dataclass
+class RegionNodes:
+    """What a several-input run put in the scene: the segmentation of its first input (a segment per region per
+    lesion), the result and report (RegionsResult.report), and what the user should know (inputs resampled)."""
+
+    segmentation: Any
+    result: Any  # volume_regions.RegionsResult
+    report: Dict[str, Any]
+    notices: List[str] = field(default_factory=list)
+    regions = True  # front ends tell these from ResultNodes by this
+
+
+def region_summary(report: Dict[str, Any]) -> str:
+    """One line per region of a RegionsResult report: its consensus volume and the samples' range, in mL."""
+    lines = [f"{report.get('n_lesions', 0)} lesion(s)"]
+    for region in report.get("regions", []):
+        v = region["sample_volume_ml"]
+        lines.append(f"{region['name']}: {region['consensus_volume_ml']:.2f} mL (samples {v['min']:.2f}-"
+                     f"{v['max']:.2f} mL)")
+    return "\n".join(lines)
+
+
+def write_region_outputs(nodes: RegionNodes, image_kji: np.ndarray, sources: Dict[str, Any], out_path,
+                         report_path=None, png_path=None) -> List[Path]:
+    """A several-input run's files: OUT.seg.nrrd (a segment per region per lesion), the report JSON (with each
+    input's file) and the figure (on image_kji, the first input), written together (write_files_atomically)."""
+    from .figure_regions import write_regions_figure
+
+    report = dict(nodes.report, sources={name: str(path) for name, path in sources.items()},
+                  segmentation=str(out_path))
+    writers: Dict[Path, Any] = {Path(out_path): lambda tmp: save_segmentation(nodes.segmentation, tmp)}
     if report_path is not None:
         writers[Path(report_path)] = lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n")
     if png_path is not None:
-        image = volumes[first][0]
-        writers[Path(png_path)] = lambda tmp: write_regions_figure(result, image, tmp, report)
-    write_files_atomically(writers)
-    return result, segmentation
+        writers[Path(png_path)] = lambda tmp: write_regions_figure(nodes.result, image_kji, tmp, report)
+    written = write_files_atomically(writers)
+    nodes.report = report
+    return written

@@ -25,11 +25,13 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy import ndimage
 
+from . import limits
+
 ProgressFn = Optional[Callable[[int, int], None]]
 CancelFn = Optional[Callable[[], bool]]
 OutlineFn = Optional[Callable[["Outline"], None]]
 
-MAX_SAMPLES = 64  # samples are kept as bits of one integer per voxel
+MAX_SAMPLES = limits.MAX_SAMPLES  # samples are kept as bits of one integer per voxel
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -79,13 +81,22 @@ def card_modes(card) -> Tuple[str, ...]:
     return tuple(str(m) for m in modes)
 
 
+def _object_word(card) -> str:
+    """What a click segments, in the card's words: its task's first region ("nodule" for the lung card)."""
+    try:
+        return card.task.regions[0].name.lower()
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):  # a card object without a task
+        return "object"
+
+
 def check_mode(card, mode: str) -> None:
     """UnsupportedModeError unless the card lists mode; the message says what the model can do instead."""
     modes = card_modes(card)
     if mode not in modes:
         name = getattr(card, "name", "this model")
         can = " or ".join(MODE_WORDS.get(m, m) for m in modes) or "nothing"
-        hint = " Give a point on the nodule (--point R,A,S on the command line)." if MODE_CLICK in modes else ""
+        hint = f" Give a point on the {_object_word(card)} (--point R,A,S on the command line)." \
+            if MODE_CLICK in modes else ""
         raise UnsupportedModeError(
             f"model {name!r} is not validated for {MODE_WORDS.get(mode, mode)} mode: its card lists only "
             f"{can}, the mode it was trained and validated for.{hint}")
@@ -97,7 +108,7 @@ def check_mode(card, mode: str) -> None:
 class SegmentSettings:
     """What the user can choose for one run. None means: the model card's own value."""
 
-    n_samples: int = 16
+    n_samples: int = limits.DEFAULT_SAMPLES
     temperature: Optional[float] = None
     top_k: Optional[int] = None
     top_p: Optional[float] = None
@@ -109,24 +120,30 @@ class SegmentSettings:
     oversample: Optional[int] = None
     presence_logit_shift: Optional[float] = None
     # click mode: planes above and below the click, and how far from the click a component may start
-    half_height_mm: float = 20.0
+    half_height_mm: float = limits.DEFAULT_HALF_HEIGHT_MM
     component_tolerance_mm: float = 5.0
     # a click off the object's centre is run again on a grid centred on the object the samples found there (the
     # model saw only object-centred crops: 6 mm off lung1's nodule centre its consensus was empty), at most this
     # many times, while that centre is farther than recentre_min_mm from the grid's; 0 runs the click as given
     recentre_passes: int = 3
     recentre_min_mm: float = 1.5
+    # a click's planes in waves outward from the click: first those within first_wave_mm (at least the component
+    # tolerance), then wave_step_planes more on each side where the kept result still reaches the outermost plane
+    # run, until it does not or the grid ends. The result kept is connected to the click, so planes beyond one it
+    # does not reach cannot change it: the output is the one batch's exactly (tested); lung1 runs 13 of its 17
+    # planes. None: every plane in one batch
+    first_wave_mm: Optional[float] = 12.5
+    wave_step_planes: int = 1
     # crops per forward pass (memory grows with crops x candidates): a click's planes of an ordinary CT go in one
     # batch, a thin-slice scan's or a whole volume's in chunks; fewer per pass when a crop draws more than 32
     # candidates (samples x oversample), so a pass never holds more sequences than 32 crops of 32
     batch_size: int = 32
 
-    # a temperature this high flattens the token distribution into noise (lung1: 100 gives an empty consensus)
-    MAX_TEMPERATURE = 5.0
+    MAX_TEMPERATURE = limits.MAX_TEMPERATURE
     MAX_VIEWS = 8  # engine/views.py's N_VIEWS, the symmetries of the square (this module loads without torch)
     MAX_OVERSAMPLE = 8  # candidates per kept sample: memory and time grow with it
     MAX_PRESENCE_SHIFT = 5.0  # a logit shift of 5 turns a presence of 0.5 into 0.993
-    MAX_HALF_HEIGHT_MM = 200.0
+    MAX_HALF_HEIGHT_MM = limits.MAX_HALF_HEIGHT_MM
     MAX_RECENTRE_PASSES = 4  # each pass costs one click's inference
 
     def check(self) -> SegmentSettings:
@@ -159,11 +176,13 @@ class SegmentSettings:
         if self.oversample is not None:
             whole("oversample", 1, self.MAX_OVERSAMPLE)
         real("presence_logit_shift", -self.MAX_PRESENCE_SHIFT, self.MAX_PRESENCE_SHIFT, optional=True)
-        whole("seed", 0, 2 ** 63 - 1)
+        whole("seed", 0, limits.MAX_SEED)
         real("half_height_mm", 0.0, self.MAX_HALF_HEIGHT_MM)
         real("component_tolerance_mm", 0.0, 100.0)
         whole("recentre_passes", 0, self.MAX_RECENTRE_PASSES)
         real("recentre_min_mm", 0.0, 100.0)
+        real("first_wave_mm", 0.0, self.MAX_HALF_HEIGHT_MM, optional=True)
+        whole("wave_step_planes", 1)
         whole("batch_size", 1)
         return self
 
@@ -515,12 +534,17 @@ class TokenMaps:
     samples x 204 tokens, 55 kB) and plain numpy, so a result pickles and crosses the worker without torch.
 
     idx_ZNL: every scale's tokens of sample n on plane z, scale after scale in raster order; view_ZN: the
-    symmetric view it was drawn on; drawn_ZN: False where the sample is empty there (or the plane had no signal)."""
+    symmetric view it was drawn on; drawn_ZN: False where the sample is empty there (or the plane had no signal).
+    computed_Z: False on planes with signal that the click's waves did not reach (their result could not change
+    the click's); a refinement draws them first with `sampling` (the click's SamplingConfig as a dict), which
+    gives the tokens a one-batch click would have kept. None: every plane computed."""
 
     idx_ZNL: np.ndarray
     view_ZN: np.ndarray
     drawn_ZN: np.ndarray
     scales: Tuple[int, ...]
+    computed_Z: Optional[np.ndarray] = None
+    sampling: Optional[Dict[str, Any]] = None
 
     @classmethod
     def empty(cls, n_planes: int, like, scales) -> TokenMaps:
@@ -534,6 +558,12 @@ class TokenMaps:
         self.idx_ZNL[planes] = tokens.idx_BNL
         self.view_ZN[planes] = tokens.view_BN
         self.drawn_ZN[planes] = tokens.drawn_BN
+        if self.computed_Z is not None:
+            self.computed_Z[planes] = True
+
+    def missing_planes(self) -> List[int]:
+        """Planes whose tokens the click's waves did not compute (empty for a one-batch click)."""
+        return [] if self.computed_Z is None else [int(z) for z in np.flatnonzero(~self.computed_Z)]
 
     def of_planes(self, planes):
         """The engine's SampleTokens of these planes (imported here: this module loads without torch)."""
@@ -819,7 +849,7 @@ def segment_click(volume, ijk_to_ras, point_ras, predictor, card, settings: Opti
     result = _click_result(found, array, m, click, predictor, card, settings, sampling, pixel_spacing)
     result.settings["grid_centres_ras_mm"] = centres  # the click's, then each re-centred one
     result.timings_s = {"prepare": found.t_prepare, "model": found.t_model, "passes": len(centres),
-                        "total": time.perf_counter() - t0}
+                        "waves": found.waves, "planes_run": found.planes_run, "total": time.perf_counter() - t0}
     return result
 
 
@@ -953,6 +983,27 @@ def _volume_to_grid_plane(mask: np.ndarray, m: np.ndarray, grid: AxialGrid, z: i
     return out.reshape(h, w)
 
 
+def _every_plane_drawn(tokens: TokenMaps, predictor, prepared, has_signal, settings: SegmentSettings,
+                       cancel: CancelFn) -> TokenMaps:
+    """The click's token maps with the planes its waves skipped drawn now, with the click's own sampling and crop
+    ids: the token maps a one-batch click would have kept (a crop's samples depend on its image, id and seed), so
+    a refinement of a click run in waves is the refinement of the one-batch click."""
+    missing = [z for z in tokens.missing_planes() if has_signal[z]]
+    if not missing:
+        return tokens
+    from .engine.config import SamplingConfig
+
+    sampling = SamplingConfig(**tokens.sampling)
+    full = TokenMaps(idx_ZNL=tokens.idx_ZNL.copy(), view_ZN=tokens.view_ZN.copy(), drawn_ZN=tokens.drawn_ZN.copy(),
+                     scales=tokens.scales, computed_Z=tokens.computed_Z.copy(), sampling=tokens.sampling)
+    batch = settings.crops_per_pass(sampling)
+    for i in range(0, len(missing), batch):
+        chunk = missing[i:i + batch]
+        res = predictor.segment(prepared[chunk], sampling=sampling, cancel=cancel, crop_ids=chunk, keep_tokens=True)
+        full.put(chunk, res.tokens)
+    return full
+
+
 def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing, refinement, previous, history,
                     indices, progress, cancel) -> VolumeResult:
     from .engine.steering import CropPrompts, LockedPrefix, SteeringConfig, sample_under_prompts, samples_from_tokens
@@ -989,67 +1040,84 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
                                        % (1 << 63), oversample=1)
     else:
         redraw = sorted(z for z in per_plane if has_signal[z])
-    kept_planes = [z for z in range(nz) if z not in redraw and tokens.drawn_ZN[z].any()]
-
+    # a click run in waves has planes without token maps: a lock redraws every plane from them, so they are drawn
+    # first; other refinements run without them and draw them only if the refined result reaches a plane beside
+    # one (then again, with them): beyond planes it does not reach, they cannot change it (as for the click)
+    if refinement.lock_scales:
+        tokens = _every_plane_drawn(tokens, predictor, prepared, has_signal, settings, cancel)
+    includes = [(float(z), float(r), float(c)) for kind, (z, r, c), _ in points if kind == INCLUDE]
+    out = None  # the prompted planes' redraw: without a lock it needs no token maps, so a second round reuses it
     samples = np.zeros((n, nz, h, w), dtype=np.uint8)
     scales = np.zeros((k, nz, h, w), dtype=np.uint8)
     consensus = np.zeros((nz, h, w), dtype=np.uint8)
-    new_tokens = TokenMaps(idx_ZNL=tokens.idx_ZNL.copy(), view_ZN=tokens.view_ZN.copy(),
-                           drawn_ZN=tokens.drawn_ZN.copy(), scales=tokens.scales)
-    new_tokens.drawn_ZN[[z for z in range(nz) if z not in redraw and z not in kept_planes]] = False
 
     def put(planes, res):
         samples[:, planes] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
         scales[:, planes] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
         consensus[planes] = res.consensus_Bhw > 0
 
-    satisfaction = []
-    if redraw:
-        crop_prompts = []
-        for z in redraw:
-            here = per_plane.get(z, [])
-            crop_prompts.append(CropPrompts(include_rc=tuple(rc for kind, rc, _ in here if kind == INCLUDE),
-                                            exclude_rc=tuple(rc for kind, rc, _ in here if kind == EXCLUDE)))
-        prefix = None
-        if prefix_source is not None:
-            prefix = LockedPrefix.from_tokens(tokens.of_planes(redraw), prefix_source, refinement.lock_scales,
-                                              tokens.scales)
+    while True:
+        kept_planes = [z for z in range(nz) if z not in redraw and tokens.drawn_ZN[z].any()]
+        samples[:], scales[:], consensus[:] = 0, 0, 0
+        new_tokens = TokenMaps(idx_ZNL=tokens.idx_ZNL.copy(), view_ZN=tokens.view_ZN.copy(),
+                               drawn_ZN=tokens.drawn_ZN.copy(), scales=tokens.scales,
+                               computed_Z=None if tokens.computed_Z is None else tokens.computed_Z.copy(),
+                               sampling=tokens.sampling)
+        new_tokens.drawn_ZN[[z for z in range(nz) if z not in redraw and z not in kept_planes]] = False
 
-        def on_progress(done, total):
-            if progress is not None:
-                progress(done, total)
+        satisfaction = []
+        if redraw:
+            crop_prompts = []
+            for z in redraw:
+                here = per_plane.get(z, [])
+                crop_prompts.append(CropPrompts(include_rc=tuple(rc for kind, rc, _ in here if kind == INCLUDE),
+                                                exclude_rc=tuple(rc for kind, rc, _ in here if kind == EXCLUDE)))
+            prefix = None
+            if prefix_source is not None:
+                prefix = LockedPrefix.from_tokens(tokens.of_planes(redraw), prefix_source, refinement.lock_scales,
+                                                  tokens.scales)
 
-        out = sample_under_prompts(predictor, prepared[redraw], sampling, prompts=crop_prompts, prefix=prefix,
-                                   steering=SteeringConfig(max_rounds=REFINE_MAX_ROUNDS), crop_ids=redraw,
-                                   progress=on_progress, cancel=cancel)
-        put(redraw, out.result)
-        new_tokens.put(redraw, out.result.tokens)
-        for b, z in enumerate(redraw):
-            here = per_plane.get(z, [])
-            incl = [e for e in here if e[0] == INCLUDE]
-            excl = [e for e in here if e[0] == EXCLUDE]
-            for q, (kind, _, p) in enumerate(incl + excl):
-                satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras], "plane": int(z),
-                                     "candidates": int(out.candidates_B[b]),
-                                     "satisfying": int(out.satisfying_B[b][q]),
-                                     "satisfying_all_prompts_of_plane": int(out.satisfying_all_B[b]),
-                                     "distinct_kept": int(out.distinct_kept_B[b]),
-                                     "every_kept_sample_satisfies": bool(out.kept_satisfy_B[b])})
-    elif progress is not None:
-        progress(k, k)
-    for kind, (z, r, c), p in points:  # a prompt on a plane without signal cannot be met: say so
-        if z not in redraw:
-            satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras], "plane": int(z),
-                                 "candidates": 0, "satisfying": 0, "every_kept_sample_satisfies":
-                                 bool((samples[:, z, r, c] > 0).all() if kind == INCLUDE
-                                      else not samples[:, z, r, c].any())})
-    if kept_planes:
-        put(kept_planes, samples_from_tokens(predictor, tokens.of_planes(kept_planes)))
-    t_model = time.perf_counter()
+            def on_progress(done, total):
+                if progress is not None:
+                    progress(done, total)
 
-    includes = [(float(z), float(r), float(c)) for kind, (z, r, c), _ in points if kind == INCLUDE]
-    kept_consensus, kept_samples, kept_scales = _keep_object(consensus, samples, scales, click_index, grid.spacing,
-                                                             settings.component_tolerance_mm, includes)
+            if out is None or prefix is not None:
+                out = sample_under_prompts(predictor, prepared[redraw], sampling, prompts=crop_prompts,
+                                           prefix=prefix, steering=SteeringConfig(max_rounds=REFINE_MAX_ROUNDS),
+                                           crop_ids=redraw, progress=on_progress, cancel=cancel)
+            put(redraw, out.result)
+            new_tokens.put(redraw, out.result.tokens)
+            for b, z in enumerate(redraw):
+                here = per_plane.get(z, [])
+                incl = [e for e in here if e[0] == INCLUDE]
+                excl = [e for e in here if e[0] == EXCLUDE]
+                for q, (kind, _, p) in enumerate(incl + excl):
+                    satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras],
+                                         "plane": int(z), "candidates": int(out.candidates_B[b]),
+                                         "satisfying": int(out.satisfying_B[b][q]),
+                                         "satisfying_all_prompts_of_plane": int(out.satisfying_all_B[b]),
+                                         "distinct_kept": int(out.distinct_kept_B[b]),
+                                         "every_kept_sample_satisfies": bool(out.kept_satisfy_B[b])})
+        elif progress is not None:
+            progress(k, k)
+        for kind, (z, r, c), p in points:  # a prompt on a plane without signal cannot be met: say so
+            if z not in redraw:
+                satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras],
+                                     "plane": int(z), "candidates": 0, "satisfying": 0, "every_kept_sample_satisfies":
+                                     bool((samples[:, z, r, c] > 0).all() if kind == INCLUDE
+                                          else not samples[:, z, r, c].any())})
+        if kept_planes:
+            put(kept_planes, samples_from_tokens(predictor, tokens.of_planes(kept_planes)))
+        t_model = time.perf_counter()
+
+        kept_consensus, kept_samples, kept_scales = _keep_object(consensus, samples, scales, click_index,
+                                                                 grid.spacing, settings.component_tolerance_mm,
+                                                                 includes)
+        unrun = [z for z in tokens.missing_planes() if has_signal[z] and z not in redraw]
+        if not unrun or not _reaches_planes((kept_consensus, kept_samples, kept_scales),
+                                            [z + d for z in unrun for d in (-1, 1) if 0 <= z + d < nz]):
+            break
+        tokens = _every_plane_drawn(tokens, predictor, prepared, has_signal, settings, cancel)
     centre_plane = nz // 2  # unused after the click: a refinement does not re-centre
     found = _ClickPass(grid=grid, click_plane=click_plane, centre_plane=centre_plane, click_index=click_index,
                        prepared=prepared, raw=raw, consensus=kept_consensus, samples=kept_samples,
@@ -1110,6 +1178,8 @@ class _ClickPass:
     t_prepare: float = 0.0
     t_model: float = 0.0
     tokens: Optional[TokenMaps] = None
+    waves: int = 1  # the click's planes were run in this many waves (_first_wave, _next_wave)
+    planes_run: int = 0  # planes with signal that the model ran
 
     def object_centre_ras(self) -> Optional[np.ndarray]:
         """RAS centre of the object the samples mark at the click (their mean mask's centre of mass)."""
@@ -1135,31 +1205,73 @@ def _click_pass(array, m, click, centre, predictor, card, settings, sampling, pi
     samples = np.zeros((n, nz, h, w), dtype=np.uint8)
     scales = np.zeros((k, nz, h, w), dtype=np.uint8)
     consensus = np.zeros((nz, h, w), dtype=np.uint8)
-    rows = np.flatnonzero(has_signal)
-    # one batch for an ordinary CT (17 planes of 2.5 mm); thin-slice scans are split so memory stays bounded
+    click_index = (float(click_plane), round(float(click_index[1]), 6), round(float(click_index[2]), 6))
+    # one batch per wave for an ordinary CT (17 planes of 2.5 mm); thin-slice scans are split so memory stays bounded
     batch = settings.crops_per_pass(sampling)
-    chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
-    tokens = None
-    for ci, chunk in enumerate(chunks):
-        res = _run_model(predictor, prepared[chunk], sampling, progress, cancel, ci * k, len(chunks) * k, chunk,
-                         keep_tokens=True)
-        samples[:, chunk] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
-        scales[:, chunk] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
-        consensus[chunk] = res.consensus_Bhw > 0
-        if getattr(res, "tokens", None) is not None:  # stand-in predictors of the tests have none
-            tokens = tokens or TokenMaps.empty(nz, res.tokens, predictor.config.autoencoder.scales)
-            tokens.put(chunk, res.tokens)
-    if not chunks and progress is not None:
+    tokens, run = None, np.zeros(nz, dtype=bool)  # run: planes whose per-plane outputs are in
+    chunks_done, waves = 0, 0
+    lo, hi = _first_wave(click_plane, nz, settings, grid.spacing[0])
+    while True:
+        new = np.arange(lo, hi + 1)[~run[lo:hi + 1]]
+        run[new] = True
+        rows = new[has_signal[new]]
+        chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
+        waves, wave_start = waves + 1, chunks_done
+        for ci, chunk in enumerate(chunks):  # the total grows with each wave, as with each re-centred pass
+            res = _run_model(predictor, prepared[chunk], sampling, progress, cancel, (wave_start + ci) * k,
+                             (wave_start + len(chunks)) * k, chunk, keep_tokens=True)
+            chunks_done += 1
+            samples[:, chunk] = (res.samples_BNhw > 0).transpose(1, 0, 2, 3)
+            scales[:, chunk] = (res.scale_consensus_BKhw > 0).transpose(1, 0, 2, 3)
+            consensus[chunk] = res.consensus_Bhw > 0
+            if getattr(res, "tokens", None) is not None:  # stand-in predictors of the tests have none
+                if tokens is None:
+                    tokens = TokenMaps.empty(nz, res.tokens, predictor.config.autoencoder.scales)
+                    tokens.computed_Z, tokens.sampling = ~has_signal, dataclasses.asdict(sampling)
+                tokens.put(chunk, res.tokens)
+        kept = _keep_object(consensus, samples, scales, click_index, grid.spacing, settings.component_tolerance_mm)
+        lo_next, hi_next = _next_wave(kept, lo, hi, nz, settings.wave_step_planes)
+        if (lo_next, hi_next) == (lo, hi):
+            break
+        lo, hi = lo_next, hi_next
+    if chunks_done == 0 and progress is not None:
         progress(k, k)
     t_model = time.perf_counter()
-
-    click_index = (float(click_plane), round(float(click_index[1]), 6), round(float(click_index[2]), 6))
-    kept_consensus, kept_samples, kept_scales = _keep_object(consensus, samples, scales, click_index, grid.spacing,
-                                                             settings.component_tolerance_mm)
+    kept_consensus, kept_samples, kept_scales = kept
     return _ClickPass(grid=grid, click_plane=click_plane, centre_plane=centre_plane, click_index=click_index,
                       prepared=prepared, raw=raw,
                       consensus=kept_consensus, samples=kept_samples, scales=kept_scales,
-                      t_prepare=t_prep - t0, t_model=t_model - t_prep, tokens=tokens)
+                      t_prepare=t_prep - t0, t_model=t_model - t_prep, tokens=tokens, waves=waves,
+                      planes_run=int((run & has_signal).sum()))
+
+
+def _reaches_planes(kept, planes) -> bool:
+    """Whether any kept mask (consensus (Z, h, w), samples or scales (N, Z, h, w)) has a voxel on these planes."""
+    planes = sorted(set(planes))
+    return bool(planes) and any(bool(mask[..., planes, :, :].any()) for mask in kept)
+
+
+def _first_wave(click_plane: int, nz: int, settings: SegmentSettings, plane_mm: float) -> Tuple[int, int]:
+    """The planes (first, last) of a click's first wave: within settings.first_wave_mm of the click, and at least
+    every plane within the component tolerance (where the component at the click may start); all with None."""
+    if settings.first_wave_mm is None:
+        return 0, nz - 1
+    half = max(int(round(settings.first_wave_mm / plane_mm)),
+               int(math.floor(settings.component_tolerance_mm / plane_mm + 1e-9)))
+    return max(0, click_plane - half), min(nz - 1, click_plane + half)
+
+
+def _next_wave(kept, lo: int, hi: int, nz: int, step: int) -> Tuple[int, int]:
+    """The planes run so far (lo..hi) grown by step on each side where something kept (the consensus component,
+    a sample's or a scale's components) lies on the outermost plane run; (lo, hi) itself when nothing does. The
+    components connect neighbouring planes only, so a kept set with nothing on an edge plane is whole: planes
+    beyond it cannot join it."""
+    def on_plane(z):
+        return any(bool(mask[..., z, :, :].any()) for mask in kept)
+
+    new_lo = max(0, lo - step) if lo > 0 and on_plane(lo) else lo
+    new_hi = min(nz - 1, hi + step) if hi < nz - 1 and on_plane(hi) else hi
+    return new_lo, new_hi
 
 
 def _keep_object(consensus, samples, scales, click_index, spacing, tol, include_indices=()):

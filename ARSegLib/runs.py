@@ -22,19 +22,17 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from . import pipeline
 from .prompts import INCLUDE, Prompt, PromptError, Refinement
+from .run_state import RunCancelled, RunState
 
 ProgressFn = Optional[Callable[[int, int], None]]
 CancelFn = Optional[Callable[[], bool]]
-
-
-class RunCancelled(Exception):
-    """A run stopped by its caller (both backends; the worker's own RunCancelled is turned into this by finish)."""
 
 
 # --------------------------------------------------------------------------------------------- the request
@@ -53,6 +51,10 @@ class RunRequest:
     settings: pipeline.SegmentSettings = field(default_factory=pipeline.SegmentSettings)
     model: Optional[str] = None  # the model asked for (name or card path); None: the backend's
     replace_with_empty: bool = False  # a redo that finds nothing replaces the nodule anyway
+    # several inputs (a card whose task names several): volume is their stack (C, k, j, i) on one grid, in the
+    # task's order (RunService.request_for_inputs aligns them); the result is a volume_regions.RegionsResult
+    input_names: Tuple[str, ...] = ()
+    input_notes: Tuple[str, ...] = ()  # what aligning them did ("t1ce: resampled onto flair's grid ..."), for the user
 
     @property
     def mode(self) -> str:
@@ -63,8 +65,14 @@ class RunRequest:
         return self.refinement is not None and not self.refinement.empty
 
     @property
+    def several_inputs(self) -> bool:
+        return bool(self.input_names)
+
+    @property
     def shape(self) -> Tuple[int, int, int]:
-        return tuple(np.shape(self.volume)) if self.volume is not None else tuple(self.volume_shape or ())
+        if self.volume is None:
+            return tuple(self.volume_shape or ())
+        return tuple(np.shape(self.volume))[1:] if self.several_inputs else tuple(np.shape(self.volume))
 
 
 @dataclass(frozen=True)
@@ -86,10 +94,18 @@ def card_scales(card) -> Optional[int]:
 
 def compute(volume, ijk_to_ras, click: Optional[Prompt], settings, predictor, card,
             refinement: Optional[Refinement] = None, previous=None, progress: ProgressFn = None,
-            cancel: CancelFn = None, on_outline=None) -> pipeline.VolumeResult:
+            cancel: CancelFn = None, on_outline=None, input_names: Sequence[str] = ()):
     """The request on the model: the whole volume, a click, or a click's refinement from its previous result.
     Both backends run this (the worker in its process), so a request means the same wherever it runs. on_outline
-    receives a plain click's first outline (pipeline.first_outline) before its full sampling."""
+    receives a plain click's first outline (pipeline.first_outline) before its full sampling. input_names: volume
+    is the stack (C, k, j, i) of the task's inputs on one grid, run whole (a volume_regions.RegionsResult)."""
+    if input_names:
+        from .volume_regions import segment_volume_regions
+
+        if click is not None or refinement is not None:  # RunService.check refuses these; the worker says so too
+            raise pipeline.UnsupportedModeError("several inputs are segmented whole-volume only")
+        volumes = {name: (volume[c], ijk_to_ras) for c, name in enumerate(input_names)}
+        return segment_volume_regions(volumes, predictor, card, settings, progress, cancel)
     if click is None:
         return pipeline.segment_volume(volume, ijk_to_ras, predictor, card, settings, progress, cancel)
     if refinement is not None and not refinement.empty:
@@ -101,20 +117,18 @@ def compute(volume, ijk_to_ras, click: Optional[Prompt], settings, predictor, ca
 
 # --------------------------------------------------------------------------------------------- backends
 
-class LocalRun:
+class LocalRun(RunState):
     """A run in this process, on a thread of its own, with the worker run's interface: poll() never blocks,
     progress in done_steps / total_steps, cancel() stops it at its next scale, wait(timeout) blocks."""
 
     def __init__(self, work: Callable[..., Any]):
-        self.done_steps, self.total_steps = 0, 1
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
-        self.seconds: Optional[float] = None
-        self.started_at = time.perf_counter()
-        self.outline, self.outline_seconds, self._outline_taken = None, None, False  # a click's first outline
+        super().__init__()
         self._cancel, self._done = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._work, args=(work,), name="ARSeg run", daemon=True)
         self._thread.start()
+
+    def _has_finished(self) -> bool:
+        return self._done.is_set()
 
     def _progress(self, done, total):
         self.done_steps, self.total_steps = int(done), max(1, int(total))
@@ -132,28 +146,6 @@ class LocalRun:
 
     def _on_outline(self, outline):
         self.outline, self.outline_seconds = outline, time.perf_counter() - self.started_at
-
-    def take_outline(self):
-        """The first outline, once, while the run is still going (as worker.WorkerRun.take_outline)."""
-        if self.outline is None or self._outline_taken or self._done.is_set():
-            return None
-        self._outline_taken = True
-        return self.outline
-
-    def poll(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def finished(self) -> bool:
-        return self.poll()
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.done_steps / max(1, self.total_steps))
-
-    @property
-    def cancelled(self) -> bool:
-        return isinstance(self.error, RunCancelled)
 
     def cancel(self):
         self._cancel.set()
@@ -180,7 +172,8 @@ class LocalBackend:
         refinement = request.refinement if request.refines else None
         return LocalRun(lambda progress, cancel, on_outline: compute(
             request.volume, request.ijk_to_ras, request.click, request.settings, self.predictor, self.card,
-            refinement, previous, progress, cancel, on_outline=on_outline if self.outline else None))
+            refinement, previous, progress, cancel, on_outline=on_outline if self.outline else None,
+            input_names=request.input_names))
 
 
 class WorkerBackend:
@@ -200,9 +193,10 @@ class WorkerBackend:
 
     def start(self, request: RunRequest, previous=None):
         refinement = request.refinement if request.refines else None
+        several = {"input_names": request.input_names} if request.several_inputs else {}  # a one-input client's
         return self.client.segment(request.volume, request.ijk_to_ras, request.click, request.settings,
                                    volume_key=request.volume_key, refinement=refinement,
-                                   previous=previous if refinement is not None else None)
+                                   previous=previous if refinement is not None else None, **several)
 
 
 def finish(run, progress: ProgressFn = None, cancel: CancelFn = None):
@@ -242,24 +236,43 @@ class NoduleMemory:
     oldest go first (a refinement of a forgotten nodule says so)."""
 
     MAX_NODULES = 32
+    MAX_REPLACED = 20  # results a nodule's later ones replaced, kept for restore (mrml's undo steps are as many)
 
     def __init__(self):
         self._entries: OrderedDict = OrderedDict()
+        self._replaced: Dict[Any, List[Remembered]] = {}  # per key, oldest first
 
     def get(self, volume_key, nodule: Optional[str]) -> Optional[Remembered]:
         return self._entries.get((volume_key, nodule)) if nodule is not None else None
 
     def put(self, volume_key, nodule: str, result, settings) -> None:
-        self._entries[(volume_key, nodule)] = Remembered(result, settings)
-        self._entries.move_to_end((volume_key, nodule))
+        key = (volume_key, nodule)
+        if key in self._entries:
+            self._replaced.setdefault(key, []).append(self._entries[key])
+            del self._replaced[key][:-self.MAX_REPLACED]
+        self._entries[key] = Remembered(result, settings)
+        self._entries.move_to_end(key)
         while len(self._entries) > self.MAX_NODULES:
-            self._entries.popitem(last=False)
+            oldest, _ = self._entries.popitem(last=False)
+            self._replaced.pop(oldest, None)
+
+    def restore(self, volume_key, nodule: str) -> Optional[Remembered]:
+        """The nodule's result before its current one becomes current again (an undo of its last run), or, when
+        none is known, the nodule is forgotten; returns what is current now."""
+        key = (volume_key, nodule)
+        replaced = self._replaced.get(key)
+        if not replaced:
+            self.forget(volume_key, nodule)
+            return None
+        self._entries[key] = replaced.pop()
+        return self._entries[key]
 
     def forget(self, volume_key=None, nodule: Optional[str] = None) -> None:
         """A nodule (deleted, undone), a volume's nodules (cleared), or everything."""
-        for key in list(self._entries):
+        for key in list(self._entries) + list(self._replaced):
             if (volume_key is None or key[0] == volume_key) and (nodule is None or key[1] == nodule):
-                del self._entries[key]
+                self._entries.pop(key, None)
+                self._replaced.pop(key, None)
 
 
 _shared_memory = NoduleMemory()
@@ -278,18 +291,56 @@ def volume_key_of(volume_node) -> Tuple[int, str, int]:
 
 
 def apply_result(volume_node, result, options=None, nodule: Optional[str] = None, replace_with_empty: bool = False,
-                 memory: Optional[NoduleMemory] = None, volume_key=None, settings=None):
+                 memory: Optional[NoduleMemory] = None, volume_key=None, settings=None, card=None):
     """A finished run's result into the scene as a nodule of volume_node (mrml.write_result: a new one, or the
     nodule it redoes or refines), remembered for a later refinement. Returns mrml's ResultNodes (its notices:
-    what the user should know, e.g. a nodule redone, or kept because the run found nothing)."""
+    what the user should know, e.g. a nodule redone, or kept because the run found nothing). card: the model's,
+    whose task names the masks' terminology and colour (mrml.OutputOptions.for_task); None: the lung card's."""
     from . import mrml
 
+    if getattr(result, "parts", None) is not None:  # a volume_regions.RegionsResult (several inputs)
+        return apply_region_result(volume_node, result)
+    if card is not None:
+        options = (options or mrml.OutputOptions()).for_task(card.task)
     nodes = mrml.write_result(volume_node.GetScene(), volume_node, result, options, nodule=nodule,
                               replace_with_empty=replace_with_empty)
     if memory is not None and nodes.result is result and nodes.nodule:  # written (not kept as it was)
         memory.put(volume_key if volume_key is not None else volume_key_of(volume_node), nodes.nodule, result,
                    settings if settings is not None else _settings_of(result))
     return nodes
+
+
+def apply_region_result(volume_node, result, input_notes: Sequence[str] = ()):
+    """A several-input run's RegionsResult into the scene as the segmentation of volume_node, its first input
+    (mrml.write_region_results: a segment per region per lesion); the report's settings say how the inputs were
+    aligned (input_notes: which were resampled). Returns mrml.RegionNodes (its notices: those notes)."""
+    from . import mrml
+
+    notes = list(input_notes) or list(result.settings.get("inputs_aligned", []))
+    if notes:
+        result.settings["inputs_aligned"] = notes
+    report = result.report(volume_node.GetName())
+    segmentation = mrml.write_region_results(volume_node.GetScene(), volume_node, result, report)
+    return mrml.RegionNodes(segmentation, result, report, notices=notes)
+
+
+def task_input_nodes(volume_nodes, task) -> Dict[str, Any]:
+    """{name: node} keyed by the task's input names: a key may be the name or the title in any case ("FLAIR")."""
+    from .volume_regions import InputsError
+
+    if not hasattr(volume_nodes, "items"):
+        raise InputsError(f"several inputs are given as {{name: volume node}} (the task's inputs: "
+                          f"{', '.join(task.input_names)}), got {type(volume_nodes).__name__}")
+    words = {}
+    for entry in task.inputs:
+        words[entry.name.lower()] = words[entry.title.lower()] = entry.name
+    out: Dict[str, Any] = {}
+    for key, node in volume_nodes.items():
+        name = words.get(str(key).strip().lower(), str(key))
+        if name in out:
+            raise InputsError(f"input {name} is given twice")
+        out[name] = node
+    return out
 
 
 def _settings_of(result) -> pipeline.SegmentSettings:
@@ -334,6 +385,34 @@ class RunService:
                           nodule=nodule, refinement=refinement,
                           settings=settings if settings is not None else pipeline.SegmentSettings(), **more)
 
+    def request_for_inputs(self, volume_nodes, click: Optional[Prompt] = None, settings=None,
+                           resample: bool = True, **more) -> RunRequest:
+        """A request on several volume nodes, {task input name: node} (a key may be the input's title, in any
+        case): the names checked against the card's task and the volumes aligned onto the first input's grid
+        (volume_regions.align_inputs: another grid is resampled, which request.input_notes say, or refused when
+        it does not overlap), all before any work. A card that takes one volume refuses a dict."""
+        from . import mrml
+        from .volume_regions import InputsError, align_inputs, uses_regions_path
+
+        card = self.card
+        if card is None:
+            raise pipeline.UnsupportedModelError("several inputs need a model card that names them")
+        task = card.task
+        if not uses_regions_path(card):
+            raise InputsError(f"model {card.name!r} takes one volume ({task.inputs[0].title}), not several: give the "
+                              f"volume node itself, not {{name: node}}")
+        nodes = task_input_nodes(volume_nodes, task)
+        for name, node in nodes.items():
+            if node is None or not hasattr(node, "GetImageData") or node.GetImageData() is None:
+                raise InputsError(f"input {name}: {node!r} is not a volume node with an image")
+        aligned = align_inputs({name: (mrml.volume_array(node, copy=False), mrml.world_ijk_to_ras(node))
+                                for name, node in nodes.items()}, task, resample=resample)
+        key = tuple(volume_key_of(nodes[name]) for name in aligned.names)
+        return RunRequest(ijk_to_ras=aligned.ijk_to_ras, volume=aligned.stack, volume_key=key,
+                          volume_shape=tuple(aligned.stack.shape[1:]), click=click,
+                          settings=settings if settings is not None else pipeline.SegmentSettings(),
+                          input_names=aligned.names, input_notes=tuple(aligned.notices), **more)
+
     def previous(self, request: RunRequest) -> Optional[Remembered]:
         return self.memory.get(request.volume_key, request.nodule)
 
@@ -348,6 +427,9 @@ class RunService:
                                                  f"{request.model!r}")
         request.settings.check()
         pipeline.check_mode(card, request.mode)
+        if request.several_inputs or (card is not None and _takes_several_inputs(card)):
+            self._check_inputs_request(request, card)
+            return request
         if request.volume is not None:
             array, m = pipeline.check_volume(request.volume, request.ijk_to_ras)
             shape = array.shape
@@ -362,6 +444,37 @@ class RunService:
         if request.refinement is not None:
             self._check_refinement(request, shape, m, card, planned)
         return request
+
+    def _check_inputs_request(self, request: RunRequest, card) -> None:
+        """A request of a card whose task names several inputs (or of several inputs): the task's names, their
+        stack on one grid, and whole volume only (a click on such a model is not implemented: refused)."""
+        from .volume_regions import InputsError
+
+        task = card.task if card is not None else None
+        if not request.several_inputs:
+            names = ", ".join(f"{i.name} ({i.title})" for i in task.inputs)
+            raise InputsError(f"model {card.name!r} takes the inputs {names}: give them as {{name: volume node}} "
+                              f"(the console) or --input NAME=PATH each (the command line), not one volume")
+        if task is not None and tuple(request.input_names) != task.input_names:
+            raise InputsError(f"model {card.name!r} takes the inputs {', '.join(task.input_names)} in that order; "
+                              f"the request has {', '.join(request.input_names)}")
+        if request.click is not None:  # a card that lists click mode for several inputs: not implemented
+            raise pipeline.UnsupportedModeError(f"a click on model {card.name if card else ''!r} (several inputs) is "
+                                                f"not supported: segment the whole volume")
+        if request.refinement is not None:
+            raise PromptError("a refinement steers a clicked nodule's samples; a several-input run has none")
+        if request.volume is not None:
+            stack = np.asarray(request.volume)
+            if stack.ndim != 4 or len(stack) != len(request.input_names):
+                raise InputsError(f"several inputs travel as their stack (C, k, j, i) with C = "
+                                  f"{len(request.input_names)}, got shape {stack.shape}")
+            for name, channel in zip(request.input_names, stack):
+                try:
+                    pipeline.check_volume(channel, request.ijk_to_ras)
+                except pipeline.VolumeError as e:
+                    raise type(e)(f"input {name}: {e}") from None
+        elif not self.backend.holds(request.volume_key):
+            raise pipeline.VolumeError("no voxels given, and the worker does not hold these volumes")
 
     def _check_refinement(self, request: RunRequest, shape, m, card, planned) -> None:
         if request.click is None:
@@ -404,10 +517,12 @@ class RunService:
         """The result into the scene (apply_result), remembered under this service's memory."""
         if request is not None:
             nodule = nodule if nodule is not None else request.nodule
+        if request is not None and request.several_inputs:
+            return apply_region_result(volume_node, result, request.input_notes)
         return apply_result(volume_node, result, options, nodule=nodule,
                             replace_with_empty=bool(request is not None and request.replace_with_empty),
                             memory=self.memory, volume_key=None if request is None else request.volume_key,
-                            settings=None if request is None else request.settings)
+                            settings=None if request is None else request.settings, card=self.card)
 
     def run(self, request: RunRequest, progress: ProgressFn = None, cancel: CancelFn = None, checked: bool = False):
         """start + finish: the result, blocking."""
@@ -468,6 +583,31 @@ class RunService:
         nodes.results, nodes.notices = results, notices
         return nodes
 
+    def segment_inputs(self, volume_nodes, settings=None, progress: ProgressFn = None, cancel: CancelFn = None,
+                       click: Optional[Prompt] = None):
+        """Segment several volume nodes ({task input name: node}, e.g. {"flair": a, "t1ce": b}) whole and wait: checked
+        and aligned first (request_for_inputs, check), then run, then written as one segmentation of the first
+        input with a segment per region per lesion. Returns mrml.RegionNodes (notices: inputs resampled)."""
+        request = self.check(self.request_for_inputs(volume_nodes, click=click, settings=settings))
+        result = self.run(request, progress, cancel, checked=True)
+        first = task_input_nodes(volume_nodes, self.card.task)[request.input_names[0]]
+        return apply_region_result(first, result, request.input_notes)
+
+    def segment_input_files(self, input_paths, out_path, settings=None, report_path=None, png_path=None,
+                            progress: ProgressFn = None, cancel: CancelFn = None, scene=None):
+        """Several image files ({task input name: path}) -> OUT.seg.nrrd (a segment per region per lesion), the
+        report JSON and the figure, through a scene of their own unless one is given; written together at the end
+        (a failure leaves none). Returns mrml.RegionNodes."""
+        from . import mrml
+
+        scene = scene if scene is not None else mrml.new_scene()
+        paths = task_input_nodes(input_paths, self.card.task)
+        nodes = {name: mrml.load_volume(scene, path, name=mrml.volume_stem(Path(path))) for name, path in paths.items()}
+        written = self.segment_inputs(nodes, settings, progress, cancel)
+        first = self.card.task.input_names[0]
+        mrml.write_region_outputs(written, mrml.volume_array(nodes[first]), paths, out_path, report_path, png_path)
+        return written
+
     def refine(self, volume_node, nodule: str, refinement: Refinement, settings=None, options=None,
                progress: ProgressFn = None, cancel: CancelFn = None):
         """Refine a nodule of volume_node from its current result (the console's refine); the nodule keeps its
@@ -478,8 +618,9 @@ class RunService:
 
     def refine_request(self, volume_node, nodule: str, refinement: Refinement, settings=None,
                        volume_key=None) -> RunRequest:
-        """The request that refines a nodule of volume_node from its remembered result (refine's, and the page's,
-        which starts it and polls); unchecked. volume_key: the key its results were remembered under."""
+        """The request that refines a nodule of volume_node from its remembered result (refine's, and the Slicer
+        module's and the page's, which start it and poll): its click, its settings unless others are given, the same
+        nodule. volume_key: the key its results were remembered under (the page's own); None: the node's."""
         key = volume_key if volume_key is not None else volume_key_of(volume_node)
         known = self.memory.get(key, nodule)
         if known is None:
@@ -502,6 +643,12 @@ class RunService:
         nodes = self.segment_node(volume_node, nodules, settings, options, progress, cancel)
         mrml.write_outputs(nodes, volume_path, out_path, report_path, png_path)
         return nodes
+
+
+def _takes_several_inputs(card) -> bool:
+    from .volume_regions import uses_regions_path
+
+    return uses_regions_path(card)
 
 
 def _words(point) -> str:

@@ -63,19 +63,17 @@ class InputsError(VolumeError):
 
 def uses_regions_path(card) -> bool:
     """Whether a model goes through this module rather than pipeline.segment_click / segment_volume: its task
-    names several inputs, or its label maps have several classes (the front ends route on this)."""
-    return len(card.task.inputs) > 1 or card.config.autoencoder.n_classes > 1
+    names several inputs, or its label maps have several classes (the front ends route on this). Reads the card's
+    data only: no torch (the Slicer process asks too)."""
+    data = getattr(card, "data", None) or {}
+    n_classes = ((data.get("config") or {}).get("autoencoder") or {}).get("n_classes", 1)
+    return len(card.task.inputs) > 1 or int(n_classes) > 1
 
 
 # --------------------------------------------------------------------------------------------- inputs
 
-def check_inputs(volumes: Mapping[str, Tuple[Any, Any]], task: Task) -> Tuple[np.ndarray, np.ndarray]:
-    """{input name: (array (k, j, i), IJK->RAS)} -> (stacked float32 (C, k, j, i) in the task's order, IJK->RAS).
-
-    Refuses, naming what is wrong, before any work: a name the task does not have, a name it needs and lacks,
-    a volume the pipeline cannot segment, and inputs not on one grid (same shape, corners within
-    GRID_TOLERANCE_MM): resample them onto the first input's grid first (Slicer: Resample Image (BRAINS))."""
-    given = list(volumes)
+def _check_names(given: Sequence[str], task: Task) -> List[str]:
+    """The task's input names in its order, or an InputsError naming what is missing and what is unknown."""
     needed = list(task.input_names)
     unknown = [n for n in given if n not in needed]
     missing = [n for n in needed if n not in given]
@@ -87,6 +85,23 @@ def check_inputs(volumes: Mapping[str, Tuple[Any, Any]], task: Task) -> Tuple[np
             parts.append(f"unknown {', '.join(unknown)}")
         raise InputsError(f"the model's task ({task.name}) takes the inputs {', '.join(needed)}; got "
                           f"{', '.join(given) or 'none'} ({'; '.join(parts)})")
+    return needed
+
+
+def _grid_gap_mm(shape, m, first_shape, first_m) -> Optional[float]:
+    """How far (mm) a volume's grid lies from the first's at most: None when the shapes differ."""
+    if tuple(shape) != tuple(first_shape):
+        return None
+    return float(np.abs(_volume_corners_ras(shape, m) - _volume_corners_ras(first_shape, first_m)).max())
+
+
+def check_inputs(volumes: Mapping[str, Tuple[Any, Any]], task: Task) -> Tuple[np.ndarray, np.ndarray]:
+    """{input name: (array (k, j, i), IJK->RAS)} -> (stacked float32 (C, k, j, i) in the task's order, IJK->RAS).
+
+    Refuses, naming what is wrong, before any work: a name the task does not have, a name it needs and lacks,
+    a volume the pipeline cannot segment, and inputs not on one grid (same shape, corners within
+    GRID_TOLERANCE_MM): align_inputs resamples them onto the first input's grid."""
+    needed = _check_names(list(volumes), task)
     arrays, first_m, first_shape = [], None, None
     for name in needed:
         array, m = volumes[name]
@@ -96,17 +111,95 @@ def check_inputs(volumes: Mapping[str, Tuple[Any, Any]], task: Task) -> Tuple[np
             raise type(e)(f"input {name}: {e}") from None
         if first_m is None:
             first_m, first_shape = m, array.shape
-        elif array.shape != first_shape:
-            raise InputsError(f"input {name} has shape {array.shape} (k, j, i), input {needed[0]} {first_shape}: the "
-                              f"inputs must share one grid; resample {name} onto {needed[0]}'s grid first")
         else:
-            gap = float(np.abs(_volume_corners_ras(array.shape, m) - _volume_corners_ras(first_shape, first_m)).max())
+            gap = _grid_gap_mm(array.shape, m, first_shape, first_m)
+            if gap is None:
+                raise InputsError(f"input {name} has shape {array.shape} (k, j, i), input {needed[0]} {first_shape}: "
+                                  f"the inputs must share one grid; resample {name} onto {needed[0]}'s grid first")
             if gap > GRID_TOLERANCE_MM:
                 raise InputsError(f"input {name} lies up to {gap:.3g} mm away from input {needed[0]} (its IJK->RAS "
                                   f"differs): the inputs must share one grid (within {GRID_TOLERANCE_MM} mm); "
                                   f"resample {name} onto {needed[0]}'s grid first")
         arrays.append(np.asarray(array, dtype=np.float32))
     return np.stack(arrays), first_m
+
+
+@dataclass
+class AlignedInputs:
+    """The task's inputs on one grid (the first input's): what a run takes, and what was done to get there."""
+
+    names: Tuple[str, ...]  # the task's order
+    stack: np.ndarray  # float32 (C, k, j, i)
+    ijk_to_ras: np.ndarray  # the first input's
+    resampled: Dict[str, str] = field(default_factory=dict)  # input name -> what was done to it, for the user
+
+    def volumes(self) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+        return {name: (self.stack[c], self.ijk_to_ras) for c, name in enumerate(self.names)}
+
+    @property
+    def notices(self) -> List[str]:
+        return [f"{name}: {what}" for name, what in self.resampled.items()]
+
+
+def resample_onto(array: np.ndarray, ijk_to_ras, shape: Sequence[int], target_ijk_to_ras,
+                  fill_value: float) -> Tuple[np.ndarray, float]:
+    """Trilinear resampling of a volume onto another grid (shape (k, j, i), IJK->RAS), plane by plane; points
+    outside the volume get fill_value. Returns (float32 volume, the fraction of the grid's voxels inside it)."""
+    index_to_ijk = np.linalg.inv(_as_matrix(ijk_to_ras)) @ _as_matrix(target_ijk_to_ras)
+    nk, nj, ni = (int(s) for s in shape)
+    src = np.asarray(array, dtype=np.float32)
+    limits = np.array(src.shape[::-1], dtype=np.float64)[:, None] - 0.5  # i, j, k
+    j, i = np.meshgrid(np.arange(nj, dtype=np.float64), np.arange(ni, dtype=np.float64), indexing="ij")
+    plane_ijk = index_to_ijk[:3, 0:1] * i.reshape(1, -1) + index_to_ijk[:3, 1:2] * j.reshape(1, -1) + \
+        index_to_ijk[:3, 3:4]
+    out = np.empty((nk, nj, ni), dtype=np.float32)
+    inside = 0
+    for k in range(nk):
+        ijk = plane_ijk + index_to_ijk[:3, 2:3] * k
+        inside += int(np.count_nonzero(((ijk >= -0.5) & (ijk <= limits)).all(0)))
+        ndimage.map_coordinates(src, ijk[::-1], output=out[k].reshape(-1), order=1, mode="constant",
+                                cval=fill_value, prefilter=False)
+    return out, inside / float(nk * nj * ni)
+
+
+def align_inputs(volumes: Mapping[str, Tuple[Any, Any]], task: Task, resample: bool = True) -> AlignedInputs:
+    """{input name: (array (k, j, i), IJK->RAS)} -> the inputs on the first input's grid (the task's order).
+
+    The names and every volume are checked as check_inputs does. An input on another grid is resampled onto the
+    first's (trilinear; outside it the task's fill value, else its own minimum), which AlignedInputs.resampled
+    says, or, with resample False, refused. An input that does not overlap the first at all is refused."""
+    needed = _check_names(list(volumes), task)
+    checked = {}
+    for name in needed:
+        array, m = volumes[name]
+        try:
+            checked[name] = check_volume(array, m)
+        except VolumeError as e:
+            raise type(e)(f"input {name}: {e}") from None
+    first = needed[0]
+    first_array, first_m = checked[first]
+    arrays, resampled = [np.asarray(first_array, dtype=np.float32)], {}
+    for name in needed[1:]:
+        array, m = checked[name]
+        gap = _grid_gap_mm(array.shape, m, first_array.shape, first_m)
+        if gap is not None and gap <= GRID_TOLERANCE_MM:
+            arrays.append(np.asarray(array, dtype=np.float32))
+            continue
+        why = (f"shape {array.shape} (k, j, i), {first}'s {first_array.shape}" if gap is None
+               else f"up to {gap:.3g} mm away from {first}'s grid")
+        if not resample:
+            raise InputsError(f"input {name} is on another grid than input {first} ({why}): the inputs must share "
+                              f"one grid; resample {name} onto {first}'s grid first")
+        fill = float(np.min(array)) if task.fill_value is None else float(task.fill_value)
+        moved, covered = resample_onto(array, m, first_array.shape, first_m, fill)
+        if covered == 0.0:
+            raise InputsError(f"input {name} does not overlap input {first}: no voxel of {first}'s grid lies inside "
+                              f"{name} (is it another patient's, or another study's, image?)")
+        arrays.append(moved)
+        resampled[name] = (f"resampled onto {first}'s grid (trilinear; it was on another grid: {why}); it covers "
+                           f"{100 * covered:.0f}% of {first}'s grid" + ("" if covered >= 0.999 else
+                                                                        f", the rest filled with {fill:g}"))
+    return AlignedInputs(tuple(needed), np.stack(arrays), first_m.copy(), resampled)
 
 
 def prepare_input_crops(crops_NChw: np.ndarray, task: Task) -> Tuple[np.ndarray, np.ndarray]:
@@ -309,5 +402,5 @@ def segment_volume_regions(volumes: Mapping[str, Tuple[Any, Any]], predictor, ca
 
 
 __all__ = ["GRID_TOLERANCE_MM", "MIN_LESION_MM3", "InputsError", "uses_regions_path", "check_inputs",
-           "prepare_input_crops",
+           "AlignedInputs", "resample_onto", "align_inputs", "prepare_input_crops",
            "RegionLesion", "RegionsResult", "segment_volume_regions", "unpack_mask", "_as_matrix"]

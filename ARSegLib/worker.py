@@ -15,7 +15,8 @@ pipe. The worker keeps the last volume it was sent, so further clicks on it send
     client -> worker   ("load", id, {})                      load the model (sent when the worker starts)
                        ("segment", id, {volume, key, ...})   a click (a prompts.Prompt as a dict) or the whole
                                                              volume; a refinement (a prompts.Refinement as a dict)
-                                                             with the nodule's previous VolumeResult
+                                                             with the nodule's previous VolumeResult; several
+                                                             inputs (input_names): volume is their stack
                        ("cancel", id)                        stop that run at its next step
                        ("quit",)
     worker -> client   ("progress", id, done, total)
@@ -56,6 +57,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .run_state import RunCancelled, RunState
+
 AUTHKEY_ENV = "ARSEG_WORKER_AUTHKEY"
 FOLDERS_ENV = "ARSEG_WORKER_FOLDERS"  # the client's folders for this worker, which it removes when the client dies
 FOLDER_PREFIX = "arseg-worker-"
@@ -72,11 +75,6 @@ class WorkerError(RuntimeError):
 
 class WorkerCrashed(WorkerError):
     """The worker process ended while a run was in flight; the next run starts a new one."""
-
-
-class RunCancelled(Exception):
-    """The run was cancelled. (The engine's own Cancelled would import torch where it is unpickled: in Slicer's
-    process, which never imports torch.)"""
 
 
 # --------------------------------------------------------------------------------------------- arrays
@@ -225,7 +223,7 @@ def internalize(obj):
 # imports torch, and may not even be able to) and that every client has. Testing/test_worker.py imports each in a
 # fresh process and checks that torch stays out.
 CLIENT_SAFE_MODULES = frozenset({"ARSegLib.worker", "ARSegLib.pipeline", "ARSegLib.models", "ARSegLib.demo",
-                                 "ARSegLib.prompts"})
+                                 "ARSegLib.prompts", "ARSegLib.run_state"})
 CLIENT_SAFE_PACKAGES = ("numpy",)  # the client imports numpy itself
 
 
@@ -441,7 +439,8 @@ class _Server:
 
         result = compute(self.volume, args["ijk_to_ras"], click, args["settings"], predictor, card, refinement,
                          previous, progress, cancelled.is_set,
-                         on_outline=on_outline if args.get("outline", True) else None)
+                         on_outline=on_outline if args.get("outline", True) else None,
+                         input_names=tuple(args.get("input_names") or ()))
         return externalize(result, ArrayFolder(Path(args["folder"]), Path(args["spill"])))
 
 
@@ -556,51 +555,27 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-class WorkerRun:
+class WorkerRun(RunState):
     """One request to the worker, polled by its caller (never blocking): progress, cancel, result or error."""
 
     def __init__(self, client: InferenceClient, job_id: int, op: str):
+        super().__init__()
         self._client, self.id, self.op = client, job_id, op
-        self.done_steps, self.total_steps = 0, 1
-        self.result: Any = None
-        self.error: Optional[BaseException] = None
         self._finished = False
-        self.outline: Any = None  # a click's first outline (pipeline.Outline) once the worker sent it
-        self.outline_seconds: Optional[float] = None  # from the request until the outline arrived
-        self._outline_taken = False
-        self.started_at = time.perf_counter()
-        self.seconds: Optional[float] = None
+
+    def _has_finished(self) -> bool:
+        return self._finished
 
     def _finish(self, result=None, error=None):
         if not self._finished:
             self.result, self.error, self._finished = result, error, True
             self.seconds = time.perf_counter() - self.started_at
 
-    def take_outline(self):
-        """The first outline, once, when it has arrived and the run is still going (None otherwise): a front end
-        shows it until the result replaces it (a finished run's result is all there is to show)."""
-        if self.outline is None or self._outline_taken or self._finished:
-            return None
-        self._outline_taken = True
-        return self.outline
-
     def poll(self) -> bool:
         """Exchange what is waiting with the worker (never blocks); True once this run has finished."""
         if not self._finished:
             self._client.pump()
         return self._finished
-
-    @property
-    def finished(self) -> bool:
-        return self.poll()
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.done_steps / max(1, self.total_steps))
-
-    @property
-    def cancelled(self) -> bool:
-        return isinstance(self.error, RunCancelled)
 
     def cancel(self):
         if not self._finished:
@@ -747,12 +722,13 @@ class InferenceClient:
         return volume_key is not None and volume_key == self._volume_key and self.alive()
 
     def segment(self, volume: Optional[np.ndarray], ijk_to_ras, click=None, settings=None, volume_key=None,
-                refinement=None, previous=None, outline: bool = True) -> WorkerRun:
+                refinement=None, previous=None, outline: bool = True, input_names=()) -> WorkerRun:
         """A click (a prompts.Prompt, include((R, A, S))) or, with click None, the whole volume; with a refinement
         (a prompts.Refinement), that click's nodule refined from previous, its current VolumeResult. volume_key:
         anything that identifies these voxels (Slicer: the node's ID and modified time): a key the worker already
         holds sends no voxels, and volume may then be None (see holds()). Checking is the caller's (runs.py).
-        outline: a plain click sends its first outline (run.take_outline()) before the result."""
+        outline: a plain click sends its first outline (run.take_outline()) before the result. input_names: volume
+        is the stack (C, k, j, i) of a task's several inputs, in this order (runs.RunRequest.input_names)."""
         from .pipeline import SegmentSettings
         from .prompts import Prompt, Refinement
 
@@ -770,7 +746,8 @@ class InferenceClient:
                 "refinement": None if refinement is None else refinement.to_dict(digits=None),
                 "previous": None if refinement is None else externalize(previous, self._folder),
                 "settings": settings or SegmentSettings(), "folder": str(self._folder.path),
-                "spill": str(self._folder.spill), "outline": bool(outline)}
+                "spill": str(self._folder.spill), "outline": bool(outline),
+                "input_names": tuple(str(n) for n in input_names)}
         if volume_key is None or volume_key != self._volume_key:
             args["volume"] = self._folder.put(np.asarray(volume), "volume")
             args["volume_key"] = volume_key if volume_key is not None else secrets.token_hex(8)

@@ -79,3 +79,55 @@ def lung1():
     from arseg_volumes import demo_region
 
     return demo_region()
+
+
+@pytest.fixture
+def arseg_module(monkeypatch):
+    """ARSeg.py imported on slicer-core: Slicer's GUI-side modules stubbed, so that the console API
+    (ARSegLogic.segment / segmentFiles) runs on real MRML nodes without the application."""
+    import importlib.util
+    import sys
+    import types
+
+    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
+
+    class Stub:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
+    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
+                 "ScriptedLoadableModuleTest"):
+        setattr(scripted, name, type(name, (Stub,), {}))
+    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
+    wrapper.parameterNodeWrapper = lambda cls: cls
+    wrapper.Choice = wrapper.WithinRange = Stub
+    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
+    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
+    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
+    spec = importlib.util.spec_from_file_location("ARSeg_under_test", ROOT / "ARSeg" / "ARSeg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, slicer
+
+
+SHIPPED = ROOT / "Resources" / "Models" / "lidc-nodule.json"
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """(predictor, card) of the shipped lung-nodule model."""
+    if not SHIPPED.exists():
+        pytest.skip("shipped model Resources/Models/lidc-nodule.json not present")
+    from ARSegLib.models import load_model
+
+    return load_model(SHIPPED)
+
+
+@pytest.fixture(scope="module")
+def lung1_click(lung1, shipped):
+    """The shipped model's click at the centre of lung1's nodule (the demo region's voxels)."""
+    from ARSegLib import pipeline
+
+    predictor, card = shipped
+    return pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card)

@@ -41,6 +41,10 @@ def check_figures(r):
         assert set(r[split]) == phases or r["note"]
     assert r["click_lung1_slices"] == 17  # +-20 mm of 2.5 mm slices around the click
     assert r["click_lung1_page_faults"] >= 0
+    # the click's planes in waves (pipeline._first_wave) against all 17 in one batch, alternating; the load
+    assert 0 < r["click_lung1_planes_run"] < 17 and r["click_lung1_one_batch_s"] > 0
+    assert r["click_lung1_waves_speedup"] > 0
+    assert len(r["load_average_start"]) == len(r["load_average_end"]) == 3
     # the module's way: the worker process polled under an emulated Slicer main thread, which never blocks long
     assert 0 < r["click_lung1_slicer_longest_block_s"] < r["click_lung1_slicer_s"]
     first = r["first_click_lung1"]  # new workers: the click at once, and after the model has loaded

@@ -243,16 +243,21 @@ def test_brats_glioma_whole_volume_regions_on_the_test_patient(test_case_slab):
 
 
 def test_arseg_segment_with_several_inputs_writes_regions(test_case_slab, tmp_path):
+    """The CLI through the run service: T1ce given on a grid of its own (the slab cropped by 4 voxels in-plane) is
+    resampled onto FLAIR's, which the output and the report's settings say; a point is refused (the card: whole
+    volume only), and so is a missing input, before any work, writing nothing."""
     import SimpleITK as sitk
 
     from ARSegLib.mrml import load_segmentation, new_scene, segment_names
 
     _brats_model()
     flair, t1ce, _, m = test_case_slab
+    m_crop = m.copy()
+    m_crop[:3, 3] = (m @ np.array([4.0, 4.0, 0.0, 1.0]))[:3]
     paths = {}
-    for name, array in (("flair", flair), ("t1ce", t1ce)):
+    for name, array, grid_m in (("flair", flair, m), ("t1ce", t1ce[:, 4:-4, 4:-4], m_crop)):
         image = sitk.GetImageFromArray(array)
-        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ m
+        lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ grid_m
         spacing = np.linalg.norm(lps[:3, :3], axis=0)
         image.SetSpacing(spacing.tolist())
         image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
@@ -266,7 +271,9 @@ def test_arseg_segment_with_several_inputs_writes_regions(test_case_slab, tmp_pa
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Whole tumour:" in proc.stdout and out.is_file() and png.stat().st_size > 1000
+    assert "note: t1ce: resampled onto flair's grid" in proc.stdout
     rep = json.loads(report.read_text())
+    assert len(rep["settings"]["inputs_aligned"]) == 1 and "covers 9" in rep["settings"]["inputs_aligned"][0]
     assert [r["name"] for r in rep["regions"]] == ["Whole tumour", "Tumour core", "Enhancing tumour"]
     assert rep["sources"] == {k: str(v) for k, v in paths.items()}
     names = segment_names(load_segmentation(new_scene(), out))
@@ -276,3 +283,11 @@ def test_arseg_segment_with_several_inputs_writes_regions(test_case_slab, tmp_pa
     out2 = tmp_path / "missing.seg.nrrd"
     proc = subprocess.run(cmd[:10] + ["--out", str(out2)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "t1ce" in proc.stderr and not out2.exists()
+    # a click: the card lists whole volume only (its modes_note: click mode is not validated), so it is refused
+    proc = subprocess.run(cmd[:12] + ["--point", "0,0,0", "--out", str(out2)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "not validated for click" in proc.stderr and not out2.exists(), proc.stderr
+    # one VOLUME for a model of two inputs: refused before the model loads
+    proc = subprocess.run([sys.executable, "-m", "ARSegLib.cli", "segment", str(paths["flair"]), "--model",
+                           "brats-glioma", "--out", str(out2)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "--input flair=PATH --input t1ce=PATH" in proc.stderr and not out2.exists()

@@ -84,11 +84,12 @@ def _calls_of(path: Path, names) -> set:
 def test_only_the_run_service_runs_the_pipeline():
     """One way through the code: the front ends (the Slicer module, the CLI, the page, the bench) run a click or a
     volume through ARSegLib/runs.py, never pipeline.segment_click / segment_volume themselves, and mrml (the MRML
-    adapter) runs nothing. The worker serves requests with runs.compute too."""
-    runners = {"segment_click", "segment_volume"}
+    adapter) runs nothing. The worker serves requests with runs.compute too. Several inputs likewise: only
+    runs.compute calls volume_regions.segment_volume_regions."""
+    runners = {"segment_click", "segment_volume", "segment_volume_regions"}
     files = list(LIBRARY.rglob("*.py")) + [ROOT / "ARSeg" / "ARSeg.py"]
     callers = sorted(str(p.relative_to(ROOT)) for p in files
-                     if p.name not in ("runs.py", "pipeline.py") and _calls_of(p, runners))
+                     if p.name not in ("runs.py", "pipeline.py", "volume_regions.py") and _calls_of(p, runners))
     assert callers == [], f"these run the pipeline themselves (go through ARSegLib/runs.py): {callers}"
     assert "ARSegLib.runs" not in _graph()["ARSegLib.mrml"]  # mrml is below the service, not beside it
     assert not _calls_of(LIBRARY / "mrml.py", {"segment_node", "segment_file", "segment"})

@@ -11,23 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from arseg_volumes import read_nrrd_ras
+from held_runs import HeldClient
 
 from ARSegLib import pipeline, worker
 from ARSegLib.metrics import dice
 from ARSegLib.prompts import include
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "Resources" / "Models" / "lidc-nodule.json"
 DEMO = ROOT / "Resources" / "Demo"
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    if not SHIPPED.exists():
-        pytest.skip("shipped model Resources/Models/lidc-nodule.json not present yet")
-    from ARSegLib.models import load_model
-
-    return load_model(SHIPPED)
 
 
 @pytest.fixture(scope="module")
@@ -163,36 +154,6 @@ def test_the_worker_sends_the_outline_before_the_result(tiny_model_card, tiny):
         client.shutdown()
 
 
-class _HeldRunWithOutline:
-    """A click in flight (the worker's run interface) whose first outline arrives when the test says so."""
-
-    def __init__(self):
-        self.fraction, self.result, self.error, self.finished, self.cancelled = 0.0, None, None, False, False
-        self.outline, self.outline_seconds, self.taken = None, None, False
-
-    def poll(self):
-        return self.finished
-
-    def take_outline(self):
-        if self.outline is None or self.taken or self.finished:
-            return None
-        self.taken = True
-        return self.outline
-
-
-class _HeldClient:
-    def __init__(self):
-        self.runs = []
-
-    def holds(self, volume_key):
-        return False
-
-    def segment(self, volume, ijk_to_ras, click=None, settings=None, volume_key=None, refinement=None,
-                previous=None):
-        self.runs.append(_HeldRunWithOutline())
-        return self.runs[-1]
-
-
 def test_the_page_shows_the_outline_until_the_result_replaces_it(tiny, tmp_path):
     pytest.importorskip("slicer", reason="slicer-core is not installed")
     from ARSegLib import mrml
@@ -208,7 +169,7 @@ def test_the_page_shows_the_outline_until_the_result_replaces_it(tiny, tmp_path)
     storage.SetFileName(str(tmp_path / "blob.nrrd"))
     assert storage.WriteData(node)
 
-    scene, client = mrml.new_scene(), _HeldClient()
+    scene, client = mrml.new_scene(), HeldClient()
     session = ReviewSession(scene, VolumeCatalog.from_arguments([tmp_path / "blob.nrrd"]), client)
     volume = session.open_volume("v0")
     array, m = mrml.volume_array(volume), mrml.world_ijk_to_ras(volume)

@@ -14,20 +14,8 @@ from ARSegLib.pipeline import SegmentSettings
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    from test_shipped_model import SHIPPED
-
-    if not SHIPPED.exists():
-        pytest.skip("shipped model Resources/Models/lidc-nodule.json not present")
-    from ARSegLib.models import load_model
-
-    return load_model(SHIPPED)
-
-
-@pytest.fixture(scope="module")
-def centroid_click(lung1, shipped):
-    predictor, card = shipped
-    return pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card)
+def centroid_click(lung1_click):
+    return lung1_click
 
 
 def _inside_label(lung1, point) -> bool:

@@ -16,20 +16,8 @@ from ARSegLib.prompts import PromptError
 
 
 @pytest.fixture(scope="module")
-def shipped():
-    from test_shipped_model import SHIPPED
-
-    if not SHIPPED.exists():
-        pytest.skip("shipped model Resources/Models/lidc-nodule.json not present")
-    from ARSegLib.models import load_model
-
-    return load_model(SHIPPED)
-
-
-@pytest.fixture(scope="module")
-def click(lung1, shipped):
-    predictor, card = shipped
-    return pipeline.segment_click(lung1.array, lung1.ijk_to_ras, lung1.nodule_ras, predictor, card)
+def click(lung1_click):
+    return lung1_click
 
 
 def _ras(lung1, kji):
@@ -124,6 +112,8 @@ def test_locked_scales_are_the_source_samples_token_for_token_on_every_plane(lun
     planes = np.flatnonzero(old.drawn_ZN[:, src])
     assert len(planes) >= 5
     for z in range(old.idx_ZNL.shape[0]):
+        if old.computed_Z is not None and not old.computed_Z[z]:
+            continue  # a plane the click's waves skipped: drawn for the refinement (test_click_waves.py checks it)
         if old.drawn_ZN[z, src]:
             assert new.drawn_ZN[z].all()
             assert (new.idx_ZNL[z, :, :L] == old.idx_ZNL[z, src, :L]).all()

@@ -183,32 +183,9 @@ def test_figure_heat_is_transparent_where_the_samples_agree():
     assert (np.abs(pixels(shown) - pixels(none)).sum(-1) > 60).sum() > 20
 
 
-def test_the_module_nodule_list_shows_the_axes(written, monkeypatch):
+def test_the_module_nodule_list_shows_the_axes(written, arseg_module):
     """ARSegLogic.noduleSummary (ARSeg.py, imported on slicer-core with its GUI-side modules stubbed)."""
-    import importlib.util
-    import sys
-    import types
-    from pathlib import Path
-
-    class Stub:
-        def __init__(self, *args, **kwargs):
-            pass
-
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"):
-        setattr(scripted, name, type(name, (Stub,), {}))
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = wrapper.WithinRange = Stub
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
-    path = Path(__file__).resolve().parents[1] / "ARSeg" / "ARSeg.py"
-    spec = importlib.util.spec_from_file_location("ARSeg_summary_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
+    module, _ = arseg_module
     scene, node, result, _, _ = written
     info = mrml.list_nodules(scene, node)[0]
     expected = f"Nodule 1: {result.consensus_volume_mm3:.0f} mm\u00b3, 16.0 x 8.0 mm"

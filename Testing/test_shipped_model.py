@@ -10,21 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from arseg_volumes import read_nrrd_ras
+from conftest import SHIPPED
 
 from ARSegLib import pipeline
 from ARSegLib.metrics import dice
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "Resources" / "Models" / "lidc-nodule.json"
-
-
-@pytest.fixture(scope="module")
-def shipped():
-    if not SHIPPED.exists():
-        pytest.skip("shipped model Resources/Models/lidc-nodule.json not present yet")
-    from ARSegLib.models import load_model
-
-    return load_model(SHIPPED)
 
 
 def test_click_at_lung1_nodule_matches_its_label(shipped, lung1_dir):

@@ -165,35 +165,6 @@ def test_the_dependency_arrow_points_one_way():
     assert "torch" not in module_imports and "numpy" not in module_imports  # the module only calls ARSegLib
 
 
-@pytest.fixture
-def arseg_module(monkeypatch):
-    """ARSeg.py imported on slicer-core: Slicer's GUI-side modules stubbed, so that the console API
-    (ARSegLogic.segment / segmentFiles) runs on real MRML nodes without the application."""
-    import importlib.util
-    import types
-
-    slicer = pytest.importorskip("slicer", reason="slicer-core is not installed")
-
-    class Stub:
-        def __init__(self, *args, **kwargs):
-            pass
-
-    scripted = types.ModuleType("slicer.ScriptedLoadableModule")
-    for name in ("ScriptedLoadableModule", "ScriptedLoadableModuleWidget", "ScriptedLoadableModuleLogic",
-                 "ScriptedLoadableModuleTest"):
-        setattr(scripted, name, type(name, (Stub,), {}))
-    wrapper = types.ModuleType("slicer.parameterNodeWrapper")
-    wrapper.parameterNodeWrapper = lambda cls: cls
-    wrapper.Choice = wrapper.WithinRange = Stub
-    monkeypatch.setitem(sys.modules, "qt", types.ModuleType("qt"))
-    monkeypatch.setitem(sys.modules, "slicer.ScriptedLoadableModule", scripted)
-    monkeypatch.setitem(sys.modules, "slicer.parameterNodeWrapper", wrapper)
-    spec = importlib.util.spec_from_file_location("ARSeg_under_test", MODULE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, slicer
-
-
 def test_console_api_segment_and_segment_files_on_slicer_core(arseg_module, lung1_dir, tiny_model_card, tmp_path):
     from arseg_volumes import lung1_region, write_nrrd
 
@@ -443,7 +414,9 @@ def widget(arseg_module, monkeypatch):
         reportLabel=_Widget(text=""),
         scaleSlider=_Widget(minimum=1, maximum=8, value=8), scaleLabel=_Widget(text=""),
         disagreementCheckBox=_Widget(checked=False), showSamplesCheckBox=_Widget(checked=False),
-        inputVolumeSelector=_Widget(sortFilterProxyModel=lambda: proxy))
+        inputVolumeSelector=_Widget(sortFilterProxyModel=lambda: proxy),
+        resampleFinerButton=_Widget(enabled=False, toolTip=""), sampleLabel=_Widget(text=""),
+        sampleSlider=_Widget(minimum=0, maximum=0, value=0, enabled=False), useSampleButton=_Widget(enabled=False))
     w._pollTimer = _Widget(stop=lambda: None, start=lambda: None)
     w.startRun = lambda point: shown["started"].append(point)
     return w, scene, shown

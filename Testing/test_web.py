@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import LUNG1, ROOT
+from held_runs import HeldClient
 
 DEMO = ROOT / "Resources" / "Demo" / "lung1-slab.nrrd"
 CONSENSUS_RGB = np.array([0.95, 0.75, 0.15]) * 255  # mrml.OutputOptions().consensus_color
@@ -99,38 +100,6 @@ def test_host_option_warns_loudly(tmp_path):
     assert page.server.returncode is not None
 
 
-class _HeldRun:
-    """A run that finishes when the test says so (result, error or cancel), with the worker's run interface."""
-
-    def __init__(self):
-        self.fraction, self.result, self.error, self.finished, self.cancelled = 0.0, None, None, False, False
-
-    def poll(self):
-        return self.finished
-
-    def cancel(self):
-        from ARSegLib.engine import Cancelled
-
-        self.error, self.cancelled, self.finished = Cancelled(), True, True
-
-    def wait(self, timeout=None):
-        return self.finished
-
-
-class _HeldClient:
-    def __init__(self):
-        self.runs = []
-
-    def holds(self, volume_key):
-        return False
-
-    def segment(self, volume, ijk_to_ras, click=None, settings=None, volume_key=None, refinement=None,
-                previous=None):
-        self.runs.append(_HeldRun())
-        self.runs[-1].args = (volume, ijk_to_ras, click, settings, volume_key)
-        return self.runs[-1]
-
-
 @pytest.fixture()
 def small_volume_file(tmp_path):
     from ARSegLib import mrml
@@ -152,7 +121,7 @@ def test_session_runs_one_click_at_a_time_and_cancels(small_volume_file):
     from ARSegLib.web.review import ReviewError, ReviewSession
 
     scene = mrml.new_scene()
-    client = _HeldClient()
+    client = HeldClient()
     session = ReviewSession(scene, VolumeCatalog.from_arguments([small_volume_file]), client)
     with pytest.raises(ReviewError, match="open a volume"):
         session.start((0.0, 0.0, 0.0))
