@@ -1019,6 +1019,7 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
     click_index = (grid.ras_to_index @ np.append(click, 1.0))[:3]
     click_plane = int(np.clip(np.round(click_index[0]), 0, nz - 1))
     click_index = (float(click_plane), round(float(click_index[1]), 6), round(float(click_index[2]), 6))
+    click_rc = (int(np.clip(np.round(click_index[1]), 0, h - 1)), int(np.clip(np.round(click_index[2]), 0, w - 1)))
 
     # every point prompt the object has had, earlier ones first, each on the plane it lies on
     points = []
@@ -1067,11 +1068,19 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
 
         satisfaction = []
         if redraw:
-            crop_prompts = []
+            crop_prompts, implied_B = [], []
             for z in redraw:
                 here = per_plane.get(z, [])
-                crop_prompts.append(CropPrompts(include_rc=tuple(rc for kind, rc, _ in here if kind == INCLUDE),
-                                                exclude_rc=tuple(rc for kind, rc, _ in here if kind == EXCLUDE)))
+                include_rc = tuple(rc for kind, rc, _ in here if kind == INCLUDE)
+                exclude_rc = tuple(rc for kind, rc, _ in here if kind == EXCLUDE)
+                # the click says the object is there: without it, an exclude point inside the object is met best
+                # by the candidates that draw nothing, and the clicked plane empties (unless the click itself is
+                # excluded, or a lock keeps the coarse shape anyway); not reported among the user's prompts
+                implied = (z == click_plane and prefix_source is None and exclude_rc and not include_rc
+                           and click_rc not in exclude_rc)
+                implied_B.append(int(bool(implied)))
+                crop_prompts.append(CropPrompts(include_rc=include_rc + ((click_rc,) if implied else ()),
+                                                exclude_rc=exclude_rc))
             prefix = None
             if prefix_source is not None:
                 prefix = LockedPrefix.from_tokens(tokens.of_planes(redraw), prefix_source, refinement.lock_scales,
@@ -1092,6 +1101,7 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
                 incl = [e for e in here if e[0] == INCLUDE]
                 excl = [e for e in here if e[0] == EXCLUDE]
                 for q, (kind, _, p) in enumerate(incl + excl):
+                    q += implied_B[b] if q >= len(incl) else 0  # the implied click sits between the two
                     satisfaction.append({"kind": kind, "point_ras": [round(v, 3) for v in p.point_ras],
                                          "plane": int(z), "candidates": int(out.candidates_B[b]),
                                          "satisfying": int(out.satisfying_B[b][q]),

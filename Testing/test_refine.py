@@ -160,3 +160,28 @@ def test_bad_refinements_are_refused_before_any_work(lung1, shipped, click):
     with pytest.raises(PromptError, match="another volume"):
         pipeline.segment_click(lung1.array[:, :, :-1], lung1.ijk_to_ras, lung1.nodule_ras, predictor, card,
                                refinement=prompts.refinement(use_sample=1), previous=click)
+
+
+def test_an_exclude_point_inside_the_object_does_not_empty_the_clicked_plane(lung1, shipped, click):
+    """An exclude point deep inside the nodule, on the clicked plane: the candidates that draw nothing meet it
+    best, but the click says the object is there, so they are not kept; the result says the point was not met
+    by every sample rather than emptying the plane (it did: 6726 -> 2989 mm3, the click outside the result)."""
+    predictor, card = shipped
+    r, a, s = click.point_ras
+    inside = (r + 8.0, a, s)
+    assert _marks(click, lung1, inside)
+    refinement = prompts.Refinement(prompts=(prompts.Prompt(prompts.EXCLUDE, inside),))
+    refined = pipeline.segment_click(lung1.array, lung1.ijk_to_ras, click.point_ras, predictor, card,
+                                     refinement=refinement, previous=click)
+    assert _marks(refined, lung1, click.point_ras)
+    assert refined.consensus_volume_mm3 > 0.8 * click.consensus_volume_mm3
+    (said,) = refined.settings["prompt_satisfaction"]
+    assert said["kind"] == "exclude" and 0 <= said["satisfying"] <= said["candidates"]
+    if said["every_kept_sample_satisfies"]:
+        assert not _marks(refined, lung1, inside)
+
+
+def _marks(result, lung1, ras) -> bool:
+    i, j, k = np.rint((np.linalg.inv(lung1.ijk_to_ras) @ np.append(ras, 1.0))[:3]).astype(int)
+    (k0, k1), (j0, j1), (i0, i1) = result.box
+    return bool(k0 <= k < k1 and j0 <= j < j1 and i0 <= i < i1 and result.consensus[k - k0, j - j0, i - i0])
