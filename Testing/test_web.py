@@ -199,14 +199,14 @@ def _volume_and_nodule():
     return LUNG1 / "image.nrrd", tuple(json.loads((LUNG1 / "nodule.json").read_text())["centroid_ras_mm"])
 
 
-@pytest.fixture(scope="module")
-def page(tmp_path_factory):
+def open_page(folder):
+    """The review page on the demo (or lung1) in a real browser, served from folder; closed when done."""
     missing = _browser_missing()
     if missing:
         pytest.skip(f"no browser test: {missing}")
     from ARSegLib.web.browser import Page
 
-    p = Page(tmp_path_factory.mktemp("web"), *_volume_and_nodule())
+    p = Page(folder, *_volume_and_nodule())
     p.keep_dir = Path(os.environ["ARSEG_WEB_SCREENSHOTS"]) if os.environ.get("ARSEG_WEB_SCREENSHOTS") else None
     try:
         p.start_server()
@@ -215,6 +215,16 @@ def page(tmp_path_factory):
         yield p
     finally:
         p.close()
+
+
+@pytest.fixture(scope="module")
+def page(tmp_path_factory):
+    opened = open_page(tmp_path_factory.mktemp("web"))
+    p = next(opened)
+    try:
+        yield p
+    finally:
+        opened.close()
         timings_file = os.environ.get("ARSEG_WEB_TIMINGS")
         if timings_file:
             Path(timings_file).write_text(json.dumps(p.timings, indent=2) + "\n")

@@ -7,33 +7,18 @@ server and worker, as Testing/test_web.py drives the click. Every refinement goe
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
-from test_web import _browser_missing, _volume_and_nodule
+from test_web import open_page
 
 CONSENSUS_VOLUME = "Consensus volume"
 
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    missing = _browser_missing()
-    if missing:
-        pytest.skip(f"no browser test: {missing}")
-    from ARSegLib.web.browser import Page
-
-    p = Page(tmp_path_factory.mktemp("web-refine"), *_volume_and_nodule())
-    p.keep_dir = Path(os.environ["ARSEG_WEB_SCREENSHOTS"]) if os.environ.get("ARSEG_WEB_SCREENSHOTS") else None
-    try:
-        p.start_server()
-        p.start_browser()
-        p.open()
-        yield p
-    finally:
-        p.close()
+    yield from open_page(tmp_path_factory.mktemp("web-refine"))
 
 
 def _report(page) -> dict:
