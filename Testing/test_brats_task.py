@@ -197,6 +197,10 @@ def _brats_model():
 
 @pytest.fixture(scope="module")
 def test_case_slab():
+    return brats_test_slab()
+
+
+def brats_test_slab():
     """12 slices through the tumour of the test patient (FLAIR, T1ce, label), on the case's own 1 mm grid."""
     from ARSegLib.data.brats import BRATS_LABELS, read_volume_ras
 

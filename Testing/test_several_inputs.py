@@ -8,7 +8,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import test_slicer_module
-from conftest import BRATS, need
 
 TEST_CASE = "brats_2013_pat0005_1"  # data/brats.SPLIT["test"]
 widget = test_slicer_module.widget  # its real ARSegWidget with plain objects for the Qt widgets (fixture)
@@ -147,16 +146,10 @@ def test_requests_of_several_inputs_are_checked_before_any_work(arseg_module):
 @pytest.fixture(scope="module")
 def slab():
     """12 slices through the tumour of the test patient (FLAIR, T1ce), on the case's own 1 mm grid."""
-    from ARSegLib.data.brats import read_volume_ras
+    from test_brats_task import brats_test_slab
 
-    case = need(BRATS / TEST_CASE)
-    flair, m = read_volume_ras(case / f"{TEST_CASE}_flair.nii.gz")
-    t1ce, _ = read_volume_ras(case / f"{TEST_CASE}_t1ce.nii.gz")
-    seg, _ = read_volume_ras(case / f"{TEST_CASE}_seg.nii.gz")
-    k = int(np.argmax((seg > 0).sum((1, 2))))
-    m_slab = m.copy()
-    m_slab[:3, 3] = (m @ np.array([0.0, 0.0, k - 6, 1.0]))[:3]
-    return flair[k - 6:k + 6].astype(np.float32), t1ce[k - 6:k + 6].astype(np.float32), m_slab
+    flair, t1ce, _, m = brats_test_slab()
+    return flair, t1ce, m
 
 
 def test_console_segments_several_inputs_through_the_worker_on_slicer_core(arseg_module, slab, tmp_path):
