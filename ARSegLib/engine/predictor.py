@@ -109,6 +109,22 @@ class ARSegPredictor:
                 masks_Rhw[..., sel, :, :] = undo_dihedral(masks_Rhw[..., sel, :, :], k)
         return masks_Rhw
 
+    def encode_views(self, x_BChw: torch.Tensor, s: SamplingConfig, streams: CropStreams, phase):
+        """The image features of every (view, crop), view-major, and the presence gate: presence_B (the views'
+        mean) and drawn_BP, which of a crop's s.n_candidates candidates are drawn at all (the rest are empty).
+        Shared by segment and steering's sample_under_prompts, so both draw the same candidates."""
+        B, V, P = x_BChw.shape[0], int(s.views), s.n_candidates
+        with phase("image_encoder"):
+            feats = self.segmentor.image_encoder(x_BChw if V == 1 else
+                                                 torch.cat([dihedral(x_BChw, k) for k in range(V)]))
+        if self.config.segmentor.presence_gate:
+            presence_B = torch.sigmoid(feats.presence_logit_B + s.presence_logit_shift).view(V, B).mean(0)
+            drawn_BP = presence_gate(presence_B, P, streams.uniform([1] * B + [0] * (B * V - B), 1)[:, 0])
+        else:
+            presence_B = torch.ones(B, device=self.device)
+            drawn_BP = torch.ones(B, P, dtype=torch.bool, device=self.device)
+        return feats, presence_B, drawn_BP
+
     @torch.inference_mode()
     def segment(self, images, sampling: Optional[SamplingConfig] = None, use_cache: bool = True,
                 progress: Optional[Callable[[int, int], None]] = None,
@@ -136,15 +152,7 @@ class ARSegPredictor:
         if len(crop_ids) != B:
             raise ValueError(f"{len(crop_ids)} crop ids for {B} crops")
         streams = CropStreams(int(s.seed), crop_ids, self.device, views=V)  # view-major, one per (view, crop)
-        with phase("image_encoder"):
-            feats = self.segmentor.image_encoder(x_BChw if V == 1 else
-                                                 torch.cat([dihedral(x_BChw, k) for k in range(V)]))
-        if self.config.segmentor.presence_gate:
-            presence_B = torch.sigmoid(feats.presence_logit_B + s.presence_logit_shift).view(V, B).mean(0)
-            drawn_BP = presence_gate(presence_B, P, streams.uniform([1] * B + [0] * (B * V - B), 1)[:, 0])
-        else:
-            presence_B = torch.ones(B, device=self.device)
-            drawn_BP = torch.ones(B, P, dtype=torch.bool, device=self.device)
+        feats, presence_B, drawn_BP = self.encode_views(x_BChw, s, streams, phase)
         crop_R, cand_R = drawn_BP.nonzero(as_tuple=True)  # the drawn candidates, grouped by crop
         # candidate i of a crop is drawn on view i mod V; sequences are grouped by (view, crop), as the streams
         order = torch.argsort((cand_R % V) * B + crop_R, stable=True)

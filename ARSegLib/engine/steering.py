@@ -24,10 +24,10 @@ import torch
 from .config import SamplingConfig
 from .consensus import ConsensusResult, SampleTokens, aggregate
 from .heap import keep_freed_memory
-from .predictor import ARSegPredictor, Cancelled, PhaseTimer, presence_gate
+from .predictor import ARSegPredictor, Cancelled, PhaseTimer
 from .sampler import CropStreams, sample_tokens
 from .selection import kernel_herding
-from .views import N_VIEWS, dihedral
+from .views import N_VIEWS
 
 Pixel = Tuple[int, int]
 
@@ -140,15 +140,7 @@ def sample_under_prompts(predictor: ARSegPredictor, images, sampling: Optional[S
                 raise ValueError(f"prompt pixel ({r}, {c}) lies outside the {hw[0]} x {hw[1]} crop")
 
     streams = CropStreams(int(s.seed), crop_ids, dev, views=V)
-    with phase("image_encoder"):
-        feats = predictor.segmentor.image_encoder(x_BChw if V == 1 else
-                                                  torch.cat([dihedral(x_BChw, k) for k in range(V)]))
-    if predictor.config.segmentor.presence_gate:
-        presence_B = torch.sigmoid(feats.presence_logit_B + s.presence_logit_shift).view(V, B).mean(0)
-        drawn_BP = presence_gate(presence_B, P, streams.uniform([1] * B + [0] * (B * V - B), 1)[:, 0])
-    else:
-        presence_B = torch.ones(B, device=dev)
-        drawn_BP = torch.ones(B, P, dtype=torch.bool, device=dev)
+    feats, presence_B, drawn_BP = predictor.encode_views(x_BChw, s, streams, phase)
     for b, p in enumerate(prompts):
         if p.include_rc:  # an include point says the object is there: no candidate of this crop is drawn empty
             drawn_BP[b] = True
