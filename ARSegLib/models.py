@@ -201,6 +201,7 @@ _ARCHITECTURE = {
                   "dropout": ("real", 0.0, 0.99), "presence_gate": ("bool", 0, 1)},
 }
 _SAMPLING = ("n_samples", "temperature", "temperature_per_scale", "top_k", "top_p", "seed", "views", "oversample",
+             "selection_scale",
              "presence_logit_shift")
 
 

@@ -118,6 +118,9 @@ class SegmentSettings:
     # the head as trained
     views: Optional[int] = None
     oversample: Optional[int] = None
+    # with oversampling, the scale whose masks herding compares; only the kept candidates draw the finer scales
+    # (0: the last scale, every candidate drawn to the end)
+    selection_scale: Optional[int] = None
     presence_logit_shift: Optional[float] = None
     # click mode: planes above and below the click, and how far from the click a component may start
     half_height_mm: float = limits.DEFAULT_HALF_HEIGHT_MM
@@ -142,6 +145,7 @@ class SegmentSettings:
     MAX_TEMPERATURE = limits.MAX_TEMPERATURE
     MAX_VIEWS = 8  # engine/views.py's N_VIEWS, the symmetries of the square (this module loads without torch)
     MAX_OVERSAMPLE = 8  # candidates per kept sample: memory and time grow with it
+    MAX_SELECTION_SCALE = 16  # no more scales than that in any card; the engine checks the model's own count
     MAX_PRESENCE_SHIFT = 5.0  # a logit shift of 5 turns a presence of 0.5 into 0.993
     MAX_HALF_HEIGHT_MM = limits.MAX_HALF_HEIGHT_MM
     MAX_RECENTRE_PASSES = 4  # each pass costs one click's inference
@@ -175,6 +179,8 @@ class SegmentSettings:
             whole("views", 1, self.MAX_VIEWS)
         if self.oversample is not None:
             whole("oversample", 1, self.MAX_OVERSAMPLE)
+        if self.selection_scale is not None:
+            whole("selection_scale", 0, self.MAX_SELECTION_SCALE)
         real("presence_logit_shift", -self.MAX_PRESENCE_SHIFT, self.MAX_PRESENCE_SHIFT, optional=True)
         whole("seed", 0, limits.MAX_SEED)
         real("half_height_mm", 0.0, self.MAX_HALF_HEIGHT_MM)
@@ -193,7 +199,7 @@ class SegmentSettings:
     def sampling(self, base):
         """The engine's SamplingConfig with these overrides applied to the model's defaults."""
         over: Dict[str, Any] = {"n_samples": int(self.n_samples), "seed": int(self.seed)}
-        for name in ("temperature", "top_k", "top_p", "views", "oversample", "presence_logit_shift"):
+        for name in ("temperature", "top_k", "top_p", "views", "oversample", "selection_scale", "presence_logit_shift"):
             value = getattr(self, name)
             if value is not None:
                 over[name] = value
@@ -217,7 +223,8 @@ class OutlineSettings:
 
     def sampling(self, full):
         """The full run's SamplingConfig (temperature, presence shift, seed) with this pass's cheap choices."""
-        return dataclasses.replace(full, n_samples=self.n_samples, views=self.views, oversample=self.oversample)
+        return dataclasses.replace(full, n_samples=self.n_samples, views=self.views, oversample=self.oversample,
+                                   selection_scale=0)
 
 
 FIRST_OUTLINE = OutlineSettings()
@@ -761,7 +768,7 @@ def _settings_record(card, settings: SegmentSettings, sampling, pixel_spacing: f
     record = settings.to_dict()
     record.update({"temperature": float(sampling.temperature), "top_k": int(sampling.top_k),
                    "top_p": float(sampling.top_p), "views": int(sampling.views),
-                   "oversample": int(sampling.oversample),
+                   "oversample": int(sampling.oversample), "selection_scale": int(sampling.selection_scale),
                    "presence_logit_shift": float(sampling.presence_logit_shift), "pixel_spacing_mm": pixel_spacing,
                    "intensity": dict(card.intensity).get("method")})
     return record

@@ -158,7 +158,8 @@ def _always_drawing_predictor():
     return cfg, ARSegPredictor(cfg, ae, seg)
 
 
-WAYS_OF_SAMPLING = [{}, {"views": 8}, {"oversample": 3}, {"views": 4, "oversample": 2}]
+WAYS_OF_SAMPLING = [{}, {"views": 8}, {"oversample": 3}, {"views": 4, "oversample": 2},
+                    {"oversample": 3, "selection_scale": 1}, {"views": 4, "oversample": 2, "selection_scale": 3}]
 
 
 @pytest.mark.parametrize("way", WAYS_OF_SAMPLING)
@@ -248,6 +249,51 @@ def test_oversampling_keeps_the_herded_subset_of_the_same_candidates():
     assert np.array_equal(kept.scale_consensus_BKhw[:, -1], kept.consensus_Bhw)
 
 
+@pytest.mark.parametrize("selection_scale", [1, 2, 4, 0])
+def test_coarse_selection_keeps_herdings_choice_at_that_scale_and_draws_on_from_its_tokens(selection_scale):
+    """With selection_scale k the N kept samples are kernel herding's choice among the pool's masks at scale k (the
+    pool: the same candidates a plain run of N x oversample draws, same streams), in herding's order, each drawn on
+    its own view, and their token maps of scales 1..k are those candidates' own; k = 0 or the last scale is the
+    herding over the finished candidates. Fewer sequences draw the finer scales, so it costs less."""
+    cfg, pred = _always_drawing_predictor()
+    img = np.random.default_rng(6).random((3, 32, 32)).astype(np.float32)
+    K, V = len(cfg.autoencoder.scales), 2
+    s = dataclasses.replace(cfg.sampling, n_samples=4, seed=9, views=V, oversample=4, selection_scale=selection_scale)
+    kept = pred.segment(img, s, keep_tokens=True)
+    pool = pred.segment(img, dataclasses.replace(s, n_samples=16, oversample=1), keep_tokens=True)
+    k = selection_scale or K
+    L_k = sum(n * n for n in cfg.autoencoder.scales[:k])
+    q = pred.autoencoder.quantizer
+    idx_BPL = torch.from_numpy(pool.tokens.idx_BNL.astype(np.int64))
+    f_hat, b = None, 0
+    for si, n in enumerate(cfg.autoencoder.scales[:k]):  # the pool's partial sums at scale k, from its tokens
+        f_hat, _ = q.next_scale_input(f_hat, idx_BPL.flatten(0, 1)[:, b:b + n * n], si)
+        b += n * n
+    with torch.no_grad():
+        masks = pred.autoencoder.decode_masks(f_hat).view(3, 16, 32, 32)
+    for j in range(16):  # candidate j was drawn on view j mod V
+        masks[:, j] = undo_dihedral(masks[:, j], j % V)
+    masks[torch.from_numpy(~pool.tokens.drawn_BN)] = 0  # the presence gate left these empty (it draws ~99 %)
+    choice = kernel_herding(masks, 4).numpy()
+    for b in range(3):
+        assert np.array_equal(kept.tokens.idx_BNL[b, :, :L_k], pool.tokens.idx_BNL[b, choice[b], :L_k]), b
+        assert np.array_equal(kept.tokens.view_BN[b], choice[b] % V)
+    if k == K:
+        for b in range(3):
+            assert np.array_equal(kept.samples_BNhw[b], pool.samples_BNhw[b][choice[b]])
+    timings = {}
+    pred.segment(img, s, timings=timings)
+    assert set(timings) >= {"image_encoder", "transformer", "selection", "decoding"} and min(timings.values()) >= 0
+
+
+def test_coarse_selection_beyond_the_models_scales_is_refused():
+    cfg, pred = _always_drawing_predictor()
+    K = len(cfg.autoencoder.scales)
+    with pytest.raises(ValueError, match=f"the model has {K} scales"):
+        pred.segment(np.zeros((1, 32, 32), np.float32),
+                     dataclasses.replace(cfg.sampling, oversample=2, selection_scale=K + 1))
+
+
 def test_oversampling_may_keep_only_empty_candidates():
     """A presence of 2 % draws one or two of 64 candidates; the 16 that represent the pool are then all empty
     (before: decoding an empty selection raised)."""
@@ -262,12 +308,15 @@ def test_oversampling_may_keep_only_empty_candidates():
     assert 1 <= pool.samples_BNhw.any((2, 3)).sum(1).min()  # some candidates were drawn
     kept = pred.segment(img, s)
     assert not kept.samples_BNhw.any() and not kept.scale_consensus_BKhw.any()
+    early = pred.segment(img, dataclasses.replace(s, selection_scale=2))  # no row goes on to the finer scales
+    assert not early.samples_BNhw.any() and not early.scale_consensus_BKhw.any()
     np.testing.assert_allclose(kept.presence_B, 0.02, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bad, message", [({"views": 9}, "views must be between 1 and 8"),
                                           ({"views": 0}, "views must be between 1 and 8"),
-                                          ({"oversample": 0}, "oversample must be at least 1")])
+                                          ({"oversample": 0}, "oversample must be at least 1"),
+                                          ({"selection_scale": -1}, "selection_scale must be 0")])
 def test_impossible_sampling_settings_are_refused(bad, message):
     cfg, pred = _always_drawing_predictor()
     with pytest.raises(ValueError, match=message):
@@ -467,6 +516,39 @@ def test_fused_conv_matches_f_conv2d_with_and_without_silu(monkeypatch):
     monkeypatch.setattr(fused, "_usable", False)
     with torch.inference_mode():
         assert torch.equal(fused.conv2d(conv, x), conv(x))
+
+
+def test_channels_last_encoder_gives_the_encoders_features_and_follows_weight_changes(monkeypatch):
+    """At CPU inference the image encoder runs as a channels-last copy: its features equal the module's to float
+    round-off, the copy is rebuilt after a weight changes (an optimizer step), never saved with the module, and not
+    used with autograd on or with ARSEG_CHANNELS_LAST=0; a predictor's samples are the same either way here."""
+    from ARSegLib.engine import fused
+
+    cfg, pred = _always_drawing_predictor()
+    enc = pred.segmentor.image_encoder
+    x = torch.rand(6, 1, 32, 32)
+    with torch.inference_mode():
+        twin = fused.channels_last(enc)
+        assert twin is not enc and fused.channels_last(enc) is twin  # built once
+        a, b = enc(x), twin(x.contiguous(memory_format=torch.channels_last))
+        for name in ("cond_BD", "feat_BDhw", "presence_logit_B"):
+            torch.testing.assert_close(getattr(b, name), getattr(a, name), atol=1e-5, rtol=1e-5)
+    assert not any("channels_last" in k for k in pred.segmentor.state_dict())
+    with torch.no_grad():
+        enc.stem[0].weight.mul_(1.5)
+    with torch.inference_mode():
+        again = fused.channels_last(enc)
+        assert again is not twin
+        torch.testing.assert_close(again(x.contiguous(memory_format=torch.channels_last)).feat_BDhw,
+                                   enc(x).feat_BDhw, atol=1e-5, rtol=1e-5)
+    assert fused.channels_last(enc) is enc  # autograd on: the module itself
+    img = np.random.default_rng(8).random((2, 32, 32)).astype(np.float32)
+    s = dataclasses.replace(cfg.sampling, n_samples=8, views=2, oversample=2)
+    fast = pred.segment(img, s)
+    monkeypatch.setenv("ARSEG_CHANNELS_LAST", "0")
+    with torch.inference_mode():
+        assert fused.channels_last(enc) is enc
+    assert np.array_equal(pred.segment(img, s).samples_BNhw, fast.samples_BNhw)
 
 
 def test_cached_attention_equals_masked_attention_over_the_whole_prefix():

@@ -133,3 +133,27 @@ def test_fast_inference_paths_match_the_reference_on_real_crops(shipped, lidc_ta
     drawn = fast.consensus_Bhw.any((1, 2)) | plain.consensus_Bhw.any((1, 2))
     scores = [dice(fast.consensus_Bhw[i], plain.consensus_Bhw[i]) for i in np.flatnonzero(drawn)]
     assert len(scores) >= 8 and np.mean(scores) >= 0.99, scores
+
+
+def test_channels_last_encoder_matches_the_shipped_encoder_on_the_demo_planes(shipped):
+    """The speed-up of fused.channels_last on the shipped encoder and real CT planes (the demo slab, 4 views):
+    features within float round-off of the NCHW module's, the presence the same to 1e-4."""
+    import torch
+
+    from ARSegLib.engine import fused
+    from ARSegLib.engine.views import dihedral
+
+    predictor, _ = shipped
+    array, _ = read_nrrd_ras(ROOT / "Resources" / "Demo" / "lung1-slab.nrrd")
+    planes = array[::4, 56:184, 56:184].astype(np.float32)
+    planes = (planes - planes.min((1, 2), keepdims=True)) / np.ptp(planes, (1, 2), keepdims=True)
+    x = torch.from_numpy(planes)[:, None]
+    x = torch.cat([dihedral(x, k) for k in range(4)])
+    enc = predictor.segmentor.image_encoder
+    with torch.inference_mode():
+        ref = enc(x)
+        got = fused.channels_last(enc)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(got.feat_BDhw, ref.feat_BDhw, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.cond_BD, ref.cond_BD, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.sigmoid(got.presence_logit_B), torch.sigmoid(ref.presence_logit_B), atol=1e-4,
+                               rtol=0)

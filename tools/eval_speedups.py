@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ARSegLib.command_args import eval_data
 from ARSegLib.evaluation import evaluate
@@ -26,6 +27,10 @@ VARIANTS = {
     "oversample1": {"oversample": 1},  # 16 candidates, no herding
     "views1": {"views": 1},
     "views2": {"views": 2},
+    # herding compares the candidates at scale k; only the 16 kept draw the finer scales
+    "select4": {"selection_scale": 4},
+    "select5": {"selection_scale": 5},
+    "select6": {"selection_scale": 6},
 }
 KEYS = ("ged", "hm_iou", "soft_dice_strict", "soft_dice", "presence_abs_err", "n_images")
 
@@ -40,7 +45,10 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", nargs="+", default=["shipped", "views1", "oversample1"], choices=sorted(VARIANTS))
     ap.add_argument("--out", default="runs/speedups")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     predictor, card = load_model(args.model)
     split, data = eval_data(args)
     images = (data.images_Nhw[:, None] / 255.0).astype(np.float32)

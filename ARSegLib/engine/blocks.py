@@ -31,6 +31,11 @@ class SelfAttention(nn.Module):
         and scale on a CPU)."""
         self.capacity, self.cached_kv, self.filled = capacity, None, 0
 
+    def keep_rows(self, rows_R: torch.Tensor):
+        """Only these rows of the batch go on sampling: the cache keeps theirs (a copy of the kept rows only)."""
+        if self.cached_kv is not None:
+            self.cached_kv = self.cached_kv[rows_R]
+
     def forward(self, x_BLC: torch.Tensor, attn_bias: Optional[torch.Tensor]) -> torch.Tensor:
         B, L, C = x_BLC.shape
         qkv_BL3C = fused.linear(self.qkv, x_BLC)

@@ -57,6 +57,10 @@ class SamplingConfig:
     # Draw oversample x n_samples candidates per crop and keep the n_samples that represent them best
     # (kernel herding, selection.py): fewer chance over- or under-represented modes. 1: off.
     oversample: int = 1
+    # With oversampling: the scale (1-based) whose partial sums herding compares; only the kept candidates draw the
+    # finer scales (the fine scales cost most, and the coarse ones already decide a candidate's mode). 0: the last
+    # scale (every candidate drawn to the end).
+    selection_scale: int = 0
     # Added to the presence head's logit before the gate: a calibration of the predicted fraction of readers,
     # measured on val (the model card says how). 0: the head as trained.
     presence_logit_shift: float = 0.0
@@ -67,6 +71,8 @@ class SamplingConfig:
             raise ValueError(f"views must be between 1 and {N_VIEWS} (the symmetries of the square), got {self.views}")
         if int(self.oversample) < 1:
             raise ValueError(f"oversample must be at least 1, got {self.oversample}")
+        if int(self.selection_scale) < 0:
+            raise ValueError(f"selection_scale must be 0 (the last scale) or a scale, got {self.selection_scale}")
         if not math.isfinite(float(self.presence_logit_shift)):
             raise ValueError(f"presence_logit_shift must be finite, got {self.presence_logit_shift}")
 

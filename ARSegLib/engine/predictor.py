@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 import torch
 
+from . import fused
 from .autoencoder import MaskAutoencoder
 from .config import ARSegConfig, SamplingConfig
 from .consensus import MAX_SAMPLES, ConsensusResult, SampleTokens, aggregate, token_dtype
@@ -115,8 +116,11 @@ class ARSegPredictor:
         Shared by segment and steering's sample_under_prompts, so both draw the same candidates."""
         B, V, P = x_BChw.shape[0], int(s.views), s.n_candidates
         with phase("image_encoder"):
-            feats = self.segmentor.image_encoder(x_BChw if V == 1 else
-                                                 torch.cat([dihedral(x_BChw, k) for k in range(V)]))
+            x_VBChw = x_BChw if V == 1 else torch.cat([dihedral(x_BChw, k) for k in range(V)])
+            encoder = fused.channels_last(self.segmentor.image_encoder)
+            if encoder is not self.segmentor.image_encoder:
+                x_VBChw = x_VBChw.contiguous(memory_format=torch.channels_last)
+            feats = encoder(x_VBChw)
         if self.config.segmentor.presence_gate:
             presence_B = torch.sigmoid(feats.presence_logit_B + s.presence_logit_shift).view(V, B).mean(0)
             drawn_BP = presence_gate(presence_B, P, streams.uniform([1] * B + [0] * (B * V - B), 1)[:, 0])
@@ -169,26 +173,51 @@ class ARSegPredictor:
                 raise Cancelled()
 
         if crop_R.numel():
+            rows = torch.arange(crop_R.numel(), device=self.device)
+            slot_R = cand_R
+            selected = {}
+
+            def herd(idx_so_far, partial_sums_so_far) -> torch.Tensor:
+                """Kernel herding over the drawn candidates' masks at the selection scale: the rows kept (ascending),
+                their slots in selected["slot_R"]."""
+                t0 = time.perf_counter()
+                final_BPhw = torch.zeros(B, P, *hw, dtype=torch.uint8, device=self.device)
+                final_BPhw[crop_R, cand_R] = self._unviewed(
+                    self.autoencoder.decode_masks(partial_sums_so_far[-1]), view_R, V)
+                kept_BN = kernel_herding(final_BPhw, N)
+                row_of_BP = torch.full((B, P), -1, dtype=torch.long, device=self.device)
+                row_of_BP[crop_R, cand_R] = torch.arange(crop_R.numel(), device=self.device)
+                row_BN = row_of_BP.gather(1, kept_BN)  # -1: an empty (undrawn) candidate was kept
+                keep = row_BN.flatten() >= 0
+                kept_R, slot_R = row_BN.flatten()[keep], torch.arange(N, device=self.device).repeat(B)[keep]
+                if early:  # the sampler goes on with the kept rows in ascending order
+                    order_R = torch.argsort(kept_R)
+                    kept_R, slot_R = kept_R[order_R], slot_R[order_R]
+                selected.update(rows=kept_R, slot_R=slot_R, seconds=time.perf_counter() - t0)
+                return kept_R
+
+            select_si = (int(s.selection_scale) or K) - 1
+            if select_si >= K:
+                raise ValueError(f"selection_scale {s.selection_scale}: the model has {K} scales")
+            early = P > N and select_si < K - 1
             with phase("transformer"):
                 idx_list, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, feats,
                                                        s.temperatures(K), s.top_k, s.top_p, streams, use_cache,
-                                                       on_scale, crop_of_row=view_R * B + crop_R)
-            rows = torch.arange(crop_R.numel(), device=self.device)
-            slot_R = cand_R
-            if P > N:
+                                                       on_scale, crop_of_row=view_R * B + crop_R,
+                                                       select=(select_si, herd) if early else None)
+            if early:  # herding ran inside the transformer's phase: count it as selection
+                if timings is not None and "seconds" in selected:
+                    timings["transformer"] -= selected["seconds"]
+                    timings["selection"] = timings.get("selection", 0.0) + selected["seconds"]
+                rows, slot_R = selected["rows"], selected["slot_R"]
+                crop_R, view_R = crop_R[rows], view_R[rows]
+                rows = torch.arange(rows.numel(), device=self.device)  # the sampler returned the kept rows only
+            elif P > N:
                 with phase("selection"):
-                    final_BPhw = torch.zeros(B, P, *hw, dtype=torch.uint8, device=self.device)
-                    final_BPhw[crop_R, cand_R] = self._unviewed(
-                        self.autoencoder.decode_masks(partial_sums[-1]), view_R, V)
-                    kept_BN = kernel_herding(final_BPhw, N)
-                    row_of_BP = torch.full((B, P), -1, dtype=torch.long, device=self.device)
-                    row_of_BP[crop_R, cand_R] = rows
-                    row_BN = row_of_BP.gather(1, kept_BN)  # -1: an empty (undrawn) candidate was kept
-                    keep = row_BN.flatten() >= 0
-                    rows = row_BN.flatten()[keep]
-                    slot_R = torch.arange(N, device=self.device).repeat(B)[keep]
+                    herd(idx_list[:select_si + 1], partial_sums[:select_si + 1])
+                rows, slot_R = selected["rows"], selected["slot_R"]
             with phase("decoding"):
-                if rows.numel() < crop_R.numel():
+                if rows.numel() < idx_list[0].shape[0]:
                     idx_list, partial_sums = [t[rows] for t in idx_list], [f[rows] for f in partial_sums]
                 if rows.numel():  # herding may keep only empty candidates (one drawn of many)
                     masks_KRhw = self.decode_all_scales(idx_list, partial_sums)

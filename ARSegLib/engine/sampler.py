@@ -16,6 +16,9 @@ from .image_encoder import ImageFeatures
 from .quantizer import MultiScaleQuantizer
 from .segmentor import NextScaleSegmentor
 
+# (token maps per scale so far, partial sums so far) -> the rows (ascending) that draw the finer scales
+RowSelector = Callable[[List[torch.Tensor], List[torch.Tensor]], torch.Tensor]
+
 
 class CropStreams:
     """One random stream per crop, seeded by (seed, crop id): a crop's samples depend on its image, the seed and
@@ -73,13 +76,20 @@ def sample_tokens(segmentor: NextScaleSegmentor, quantizer: MultiScaleQuantizer,
                   temperatures: Sequence[float], top_k: int, top_p: float, streams: CropStreams,
                   use_cache: bool = True, on_scale: Optional[Callable[[int], None]] = None,
                   crop_of_row: Optional[torch.Tensor] = None,
-                  prefix_idx: Sequence[torch.Tensor] = ()) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+                  prefix_idx: Sequence[torch.Tensor] = (),
+                  select: Optional[Tuple[int, RowSelector]] = None) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """One sequence per crop of `feats`, or, with crop_of_row (sorted), one per row: row r samples crop
     crop_of_row[r]. Returns (idx_Bl per scale, partial sum F_hat_k per scale), one row per sequence.
 
     prefix_idx: token maps (R, s_k^2) of scales 1..k given for every row: those scales are teacher-forced
-    through the same blocks (so the key/value cache holds them as if drawn) and only the finer ones are drawn."""
+    through the same blocks (so the key/value cache holds them as if drawn) and only the finer ones are drawn.
+    select: (si, selector): after scale si (0-based) the selector gets the token maps and partial sums so far and
+    returns the rows that go on (ascending); only those draw the finer scales (the returned lists hold those rows
+    only). Their keys and values (or, without the cache, their input tokens) are kept as drawn, so a kept row goes
+    on as it would have without the selection, except for the random numbers of its finer scales."""
     n_crops = feats.cond_BD.shape[0]
+    if select is not None and not 0 <= select[0] < len(segmentor.scales) - 1:
+        raise ValueError(f"rows can be selected after scales 0..{len(segmentor.scales) - 2}, not {select[0]}")
     if crop_of_row is None:
         crop_of_row = torch.arange(n_crops, device=feats.cond_BD.device)
     if len(streams) != n_crops or (crop_of_row.diff() < 0).any():
@@ -110,6 +120,15 @@ def sample_tokens(segmentor: NextScaleSegmentor, quantizer: MultiScaleQuantizer,
             f_hat, x_next = quantizer.next_scale_input(f_hat, idx_Bl, si)
             idx_list.append(idx_Bl)
             partial_sums.append(f_hat)
+            if select is not None and si == select[0]:
+                rows_R = select[1](idx_list, partial_sums)
+                crop_of_row, cond_BD = crop_of_row[rows_R], cond_BD[rows_R]
+                rows_per_crop = torch.bincount(crop_of_row, minlength=n_crops).tolist()
+                modulations = [tuple(m[rows_R] for m in mods) for mods in modulations]
+                idx_list, partial_sums = [t[rows_R] for t in idx_list], [f[rows_R] for f in partial_sums]
+                f_hat, x_next = f_hat[rows_R], x_next[rows_R]
+                prefix = [x[rows_R] for x in prefix]
+                segmentor.keep_cached_rows(rows_R)
             if on_scale is not None:
                 on_scale(si)
     finally:

@@ -92,6 +92,11 @@ class NextScaleSegmentor(nn.Module):
         x_BLD = torch.cat(parts, dim=1)
         return self.run_blocks(x_BLD, feats.cond_BD, self.bias_LL), feats
 
+    def keep_cached_rows(self, rows_R: torch.Tensor):
+        """Sampling: only these rows of the batch go on; every block's key/value cache keeps theirs."""
+        for block in self.blocks:
+            block.attn.keep_rows(rows_R)
+
     def kv_caching(self, enable: bool):
         """Sampling with a key/value cache sized for the whole token sequence (on), or none (off)."""
         for block in self.blocks:
