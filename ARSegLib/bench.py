@@ -285,6 +285,16 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
     def click_in_one_batch():
         RunService(LocalBackend(predictor, card)).segment_node(volume, clicks([point]), one_batch)
 
+    # what each of issue 22's later speed-ups buys: the same click with one of them turned off, alternating with it
+    # (the encoder in channels-last; herding at a coarse scale, when the card's sampling has it)
+    without: Dict[str, Callable[[], Any]] = {"channels_last": lambda: _with_env(
+        {"ARSEG_CHANNELS_LAST": "0"}, lambda: RunService(LocalBackend(predictor, card)).segment_node(
+            volume, clicks([point]), settings))}
+    if predictor.config.sampling.selection_scale and predictor.config.sampling.oversample > 1:
+        at_last_scale = dataclasses.replace(settings, selection_scale=0)
+        without["coarse_selection"] = lambda: RunService(LocalBackend(predictor, card)).segment_node(
+            volume, clicks([point]), at_last_scale)
+
     client = InferenceClient(model, str(predictor.device))
     slicer_blocks, slicer_outlines = [], []
 
@@ -317,8 +327,11 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
         # both ways alternate after a warm-up of each, so the machine's drift hits both alike
         sync = predictor.device.type == "cuda"
         click(), click_as_the_module_does(), outline_only(), click_in_one_batch()
+        for fn in without.values():
+            fn()
         slicer_blocks.clear(), slicer_outlines.clear()
         times: Dict[str, list] = {"main": [], "slicer": [], "outline": [], "one_batch": []}
+        times.update({f"without_{k}": [] for k in without})
         faults, attainable = [], []
         model_s.clear()
         for _ in range(runs):
@@ -331,6 +344,8 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
             times["slicer"].append(click_as_the_module_does())
             times["outline"].append(outline_only())
             times["one_batch"].append(median_time(click_in_one_batch, 1, warmup=0, sync=sync))
+            for k, fn in without.items():
+                times[f"without_{k}"].append(median_time(fn, 1, warmup=0, sync=sync))
     finally:
         client.shutdown()
     click_model_s = statistics.median(model_s)
@@ -351,6 +366,11 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
                            "click_lung1_one_batch_s": statistics.median(times["one_batch"]),
                            "click_lung1_waves_speedup": statistics.median(
                                b / a for a, b in zip(times["main"], times["one_batch"])),
+                           # the click with one speed-up turned off (seconds), and what that speed-up buys (the
+                           # median of the alternating pairs' ratios)
+                           "click_lung1_without_s": {k: statistics.median(times[f"without_{k}"]) for k in without},
+                           "click_lung1_speedup_of": {k: statistics.median(
+                               b / a for a, b in zip(times["main"], times[f"without_{k}"])) for k in without},
                            "click_lung1_planes_run": res.timings_s.get("planes_run"),
                            # the click's first outline (pipeline.Outline): in this process, and the module's way
                            # (worker, polled main thread; that click's final result above includes the fast pass)
@@ -381,6 +401,20 @@ def bench_lung1(predictor, card, runs: int, volume_slices: int, model: str) -> D
     out["volume_slices_per_s"] = volume_slices / (time.perf_counter() - t0)
     out["volume_slices_measured"] = volume_slices
     return out
+
+
+def _with_env(values: Dict[str, str], fn: Callable[[], Any]) -> Any:
+    """fn() with these environment variables set (the engine reads its switches at call time), then restored."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        return fn()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _OutlineSeen(Exception):
@@ -614,6 +648,9 @@ def format_table(r: Dict[str, Any]) -> str:
             lines.append(f"  its planes in waves ({r['click_lung1_planes_run']} planes run) against every plane in one "
                          f"batch: {r['click_lung1_s']:.3f} s / {r['click_lung1_one_batch_s']:.3f} s alternating, "
                          f"{r['click_lung1_waves_speedup']:.2f}x")
+        for k, x in r.get("click_lung1_speedup_of", {}).items():
+            lines.append(f"  without {k.replace('_', ' ')}: {r['click_lung1_without_s'][k]:.3f} s alternating: it buys "
+                         f"{x:.2f}x")
         if "first_outline_s" in r:
             lines.append(f"lung1 click's first outline: {r['first_outline_s']:.3f} s in this process, "
                          f"{r['first_outline_slicer_s']:.3f} s the Slicer module's way")

@@ -224,8 +224,8 @@ def cmd_eval(args):
         return eval_prob_unet(args)
     try:  # the sampling limits are SegmentSettings' (one place); the engine's check knows no temperature range
         check_settings(SegmentSettings(temperature=args.temperature, top_k=args.top_k, views=args.views,
-                                       oversample=args.oversample, presence_logit_shift=args.presence_shift,
-                                       seed=args.seed))
+                                       oversample=args.oversample, selection_scale=args.selection_scale,
+                                       presence_logit_shift=args.presence_shift, seed=args.seed))
         model_notice(read_card(args.model), "eval")
     except (CommandError, ModelError) as e:
         _fail("eval", str(e))
@@ -235,7 +235,7 @@ def cmd_eval(args):
     if args.temperature is not None:
         over["temperature"] = args.temperature
     for name, value in (("top_k", args.top_k), ("views", args.views), ("oversample", args.oversample),
-                        ("presence_logit_shift", args.presence_shift)):
+                        ("selection_scale", args.selection_scale), ("presence_logit_shift", args.presence_shift)):
         if value is not None:
             over[name] = value
     s = dataclasses.replace(s, **over)
@@ -261,7 +261,8 @@ def cmd_eval(args):
             res = evaluate(predictor, images, data.masks_NRhw, s, progress=bar.update)
     res.update({"model": card.name, "split": split, "samples": args.samples, "seed": args.seed,
                 "temperature": s.temperature, "top_k": s.top_k, "views": s.views, "oversample": s.oversample,
-                "presence_logit_shift": s.presence_logit_shift, "data": " ".join(args.data)})
+                "selection_scale": s.selection_scale, "presence_logit_shift": s.presence_logit_shift,
+                "data": " ".join(args.data)})
     print(json.dumps({k: res[k] for k in ("ged", "hm_iou", "soft_dice_strict", "soft_dice", "n_images")}, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -321,7 +322,7 @@ def check_settings(settings):
 
     option = {"n_samples": "--samples", "temperature": "--temperature", "seed": "--seed",
               "half_height_mm": "--half-height", "views": "--views", "oversample": "--oversample",
-              "presence_logit_shift": "--presence-shift", "top_k": "--top-k"}
+              "selection_scale": "--selection-scale", "presence_logit_shift": "--presence-shift", "top_k": "--top-k"}
     try:
         return settings.check()
     except SettingsError as e:
@@ -337,7 +338,8 @@ def _segment_settings(args):
 
     return check_settings(SegmentSettings(n_samples=args.samples, temperature=args.temperature, seed=args.seed,
                                           half_height_mm=args.half_height, views=args.views,
-                                          oversample=args.oversample, presence_logit_shift=args.presence_shift))
+                                          oversample=args.oversample, selection_scale=args.selection_scale,
+                                          presence_logit_shift=args.presence_shift))
 
 
 def model_notice(card, command: str) -> None:
@@ -1041,6 +1043,9 @@ def _add_sampling_args(p):
     p.add_argument("--oversample", type=int, default=None,
                    help="draw this many candidates per sample and keep the most representative, 1 to 8 "
                         "(default: the model card's; 1 with --views 1 is the fastest)")
+    p.add_argument("--selection-scale", type=int, default=None,
+                   help="with --oversample above 1: compare the candidates at this scale and draw only the kept "
+                        "ones to the finest (0: compare finished candidates; default: the model card's)")
     p.add_argument("--presence-shift", type=float, default=None,
                    help="added to the presence head's logit, -5 to 5 (default: the model card's; 0: the head as "
                         "trained)")
@@ -1156,6 +1161,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--oversample", type=int, default=None,
                    help="draw this many times --samples candidates, keep --samples by kernel herding "
                         "(default: the card's)")
+    p.add_argument("--selection-scale", type=int, default=None,
+                   help="herding compares the candidates at this scale, only the kept draw the finer ones "
+                        "(0: the last scale; default: the card's)")
     p.add_argument("--presence-shift", type=float, default=None,
                    help="added to the presence head's logit (default: the card's)")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N crops (0: all)")

@@ -44,6 +44,13 @@ def check_figures(r):
     # the click's planes in waves (pipeline._first_wave) against all 17 in one batch, alternating; the load
     assert 0 < r["click_lung1_planes_run"] < 17 and r["click_lung1_one_batch_s"] > 0
     assert r["click_lung1_waves_speedup"] > 0
+    # the click with one speed-up turned off, alternating: the channels-last encoder always, herding at a coarse
+    # scale when the card's sampling has it
+    sampling = read_card(r["model"]).config.sampling
+    expected = {"channels_last"} | ({"coarse_selection"} if sampling.selection_scale and sampling.oversample > 1
+                                    else set())
+    assert set(r["click_lung1_without_s"]) == set(r["click_lung1_speedup_of"]) == expected
+    assert all(v > 0 for v in r["click_lung1_without_s"].values())
     assert len(r["load_average_start"]) == len(r["load_average_end"]) == 3
     # the module's way: the worker process polled under an emulated Slicer main thread, which never blocks long
     assert 0 < r["click_lung1_slicer_longest_block_s"] < r["click_lung1_slicer_s"]
