@@ -30,6 +30,7 @@ import torch
 
 from .cpu_isa import avx2_environment, avx512_in_use, has_avx512, instruction_sets
 from .engine.heap import keeping_freed_memory
+from .models import DEFAULT_MODEL
 
 DATA = Path(os.environ.get("ARSEG_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 LUNG1 = DATA / "ct" / "lung1"
@@ -462,7 +463,7 @@ def bench_first_click(model: str, device: torch.device, repeats: int) -> Dict[st
 ISA_CHOICES = ("both", "native", "avx2")
 
 
-def run_bench(model: str = "lidc-nodule", device: str = "cpu", runs: int = 10, threads: int = 0,
+def run_bench(model: str = DEFAULT_MODEL, device: str = "cpu", runs: int = 10, threads: int = 0,
               volume_slices: int = 4, lung1: bool = True, isa: str = "both") -> Dict[str, Any]:
     """isa: "native" measures in this process only; "avx2" in a child capped at AVX2 only (its result, with the
     cap's check); "both" (default) natively, then the same in the child, its figures under "avx2"."""
@@ -573,7 +574,7 @@ def _run_here(model: str, device: str, runs: int, threads: int, volume_slices: i
     try:
         predictor, card = load_model(model, device)
     except ModelError as e:
-        if model != "lidc-nodule":
+        if model != DEFAULT_MODEL:  # only the default model's absence has a stand-in (lung1 is its task)
             raise
         predictor, card = tiny_stand_in(device)
         note = f"shipped model unavailable ({e}); a tiny UNTRAINED model stands in: timings are not the product's"
