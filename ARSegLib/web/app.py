@@ -8,6 +8,8 @@ Slicer's displayable managers draw. The panel: the volume chooser (catalog keys 
 The prompts: a Nodule / Include / Exclude toggle says what the next click does (Include / Exclude: a point that
 refines the selected nodule; Shift+click: an exclude point, read from the slice view's interactor), "Resample finer
 than this scale" and "Use this sample" with the sample picker; each is a ReviewSession refinement, run like a click.
+A model of several inputs (brats-glioma): the chooser lists cases, an "Show" toggle picks the input on show, the
+whole-volume button segments the case, and its regions are listed (per region, per lesion, in mL, each can be hidden).
 
 No Qt; nothing here reads a path from the browser (catalog.py).
 """
@@ -120,6 +122,10 @@ class ARSegWebApp(TrameApp):
         s.can_undo = False
         s.has_result = False
         s.whole_volume_allowed = "volume" in self.session.modes
+        s.several_inputs = self.session.several_inputs
+        s.input_choices, s.input_shown = [], ""
+        s.regions = []
+        s.region_result = False
         s.timings = {}
         s.change("volume_key")(self._on_volume_key)
         s.change("scale")(self._on_scale)
@@ -129,6 +135,7 @@ class ARSegWebApp(TrameApp):
         s.change("window_preset")(self._on_window_preset)
         s.change("prompt_mode")(self._on_prompt_mode)
         s.change("sample_pick")(self._on_sample_pick)
+        s.change("input_shown")(self._on_input_shown)
 
     def _fail(self, message: str):
         self.state.error_message = message
@@ -175,12 +182,32 @@ class ARSegWebApp(TrameApp):
         self.state.error_message = ""
         self.state.volume_loaded = True
         self.state.download_stem = self.session.file_stem()
+        self.state.input_choices = self.session.input_choices()
+        self.choices.input_shown = self.state.input_shown = next(iter(self.session.input_nodes), "")
+        self._show_volume(node)
+        self.slicer_app.display_manager.reset_views()
+        self._refresh_results()
+
+    def _show_volume(self, node):
         display = self.slicer_app.display_manager
         display.show_volume_in_slice_background(node)
         display.show_volume_in_slice_foreground(None)
-        display.reset_views()
         self._apply_window()
-        self._refresh_results()
+
+    def _on_input_shown(self, input_shown="", **_):
+        """A case of several inputs: the input on show (the result stays: it is on the first input's grid)."""
+        if not self.session.input_nodes or input_shown == self.choices.input_shown:
+            return
+        try:
+            name = page_state.as_choice("the input shown", input_shown, list(self.session.input_nodes))
+            node = self.session.input_node(name)
+        except ReviewError as e:
+            self._refuse(e, input_shown=self.choices.input_shown)
+            return
+        self.choices.input_shown = name
+        self._show_volume(node)
+        if self.session.results() is not None:  # the heat map, where on, stays over whichever input is shown
+            self.session.show_disagreement(self.choices.show_disagreement, self.choices.disagreement_opacity)
 
     def _on_window_preset(self, window_preset="Auto", **_):
         try:
@@ -336,6 +363,8 @@ class ARSegWebApp(TrameApp):
         s.n_scales = self.session.n_scales()
         s.scale = s.n_scales
         s.report_rows = self.session.report_rows()
+        s.region_result = self.session.has_regions()
+        s.regions = [dict(r, shown=self.session.region_shown(r["id"])) for r in self.session.regions()]
         prompts = self.session.nodule_prompts()
         s.nodules = [{"id": n.id, "name": n.name, "volume": f"{n.consensus_volume_mm3:.0f}", "selected": n.selected,
                       "prompts": "; ".join(prompts.get(n.id, [])[1:])}  # the refinements after its click
@@ -350,6 +379,16 @@ class ARSegWebApp(TrameApp):
         self.choices.scale = s.scale
         if nodes is not None:  # the checked values, never the raw state: a client may have set anything there
             self.session.show_disagreement(self.choices.show_disagreement, self.choices.disagreement_opacity)
+
+    def toggle_region(self, sid=None):
+        """Show or hide one region segment of a several-input result."""
+        try:
+            sid = page_state.as_nodule_id(sid)
+            self.session.show_region(sid, not self.session.region_shown(sid))
+        except ReviewError as e:
+            self._fail(str(e))
+            return
+        self.state.regions = [dict(r, shown=self.session.region_shown(r["id"])) for r in self.session.regions()]
 
     def select_nodule(self, nid=None):
         self._nodule_action(self.session.select_nodule, nid)
@@ -484,10 +523,19 @@ class ARSegWebApp(TrameApp):
                 html.Div("Click on a nodule in a slice view to segment it: a click outside the nodules so far adds "
                          "one, a click inside one redoes it. Include / Exclude: a click adds that point to the "
                          "selected nodule and refines it (Shift+click: an exclude point).", classes="text-caption",
-                         v_show="volume_loaded || volume_key")
+                         v_show="(volume_loaded || volume_key) && !several_inputs")
+                html.Div("Each case is its model's inputs together ({{ input_choices.map(i => i.title).join(' + ') "
+                         "}}); Segment whole volume segments the case into its regions.", classes="text-caption",
+                         v_show="(volume_loaded || volume_key) && several_inputs")
+                with html.Div(classes="d-flex align-center", style="gap: 6px", v_show="input_choices.length > 1"):
+                    html.Span("Show", classes="text-caption")
+                    with v3.VBtnToggle(id="arseg-input-shown", v_model=("input_shown",), mandatory=True,
+                                       density="compact", divided=True, variant="outlined"):
+                        v3.VBtn("{{ i.title }}", v_for="i in input_choices", key="i.value", value=("i.value",),
+                                size="small")
                 with v3.VBtnToggle(id="arseg-prompt-mode", v_model=("prompt_mode",), mandatory=True,
                                    density="compact", divided=True, variant="outlined",
-                                   v_show="volume_loaded || volume_key"):
+                                   v_show="(volume_loaded || volume_key) && !several_inputs"):
                     for mode, title in PROMPT_MODES.items():
                         v3.VBtn(title, id=f"arseg-mode-{mode}", value=mode, size="small")
                 v3.VSelect(id="arseg-window", label="Window", items=("window_presets",), v_model=("window_preset",),
@@ -525,11 +573,23 @@ class ARSegWebApp(TrameApp):
                                     size="small", variant="text", disabled=("run_state === 'running'",))
                         html.Div("{{ n.prompts }}", v_if="n.prompts", classes="text-caption arseg-nodule-prompts",
                                  style="opacity: 0.8; padding-left: 8px")
+                with html.Div(v_if="regions.length", id="arseg-regions", classes="d-flex flex-column",
+                              style="gap: 2px"):
+                    html.Span("Regions (consensus, samples' range)", classes="text-body-2")
+                    with html.Div(v_for="r in regions", key="r.id", classes="d-flex align-center arseg-region",
+                                  style="gap: 4px"):
+                        v3.VBtn(icon=("r.shown ? 'mdi-eye' : 'mdi-eye-off'",), click=(self.toggle_region, "[r.id]"),
+                                density="compact", size="small", variant="text")
+                        html.Span("{{ r.name }}", classes="text-body-2")
+                        v3.VSpacer()
+                        html.Span("{{ r.volume }} mL ({{ r.samples }})", classes="text-caption")
                 with html.Div(v_if="has_result", classes="d-flex flex-column", style="gap: 6px"):
-                    html.Div("Scale {{ scale }}/{{ n_scales }}", id="arseg-scale-label", classes="text-body-2")
+                    html.Div("Scale {{ scale }}/{{ n_scales }}", id="arseg-scale-label", classes="text-body-2",
+                             v_if="!region_result")
                     v3.VSlider(id="arseg-scale", classes="arseg-scale", v_model=("scale",), min=1, max=("n_scales",),
-                               step=1, show_ticks="always", hide_details=True, density="compact")
-                    with html.Div(classes="d-flex flex-column", style="gap: 4px"):
+                               step=1, show_ticks="always", hide_details=True, density="compact",
+                               v_if="!region_result")
+                    with html.Div(classes="d-flex flex-column", style="gap: 4px", v_if="!region_result"):
                         v3.VSelect(id="arseg-sample-pick", label="Sample", v_model=("sample_pick",),
                                    items=("[{title: 'most typical', value: 0}].concat(Array.from({length: n_samples}, "
                                           "(_, i) => ({title: 'Sample ' + (i + 1), value: i + 1})))",),
@@ -564,7 +624,8 @@ class ARSegWebApp(TrameApp):
                                 html.Td("{{ row.measure }}")
                                 html.Td("{{ row.value }} {{ row.unit }}")
                 v3.VCheckbox(id="arseg-include-samples", label="Keep the samples of the next run",
-                             v_model=("include_samples",), hide_details=True, density="compact")
+                             v_model=("include_samples",), hide_details=True, density="compact",
+                             v_if="!several_inputs")
             with layout.content:
                 self.layout_manager.initialize_layout_grid(layout)
 

@@ -75,6 +75,7 @@ class ViewChoices:
     sample_shown: int = 0
     prompt_mode: str = "click"  # what a click on the CT does: PROMPT_MODES
     sample_pick: int = 0  # the sample "Use this sample" takes and a lock starts from; 0: the most typical
+    input_shown: str = ""  # a case of several inputs: the input on show (its name); "" for one volume
 
 
 # what a click on the CT does: a nodule's click (new, or a redo inside one), or a point refining the selected nodule

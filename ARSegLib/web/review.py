@@ -2,6 +2,9 @@
 point, poll it, write its result as ARSeg's MRML nodes, scrub scales, show the disagreement, hand out files;
 refine the selected nodule (include / exclude points, locked coarse scales, a sample used: RunService.refine_request,
 started and polled like a click) and undo, with the run service's memory of the nodule restored along with it.
+A model whose card names several inputs (brats-glioma: FLAIR + T1ce) opens cases (catalog.py): every input of the
+case loaded, the first shown, and its whole-volume run is RunService.request_for_inputs({name: node}), written as
+one segmentation of the first input with a segment per region per lesion, reported per region in mL.
 
 The trame app (app.py) calls these from the server's event loop; tests call them directly. MRML is touched
 only here and only from the caller's thread (MRML is not thread-safe); the model runs in the inference client.
@@ -87,6 +90,37 @@ def satisfaction_words(result, refinement: Refinement) -> str:
     return (" " + "; ".join(words).capitalize() + ".") if words else ""
 
 
+def region_report_rows(report: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+    """(measure, value, unit) rows of a several-input run's report (volume_regions.RegionsResult.report): per region
+    its consensus volume and the samples' range in mL, then per lesion where there are several."""
+    def span(v):
+        return f"{v['min']:.2f}-{v['max']:.2f}"
+
+    rows = [("Model", str(report.get("model", "")), ""), ("Mode", str(report.get("mode", "")), ""),
+            ("Inputs", ", ".join(report.get("inputs", [])), ""), ("Lesions", str(report.get("n_lesions", 0)), "")]
+    for region in report.get("regions", []):
+        rows.append((region["name"], f"{region['consensus_volume_ml']:.2f}", "mL"))
+        rows.append((f"{region['name']}, samples", span(region["sample_volume_ml"]), "mL"))
+    if int(report.get("n_lesions", 0) or 0) > 1:
+        for region in report.get("regions", []):
+            for lesion in region.get("lesions", []):
+                value = f"{lesion['consensus_volume_ml']:.2f} (samples {span(lesion['sample_volume_ml'])})"
+                rows.append((lesion["segment"], value, "mL"))
+    for note in (report.get("settings") or {}).get("inputs_aligned", []):
+        rows.append(("Inputs aligned", str(note), ""))
+    settings = report.get("settings", {})
+    for key in ("n_samples", "seed", "pixel_spacing_mm"):
+        if key in settings:
+            rows.append((f"Setting {key}", str(settings[key]), ""))
+    return rows
+
+
+def region_words(report: Dict[str, Any]) -> str:
+    """A several-input run's result in one line: per region its consensus volume and the samples' range in mL."""
+    return "; ".join(f"{r['name']} {r['consensus_volume_ml']:.2f} mL (samples {r['sample_volume_ml']['min']:.2f}-"
+                     f"{r['sample_volume_ml']['max']:.2f})" for r in report.get("regions", []))
+
+
 class ReviewSession:
     """One scene, one catalog, one inference client (a run service on it); the volume on show and its run."""
 
@@ -96,9 +130,10 @@ class ReviewSession:
         self.client = client
         self.service = runs.RunService(runs.WorkerBackend(client, card))
         self.settings = settings or ReviewSettings()
-        self.volume_node = None
+        self.volume_node = None  # the volume on show; for a case of several inputs, its first input's
         self.volume_key: Optional[str] = None
-        self._loaded: Dict[str, Any] = {}  # catalog key -> volume node (opened once, kept)
+        self.input_nodes: Dict[str, Any] = {}  # a case of several inputs: {input name: volume node}; {} otherwise
+        self._loaded: Dict[str, Any] = {}  # catalog key -> volume node, or a case's {input: node} (opened once, kept)
         self._run = None
         self._run_started = 0.0
         self.status = RunStatus()
@@ -122,13 +157,23 @@ class ReviewSession:
         """Run modes the model card allows (pipeline.card_modes: click only unless the card lists more)."""
         return list(pipeline.card_modes(self.card)) if self.card is not None else [pipeline.MODE_CLICK]
 
+    @property
+    def several_inputs(self) -> bool:
+        """Whether the model takes several inputs (the catalog lists cases, a run is the whole case)."""
+        task = getattr(self.card, "task", None)
+        return task is not None and len(task.inputs) > 1
+
     def open_volume(self, key):
-        """The catalog entry under key, loaded once into the scene; unknown keys are refused."""
+        """The catalog entry under key, loaded once into the scene; unknown keys are refused. A case of several
+        inputs: each input loaded (input_nodes), the first returned (the one on show); a case that lacks an input
+        is refused before anything is read."""
         entry = self.catalog.get(key)
         if entry is None:
             raise ReviewError("no such volume on this page: choose one from the list")
         if self.status.running:
             raise ReviewError("a run is in progress: cancel it or wait before opening another volume")
+        if entry.several_inputs:
+            return self._open_case(entry)
         node = self._loaded.get(entry.key)
         if node is None or node.GetScene() is not self.scene:
             try:
@@ -137,7 +182,48 @@ class ReviewSession:
                 raise ReviewError(f"could not open {entry.label}: {e}".replace(str(entry.path), entry.label)) from e
             self._loaded[entry.key] = node
         self.volume_node, self.volume_key = node, entry.key
+        self.input_nodes = {}
         self.status = RunStatus()
+        return node
+
+    def _open_case(self, entry):
+        if entry.problem:
+            raise ReviewError(entry.problem)
+        task = getattr(self.card, "task", None)
+        if task is None or tuple(name for name, _ in entry.inputs) != task.input_names:
+            names = ", ".join(task.input_names) if task is not None else "one volume"
+            raise ReviewError(f"{entry.label} is a case of {', '.join(n for n, _ in entry.inputs)}; this page's "
+                              f"model takes {names}")
+        nodes = self._loaded.get(entry.key)
+        if not nodes or any(n.GetScene() is not self.scene for n in nodes.values()):
+            nodes = {}
+            for name, path in entry.inputs:
+                shown = f"{entry.label.split(' (')[0]}/{path.name}"
+                try:
+                    nodes[name] = mrml.load_volume(self.scene, path, name=mrml.volume_stem(path))
+                except Exception as e:  # the file's own message without the server path; none of the case kept
+                    for node in nodes.values():
+                        self.scene.RemoveNode(node)
+                    raise ReviewError(f"could not open {shown} ({name}): {e}".replace(str(path), shown)) from e
+            self._loaded[entry.key] = nodes
+        self.input_nodes = dict(nodes)
+        self.volume_node, self.volume_key = nodes[task.input_names[0]], entry.key
+        self.status = RunStatus()
+        return self.volume_node
+
+    def input_choices(self) -> List[Dict[str, str]]:
+        """The open case's inputs the page can show ({title, value: input name}); [] for one volume."""
+        task = getattr(self.card, "task", None)
+        if not self.input_nodes or task is None:
+            return []
+        return [{"title": i.title, "value": i.name} for i in task.inputs if i.name in self.input_nodes]
+
+    def input_node(self, name: str):
+        """The open case's volume of input name (what the page shows when that input is chosen)."""
+        node = self.input_nodes.get(name) if isinstance(name, str) else None
+        if node is None:
+            raise ReviewError(f"no input {name!r:.60} in this case"
+                              + (f" (its inputs: {', '.join(self.input_nodes)})" if self.input_nodes else ""))
         return node
 
     def set_window(self, preset: str) -> None:
@@ -165,11 +251,14 @@ class ReviewSession:
             raise ReviewError("ARSeg is still working on the previous click: wait for it or cancel it")
         if point_ras is None and self.card is None:
             raise ReviewError("whole-volume runs need a model card that allows them")
-        # checked by the service before any work: the mode (the card's own words), the settings, a click off the CT
-        request = self.service.request_for_node(self.volume_node,
-                                                click=None if point_ras is None else include(point_ras),
-                                                settings=self.settings.segment_settings(),
-                                                volume_key=self._run_key())
+        click = None if point_ras is None else include(point_ras)
+        if self.input_nodes:  # a case of several inputs: {name: node}, aligned onto the first input's grid
+            request = self.service.request_for_inputs(self.input_nodes, click=click,
+                                                      settings=self.settings.segment_settings())
+        else:  # checked by the service before any work: the mode (the card's own words), the settings, a click off
+            request = self.service.request_for_node(self.volume_node, click=click,  # the CT
+                                                    settings=self.settings.segment_settings(),
+                                                    volume_key=self._run_key())
         self._run = self.service.start(request)
         self._run_started = time.perf_counter()
         where = "the whole volume" if point_ras is None else "R {:.1f}, A {:.1f}, S {:.1f}".format(*point_ras)
@@ -206,6 +295,8 @@ class ReviewSession:
             return self.status
         t0 = time.perf_counter()
         request, key = run.request, self._run_key()
+        if request.several_inputs:
+            return self._finished_regions(run, model_s, t0)
         before = {n.id: self.service.memory.get(key, n.id) for n in self.nodules()}  # each nodule's, for Undo
         step_before = mrml.last_undo_step(self.scene, self.volume_node)
         try:
@@ -235,6 +326,21 @@ class ReviewSession:
         self.status = RunStatus("done", 1.0, message, seconds)
         return self.status
 
+    def _finished_regions(self, run, model_s: float, t0: float) -> RunStatus:
+        """A several-input run's RegionsResult into the scene: one segmentation of the first input (a segment per
+        region per lesion), replacing the case's earlier one."""
+        try:
+            nodes = self.service.apply(self.volume_node, run.result, request=run.request)
+        except Exception as e:  # a result that does not fit the scene: the scene is left as it was
+            self.status = RunStatus("failed", 0.0, user_message(e))
+            return self.status
+        r = nodes.report
+        head = f"{r.get('n_lesions', 0)} lesion(s), {r.get('n_samples', 0)} samples: {region_words(r)}."
+        message = " ".join([head] + [f"Note: {n}." for n in nodes.notices])
+        seconds = {"model": round(model_s, 3), "overlay": round(time.perf_counter() - t0, 3)}
+        self.status = RunStatus("done", 1.0, message, seconds)
+        return self.status
+
     # ------------------------------------------------------------------------------------------ refinements
 
     def selected_nodule(self, what: str) -> str:
@@ -242,6 +348,8 @@ class ReviewSession:
         if self.volume_node is None:
             raise ReviewError("open a volume first")
         nodes = self.results()
+        if self.input_nodes and nodes is not None and "regions" in nodes.report:
+            raise ReviewError(f"{what} refines a clicked nodule; a whole-volume result of several inputs has none")
         if nodes is None or not nodes.nodule:
             raise ReviewError(f"{what} refines the selected nodule: click on a nodule first")
         if nodes.nodule == mrml.WHOLE_VOLUME_ID:
@@ -320,6 +428,36 @@ class ReviewSession:
         """Each nodule's prompts in words (its click, then each refinement), as its report records them."""
         entries = self.report().get("nodules", [])
         return {n["id"]: [mrml.prompt_words(p) for p in n.get("prompts") or []] for n in entries}
+
+    def regions(self) -> List[Dict[str, Any]]:
+        """A several-input result's segments, per region, per lesion, in the report's order: {id (the segment's),
+        name, region, lesion, volume (mL), samples (their range, mL)}; [] for anything else."""
+        report = self.report()
+        out = []
+        for region in report.get("regions", []) if "regions" in report else []:
+            for lesion in region.get("lesions", []):
+                v = lesion["sample_volume_ml"]
+                out.append({"id": lesion["segment"].replace(" ", "_"), "name": lesion["segment"],
+                            "region": region["name"], "lesion": int(lesion["lesion"]),
+                            "volume": f"{lesion['consensus_volume_ml']:.2f}",
+                            "samples": f"{v['min']:.2f}-{v['max']:.2f}"})
+        return out
+
+    def has_regions(self) -> bool:
+        return "regions" in self.report()
+
+    def show_region(self, sid: str, show: bool) -> None:
+        """Show or hide one region segment of a several-input result (an id of regions())."""
+        if sid not in {r["id"] for r in self.regions()}:
+            raise ReviewError(f"no region segment {sid!r:.60} in this result")
+        display = self._require_results().segmentation.GetDisplayNode()
+        if display is not None:
+            display.SetSegmentVisibility(sid, bool(show))
+
+    def region_shown(self, sid: str) -> bool:
+        nodes = self.results()
+        display = nodes.segmentation.GetDisplayNode() if nodes is not None else None
+        return bool(display is not None and display.GetSegmentVisibility(sid))
 
     def nodules(self) -> List[mrml.NoduleInfo]:
         """The volume's nodules, in the order they were made (each click outside them adds one)."""
@@ -412,7 +550,14 @@ class ReviewSession:
 
     def show_disagreement(self, show: bool, opacity: float = 0.5) -> None:
         nodes = self.results()
-        if nodes is not None:
+        if nodes is not None and "regions" in nodes.report:  # several inputs: each region's disagreement segment
+            display = nodes.segmentation.GetDisplayNode()
+            segmentation = nodes.segmentation.GetSegmentation()
+            for sid in mrml.segment_ids(nodes.segmentation):
+                if mrml.segment_tag(segmentation.GetSegment(sid), mrml.KIND_TAG) == mrml.KIND_DISAGREEMENT:
+                    display.SetSegmentVisibility(sid, bool(show))
+                    display.SetSegmentOpacity2DFill(sid, float(opacity))
+        elif nodes is not None:
             mrml.show_disagreement(self.scene, nodes, bool(show), float(opacity))
 
     def samples_kept(self) -> int:
@@ -439,7 +584,10 @@ class ReviewSession:
 
     def report_rows(self) -> List[Dict[str, str]]:
         report = self.report()
-        return [{"measure": a, "value": b, "unit": c} for a, b, c in mrml.report_rows(report)] if report else []
+        if not report:
+            return []
+        rows = region_report_rows(report) if "regions" in report else mrml.report_rows(report)
+        return [{"measure": a, "value": b, "unit": c} for a, b, c in rows]
 
     def file_stem(self) -> str:
         return mrml.volume_stem(Path(self.catalog.get(self.volume_key).path)) if self.volume_key else "volume"
@@ -453,5 +601,8 @@ class ReviewSession:
 
     def report_bytes(self) -> bytes:
         report = dict(self._require_results().report)
-        report["source"] = self.catalog.get(self.volume_key).label  # the label: no server path leaves the server
+        entry = self.catalog.get(self.volume_key)
+        report["source"] = entry.label  # the label: no server path leaves the server
+        if entry.inputs:  # a case: each input's file name
+            report["sources"] = {name: path.name for name, path in entry.inputs}
         return (json.dumps(report, indent=2) + "\n").encode()

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from .catalog import VOLUME_SUFFIXES, CatalogError, VolumeCatalog
 
@@ -26,6 +26,8 @@ class ViewOptions:
 
     volumes: List[str] = field(default_factory=list)
     data_dirs: List[str] = field(default_factory=list)
+    # cases of a model of several inputs given input by input, {input name or title: path} each (`--input`)
+    cases: List[Dict[str, str]] = field(default_factory=list)
     host: Optional[str] = None  # None: loopback only
     port: int = 8080  # 0: any free port (printed)
     model: str = "lidc-nodule"
@@ -47,21 +49,35 @@ def prepare_rendering():
     os.environ.setdefault("VTK_DEFAULT_OPENGL_WINDOW", "vtkEGLRenderWindow")
 
 
-def build_app(options: ViewOptions, server=None, client=None):
-    """The app and its session, not yet serving (tests build it without a browser too)."""
-    catalog = VolumeCatalog.from_arguments(options.volumes, options.data_dirs)
+def build_catalog(options: ViewOptions, card=None) -> VolumeCatalog:
+    """What the page may open, for this model: volumes, or cases of its several inputs; nothing is an error."""
+    task = getattr(card, "task", None)
+    catalog = VolumeCatalog.from_arguments(options.volumes, options.data_dirs, task=task, cases=options.cases)
     if not len(catalog):
+        if task is not None and len(task.inputs) > 1:
+            names = ", ".join(f"{i.title} ({i.name})" for i in task.inputs)
+            raise CatalogError(f"nothing to show: model {card.name!r} takes {names}: give --data-dir folders with a "
+                               f"folder per case holding a volume file named after each input (e.g. "
+                               f"{'.nii.gz, '.join(task.input_names)}.nii.gz), or each case's files")
         raise CatalogError("nothing to show: give CT files or --data-dir folders that hold volume files "
                            f"({', '.join(VOLUME_SUFFIXES)})")
+    return catalog
+
+
+def build_app(options: ViewOptions, server=None, client=None):
+    """The app and its session, not yet serving (tests build it without a browser too). A model whose card names
+    several inputs is offered cases (catalog.py: a folder's files grouped by input, or options.cases)."""
+    from ..models import read_card
+
+    card = read_card(options.model)  # the card only (no torch): which inputs a case has
+    catalog = build_catalog(options, card)
     prepare_rendering()
     from trame.app import get_server
 
-    from ..models import read_card
     from .app import ARSegWebApp
     from .inference import make_client
     from .review import ReviewSettings
 
-    card = read_card(options.model)
     client = client if client is not None else make_client(options.model, options.device)
     server = server if server is not None else get_server(f"arseg-view-{id(options)}", client_type="vue3")
     app = ARSegWebApp(server, catalog, client, card, ReviewSettings(n_samples=options.n_samples))

@@ -1,0 +1,204 @@
+"""The review page with a model of several inputs (brats-glioma: FLAIR + T1ce): the catalog groups a case's files by
+the card's inputs, and a ReviewSession opens such a case (every input loaded, the first on show), refuses a case
+that lacks an input before reading anything, and segments the whole case through the run service
+(request_for_inputs), its regions listed per region and per lesion with the report in mL. Without a browser, as
+test_web.py's session tests; the BraTS part skips, saying why, when ../shared/data/brats or the model is absent."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+REGIONS = ["Whole tumour", "Tumour core", "Enhancing tumour"]
+
+
+def _brats_task():
+    from ARSegLib.data.brats import brats_task
+    from ARSegLib.task import task_from_card
+
+    return task_from_card({"task": brats_task(), "pixel_spacing_mm": 2.0}, ("volume",), 128)
+
+
+def test_catalog_groups_a_cases_files_by_the_cards_inputs(tmp_path):
+    from ARSegLib.web.catalog import CatalogError, VolumeCatalog
+
+    task = _brats_task()
+    data = tmp_path / "brats"
+    for name in ("pat1/FLAIR.nii.gz", "pat1/t1ce.nii.gz", "pat1/pat1_seg.nii.gz",  # exact names, any case
+                 "pat2/pat2_flair.nrrd", "pat2/pat2_T1CE.nrrd", "pat2/pat2_brainmask.nrrd",  # a word of the name
+                 "pat3/pat3_flair.nii.gz",  # no T1ce: listed, refused when opened
+                 "pat4/a_flair.nii.gz", "pat4/b_flair.nii.gz", "pat4/t1ce.nii.gz",  # two FLAIRs: ambiguous
+                 "other/ct.nrrd", "pat1/pat1_flair.seg.nrrd"):  # no input's name: not a case; a result: not a volume
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        (data / name).write_bytes(b"x")
+    catalog = VolumeCatalog.from_arguments([], [data], task=task)
+    labels = [c["title"] for c in catalog.choices()]
+    assert labels == ["brats/pat1 (FLAIR + T1ce)", "brats/pat2 (FLAIR + T1ce)", "brats/pat3 (incomplete)",
+                      "brats/pat4 (incomplete)"]
+    assert all(str(tmp_path) not in json.dumps(c) for c in catalog.choices())  # no server path to the browser
+    pat1, pat2, pat3, pat4 = catalog
+    assert pat1.input_paths() == {"flair": (data / "pat1/FLAIR.nii.gz").resolve(),
+                                  "t1ce": (data / "pat1/t1ce.nii.gz").resolve()} and not pat1.problem
+    assert [n for n, _ in pat2.inputs] == ["flair", "t1ce"] and pat2.path.name == "pat2_flair.nrrd"
+    assert "no T1ce (t1ce) volume" in pat3.problem and "brats/pat3" in pat3.problem
+    assert "2 files could be its FLAIR (a_flair.nii.gz, b_flair.nii.gz)" in pat4.problem
+    assert str(tmp_path) not in pat3.problem + pat4.problem
+
+    # files given on the command line: grouped by their folder, a case even when one lacks an input
+    catalog = VolumeCatalog.from_arguments([data / "pat2/pat2_T1CE.nrrd", data / "pat2/pat2_flair.nrrd",
+                                            data / "other/ct.nrrd"], [], task=task)
+    assert [c["title"] for c in catalog.choices()] == ["pat2 (FLAIR + T1ce)", "other (incomplete)"]
+    # a case given input by input (a key may be the input's title, in any case); the same files once
+    case = {"FLAIR": data / "pat1/FLAIR.nii.gz", "t1ce": data / "pat1/t1ce.nii.gz"}
+    catalog = VolumeCatalog.from_arguments([], [data / "pat1"], task=task, cases=[case])
+    assert [c["title"] for c in catalog.choices()] == ["pat1 (FLAIR + T1ce)"]
+    with pytest.raises(CatalogError, match="no t1ce given"):
+        VolumeCatalog.from_arguments(task=task, cases=[{"flair": data / "pat1/FLAIR.nii.gz"}])
+    with pytest.raises(CatalogError, match="'t2' is not one of the model's: flair, t1ce"):
+        VolumeCatalog.from_arguments(task=task, cases=[{"flair": data / "pat1/FLAIR.nii.gz", "t2": data / "x"}])
+    with pytest.raises(CatalogError, match="one volume"):  # a one-input card (task None or one input): no cases
+        VolumeCatalog.from_arguments([], [data], cases=[{"flair": data / "pat1/FLAIR.nii.gz"}])
+    # a one-input model lists files as before
+    assert len(VolumeCatalog.from_arguments([], [data])) == 11
+
+
+class _LocalClient:
+    """The worker client's interface in this process (test_web._LocalClient's, with several inputs): each run is
+    runs.compute on a thread."""
+
+    def __init__(self, predictor, card):
+        self.predictor, self.card, self.runs = predictor, card, []
+
+    def holds(self, volume_key):
+        return False
+
+    def segment(self, volume, ijk_to_ras, click=None, settings=None, volume_key=None, refinement=None,
+                previous=None, input_names=()):
+        from ARSegLib import runs
+
+        self.runs.append(runs.LocalRun(lambda progress, cancel, _outline: runs.compute(
+            volume, ijk_to_ras, click, settings, self.predictor, self.card, refinement, previous, progress, cancel,
+            input_names=input_names)))
+        return self.runs[-1]
+
+
+def _write(array, m, path):
+    """A (k, j, i) array on IJK->RAS m as a NIfTI file (SimpleITK's LPS)."""
+    import SimpleITK as sitk
+
+    image = sitk.GetImageFromArray(array)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ m
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image.SetSpacing(spacing.tolist())
+    image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_session_opens_a_two_input_case_segments_it_whole_and_lists_its_regions(tmp_path):
+    """A BraTS slab (12 slices of the test patient) as a case folder, T1ce on a grid of its own (cropped by 4 voxels
+    in-plane: resampled onto FLAIR's, which the page says); an incomplete case beside it is refused before anything
+    is read; a click is refused (the card: whole volume only) before any run; the whole case runs through the run
+    service and its regions are listed, shown or hidden, reported in mL and downloadable."""
+    from test_brats_task import _brats_model, brats_test_slab
+
+    from ARSegLib import mrml
+    from ARSegLib.pipeline import UnsupportedModeError
+    from ARSegLib.web.catalog import VolumeCatalog
+    from ARSegLib.web.review import ReviewError, ReviewSession
+
+    flair, t1ce, _, m = brats_test_slab()  # skips without ../shared/data/brats
+    predictor, card = _brats_model()  # skips without the model
+    m_crop = m.copy()
+    m_crop[:3, 3] = (m @ np.array([4.0, 4.0, 0.0, 1.0]))[:3]
+    data = tmp_path / "cases"
+    _write(flair, m, data / "slab" / "slab_flair.nii.gz")
+    _write(t1ce[:, 4:-4, 4:-4], m_crop, data / "slab" / "slab_t1ce.nii.gz")
+    _write(flair, m, data / "lonely" / "lonely_flair.nii.gz")
+    catalog = VolumeCatalog.from_arguments([], [data], task=card.task)
+    assert [c["title"] for c in catalog.choices()] == ["cases/lonely (incomplete)", "cases/slab (FLAIR + T1ce)"]
+
+    scene = mrml.new_scene()
+    client = _LocalClient(predictor, card)
+    session = ReviewSession(scene, catalog, client, card)
+    session.settings.n_samples = 4
+    assert session.several_inputs and session.modes == ["volume"]
+    with pytest.raises(ReviewError, match="no T1ce \\(t1ce\\) volume"):
+        session.open_volume("v0")
+    assert not mrml._nodes_of_class(scene, "vtkMRMLScalarVolumeNode")  # nothing was read
+    node = session.open_volume("v1")
+    assert node is session.volume_node and node.GetName() == "slab_flair"
+    assert {k: n.GetName() for k, n in session.input_nodes.items()} == {"flair": "slab_flair", "t1ce": "slab_t1ce"}
+    assert session.input_choices() == [{"title": "FLAIR", "value": "flair"}, {"title": "T1ce", "value": "t1ce"}]
+    assert session.input_node("t1ce") is session.input_nodes["t1ce"]
+    with pytest.raises(ReviewError, match="no input"):
+        session.input_node("../t2")
+    assert session.open_volume("v1") is node  # opened once, kept
+
+    centre = mrml.world_ijk_to_ras(node) @ np.array([120, 120, 6, 1.0])
+    with pytest.raises(UnsupportedModeError, match="not validated for click"):
+        session.start(tuple(centre[:3]))
+    assert client.runs == [] and not session.status.running
+
+    session.start(None)
+    assert session.status.running and len(client.runs) == 1
+    with pytest.raises(ReviewError, match="still working"):
+        session.start(None)
+    client.runs[0].wait(300)
+    status = session.poll()
+    assert status.state == "done", status.message
+    assert "Whole tumour" in status.message and " mL (samples " in status.message
+    assert "t1ce: resampled onto flair's grid" in status.message
+
+    nodes = session.results()
+    assert nodes is not None and nodes.segmentation.GetName() == "slab_flair ARSeg"
+    report = session.report()
+    assert [r["name"] for r in report["regions"]] == REGIONS and report["inputs"] == ["flair", "t1ce"]
+    regions = session.regions()
+    n_lesions = report["n_lesions"]
+    assert n_lesions >= 1 and len(regions) == 3 * n_lesions
+    first = [r["name"] for r in regions if r["lesion"] == 1]
+    assert first == (REGIONS if n_lesions == 1 else [f"{r} 1" for r in REGIONS])
+    names = set(mrml.segment_names(nodes.segmentation))
+    assert {r["name"] for r in regions} <= names
+    for r in report["regions"]:
+        v = r["sample_volume_ml"]
+        assert v["min"] <= v["mean"] <= v["max"]
+    rows = {row["measure"]: (row["value"], row["unit"]) for row in session.report_rows()}
+    wt = report["regions"][0]
+    assert rows["Whole tumour"] == (f"{wt['consensus_volume_ml']:.2f}", "mL")
+    assert rows["Whole tumour, samples"] == (
+        f"{wt['sample_volume_ml']['min']:.2f}-{wt['sample_volume_ml']['max']:.2f}", "mL")
+    assert rows["Inputs"] == ("flair, t1ce", "") and "resampled" in rows["Inputs aligned"][0]
+
+    # the region segments on show or hidden; the heat map is each region's disagreement segment
+    sid = regions[0]["id"]
+    assert session.region_shown(sid)
+    session.show_region(sid, False)
+    assert not session.region_shown(sid)
+    with pytest.raises(ReviewError, match="no region segment"):
+        session.show_region("Nodule_1", True)
+    disagreement = f"{sid}_Disagreement"
+    display = nodes.segmentation.GetDisplayNode()
+    assert not display.GetSegmentVisibility(disagreement)
+    session.show_disagreement(True, 0.4)
+    assert display.GetSegmentVisibility(disagreement)
+    session.show_disagreement(False)
+    assert not display.GetSegmentVisibility(disagreement)
+
+    # no nodule to refine; no scales or samples to scrub
+    with pytest.raises(ReviewError, match="several inputs"):
+        session.refine_at("exclude", tuple(centre[:3]))
+    assert session.nodules() == [] and session.n_scales() == 0 and session.samples_kept() == 0
+
+    # downloads: the segmentation, and the report with each input's file name (no server path)
+    seg = tmp_path / "download.seg.nrrd"
+    seg.write_bytes(session.segmentation_bytes())
+    assert {r["name"] for r in regions} <= set(mrml.segment_names(mrml.load_segmentation(mrml.new_scene(), seg)))
+    downloaded = json.loads(session.report_bytes())
+    assert downloaded["sources"] == {"flair": "slab_flair.nii.gz", "t1ce": "slab_t1ce.nii.gz"}
+    assert str(tmp_path) not in json.dumps(downloaded) and session.file_stem() == "slab_flair"
