@@ -174,6 +174,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._noduleIds = []  # the nodule list's rows
         self._extraInputs = []  # (input name, title, label, selector) of the model's inputs after the first
         self._inputsShown = None  # the (name, title) inputs the selectors show; None: the .ui's one
+        self._undoShortcut = None  # Ctrl+Z: the Undo button's onUndo, active while the module is entered
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -213,6 +214,7 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.noduleList.currentRowChanged.connect(self.onNoduleSelected)
         self.ui.deleteNoduleButton.clicked.connect(self.onDeleteNodule)
         self.ui.undoButton.clicked.connect(self.onUndo)
+        self.installUndoShortcut()
         self.ui.clearNodulesButton.clicked.connect(self.onClearNodules)
         # the results follow the input volume through the parameter node's ModifiedEvent (setParameterNode), not
         # the selector's currentNodeChanged: Qt calls slots in connection order, and that signal reaches a slot
@@ -236,11 +238,36 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._run = None
         self._pollTimer.stop()
         self.removeObservers()
+        self.removeUndoShortcut()
         self.logic.stopWorker()
 
     def enter(self) -> None:
+        if self._undoShortcut is not None:
+            self._undoShortcut.enabled = True
         self.initializeParameterNode()
         self.startPreload()
+
+    def installUndoShortcut(self) -> None:
+        """Ctrl+Z (the platform's Undo keys) runs the Undo button's onUndo while ARSeg is the module shown: one
+        QShortcut on the main window, as Segment Editor installs its own Ctrl+Z (in its enter, removed in its exit),
+        so that it works with the focus in a slice view; enabled by enter and disabled by exit, so that Ctrl+Z
+        belongs to Segment Editor (or any other module) when that module is shown. Created disabled, unless the
+        module is shown already (a developer's Reload calls setup, not enter)."""
+        self.removeUndoShortcut()
+        mainWindow = slicer.util.mainWindow()  # None in Slicer without its main window: the module's panel then
+        parent = mainWindow if mainWindow is not None else self.parent
+        self._undoShortcut = qt.QShortcut(qt.QKeySequence(qt.QKeySequence.Undo), parent)
+        self._undoShortcut.enabled = bool(self.parent is not None and self.parent.isEntered)
+        self._undoShortcut.activated.connect(self.onUndo)
+
+    def removeUndoShortcut(self) -> None:
+        """Module reload or Slicer quitting: the main window would otherwise keep a second Ctrl+Z (ambiguous)."""
+        if self._undoShortcut is None:
+            return
+        self._undoShortcut.enabled = False
+        self._undoShortcut.activated.disconnect(self.onUndo)
+        self._undoShortcut.setParent(None)
+        self._undoShortcut = None
 
     def onReload(self) -> None:
         """Developer mode's Reload: stop the worker with the code that started it (the reloaded module's cleanup
@@ -250,6 +277,8 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ScriptedLoadableModuleWidget.onReload(self)
 
     def exit(self) -> None:
+        if self._undoShortcut is not None:
+            self._undoShortcut.enabled = False
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -634,8 +663,9 @@ class ARSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._onNoduleRow(self.ui.noduleList.currentRow, self.logic.deleteNodule, "delete")
 
     def onUndo(self) -> None:
+        """The Undo button and Ctrl+Z. Nothing to undo (Ctrl+Z reaches here when the button is disabled): nothing."""
         volume = self._selectedVolume()
-        if volume is None:
+        if volume is None or not self.logic.canUndo(volume):
             return
         with slicer.util.tryWithErrorDisplay("ARSeg could not undo its last run."):
             nodes, what = self.logic.undo(volume)

@@ -881,6 +881,104 @@ def test_a_redo_says_what_it_replaced_and_undo_brings_it_back(widget, tiny):
     assert shown["errors"] == []
 
 
+class _Signal:
+    """A stand-in for a Qt signal: its slots, called in order by emit (what Qt does when the keys are pressed)."""
+
+    def __init__(self):
+        self.slots = []
+
+    def connect(self, slot):
+        self.slots.append(slot)
+
+    def disconnect(self, slot):
+        self.slots.remove(slot)
+
+    def emit(self):
+        for slot in list(self.slots):
+            slot()
+
+
+def test_ctrl_z_runs_the_undo_buttons_path_only_while_the_module_is_shown(arseg_module, widget, tiny, monkeypatch):
+    """Issue 21 section 2: Ctrl+Z (QKeySequence.Undo) is a QShortcut on the main window connected to the Undo
+    button's onUndo, enabled by enter and disabled by exit (Segment Editor's Ctrl+Z is its own while it is shown);
+    with nothing to undo it does nothing (no error dialog, the status kept); a Reload while shown keeps it on and
+    leaves one shortcut, not two."""
+    import ast
+    import types
+
+    from ARSegLib import mrml
+
+    module, _ = arseg_module
+    w, scene, shown = widget
+    made = []
+
+    class QKeySequence:
+        Undo = "QKeySequence.Undo"  # the StandardKey: Ctrl+Z, Cmd+Z on macOS
+
+        def __init__(self, key):
+            self.key = key
+
+    class QShortcut:
+        def __init__(self, key, parent):
+            self.key, self.parentWidget, self.enabled, self.activated = key, parent, True, _Signal()
+            made.append(self)
+
+        def setParent(self, parent):
+            self.parentWidget = parent
+
+    monkeypatch.setattr(module.qt, "QKeySequence", QKeySequence, raising=False)
+    monkeypatch.setattr(module.qt, "QShortcut", QShortcut, raising=False)
+    mainWindow = object()
+    monkeypatch.setattr(module.slicer.util, "mainWindow", lambda: mainWindow, raising=False)
+    w.parent = _Widget(isEntered=False)
+    monkeypatch.setattr(w, "initializeParameterNode", lambda: None)
+    monkeypatch.setattr(w, "startPreload", lambda: None)
+
+    w.installUndoShortcut()
+    (shortcut,) = made
+    assert shortcut.key.key == QKeySequence.Undo and shortcut.parentWidget is mainWindow
+    assert shortcut.enabled is False  # the module is not shown yet
+    assert shortcut.activated.slots == [w.onUndo]  # the button's slot, nothing else
+
+    w.enter()
+    assert shortcut.enabled is True
+    w.ui.statusLabel.text = "Ready."
+    shortcut.activated.emit()  # no input volume: nothing
+    volume, array, m = _blob(scene)
+    w._parameterNode = types.SimpleNamespace(inputVolume=volume, model="lidc-nodule", includeSamples=False)
+    shortcut.activated.emit()  # a volume with no run on it: nothing to undo, nothing happens
+    assert w.ui.statusLabel.text == "Ready." and shown["errors"] == []
+
+    first = _tiny_result(tiny, array, m, (-28, -28, 4))
+    w._run, w._runVolume = _FinishedRun(result=first), volume
+    w.onPoll()
+    assert [n.id for n in mrml.list_nodules(scene, volume)] == ["Nodule_1"] and w.ui.undoButton.enabled is True
+    shortcut.activated.emit()
+    assert w.ui.statusLabel.text.startswith("Undone: Nodule 1 removed")
+    assert mrml.list_nodules(scene, volume) == [] and w.ui.undoButton.enabled is False
+    status = w.ui.statusLabel.text
+    shortcut.activated.emit()  # again, with nothing left to undo
+    assert w.ui.statusLabel.text == status and shown["errors"] == []
+
+    w._parameterNode = None  # exit's parameter node disconnection needs the real wrapper
+    w.exit()
+    assert shortcut.enabled is False
+
+    w.parent.isEntered = True  # a developer's Reload runs setup (not enter) while the module is shown
+    w.installUndoShortcut()
+    assert len(made) == 2 and shortcut.parentWidget is None and shortcut.activated.slots == []
+    assert made[1].enabled is True and made[1].activated.slots == [w.onUndo]
+    w.removeUndoShortcut()  # cleanup's part: the main window keeps no Ctrl+Z of a widget that is gone
+    assert made[1].parentWidget is None and made[1].enabled is False and w._undoShortcut is None
+
+    tree = _tree()  # setup and cleanup cannot run without Qt: they call the two, checked in the source
+    widget_class = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ARSegWidget")
+    calls = {f.name: {c.func.attr for c in ast.walk(f) if isinstance(c, ast.Call)
+                      and isinstance(c.func, ast.Attribute)}
+             for f in widget_class.body if isinstance(f, ast.FunctionDef)}
+    assert "installUndoShortcut" in calls["setup"] and "removeUndoShortcut" in calls["cleanup"]
+
+
 def _changed_result(result, grow: bool):
     """The same click's result with its consensus one voxel layer bigger in-plane (grow) or empty."""
     import copy
