@@ -7,6 +7,8 @@ test_web.py's session tests; the BraTS part skips, saying why, when ../shared/da
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,6 +52,9 @@ def test_catalog_groups_a_cases_files_by_the_cards_inputs(tmp_path):
     catalog = VolumeCatalog.from_arguments([data / "pat2/pat2_T1CE.nrrd", data / "pat2/pat2_flair.nrrd",
                                             data / "other/ct.nrrd"], [], task=task)
     assert [c["title"] for c in catalog.choices()] == ["pat2 (FLAIR + T1ce)", "other (incomplete)"]
+    # a case's folder given as a file: its volume files, not its sub-folders'
+    assert [e.input_paths() for e in VolumeCatalog.from_arguments([data / "pat1"], [], task=task)] == \
+        [pat1.input_paths()]
     # a case given input by input (a key may be the input's title, in any case); the same files once
     case = {"FLAIR": data / "pat1/FLAIR.nii.gz", "t1ce": data / "pat1/t1ce.nii.gz"}
     catalog = VolumeCatalog.from_arguments([], [data / "pat1"], task=task, cases=[case])
@@ -202,3 +207,55 @@ def test_session_opens_a_two_input_case_segments_it_whole_and_lists_its_regions(
     downloaded = json.loads(session.report_bytes())
     assert downloaded["sources"] == {"flair": "slab_flair.nii.gz", "t1ce": "slab_t1ce.nii.gz"}
     assert str(tmp_path) not in json.dumps(downloaded) and session.file_stem() == "slab_flair"
+
+
+def test_browser_segments_a_two_input_case_and_lists_its_regions(tmp_path):
+    """`arseg view --model brats-glioma CASE_FOLDER` in Chromium: the case is open with FLAIR on show, the Show
+    toggle switches to T1ce, "Segment whole volume" segments the case and the regions are listed with their mL."""
+    from test_brats_task import _brats_model, brats_test_slab
+    from test_web import _browser_missing
+
+    missing = _browser_missing()
+    if missing:
+        pytest.skip(f"no browser test: {missing}")
+    flair, t1ce, _, m = brats_test_slab()
+    _brats_model()
+    case = tmp_path / "slab"
+    _write(flair, m, case / "slab_flair.nii.gz")
+    _write(t1ce, m, case / "slab_t1ce.nii.gz")
+    from ARSegLib.web.browser import By, Page
+
+    page = Page(tmp_path, case, (0.0, 0.0, 0.0), extra_args=["--model", "brats-glioma", "--samples", "4",
+                                                               "--device", "cpu"])
+    page.keep_dir = Path(os.environ["ARSEG_WEB_SCREENSHOTS"]) if os.environ.get("ARSEG_WEB_SCREENSHOTS") else None
+    try:
+        page.start_server()
+        page.start_browser()
+        page.open()
+        page.wait(lambda: page.driver.find_elements(By.ID, "arseg-whole-volume"), 30, "the whole-volume button")
+        assert "slab (FLAIR + T1ce)" in page.driver.find_element(By.TAG_NAME, "body").text
+        assert not page.driver.find_elements(By.ID, "arseg-prompt-mode") or \
+            not page.by_id("arseg-prompt-mode").is_displayed()  # no clicks: whole volume only
+        toggle = page.by_id("arseg-input-shown")
+        assert [b.text for b in toggle.find_elements(By.TAG_NAME, "button")] == ["FLAIR", "T1CE"] or \
+            [b.text.lower() for b in toggle.find_elements(By.TAG_NAME, "button")] == ["flair", "t1ce"]
+        shown_flair = page.settled_axial()
+        toggle.find_elements(By.TAG_NAME, "button")[1].click()
+        shown_t1ce = page.settled_axial(shown_flair)
+        assert np.abs(shown_t1ce - shown_flair).mean() > 1  # the other modality on show
+        toggle.find_elements(By.TAG_NAME, "button")[0].click()
+        before = page.settled_axial(shown_t1ce)
+        page.by_id("arseg-whole-volume").click()
+        assert page.wait_run(300) == "done", page.text("arseg-run-message")
+        assert "Whole tumour" in page.text("arseg-run-message")
+        page.wait(lambda: page.driver.find_elements(By.CSS_SELECTOR, ".arseg-region"), 30, "the regions list")
+        regions = [e.text for e in page.driver.find_elements(By.CSS_SELECTOR, ".arseg-region")]
+        assert any(r.startswith("Whole tumour") and "mL" in r for r in regions), regions
+        assert any(r.startswith("Enhancing tumour") for r in regions), regions
+        assert "Whole tumour" in page.text("arseg-report")
+        after = page.settled_axial(before)
+        page.save(after, "brats-case-regions.png")
+        page.save_page("brats-case-page.png")
+        assert np.abs(after - before).mean() > 0.05  # the regions drawn over the FLAIR
+    finally:
+        page.close()

@@ -157,8 +157,9 @@ class VolumeCatalog:
     def from_cases(cls, task, files: Iterable = (), folders: Iterable = (), cases: Iterable[Mapping[str, object]] = (),
                    limit: int = MAX_ENTRIES) -> VolumeCatalog:
         """Cases of a task's several inputs: each given case ({input name or title: path}, every input required),
-        then the files given, grouped by the folder that holds them (a case per folder, even one lacking an input:
-        it is listed and refused when opened, saying which), then each data folder's sub-folders, recursively,
+        then the files given, grouped by the folder that holds them, and the folders given among them (a case's
+        folder: the volume files directly in it), a case per folder, even one lacking an input (it is listed and
+        refused when opened, saying which), then each data folder's sub-folders, recursively,
         that hold a file named for at least one input (a case each; other folders are not cases)."""
         titles = {i.title.lower(): i.name for i in task.inputs}
         rows: List[tuple] = []  # (label, {input: resolved path}, problem)
@@ -183,6 +184,10 @@ class VolumeCatalog:
         by_folder: Dict[Path, List[Path]] = {}
         for f in files:
             path = Path(f).expanduser()
+            if path.is_dir():  # a case's folder: the volume files directly in it
+                inside = [p.resolve() for p in path.iterdir() if p.is_file() and is_volume_file(p)]
+                by_folder.setdefault(path.resolve(), []).extend(inside)
+                continue
             if not path.is_file():
                 raise CatalogError(f"volume file not found: {f}")
             if not is_volume_file(path):
