@@ -37,7 +37,6 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-DEFAULT_MODEL = "lidc-nodule"
 PYTHON_PACKAGES = {"safetensors": "safetensors", "scipy": "scipy"}  # import name -> pip requirement
 MINIMUM_TORCH = (2, 1)  # scaled_dot_product_attention with masks, inference_mode, safetensors' torch API
 SETUP_CALL = "ARSegLogic().setupPythonRequirements()"
@@ -59,6 +58,7 @@ def _ensureLibraryOnPath():
 _ensureLibraryOnPath()
 
 from ARSegLib import limits  # noqa: E402 (found once the library is on the path; imports nothing itself)
+from ARSegLib.models import DEFAULT_MODEL  # noqa: E402 (the standard library only: no torch, no numpy)
 
 
 def reimportLibrary():

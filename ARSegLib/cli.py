@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .command_args import CommandError, config_from_args, eval_data, hardware, parse_point, train_config
+from .models import DEFAULT_MODEL
 from .task import lung_task_block
 
 LIDC_CARD = {
@@ -1032,7 +1033,8 @@ def _write_batch_summary(path: Path, card, world: int, records: List[dict], seco
 
 
 def _add_sampling_args(p):
-    p.add_argument("--model", default="lidc-nodule", help="model name or card path (default: the shipped lidc-nodule)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model name or card path (default: the shipped {DEFAULT_MODEL})")
     p.add_argument("--samples", type=int, default=16, help="samples per crop, 1 to 64 (default 16)")
     p.add_argument("--temperature", type=float, default=None,
                    help="sampling temperature, above 0 and at most 5 (default: the model card's)")
@@ -1147,7 +1149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="GED, HM-IoU, Soft-Dice of a model on LIDC crops")
-    p.add_argument("--model", default="lidc-nodule", help="model name or card path")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or card path")
     p.add_argument("--data", required=True, nargs="+", metavar="DATA",
                    help="LIDC tars, crop directories or a folder of tars (splits.json beside them)")
     p.add_argument("--split", default="val", choices=["train", "val", "test", "all"],
@@ -1178,7 +1180,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("calibrate-presence", help="refit the presence head on frozen features; kept if val improves")
-    p.add_argument("--model", default="lidc-nodule", help="model name or card path")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or card path")
     p.add_argument("--data", required=True, nargs="+", metavar="DATA", help="LIDC tars or a folder of tars")
     p.add_argument("--epochs", type=int, default=200, help="passes over the training crops' features")
     p.add_argument("--flips", action="store_true", help="fit on the 8 flips/rotations of each crop too")
@@ -1186,7 +1188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_calibrate_presence)
 
     p = sub.add_parser("bench", help="inference speed: per crop (cached vs no-cache), split, lung1 click")
-    p.add_argument("--model", default="lidc-nodule", help="model name or card path")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name or card path")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--runs", type=int, default=10, help="timed runs per measurement (medians)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -1272,7 +1274,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1, this machine only; anything else is reachable "
                         "by others: no login, no encryption)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: any free port)")
-    p.add_argument("--model", default="lidc-nodule", help="model name or card path (default: the shipped lidc-nodule)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model name or card path (default: the shipped {DEFAULT_MODEL})")
     p.add_argument("--samples", type=int, default=16, help="samples per crop (default 16)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.set_defaults(func=cmd_view)

@@ -57,6 +57,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .models import DEFAULT_MODEL
 from .run_state import RunCancelled, RunState
 
 AUTHKEY_ENV = "ARSEG_WORKER_AUTHKEY"
@@ -599,7 +600,7 @@ class InferenceClient:
     """Starts and talks to one worker process for one (model, device). Not thread-safe: use it from one thread
     (Slicer's main thread, the web server's loop, a console)."""
 
-    def __init__(self, model: str = "lidc-nodule", device: str = "auto", python: Optional[str] = None,
+    def __init__(self, model: str = DEFAULT_MODEL, device: str = "auto", python: Optional[str] = None,
                  start_timeout_s: float = 60.0):
         self.model, self.device = str(model), str(device)
         self.python = python or sys.executable

@@ -93,3 +93,27 @@ def test_only_the_run_service_runs_the_pipeline():
     assert callers == [], f"these run the pipeline themselves (go through ARSegLib/runs.py): {callers}"
     assert "ARSegLib.runs" not in _graph()["ARSegLib.mrml"]  # mrml is below the service, not beside it
     assert not _calls_of(LIBRARY / "mrml.py", {"segment_node", "segment_file", "segment"})
+
+
+def test_the_default_model_is_named_in_one_place():
+    """Issue 21 section 1: the shipped model's name is spelled out once, as models.DEFAULT_MODEL (which imports
+    only the standard library at its top, so the worker, the page and Slicer's process take it from there); the CLI's
+    defaults, the worker, the page and the Slicer module use the constant. Every ARSegLib file is read (its
+    subpackages included) and the module, for a string constant equal to the name."""
+    models = LIBRARY / "models.py"
+    (definition,) = [node for node in ast.parse(models.read_text()).body if isinstance(node, ast.Assign)
+                     and [getattr(t, "id", None) for t in node.targets] == ["DEFAULT_MODEL"]]
+    value = definition.value.value
+    spelled = []
+    for path in sorted(LIBRARY.rglob("*.py")) + sorted((ROOT / "ARSeg").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value == value:
+                spelled.append(f"{path.relative_to(ROOT).as_posix()}:{node.lineno}")
+    assert spelled == [f"ARSegLib/models.py:{definition.lineno}"], f"{value!r} spelled out besides it: {spelled}"
+    top = set()  # what importing models costs the modules that take the constant (Slicer's process among them)
+    for node in ast.parse(models.read_text()).body:
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            top.add("." * node.level + (node.module or "").split(".")[0])
+    assert not top & {"torch", "numpy", "scipy", "safetensors"} and not any(n.startswith(".") for n in top), top

@@ -9,6 +9,7 @@ run.fraction; run.result; run.error; run.cancel(); run.wait(t); client.shutdown(
 
 from __future__ import annotations
 
+from ..models import DEFAULT_MODEL
 from ..worker import InferenceClient
 
 
@@ -17,5 +18,5 @@ def is_cancelled(run) -> bool:
     return bool(run.cancelled)
 
 
-def make_client(model: str = "lidc-nodule", device: str = "auto") -> InferenceClient:
+def make_client(model: str = DEFAULT_MODEL, device: str = "auto") -> InferenceClient:
     return InferenceClient(model=model, device=device)

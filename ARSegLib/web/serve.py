@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from ..models import DEFAULT_MODEL
 from .catalog import VOLUME_SUFFIXES, CatalogError, VolumeCatalog
 
 LOOPBACK = "127.0.0.1"
@@ -30,7 +31,7 @@ class ViewOptions:
     cases: List[Dict[str, str]] = field(default_factory=list)
     host: Optional[str] = None  # None: loopback only
     port: int = 8080  # 0: any free port (printed)
-    model: str = "lidc-nodule"
+    model: str = DEFAULT_MODEL
     device: str = "auto"
     n_samples: int = 16
     open_first: bool = True  # open the first volume of the catalog when the page starts

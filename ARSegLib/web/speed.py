@@ -61,20 +61,20 @@ def page_timings(volume: Path, point, clicks: int, tmp: Path) -> dict:
 
 def plain_timings(volume: Path, point, clicks: int) -> dict:
     from .. import mrml, pipeline, runs
-    from ..models import load_model
+    from ..models import DEFAULT_MODEL, load_model
     from ..prompts import include
     from ..worker import InferenceClient
 
     scene = mrml.new_scene()
     node = mrml.load_volume(scene, volume)
     array, m = mrml.volume_array(node), mrml.world_ijk_to_ras(node)
-    predictor, card = load_model("lidc-nodule", "cpu")
+    predictor, card = load_model(DEFAULT_MODEL, "cpu")
     in_process = []
     for _ in range(clicks):
         t0 = time.perf_counter()
         runs.compute(array, m, include(point), pipeline.SegmentSettings(), predictor, card)
         in_process.append(time.perf_counter() - t0)
-    client = InferenceClient("lidc-nodule", "auto")
+    client = InferenceClient(DEFAULT_MODEL, "auto")
     worker = []
     try:
         client.start().wait(120)
