@@ -401,6 +401,10 @@ class _Server:
         the nodule: the first real click then finds the weights packed for oneDNN, its kernels created and the
         heap grown to size (in a fresh worker it took 1.0 s against 0.65 s for later clicks, `arseg bench`)."""
         t0 = time.perf_counter()
+        # the click's own imports first (the run service, the pipeline and scipy.ndimage: 0.9 s on a 2-core EPYC),
+        # which the first click would otherwise pay
+        from . import runs  # noqa: F401
+
         size = predictor.crop_size
         j, i = np.mgrid[:size, :size]
         radii = np.linspace(4, 14, 17)[:, None, None]
