@@ -112,7 +112,7 @@ def test_session_opens_a_two_input_case_segments_it_whole_and_lists_its_regions(
     from test_brats_task import _brats_model, brats_test_slab
 
     from ARSegLib import mrml
-    from ARSegLib.pipeline import UnsupportedModeError
+    from ARSegLib.pipeline import SettingsError, UnsupportedModeError
     from ARSegLib.web.catalog import VolumeCatalog
     from ARSegLib.web.review import ReviewError, ReviewSession
 
@@ -147,6 +147,10 @@ def test_session_opens_a_two_input_case_segments_it_whole_and_lists_its_regions(
     centre = mrml.world_ijk_to_ras(node) @ np.array([120, 120, 6, 1.0])
     with pytest.raises(UnsupportedModeError, match="not validated for click"):
         session.start(tuple(centre[:3]))
+    session.settings.n_samples = 0
+    with pytest.raises(SettingsError, match="n_samples"):
+        session.start(None)
+    session.settings.n_samples = 4
     assert client.runs == [] and not session.status.running
 
     session.start(None)

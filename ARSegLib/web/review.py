@@ -251,12 +251,15 @@ class ReviewSession:
             raise ReviewError("ARSeg is still working on the previous click: wait for it or cancel it")
         if point_ras is None and self.card is None:
             raise ReviewError("whole-volume runs need a model card that allows them")
+        # checked by the service before any work: the mode (the card's own words), the settings, a click off the CT
         click = None if point_ras is None else include(point_ras)
         if self.input_nodes:  # a case of several inputs: {name: node}, aligned onto the first input's grid
+            pipeline.check_mode(self.card, pipeline.MODE_VOLUME if click is None else pipeline.MODE_CLICK)
+            self.settings.segment_settings().check()  # both before the inputs are aligned (a resampling)
             request = self.service.request_for_inputs(self.input_nodes, click=click,
                                                       settings=self.settings.segment_settings())
-        else:  # checked by the service before any work: the mode (the card's own words), the settings, a click off
-            request = self.service.request_for_node(self.volume_node, click=click,  # the CT
+        else:
+            request = self.service.request_for_node(self.volume_node, click=click,
                                                     settings=self.settings.segment_settings(),
                                                     volume_key=self._run_key())
         self._run = self.service.start(request)

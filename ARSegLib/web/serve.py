@@ -117,7 +117,8 @@ def serve(options: ViewOptions) -> int:
     def ready(**_):
         app.preload(load_run)  # from the loop, now that it runs: the worker is connected to at once
         port = app.server.port
-        print(f"arseg view: serving {len(app.session.catalog)} volume(s) at http://{host}:{port}/ "
+        what = "case(s) of several inputs" if app.session.several_inputs else "volume(s)"
+        print(f"arseg view: serving {len(app.session.catalog)} {what} at http://{host}:{port}/ "
               f"(ready in {time.perf_counter() - t0:.1f} s)", flush=True)
 
     app.server.controller.on_server_ready.add(ready)
