@@ -615,7 +615,8 @@ def cmd_segment(args):
 
 
 def parse_inputs(texts: Sequence[str]) -> Dict[str, Path]:
-    """--input NAME=PATH, repeated -> {name: path}, in the order given; each name once, each file present."""
+    """--input NAME=PATH, repeated -> {name: path}, in the order given; each name once, each file (or DICOM series
+    folder: checked by mrml.check_image_file before any work, as VOLUME is) present."""
     inputs: Dict[str, Path] = {}
     for text in texts:
         name, sep, path = str(text).partition("=")
@@ -624,7 +625,7 @@ def parse_inputs(texts: Sequence[str]) -> Dict[str, Path]:
             raise CommandError(f"--input takes NAME=PATH (e.g. --input flair=case_flair.nii.gz), got {text!r}")
         if name in inputs:
             raise CommandError(f"--input {name} is given twice")
-        if not Path(path).is_file():
+        if not Path(path).is_file() and not Path(path).is_dir():  # a folder: a DICOM series
             raise CommandError(f"--input {name}: file not found: {path}")
         inputs[name] = Path(path)
     return inputs
@@ -642,11 +643,14 @@ def segment_inputs(args):
         settings = _segment_settings(args)
         check_device(args.device)
         inputs = parse_inputs(args.input)
-        from .mrml import check_image_file, region_summary
+        from .mrml import ResultError, check_image_file, region_summary
         from .runs import LocalBackend, RunService
 
-        for path in inputs.values():
-            check_image_file(path)
+        for name, path in inputs.items():  # a DICOM folder with several series, or none, is refused here
+            try:
+                check_image_file(path)
+            except ResultError as e:
+                raise CommandError(f"--input {name}: {e}") from None
         given = list(inputs.values())
         out = check_output(args.out, "--out", (".seg.nrrd",), given)
         png = check_output(args.png, "--png", (".png",), given) if args.png else None

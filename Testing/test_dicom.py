@@ -174,6 +174,48 @@ def test_arseg_segment_reads_a_dicom_folder_as_it_reads_the_nrrd(lung1, ball_mod
     assert not out.exists()
 
 
+class _PastTheChecks(Exception):
+    """Raised in place of loading the model: every check before any work has passed."""
+
+
+def test_arseg_segment_takes_a_dicom_folder_as_one_of_several_inputs(series_and_nrrd, tmp_path, monkeypatch,
+                                                                     capsys):
+    """--input NAME=FOLDER (a DICOM series) is taken as VOLUME is: past every check to the model's loading; a folder
+    with two series, or none, is refused before any work in one line naming the input."""
+    from ARSegLib import cli
+
+    folder, nrrd, _ = series_and_nrrd
+    if not (Path(cli.__file__).resolve().parents[1] / "Resources" / "Models" / "brats-glioma.json").is_file():
+        pytest.skip("the brats-glioma card is not shipped in this checkout")
+
+    def loading(model, device):
+        raise _PastTheChecks(model)
+
+    monkeypatch.setattr(cli, "_load_predictor", loading)
+    out = tmp_path / "case.seg.nrrd"
+
+    def segment(flair):
+        return cli.main(["segment", "--model", "brats-glioma", "--input", f"flair={flair}", "--input",
+                         f"t1ce={nrrd}", "--out", str(out), "--device", "cpu"])
+
+    with pytest.raises(_PastTheChecks):
+        segment(folder)
+    # a second series in the folder, then a folder with none: one line naming the input, nothing loaded or written
+    other, _ = oblique_image(seed=1)
+    write_dicom_series(other, folder, "1.2.826.0.1.3680043.2.1125.1.2", "Lung window", start_number=101)
+    empty = tmp_path / "no dicom"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    capsys.readouterr()
+    for flair, words in ((folder, "holds 2 DICOM series"), (empty, "without a DICOM series")):
+        with pytest.raises(SystemExit) as e:
+            segment(flair)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith("arseg segment: error: --input flair: ") and words in err[0], err
+        assert not out.exists()
+
+
 def test_batch_finds_dicom_folders_and_the_page_lists_one(series_and_nrrd, tmp_path):
     from ARSegLib.cli import find_cases
     from ARSegLib.web.catalog import VolumeCatalog
