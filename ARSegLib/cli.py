@@ -335,10 +335,12 @@ def check_settings(settings):
 
 
 def _segment_settings(args):
+    from .limits import DEFAULT_HALF_HEIGHT_MM
     from .pipeline import SegmentSettings
 
+    half_height = DEFAULT_HALF_HEIGHT_MM if args.half_height is None else args.half_height  # None: not given
     return check_settings(SegmentSettings(n_samples=args.samples, temperature=args.temperature, seed=args.seed,
-                                          half_height_mm=args.half_height, views=args.views,
+                                          half_height_mm=half_height, views=args.views,
                                           oversample=args.oversample, selection_scale=args.selection_scale,
                                           presence_logit_shift=args.presence_shift))
 
@@ -631,6 +633,17 @@ def parse_inputs(texts: Sequence[str]) -> Dict[str, Path]:
     return inputs
 
 
+# the options of `arseg segment` that only a click uses (its refinements, the slab around it, its samples written as
+# segments), each -> its flag: refused with --input (several inputs, whole volume) rather than silently ignored
+CLICK_ONLY_OPTIONS = dict(REFINE_OPTIONS, half_height="--half-height", include_samples="--include-samples")
+
+
+def click_only_options_given(args) -> List[str]:
+    """The CLICK_ONLY_OPTIONS given on the command line (their defaults are None or False), in CLICK_ONLY_OPTIONS's
+    order."""
+    return [flag for dest, flag in CLICK_ONLY_OPTIONS.items() if getattr(args, dest, None) not in (None, False)]
+
+
 def segment_inputs(args):
     """`arseg segment --input NAME=PATH ...`: a model whose card's task names several inputs, whole volume
     (runs.RunService.segment_input_files: inputs on another grid are resampled onto the first's, which the output
@@ -664,6 +677,11 @@ def segment_inputs(args):
         if args.point:
             raise CommandError("--point with --input: a click on several inputs is not supported; segment the whole "
                                "volume (drop --point)")
+        unused = click_only_options_given(args)
+        if unused:
+            raise CommandError(f"{', '.join(unused)} with --input: {'they apply' if len(unused) > 1 else 'it applies'}"
+                               f" to a click (--point), and several inputs are segmented as a whole volume; drop "
+                               f"{'them' if len(unused) > 1 else 'it'}")
         model_notice(card, "segment")
         names, needed = list(inputs), list(card.task.input_names)
         if sorted(names) != sorted(needed):
@@ -1056,7 +1074,7 @@ def _add_sampling_args(p):
                    help="added to the presence head's logit, -5 to 5 (default: the model card's; 0: the head as "
                         "trained)")
     p.add_argument("--device", default="auto", help="auto (a GPU if torch sees one), cpu, cuda or cuda:N")
-    p.add_argument("--half-height", type=float, default=20.0,
+    p.add_argument("--half-height", type=float, default=None,
                    help="millimetres above and below each click to segment, 0 to 200 (default 20)")
     p.add_argument("--include-samples", action="store_true",
                    help="also write every sample of each nodule as a hidden segment")

@@ -260,6 +260,39 @@ def test_bad_options_are_refused_before_any_work(option, words, cases, lung1, ti
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("option", [
+    ["--include", "1,2,3"], ["--exclude", "1,2,3"], ["--lock-scales", "2"], ["--from-sample", "1"],
+    ["--use-sample", "1"], ["--half-height", "20"], ["--include-samples"],
+])
+def test_click_only_options_with_several_inputs_are_refused_before_any_work(option, tmp_path, monkeypatch, capsys):
+    """`--input` segments the whole volume: a click's refinements, its slab and its samples as segments would be
+    silently ignored, so they are refused in one line naming the option; without them the run reaches the model."""
+    from ARSegLib import cli
+
+    loaded = []
+
+    def loading(*args):  # past every check: stop there (main: "interrupted", 130)
+        loaded.append(args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_predictor", loading)
+    m = np.diag([1.0, 1.0, 1.0, 1.0])
+    paths = []
+    for i, name in enumerate(("flair", "t1ce")):
+        paths.append(tmp_path / f"case_{name}.nrrd")
+        write_nrrd(Volume(np.random.default_rng(i).normal(size=(4, 16, 16)).astype(np.float32), m), paths[-1])
+    out = tmp_path / "new" / "case.seg.nrrd"
+    argv = ["segment", "--model", "brats-glioma", "--input", f"flair={paths[0]}", "--input", f"t1ce={paths[1]}",
+            "--out", str(out), "--device", "cpu"]
+    with pytest.raises(SystemExit) as info:
+        main(argv + option)
+    assert info.value.code == 2 and not loaded and not out.parent.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"arseg segment: error: {option[0]} with --input: ") and \
+        "drop it" in err[0], err
+    assert main(argv) == 130 and len(loaded) == 1  # the same without the option gets past the checks
+
+
 def test_a_failed_write_leaves_none_of_the_outputs(cases, lung1, disc_model, tmp_path, monkeypatch, capsys):
     from ARSegLib import figure
 
