@@ -397,7 +397,7 @@ def nodule_steps(steps: Sequence[Tuple[str, object]], command: str, where: str =
             given[current]["times"] += 1
             continue
         if current is None:
-            raise CommandError(f"{where}{REFINE_OPTIONS[kind]} refines the nodule of the --point before it: give "
+            raise CommandError(f"{where}{REFINE_OPTIONS[kind]} refines the object of the --point before it: give "
                                f"a --point first")
         fields = given[current]
         if kind in ("include", "exclude"):
@@ -606,7 +606,7 @@ def cmd_segment(args):
     if warning:
         print(f"arseg segment: warning: {volume.name}: {warning}", file=sys.stderr)
     seconds = sum(r.timings_s.get("total", 0) for r in nodes.results)
-    print(f"{out}: {len(nodes.report['nodules'])} nodule(s) ({card.name}, {seconds:.1f} s)")
+    print(f"{out}: {len(nodes.report['nodules'])} {object_word(card)}(s) ({card.name}, {seconds:.1f} s)")
     for entry in nodes.report["nodules"]:
         print("  " + _nodule_line(entry))
     for notice in nodes.notices:  # a later point inside an earlier nodule redoes it, or keeps it if it found nothing
@@ -614,6 +614,14 @@ def cmd_segment(args):
     for path in (png, report):
         if path is not None:
             print(f"  wrote {path}")
+
+
+def object_word(card) -> str:
+    """What a one-input model segments, as a count printed at run time names it: its card's one region in lower
+    case (the lung model's "nodule"), else "object"."""
+    task = getattr(card, "task", None)
+    regions = task.region_names if task is not None else ()
+    return regions[0].lower() if len(regions) == 1 else "object"
 
 
 def parse_inputs(texts: Sequence[str]) -> Dict[str, Path]:
@@ -818,7 +826,7 @@ def read_points_file(path: Path) -> Dict[str, List[Tuple[str, object]]]:
                 raise CommandError(f"{where}the kind is one of {', '.join(CSV_KINDS)}, got {cells[4]!r}")
             if number is not None:
                 if any(cells[1:4]):
-                    raise CommandError(f"{where}a {kind.partition(':')[0]} row refines the nodule of the point "
+                    raise CommandError(f"{where}a {kind.partition(':')[0]} row refines the object of the point "
                                        f"row before it and takes no point: leave R, A, S empty "
                                        f"(case,,,,{kind})")
                 value: object = number[1]
@@ -837,12 +845,12 @@ def read_points_file(path: Path) -> Dict[str, List[Tuple[str, object]]]:
                 fields = current.get(cells[0])
                 if fields is None:
                     what = f"an {kind} point" if kind in PROMPT_KINDS else f"a {cells[4].lower()} row"
-                    raise CommandError(f"{where}{what} refines the nodule of a point row of case {cells[0]!r} "
+                    raise CommandError(f"{where}{what} refines the object of a point row of case {cells[0]!r} "
                                        f"before it; there is none")
                 if kind in PROMPT_KINDS:
                     fields.setdefault("prompts", []).append(Prompt(kind, tuple(value)))
                 elif kind in fields:
-                    raise CommandError(f"{where}{cells[4].lower().partition(':')[0]} given twice for the nodule "
+                    raise CommandError(f"{where}{cells[4].lower().partition(':')[0]} given twice for the object "
                                        f"of the point row before it")
                 else:
                     fields[kind] = value
@@ -851,7 +859,7 @@ def read_points_file(path: Path) -> Dict[str, List[Tuple[str, object]]]:
     for case, nodules in refining.items():  # what only the whole file can tell
         for point, fields in nodules.items():
             if "from_sample" in fields and "lock_scales" not in fields:
-                raise CommandError(f"--points {path}: case {case!r}, the nodule of the point "
+                raise CommandError(f"--points {path}: case {case!r}, the object of the point "
                                    f"{','.join(f'{v:g}' for v in point)}: from-sample:I names the sample whose "
                                    f"coarse scales are kept; give a lock-scales:K row too")
     return out
@@ -1077,7 +1085,7 @@ def _add_sampling_args(p):
     p.add_argument("--half-height", type=float, default=None,
                    help="millimetres above and below each click to segment, 0 to 200 (default 20)")
     p.add_argument("--include-samples", action="store_true",
-                   help="also write every sample of each nodule as a hidden segment")
+                   help="also write every sample of each object (each click's) as a hidden segment")
 
 
 def cmd_calibrate_presence(args):
@@ -1222,9 +1230,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the measurements to this JSON file")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("segment", help="segment the nodules at given points of a volume file into a .seg.nrrd",
+    p = sub.add_parser("segment", help="segment the objects at given points of a volume file (or the whole volume) "
+                                       "into a .seg.nrrd",
                        description="Segment VOLUME with an AR-Seg model at each --point (click mode: the 3D component "
-                                   "through the point; one nodule per point, all in one .seg.nrrd) or, for models "
+                                   "through the point; one object per point, all in one .seg.nrrd) or, for models "
                                    "whose card allows it, without --point, every axial slice. Writes what Slicer "
                                    "writes for a segmentation node; all outputs appear together at the end or not "
                                    "at all.")
@@ -1235,31 +1244,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one input of a model that takes several (its card's task names them, e.g. --input "
                         "flair=F.nii.gz --input t1ce=T.nii.gz for brats-glioma); on one grid")
     p.add_argument("--point", action=_InOrder, default=None, metavar="R,A,S",
-                   help="a nodule's RAS point in mm (Slicer's coordinates), e.g. --point -56.4,-86.34,-115.96; "
-                        "repeat for several nodules")
+                   help="an object's RAS point in mm (Slicer's coordinates), e.g. --point -56.4,-86.34,-115.96; "
+                        "repeat for several objects")
     p.add_argument("--include", action=_InOrder, default=None, metavar="R,A,S",
-                   help="refine the nodule of the --point before it: its samples must all mark this point "
+                   help="refine the object of the --point before it: its samples must all mark this point "
                         "(repeatable)")
     p.add_argument("--exclude", action=_InOrder, default=None, metavar="R,A,S",
-                   help="refine the nodule of the --point before it: its samples must not mark this point "
+                   help="refine the object of the --point before it: its samples must not mark this point "
                         "(repeatable)")
     p.add_argument("--lock-scales", action=_InOrder, type=int, default=None, metavar="K",
-                   help="refine the nodule of the --point before it: keep scales 1..K of a sample (--from-sample, "
+                   help="refine the object of the --point before it: keep scales 1..K of a sample (--from-sample, "
                         "else the most typical one) and draw only the finer scales again")
     p.add_argument("--from-sample", action=_InOrder, type=int, default=None, metavar="I",
                    help="with --lock-scales: the sample (1-based) whose coarse scales are kept")
     p.add_argument("--use-sample", action=_InOrder, type=int, default=None, metavar="I",
-                   help="refine the nodule of the --point before it: its sample I (1-based) becomes the result")
-    p.add_argument("--out", required=True, help="output segmentation, OUT.seg.nrrd (every nodule)")
+                   help="refine the object of the --point before it: its sample I (1-based) becomes the result")
+    p.add_argument("--out", required=True,
+                   help="output segmentation, OUT.seg.nrrd (every object; with --input, a segment per region per "
+                        "lesion)")
     p.add_argument("--png", default=None,
-                   help="figure (.png): each nodule's axial plane through the click, the scales, the consensus and "
-                        "the disagreement over the CT")
+                   help="figure (.png): each object's axial plane through the click (whole volume: the plane with "
+                        "most consensus), the scales, the consensus and the disagreement over the image")
     p.add_argument("--report", default=None,
-                   help="report (.json): a row per nodule with volumes, samples marking it, per-sample IoU, settings")
+                   help="report (.json): a row per object (with --input, per region) with volumes, samples marking "
+                        "it, per-sample IoU, settings")
     _add_sampling_args(p)
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("batch", help="segment the nodules of many scans, points from a CSV or markups files; "
+    p = sub.add_parser("batch", help="segment the objects of many scans, points from a CSV or markups files; "
                                      "shards across torchrun ranks",
                        description="Segment each file of INPUT_DIR matching --pattern into OUTPUT_DIR (same "
                                    "relative paths, .seg.nrrd + .report.json, batch.json summary) at its points: "
@@ -1272,9 +1284,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "folder it matches that holds a DICOM series is a scan too")
     p.add_argument("--points", default=None,
                    help="CSV case,R,A,S[,kind] (mm, RAS; a header line allowed; several rows per case; kind: point, "
-                        "the default, a nodule's click; include or exclude, a point that refines the nodule of the "
+                        "the default, an object's click; include or exclude, a point that refines the object of the "
                         "case's point row before it; lock-scales:K, from-sample:I or use-sample:I with R, A, S left "
-                        "empty, as arseg segment's options of those names for that nodule) or JSON "
+                        "empty, as arseg segment's options of those names for that object) or JSON "
                         "{\"case\": [[R, A, S], ...]}; case = path relative to INPUT_DIR, file name or stem")
     p.add_argument("--whole-volume", action="store_true",
                    help="segment cases without points as whole volumes (only models whose card lists that mode)")
@@ -1285,10 +1297,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("view", help="the review page in a browser: Slicer's views, click to segment",
                        description="Serve a web page (trame-slicer) that shows the given volumes in Slicer's slice "
-                                   "and 3D views; a click on a nodule segments it. Only the files and folders "
+                                   "and 3D views; a click on an object segments it. Only the files and folders "
                                    "given here can be opened; the page listens on 127.0.0.1 unless --host says "
                                    "otherwise.")
-    p.add_argument("volumes", nargs="*", metavar="CT", help="volume files (or DICOM series folders) the page may "
+    p.add_argument("volumes", nargs="*", metavar="VOLUME", help="volume files (or DICOM series folders) the page may "
                                                               "open")
     p.add_argument("--data-dir", action="append", default=[], metavar="DIR",
                    help="a folder whose volume files (recursively) the page may open; repeatable")

@@ -260,6 +260,28 @@ def test_bad_options_are_refused_before_any_work(option, words, cases, lung1, ti
     assert not (tmp_path / "new").exists()
 
 
+def test_segment_batch_and_view_help_name_no_nodule_nor_ct():
+    """The commands that serve every model say "object" and "the image", not the lung model's words; a count
+    printed at run time names what the card's one region is (the lung model: "nodule")."""
+    import re
+
+    from ARSegLib.cli import build_parser
+    from ARSegLib.models import DEFAULT_MODEL, read_card
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    summary = {a.dest: a.help for a in sub._choices_actions}
+    for name in ("segment", "batch", "view"):
+        p = sub.choices[name]
+        texts = [summary[name], p.description] + [a.help for a in p._actions] + [str(a.metavar) for a in p._actions]
+        words = [t for t in texts if t and re.search(r"nodule|\bCT\b", t.replace(DEFAULT_MODEL, ""), re.I)]
+        assert not words, (name, words)
+    from ARSegLib.cli import object_word
+
+    assert object_word(read_card(DEFAULT_MODEL)) == "nodule"
+    assert object_word(read_card("brats-glioma")) == "object"  # three regions: no one word
+
+
 @pytest.mark.parametrize("option", [
     ["--include", "1,2,3"], ["--exclude", "1,2,3"], ["--lock-scales", "2"], ["--from-sample", "1"],
     ["--use-sample", "1"], ["--half-height", "20"], ["--include-samples"],
@@ -686,7 +708,7 @@ def test_refinement_options_refine_the_nodule_of_the_point_before_them(cases, lu
 
 
 @pytest.mark.parametrize("extra, words", [
-    (["--exclude", "1,2,3", "--point", "P"], "--exclude refines the nodule of the --point before it"),
+    (["--exclude", "1,2,3", "--point", "P"], "--exclude refines the object of the --point before it"),
     (["--point", "P", "--lock-scales", "99"], "--lock-scales keeps scales"),
     (["--point", "P", "--use-sample", "5"], "--use-sample 5 does not exist"),
     (["--point", "P", "--from-sample", "2"], "give --lock-scales too"),
@@ -719,7 +741,7 @@ def test_batch_csv_kind_column_refines_a_case_nodule(cases, lung1, disc, tmp_pat
     points.write_text(f"case,R,A,S,kind\nc1,{r},{a},{s},exclude\n")
     with pytest.raises(SystemExit):  # a refinement row before any point row of its case
         main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--points", str(points)])
-    assert "refines the nodule of a point row" in capsys.readouterr().err and disc[0].calls == 0
+    assert "refines the object of a point row" in capsys.readouterr().err and disc[0].calls == 0
     points.write_text(f"c1,{r},{a},{s},sideways\n")
     with pytest.raises(SystemExit):
         main(["batch", str(folder), str(out), "--model", str(disc[1].path), "--points", str(points)])
@@ -759,10 +781,10 @@ def test_batch_csv_lock_scales_and_use_sample_rows_refine_the_nodule_before_them
 
 
 @pytest.mark.parametrize("rows, words", [
-    (["c1,,,,lock-scales:2", "P"], "line 2: a lock-scales:2 row refines the nodule of a point row of case 'c1'"),
+    (["c1,,,,lock-scales:2", "P"], "line 2: a lock-scales:2 row refines the object of a point row of case 'c1'"),
     (["P", "c1,,,,lock-scales:two"], "line 3: lock-scales:N takes a whole number from 1"),
     (["P", "c1,,,,use-sample:0"], "line 3: use-sample:N takes a whole number from 1"),
-    (["P", "c1,1,2,3,lock-scales:2"], "line 3: a lock-scales row refines the nodule of the point row before it and "
+    (["P", "c1,1,2,3,lock-scales:2"], "line 3: a lock-scales row refines the object of the point row before it and "
                                       "takes no point: leave R, A, S empty"),
     (["P", "c1,-70,-86,-116,exclude", "c1,,,,use-sample:2"], "line 4: use-sample takes one sample as it is"),
     (["P", "c1,,,,lock-scales:2", "c1,,,,lock-scales:3"], "line 4: lock-scales given twice"),
