@@ -641,6 +641,35 @@ def parse_inputs(texts: Sequence[str]) -> Dict[str, Path]:
     return inputs
 
 
+def check_input_names(card, names: Sequence[str]) -> None:
+    """CommandError unless the --input names are exactly the card's inputs (parse_inputs refused a name given
+    twice), saying which is not one of them and which is missing."""
+    needed = list(card.task.input_names)
+    unknown = [n for n in names if n not in needed]
+    missing = [n for n in needed if n not in names]
+    if not unknown and not missing:
+        return
+    why = []
+    if unknown:
+        why.append(f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not one of its inputs")
+    if missing:
+        why.append(f"no {', '.join(missing)} given")
+    raise CommandError(f"model {card.name!r} takes {' '.join(f'--input {n}=PATH' for n in needed)}: "
+                       f"{'; '.join(why)}")
+
+
+def check_input_volumes(inputs: Dict[str, Path]) -> None:
+    """Each --input readable as a 3D single-component volume (a DICOM folder: one series), before any work; the
+    error names the input."""
+    from .mrml import ResultError, check_image_file
+
+    for name, path in inputs.items():
+        try:
+            check_image_file(path)
+        except ResultError as e:
+            raise CommandError(f"--input {name}: {e}") from None
+
+
 # the options of `arseg segment` that only a click uses (its refinements, the slab around it, its samples written as
 # segments), each -> its flag: refused with --input (several inputs, whole volume) rather than silently ignored
 CLICK_ONLY_OPTIONS = dict(REFINE_OPTIONS, half_height="--half-height", include_samples="--include-samples")
@@ -664,14 +693,10 @@ def segment_inputs(args):
         settings = _segment_settings(args)
         check_device(args.device)
         inputs = parse_inputs(args.input)
-        from .mrml import ResultError, check_image_file, region_summary
+        from .mrml import region_summary
         from .runs import LocalBackend, RunService
 
-        for name, path in inputs.items():  # a DICOM folder with several series, or none, is refused here
-            try:
-                check_image_file(path)
-            except ResultError as e:
-                raise CommandError(f"--input {name}: {e}") from None
+        check_input_volumes(inputs)  # a DICOM folder with several series, or none, is refused here
         given = list(inputs.values())
         out = check_output(args.out, "--out", (".seg.nrrd",), given)
         png = check_output(args.png, "--png", (".png",), given) if args.png else None
@@ -691,10 +716,8 @@ def segment_inputs(args):
                                f" to a click (--point), and several inputs are segmented as a whole volume; drop "
                                f"{'them' if len(unused) > 1 else 'it'}")
         model_notice(card, "segment")
-        names, needed = list(inputs), list(card.task.input_names)
-        if sorted(names) != sorted(needed):
-            raise CommandError(f"model {card.name!r} takes --input {' --input '.join(n + '=PATH' for n in needed)}; "
-                               f"got {', '.join(names)}")
+        check_input_names(card, list(inputs))
+        needed = list(card.task.input_names)
         predictor, card = _load_predictor(args.model, args.device)
         progress, bars = _progress_bar(f"arseg segment {given[0].name}")
         try:
@@ -1133,16 +1156,45 @@ def cmd_view(args):
     from .web.catalog import CatalogError
 
     try:
-        model_notice(read_card(args.model), "view")  # a bad card is one line before the server starts
+        card = read_card(args.model)  # a bad card is one line before the server starts
     except ModelError as e:
         _fail("view", str(e))
+    try:
+        cases = [view_case(args, card)] if args.input else []
+    except _user_errors() as e:
+        _fail("view", str(e))
+    model_notice(card, "view")
 
-    options = ViewOptions(volumes=args.volumes, data_dirs=args.data_dir, host=args.host, port=args.port,
-                          model=args.model, device=args.device, n_samples=args.samples)
+    options = ViewOptions(volumes=args.volumes, data_dirs=args.data_dir, cases=cases, host=args.host,
+                          port=args.port, model=args.model, device=args.device, n_samples=args.samples)
     try:
         serve(options)
     except (CatalogError, *_user_errors()) as e:
         _fail("view", str(e))
+
+
+def view_case(args, card) -> Dict[str, str]:
+    """`arseg view --input NAME=PATH ...`: one case of a model of several inputs, {input name: path} in the card's
+    order (ViewOptions.cases), checked before the server starts: NAME=PATH each, every input of the card once and
+    no other, each a file or DICOM series folder readable as a volume. Refused with VOLUME arguments (a case is
+    given one way) and for a one-input model; --data-dir may add cases to the list."""
+    if args.volumes:
+        raise CommandError(f"give a case either as VOLUME (its folder or files) or as --input NAME=PATH, not both "
+                           f"({args.volumes[0]})")
+    task = getattr(card, "task", None)
+    if task is None or len(task.inputs) < 2:
+        raise CommandError(f"--input is for a model of several inputs; model {card.name!r} takes one volume: give "
+                           f"it as VOLUME")
+    inputs = parse_inputs(args.input)
+    check_input_names(card, list(inputs))
+    from .web.catalog import VOLUME_SUFFIXES, is_volume_file
+
+    for name, path in inputs.items():  # what the page's catalog lists (segment reads any image ITK reads)
+        if path.is_file() and not is_volume_file(path):
+            raise CommandError(f"--input {name}: {path} is not a volume file the page reads "
+                               f"({', '.join(VOLUME_SUFFIXES)}, or a DICOM series folder)")
+    check_input_volumes(inputs)
+    return {name: str(inputs[name]) for name in task.input_names}
 
 
 def version() -> str:
@@ -1304,6 +1356,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "open")
     p.add_argument("--data-dir", action="append", default=[], metavar="DIR",
                    help="a folder whose volume files (recursively) the page may open; repeatable")
+    p.add_argument("--input", action="append", default=[], metavar="NAME=PATH",
+                   help="one case of a model of several inputs, input by input (a file or DICOM series folder; "
+                        "e.g. --input flair=a.nii.gz --input t1ce=b.nii.gz): each of the card's inputs once; not "
+                        "with VOLUME")
     p.add_argument("--host", default=None,
                    help="address to listen on (default 127.0.0.1, this machine only; anything else is reachable "
                         "by others: no login, no encryption)")

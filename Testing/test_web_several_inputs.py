@@ -2,7 +2,8 @@
 the card's inputs, and a ReviewSession opens such a case (every input loaded, the first on show), refuses a case
 that lacks an input before reading anything, and segments the whole case through the run service
 (request_for_inputs), its regions listed per region and per lesion with the report in mL. Without a browser, as
-test_web.py's session tests; the BraTS part skips, saying why, when ../shared/data/brats or the model is absent."""
+test_web.py's session tests; the BraTS part skips, saying why, when ../shared/data/brats or the model is absent.
+`arseg view --input NAME=PATH`: the one case it builds (ViewOptions.cases), its refusals, the real server on it."""
 
 from __future__ import annotations
 
@@ -261,5 +262,139 @@ def test_browser_segments_a_two_input_case_and_lists_its_regions(tmp_path):
         page.save(after, "brats-case-regions.png")
         page.save_page("brats-case-page.png")
         assert np.abs(after - before).mean() > 0.05  # the regions drawn over the FLAIR
+    finally:
+        page.close()
+
+
+def _view_case_files(tmp_path):
+    """A small two-input case (FLAIR, T1ce: noise on a 2 mm grid) written as NIfTI files in tmp_path/case."""
+    m = np.diag([2.0, 2.0, 2.0, 1.0])
+    rng = np.random.default_rng(0)
+    return {name: _write(rng.normal(100, 20, (8, 24, 24)).astype(np.float32), m,
+                         tmp_path / "case" / f"case_{name}.nii.gz") for name in ("flair", "t1ce")}
+
+
+def _capture_serve(monkeypatch):
+    """cmd_view's serve() replaced by one that keeps the options it was given: nothing is started."""
+    pytest.importorskip("trame_slicer", reason="the web extra (trame-slicer) is not installed")
+    from ARSegLib.web import serve
+
+    served = []
+    monkeypatch.setattr(serve, "serve", lambda options: served.append(options) or 0)
+    return served
+
+
+def test_arseg_view_input_makes_one_case_of_the_cards_inputs(tmp_path, monkeypatch):
+    """`arseg view --input flair=... --input t1ce=...`: one case {name: path} in the card's order, passed to the page
+    as ViewOptions.cases (its catalog lists that case); --data-dir may add cases; a DICOM series folder is an input
+    as a file is."""
+    from test_dicom import oblique_image, write_dicom_series
+
+    from ARSegLib.cli import main
+    from ARSegLib.models import read_card
+    from ARSegLib.web.serve import build_catalog
+
+    served = _capture_serve(monkeypatch)
+    files = _view_case_files(tmp_path)
+    argv = ["view", "--model", "brats-glioma", "--input", f"T1CE={files['t1ce']}", "--input",
+            f"flair={files['flair']}", "--port", "0", "--device", "cpu"]
+    assert main(argv) == 0 and len(served) == 1
+    options = served[0]
+    assert options.cases == [{"flair": str(files["flair"]), "t1ce": str(files["t1ce"])}]
+    assert list(options.cases[0]) == ["flair", "t1ce"] and options.volumes == [] and options.data_dirs == []
+    assert (options.model, options.device, options.port) == ("brats-glioma", "cpu", 0)
+    card = read_card("brats-glioma")
+    catalog = build_catalog(options, card)
+    (entry,) = catalog
+    assert entry.label == "case (FLAIR + T1ce)" and not entry.problem
+    assert entry.input_paths() == {n: p.resolve() for n, p in files.items()}
+
+    # with --data-dir: the --input case first, then the folder's cases (the same files listed once)
+    other = tmp_path / "more" / "pat2"
+    for name in ("flair", "t1ce"):
+        _write(np.zeros((4, 8, 8), np.float32), np.eye(4), other / f"{name}.nii.gz")
+    assert main(argv + ["--data-dir", str(tmp_path / "more"), "--data-dir", str(tmp_path / "case")]) == 0
+    assert served[-1].cases == options.cases
+    assert [c["title"] for c in build_catalog(served[-1], card).choices()] == \
+        ["case (FLAIR + T1ce)", "more/pat2 (FLAIR + T1ce)"]
+
+    # FLAIR as a DICOM series folder
+    image, _ = oblique_image()
+    folder = write_dicom_series(image, tmp_path / "flair series", "1.2.826.0.1.3680043.2.1125.1.7", "FLAIR")
+    assert main(["view", "--model", "brats-glioma", "--input", f"flair={folder}", "--input",
+                 f"t1ce={files['t1ce']}"]) == 0
+    assert served[-1].cases == [{"flair": str(folder), "t1ce": str(files["t1ce"])}]
+    (entry,) = build_catalog(served[-1], card)
+    assert entry.input_paths()["flair"] == folder.resolve() and not entry.problem
+
+
+def test_arseg_view_input_refusals_are_one_line_before_the_page_starts(tmp_path, monkeypatch, capsys):
+    """Each wrong --input is refused in one line naming what is wrong, and nothing is served: a name not the card's,
+    one missing, one twice, no NAME=, a file missing or not a 3D volume, a folder without a DICOM series, --input
+    with VOLUME arguments, --input with a one-input model."""
+    from test_cli import _sitk_write
+
+    from ARSegLib.cli import main
+
+    served = _capture_serve(monkeypatch)
+    files = _view_case_files(tmp_path)
+    flair, t1ce = f"flair={files['flair']}", f"t1ce={files['t1ce']}"
+    picture = _sitk_write(np.zeros((16, 16), np.uint8), tmp_path / "slice.nrrd")
+    empty = tmp_path / "no dicom"
+    empty.mkdir()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    brats = ["view", "--model", "brats-glioma", "--port", "0"]
+    for argv, words in (
+            (brats + ["--input", flair], "model 'brats-glioma' takes --input flair=PATH --input t1ce=PATH: no t1ce "
+                                         "given"),
+            (brats + ["--input", flair, "--input", t1ce, "--input", f"t2={files['t1ce']}"],
+             "t2 is not one of its inputs"),
+            (brats + ["--input", flair, "--input", f"FLAIR={files['t1ce']}"], "--input flair is given twice"),
+            (brats + ["--input", str(files["flair"]), "--input", t1ce], "--input takes NAME=PATH"),
+            (brats + ["--input", flair, "--input", f"t1ce={tmp_path / 'missing.nii.gz'}"],
+             "--input t1ce: file not found"),
+            (brats + ["--input", flair, "--input", f"t1ce={picture}"], "--input t1ce: slice.nrrd is a 2D image"),
+            (brats + ["--input", flair, "--input", f"t1ce={notes}"], "--input t1ce: " + str(notes) + " is not a "
+                                                                      "volume file the page reads"),
+            (brats + ["--input", f"flair={empty}", "--input", t1ce], "--input flair: " + str(empty) + " is a folder "
+                                                                     "without a DICOM series"),
+            (brats + [str(files["flair"]), "--input", flair, "--input", t1ce],
+             "give a case either as VOLUME (its folder or files) or as --input NAME=PATH, not both"),
+            (["view", "--model", "lidc-nodule", "--input", flair],
+             "--input is for a model of several inputs; model 'lidc-nodule' takes one volume: give it as VOLUME"),
+    ):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(err) == 1, (argv, err)
+        assert err[0].startswith("arseg view: error: ") and words in err[0], (words, err)
+    assert served == []
+
+
+def test_arseg_view_input_serves_the_case(tmp_path):
+    """The real server from `arseg view --model brats-glioma --input flair=... --input t1ce=...` (no VOLUME): it says
+    it serves one case of several inputs and, with a browser, the page lists and opens it."""
+    from test_web import _browser_missing
+
+    missing = _browser_missing()
+    if "trame_slicer" in missing or "EGL" in missing:
+        pytest.skip(f"no web page here: {missing}")
+    from ARSegLib.web.browser import By, Page
+
+    files = _view_case_files(tmp_path)
+    page = Page(tmp_path, None, (0.0, 0.0, 0.0), extra_args=[
+        "--model", "brats-glioma", "--input", f"flair={files['flair']}", "--input", f"t1ce={files['t1ce']}",
+        "--device", "cpu", "--samples", "4"])
+    try:
+        page.start_server()
+        assert "serving 1 case(s) of several inputs" in page.log.read_text(errors="replace")
+        if missing:
+            return
+        page.start_browser()
+        page.open()
+        page.wait(lambda: page.driver.find_elements(By.ID, "arseg-input-shown"), 30, "the Show toggle")
+        assert "case (FLAIR + T1ce)" in page.driver.find_element(By.TAG_NAME, "body").text
+        assert str(tmp_path) not in page.driver.page_source  # no server path to the browser
     finally:
         page.close()

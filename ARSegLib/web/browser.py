@@ -37,11 +37,12 @@ def _free_port() -> int:
 class Page:
     """The running server and one Chromium on it: start, drive, grab the views, stop (close() ends both)."""
 
-    def __init__(self, tmp: Path, volume: Path, nodule: Sequence[float], extra_args: Sequence[str] = (),
+    def __init__(self, tmp: Path, volume: Optional[Path], nodule: Sequence[float], extra_args: Sequence[str] = (),
                  env: Optional[Dict[str, str]] = None):
         self.tmp = Path(tmp)
         self.env = dict(env or {})  # on top of this process's environment, for the server
-        self.volume, self.nodule = Path(volume).resolve(), tuple(nodule)
+        # volume None: no VOLUME argument (the case comes from extra_args, e.g. --input NAME=PATH)
+        self.volume, self.nodule = (Path(volume).resolve() if volume is not None else None), tuple(nodule)
         self.extra_args = list(extra_args)
         self.port = _free_port()
         self.log = self.tmp / "server.log"
@@ -55,7 +56,8 @@ class Page:
     def start_server(self, timeout_s: float = 180.0):
         t0 = time.perf_counter()
         with open(self.log, "wb") as log:
-            command = [sys.executable, "-m", "ARSegLib.cli", "view", str(self.volume), "--port", str(self.port),
+            volumes = [str(self.volume)] if self.volume is not None else []
+            command = [sys.executable, "-m", "ARSegLib.cli", "view", *volumes, "--port", str(self.port),
                        *self.extra_args]
             self.server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp,
                                            env={**os.environ, **self.env})

@@ -156,7 +156,8 @@ class VolumeCatalog:
     @classmethod
     def from_cases(cls, task, files: Iterable = (), folders: Iterable = (), cases: Iterable[Mapping[str, object]] = (),
                    limit: int = MAX_ENTRIES) -> VolumeCatalog:
-        """Cases of a task's several inputs: each given case ({input name or title: path}, every input required),
+        """Cases of a task's several inputs: each given case ({input name or title: volume file or DICOM series
+        folder}, every input required),
         then the files given, grouped by the folder that holds them, and the folders given among them (a case's
         folder: the volume files directly in it), a case per folder, even one lacking an input (it is listed and
         refused when opened, saying which), then each data folder's sub-folders, recursively,
@@ -172,8 +173,13 @@ class VolumeCatalog:
                 if name in paths:
                     raise CatalogError(f"case {n}: input {name} is given twice")
                 path = Path(str(value)).expanduser()
-                if not path.is_file() or not is_volume_file(path):
+                if path.is_dir() and _holds_dicom(path):  # a DICOM series folder, read by mrml.load_volume
+                    pass
+                elif not path.is_file():
                     raise CatalogError(f"input {key}: volume file not found: {value}")
+                elif not is_volume_file(path):
+                    raise CatalogError(f"input {key}: {value} is not a volume file this page reads "
+                                       f"({', '.join(VOLUME_SUFFIXES)}, or a DICOM series folder)")
                 paths[name] = path.resolve()
             missing = [i for i in task.input_names if i not in paths]
             if missing:

@@ -59,7 +59,8 @@ def build_catalog(options: ViewOptions, card=None) -> VolumeCatalog:
             names = ", ".join(f"{i.title} ({i.name})" for i in task.inputs)
             raise CatalogError(f"nothing to show: model {card.name!r} takes {names}: give --data-dir folders with a "
                                f"folder per case holding a volume file named after each input (e.g. "
-                               f"{'.nii.gz, '.join(task.input_names)}.nii.gz), or each case's files")
+                               f"{'.nii.gz, '.join(task.input_names)}.nii.gz), or each case's files, or a case as "
+                               f"{' '.join(f'--input {n}=PATH' for n in task.input_names)}")
         raise CatalogError("nothing to show: give CT files or --data-dir folders that hold volume files "
                            f"({', '.join(VOLUME_SUFFIXES)})")
     return catalog
