@@ -31,6 +31,7 @@ VARIANTS = {
     "select4": {"selection_scale": 4},
     "select5": {"selection_scale": 5},
     "select6": {"selection_scale": 6},
+    "select7": {"selection_scale": 7},
 }
 KEYS = ("ged", "hm_iou", "soft_dice_strict", "soft_dice", "presence_abs_err", "n_images")
 
