@@ -7,6 +7,7 @@ server and worker, as Testing/test_web.py drives the click. Every refinement goe
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -194,3 +195,84 @@ def test_lock_scales_and_use_sample(page):
     assert report["Sample 2 IoU with consensus"] == "1.0000"  # sample 2 is the consensus now
     assert report[CONSENSUS_VOLUME] == sample_2
     assert "sample 2 used" in _prompts(page)[0] and len(page.nodules()) == 1
+
+
+def _downloaded_consensus(page, name: str):
+    """The selected nodule's consensus as the page's Segmentation download gives it ((k, j, i) uint8 on the CT's
+    grid), the RAS -> IJK matrix of that grid, and the Report download; both files moved to downloads/name."""
+    from ARSegLib import mrml
+
+    stem = mrml.volume_stem(page.volume)
+    seg, report = page.downloads / f"{stem}.seg.nrrd", page.downloads / f"{stem}-report.json"
+    for button, path in (("arseg-download-seg", seg), ("arseg-download-report", report)):
+        element = page.by_id(button)  # below the fold of the side panel once the nodule's prompts fill it
+        page.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", element)
+        element.click()
+        page.wait(path.exists, 30, f"the download of {path.name}")
+    kept = page.downloads / name
+    kept.mkdir()
+    seg, report = seg.rename(kept / seg.name), report.rename(kept / report.name)  # the next download's names free
+    data = json.loads(report.read_text())
+    scene = mrml.new_scene()
+    node = mrml.load_segmentation(scene, seg)
+    volume = mrml.load_volume(scene, page.volume)
+    ijk_to_ras = mrml.world_ijk_to_ras(volume)
+    consensus = mrml.segment_array(node, data.get("selected_nodule") or "Consensus", mrml.volume_array_shape(volume),
+                                   ijk_to_ras)
+    return consensus, np.linalg.inv(ijk_to_ras), data
+
+
+def _voxel(ras_to_ijk: np.ndarray, ras) -> tuple:
+    """The (k, j, i) index of the CT voxel nearest to a RAS point."""
+    i, j, k = np.rint((ras_to_ijk @ np.array([*ras, 1.0]))[:3]).astype(int)
+    return int(k), int(j), int(i)
+
+
+def test_include_point_refines_the_same_nodule_to_reach_it(page):
+    from ARSegLib.web.browser import By
+
+    if not page.nodules():
+        pytest.skip("needs the nodule of test_exclude_point_refines_the_same_nodule_and_undo_restores_it")
+    page.driver.find_element(By.CSS_SELECTOR, ".arseg-nodule button").click()  # select the nodule (its name)
+    page.wait(lambda: "v-btn--variant-flat" in page.driver.find_element(
+        By.CSS_SELECTOR, ".arseg-nodule button").get_attribute("class"), 10, "Nodule 1 selected")
+    before_prompts = _prompts(page)[0]
+    before, ras_to_ijk, before_report = _downloaded_consensus(page, "before-include")
+
+    # an include point just outside the consensus, left of it on the row through its middle (the earlier exclude
+    # point sits at its right edge), on the view's plane as the exclude point was placed
+    shown = page.settled_axial()
+    xs, ys = _consensus_offsets(shown)
+    row = int(np.median(ys))
+    dx, dy = int(xs[np.abs(ys - row) <= 1].min()) - 6, row
+    _mode(page, "include")
+    _click_at(page, dx, dy)
+    page.wait(lambda: page.text("arseg-run-state") == "running", 30, "the include refinement to start")
+    assert page.wait_run() == "done", page.text("arseg-run-message")
+    message = page.text("arseg-run-message")
+    included = page.settled_axial(shown)
+    page.save(shown, "refine-before-include.png")
+    page.save(included, "refine-included.png")
+    page.save_page("refine-page-included.png")
+    _mode(page, "click")
+    assert message.startswith("Nodule 1 refined (include at "), message
+    # what the page says the include point got (review.satisfaction_words): every kept sample, or how many of the
+    # candidates drawn met it where the earlier exclude point on this plane leaves none that meets both
+    met = re.search(r"(Every kept sample meets the include point|The include point is met by only (\d+) of \d+ "
+                    r"candidates)\.", message)
+    assert met and (met.group(2) is None or int(met.group(2)) > 0), message
+    assert len(page.nodules()) == 1 and page.nodules()[0].lower().startswith("nodule 1"), page.nodules()  # no new one
+    prompts = _prompts(page)[0]
+    assert prompts.startswith(before_prompts + "; include at "), (before_prompts, prompts)
+    point = [float(v) for v in re.search(r"include at ([-\d.]+, [-\d.]+, [-\d.]+)$", prompts).group(1).split(", ")]
+    assert abs(point[2] - page.nodule[2]) < 1.5  # on the axial plane "go to" showed, as the exclude point was
+
+    after, _, data = _downloaded_consensus(page, "after-include")
+    refinement = data["prompts"][-1]  # the report's last refinement: this include point, to 0.001 mm
+    assert [p["kind"] for p in refinement["prompts"]] == ["include"], refinement
+    assert np.allclose(refinement["prompts"][0]["point_ras"], point, atol=0.051), (refinement, point)
+    point = refinement["prompts"][0]["point_ras"]
+    voxel = _voxel(ras_to_ijk, point)
+    assert before[voxel] == 0, f"the include point {point} (voxel {voxel}) was already in the consensus"
+    assert after[voxel] == 1, f"the refined consensus leaves out the include point {point} (voxel {voxel})"
+    assert data["consensus_volume_mm3"] != before_report["consensus_volume_mm3"]
