@@ -770,7 +770,9 @@ def _settings_record(card, settings: SegmentSettings, sampling, pixel_spacing: f
                    "top_p": float(sampling.top_p), "views": int(sampling.views),
                    "oversample": int(sampling.oversample), "selection_scale": int(sampling.selection_scale),
                    "presence_logit_shift": float(sampling.presence_logit_shift), "pixel_spacing_mm": pixel_spacing,
-                   "intensity": dict(card.intensity).get("method")})
+                   "intensity": dict(card.intensity).get("method"),
+                   # which card exactly (its sealed fields' digest): a shipped card's sampling may change in a release
+                   "model_card_sha256": (getattr(card, "data", None) or {}).get("card_sha256")})
     return record
 
 

@@ -5,7 +5,9 @@
 ARSegLib.models refuses a card whose result-changing fields (models.SEALED_FIELDS: name, weights, their sha256
 and size, the engine configuration, crop size, pixel spacing, intensity, labels, modes) no longer match its
 card_sha256, so an edited card cannot change results under the same model name. export_model seals the cards
-it writes; this tool seals a card written before that, or one changed on purpose (give it a new name then).
+it writes; this tool seals a card written before that, or one changed on purpose: a changed model gets a new
+name; a shipped card whose sampling changes within its accuracy record (as lidc-nodule's selection_scale, 8
+December) says what changed and why in training.sampling_choice, and every report names the card_sha256 it ran.
 The weights must match the card's sha256: a card is never sealed to weights it does not describe. The weights
 file is not touched.
 """
