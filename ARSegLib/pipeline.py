@@ -543,8 +543,9 @@ class TokenMaps:
     idx_ZNL: every scale's tokens of sample n on plane z, scale after scale in raster order; view_ZN: the
     symmetric view it was drawn on; drawn_ZN: False where the sample is empty there (or the plane had no signal).
     computed_Z: False on planes with signal that the click's waves did not reach (their result could not change
-    the click's); a refinement draws them first with `sampling` (the click's SamplingConfig as a dict), which
-    gives the tokens a one-batch click would have kept. None: every plane computed."""
+    the click's); a refinement whose result reaches a plane beside one draws them with `sampling` (the click's
+    SamplingConfig as a dict), which gives the tokens a one-batch click would have kept. None: every plane
+    computed."""
 
     idx_ZNL: np.ndarray
     view_ZN: np.ndarray
@@ -1042,7 +1043,7 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
     prefix_source = None
     if refinement.lock_scales:
         prefix_source = (refinement.from_sample or int(np.argmax(previous.sample_iou)) + 1) - 1
-        redraw = [z for z in range(nz) if has_signal[z]]
+        redraw = [z for z in range(nz) if has_signal[z] and z not in tokens.missing_planes()]
         # a fresh draw of the finer scales each time the same lock is asked for again; N candidates, not N x
         # oversample: the locked coarse scales fix the mode whose share herding would otherwise balance, and the
         # refinement costs about half a click
@@ -1050,11 +1051,9 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
                                        % (1 << 63), oversample=1)
     else:
         redraw = sorted(z for z in per_plane if has_signal[z])
-    # a click run in waves has planes without token maps: a lock redraws every plane from them, so they are drawn
-    # first; other refinements run without them and draw them only if the refined result reaches a plane beside
-    # one (then again, with them): beyond planes it does not reach, they cannot change it (as for the click)
-    if refinement.lock_scales:
-        tokens = _every_plane_drawn(tokens, predictor, prepared, has_signal, settings, cancel)
+    # a click run in waves has planes without token maps: a refinement runs without them (a lock redraws the planes
+    # that have them) and draws them only if the refined result reaches a plane beside one (then again, with them):
+    # beyond planes it does not reach, they cannot change it (as for the click)
     includes = [(float(z), float(r), float(c)) for kind, (z, r, c), _ in points if kind == INCLUDE]
     out = None  # the prompted planes' redraw: without a lock it needs no token maps, so a second round reuses it
     samples = np.zeros((n, nz, h, w), dtype=np.uint8)
@@ -1137,6 +1136,8 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
                                             [z + d for z in unrun for d in (-1, 1) if 0 <= z + d < nz]):
             break
         tokens = _every_plane_drawn(tokens, predictor, prepared, has_signal, settings, cancel)
+        if prefix_source is not None:  # the lock redraws every plane with signal from its tokens now
+            redraw = [z for z in range(nz) if has_signal[z]]
     centre_plane = nz // 2  # unused after the click: a refinement does not re-centre
     found = _ClickPass(grid=grid, click_plane=click_plane, centre_plane=centre_plane, click_index=click_index,
                        prepared=prepared, raw=raw, consensus=kept_consensus, samples=kept_samples,

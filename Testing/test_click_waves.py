@@ -145,18 +145,22 @@ def _same_tokens(a, b, planes=slice(None)):
 
 
 def test_a_lock_of_the_click_in_waves_is_the_one_batch_clicks(lung1, shipped, clicks):
-    """A lock redraws every plane from its token maps: the planes the waves skipped are drawn first, as the one
-    batch drew them (a crop's samples depend on its image, id and seed), and the refined results are the same."""
+    """A lock redraws the planes that have token maps; the planes the waves skipped stay skipped while the locked
+    result does not reach them (as for the click: beyond them it cannot change), so the refined result is the one
+    batch's lock exactly, and so are the token maps of the planes run. A lock costs no more planes than the click."""
     whole, waves = clicks
     a, b = (_refine(lung1, shipped, p, prompts.refinement(lock_scales=3)) for p in (whole, waves))
     _same_result(a, b)
-    _same_tokens(a.tokens, b.tokens)
-    assert b.tokens.missing_planes() == []
+    ran = b.tokens.computed_Z
+    assert ran is not None and not ran.all()
+    assert b.tokens.missing_planes() == waves.tokens.missing_planes()
+    assert b.settings["redrawn_planes"] == [int(z) for z in np.flatnonzero(ran)]
+    _same_tokens(a.tokens, b.tokens, ran)
 
 
 def test_an_include_point_on_the_click_in_waves_is_the_one_batch_clicks(lung1, shipped, clicks):
-    """Without a lock the skipped planes stay skipped while the refined result does not reach them; a lock after
-    that draws them and gives the one batch's result again."""
+    """The skipped planes stay skipped while the refined result does not reach them, with an include point and
+    with a lock after it; both give the one batch's results."""
     whole, waves = clicks
     beside = tuple(np.asarray(lung1.nodule_ras) + (3.0, 0.0, 5.0))  # in the nodule, two planes above the click
     a, b = (_refine(lung1, shipped, p, prompts.refinement(include_points=[beside])) for p in (whole, waves))
@@ -165,7 +169,7 @@ def test_an_include_point_on_the_click_in_waves_is_the_one_batch_clicks(lung1, s
     _same_tokens(a.tokens, b.tokens, ran)
     a2, b2 = (_refine(lung1, shipped, p, prompts.refinement(lock_scales=2)) for p in (a, b))
     _same_result(a2, b2)
-    _same_tokens(a2.tokens, b2.tokens)
+    _same_tokens(a2.tokens, b2.tokens, b2.tokens.computed_Z if b2.tokens.computed_Z is not None else slice(None))
 
 
 def test_a_refinement_reaching_a_skipped_plane_draws_the_skipped_planes(lung1, shipped, clicks):
