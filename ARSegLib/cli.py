@@ -645,8 +645,7 @@ def check_input_names(card, names: Sequence[str]) -> None:
     """CommandError unless the --input names are exactly the card's inputs (parse_inputs refused a name given
     twice), saying which is not one of them and which is missing."""
     needed = list(card.task.input_names)
-    unknown = [n for n in names if n not in needed]
-    missing = [n for n in needed if n not in names]
+    unknown, missing = card.task.unknown_and_missing(names)
     if not unknown and not missing:
         return
     why = []

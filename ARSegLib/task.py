@@ -10,7 +10,7 @@ numpy: no torch, no MRML. models.py checks the block (ModelError naming the fiel
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -63,6 +63,10 @@ class Task:
     @property
     def input_names(self) -> Tuple[str, ...]:
         return tuple(i.name for i in self.inputs)
+
+    def unknown_and_missing(self, given: Sequence[str]) -> Tuple[List[str], List[str]]:
+        """The given input names that are not the task's, and the task's inputs not given (each in order)."""
+        return [n for n in given if n not in self.input_names], [n for n in self.input_names if n not in given]
 
     @property
     def region_names(self) -> Tuple[str, ...]:

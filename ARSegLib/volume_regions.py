@@ -75,8 +75,7 @@ def uses_regions_path(card) -> bool:
 def _check_names(given: Sequence[str], task: Task) -> List[str]:
     """The task's input names in its order, or an InputsError naming what is missing and what is unknown."""
     needed = list(task.input_names)
-    unknown = [n for n in given if n not in needed]
-    missing = [n for n in needed if n not in given]
+    unknown, missing = task.unknown_and_missing(given)
     if unknown or missing:
         parts = []
         if missing:

@@ -272,7 +272,7 @@ def test_arseg_segment_with_several_inputs_writes_regions(test_case_slab, tmp_pa
     cmd = [sys.executable, "-m", "ARSegLib.cli", "segment", "--model", "brats-glioma", "--samples", "4",
            "--input", f"flair={paths['flair']}", "--input", f"t1ce={paths['t1ce']}", "--out", str(out),
            "--report", str(report), "--png", str(png), "--device", "cpu"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "Whole tumour:" in proc.stdout and out.is_file() and png.stat().st_size > 1000
     assert "note: t1ce: resampled onto flair's grid" in proc.stdout
@@ -285,13 +285,15 @@ def test_arseg_segment_with_several_inputs_writes_regions(test_case_slab, tmp_pa
         {"Whole tumour 1", "Tumour core 1", "Enhancing tumour 1"} <= set(names), names
     # a missing input is refused before any work, and nothing is written
     out2 = tmp_path / "missing.seg.nrrd"
-    proc = subprocess.run(cmd[:10] + ["--out", str(out2)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(cmd[:10] + ["--out", str(out2)], capture_output=True, text=True, encoding="utf-8", cwd=ROOT,
+                          timeout=300)
     assert proc.returncode == 2 and "t1ce" in proc.stderr and not out2.exists()
     # a click: the card lists whole volume only (its modes_note: click mode is not validated), so it is refused
     proc = subprocess.run(cmd[:12] + ["--point", "0,0,0", "--out", str(out2)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+                          encoding="utf-8", cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "not validated for click" in proc.stderr and not out2.exists(), proc.stderr
     # one VOLUME for a model of two inputs: refused before the model loads
     proc = subprocess.run([sys.executable, "-m", "ARSegLib.cli", "segment", str(paths["flair"]), "--model",
-                           "brats-glioma", "--out", str(out2)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+                           "brats-glioma", "--out", str(out2)], capture_output=True, text=True, encoding="utf-8",
+                          cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "--input flair=PATH --input t1ce=PATH" in proc.stderr and not out2.exists()

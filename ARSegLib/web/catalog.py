@@ -50,6 +50,20 @@ def is_volume_file(path: Path) -> bool:
     return name.endswith(VOLUME_SUFFIXES) and not name.endswith(".seg.nrrd")
 
 
+def _volume_path(given, what: str = "") -> Path:
+    """The resolved path of a volume file or DICOM series folder (read by mrml.load_volume), or a CatalogError
+    starting with `what` (e.g. which input) that says why not."""
+    path = Path(str(given)).expanduser()
+    if path.is_dir() and _holds_dicom(path):
+        return path.resolve()
+    if not path.is_file():
+        raise CatalogError(f"{what}volume file not found: {given}")
+    if not is_volume_file(path):
+        raise CatalogError(f"{what}{given} is not a volume file this page reads ({', '.join(VOLUME_SUFFIXES)}, or a "
+                           f"DICOM series folder; segmentations .seg.nrrd are results, not inputs)")
+    return path.resolve()
+
+
 def _holds_dicom(folder: Path) -> bool:
     import SimpleITK as sitk
 
@@ -128,16 +142,8 @@ class VolumeCatalog:
                                "one volume): give the volume files themselves")
         found: List[tuple] = []  # (label, resolved path)
         for f in files:
-            path = Path(f).expanduser()
-            if path.is_dir() and _holds_dicom(path):  # a DICOM series folder, read by mrml.load_volume
-                found.append((path.name, path.resolve()))
-                continue
-            if not path.is_file():
-                raise CatalogError(f"volume file not found: {f}")
-            if not is_volume_file(path):
-                raise CatalogError(f"{f} is not a volume file this page reads ({', '.join(VOLUME_SUFFIXES)}; "
-                                   f"segmentations .seg.nrrd are results, not inputs)")
-            found.append((path.name, path.resolve()))
+            path = _volume_path(f)
+            found.append((path.name, path))
         for d in folders:
             folder = Path(d).expanduser()
             if not folder.is_dir():
@@ -172,15 +178,7 @@ class VolumeCatalog:
                     raise CatalogError(f"input {key!r} is not one of the model's: {', '.join(task.input_names)}")
                 if name in paths:
                     raise CatalogError(f"case {n}: input {name} is given twice")
-                path = Path(str(value)).expanduser()
-                if path.is_dir() and _holds_dicom(path):  # a DICOM series folder, read by mrml.load_volume
-                    pass
-                elif not path.is_file():
-                    raise CatalogError(f"input {key}: volume file not found: {value}")
-                elif not is_volume_file(path):
-                    raise CatalogError(f"input {key}: {value} is not a volume file this page reads "
-                                       f"({', '.join(VOLUME_SUFFIXES)}, or a DICOM series folder)")
-                paths[name] = path.resolve()
+                paths[name] = _volume_path(value, f"input {key}: ")
             missing = [i for i in task.input_names if i not in paths]
             if missing:
                 raise CatalogError(f"case {n}: no {', '.join(missing)} given (the model takes "
