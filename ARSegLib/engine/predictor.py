@@ -176,10 +176,16 @@ class ARSegPredictor:
             rows = torch.arange(crop_R.numel(), device=self.device)
             slot_R = cand_R
             selected = {}
+            # herding at selection_scale (1-based; 0: the last): before the last, inside the sampler, and only the kept
+            # candidates draw the finer scales
+            select_si = (int(s.selection_scale) or K) - 1
+            if select_si >= K:
+                raise ValueError(f"selection_scale {s.selection_scale}: the model has {K} scales")
+            early = P > N and select_si < K - 1
 
             def herd(idx_so_far, partial_sums_so_far) -> torch.Tensor:
-                """Kernel herding over the drawn candidates' masks at the selection scale: the rows kept (ascending),
-                their slots in selected["slot_R"]."""
+                """Kernel herding over the drawn candidates' masks at the selection scale: the rows kept (ascending
+                when the sampler goes on with them, else in herding's order), their slots in selected["slot_R"]."""
                 t0 = time.perf_counter()
                 final_BPhw = torch.zeros(B, P, *hw, dtype=torch.uint8, device=self.device)
                 final_BPhw[crop_R, cand_R] = self._unviewed(
@@ -196,10 +202,6 @@ class ARSegPredictor:
                 selected.update(rows=kept_R, slot_R=slot_R, seconds=time.perf_counter() - t0)
                 return kept_R
 
-            select_si = (int(s.selection_scale) or K) - 1
-            if select_si >= K:
-                raise ValueError(f"selection_scale {s.selection_scale}: the model has {K} scales")
-            early = P > N and select_si < K - 1
             with phase("transformer"):
                 idx_list, partial_sums = sample_tokens(self.segmentor, self.autoencoder.quantizer, feats,
                                                        s.temperatures(K), s.top_k, s.top_p, streams, use_cache,
