@@ -1043,7 +1043,8 @@ def _resample_click(array, m, predictor, card, settings, sampling, pixel_spacing
     prefix_source = None
     if refinement.lock_scales:
         prefix_source = (refinement.from_sample or int(np.argmax(previous.sample_iou)) + 1) - 1
-        redraw = [z for z in range(nz) if has_signal[z] and z not in tokens.missing_planes()]
+        skipped = set(tokens.missing_planes())
+        redraw = [z for z in range(nz) if has_signal[z] and z not in skipped]
         # a fresh draw of the finer scales each time the same lock is asked for again; N candidates, not N x
         # oversample: the locked coarse scales fix the mode whose share herding would otherwise balance, and the
         # refinement costs about half a click

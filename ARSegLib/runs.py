@@ -401,6 +401,10 @@ class RunService:
         if not uses_regions_path(card):
             raise InputsError(f"model {card.name!r} takes one volume ({task.inputs[0].title}), not several: give the "
                               f"volume node itself, not {{name: node}}")
+        settings = settings if settings is not None else pipeline.SegmentSettings()
+        # the cheap checks of check() first, so that a click or bad settings cost no resampling of the inputs
+        settings.check()
+        pipeline.check_mode(card, pipeline.MODE_VOLUME if click is None else pipeline.MODE_CLICK)
         nodes = task_input_nodes(volume_nodes, task)
         for name, node in nodes.items():
             if node is None or not hasattr(node, "GetImageData") or node.GetImageData() is None:
@@ -409,8 +413,7 @@ class RunService:
                                 for name, node in nodes.items()}, task, resample=resample)
         key = tuple(volume_key_of(nodes[name]) for name in aligned.names)
         return RunRequest(ijk_to_ras=aligned.ijk_to_ras, volume=aligned.stack, volume_key=key,
-                          volume_shape=tuple(aligned.stack.shape[1:]), click=click,
-                          settings=settings if settings is not None else pipeline.SegmentSettings(),
+                          volume_shape=tuple(aligned.stack.shape[1:]), click=click, settings=settings,
                           input_names=aligned.names, input_notes=tuple(aligned.notices), **more)
 
     def previous(self, request: RunRequest) -> Optional[Remembered]:

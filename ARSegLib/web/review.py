@@ -254,8 +254,6 @@ class ReviewSession:
         # checked by the service before any work: the mode (the card's own words), the settings, a click off the CT
         click = None if point_ras is None else include(point_ras)
         if self.input_nodes:  # a case of several inputs: {name: node}, aligned onto the first input's grid
-            pipeline.check_mode(self.card, pipeline.MODE_VOLUME if click is None else pipeline.MODE_CLICK)
-            self.settings.segment_settings().check()  # both before the inputs are aligned (a resampling)
             request = self.service.request_for_inputs(self.input_nodes, click=click,
                                                       settings=self.settings.segment_settings())
         else:
